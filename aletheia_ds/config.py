@@ -1,0 +1,351 @@
+"""Typed run configuration: YAML file + command-line overrides, validated with pydantic.
+
+Every section is a pydantic model with documented defaults (`aletheia-ds defaults` prints them).
+Errors are one line that names the knob: `ConfigError("plan.top_pct must be in (0, 100], got 0")`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user can fix; the message names the file/field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field("", description="local Hugging Face model directory (config.json + weights)")
+    tokenizer: Optional[str] = Field(None, description="local tokenizer directory; defaults to model.path")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU")
+    random_init: bool = Field(False, description="allow a directory with config.json only: random weights (seeded)")
+    trust_remote_code: bool = Field(False, description="run Python code shipped with the model; off unless asked")
+    attn_implementation: Optional[str] = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+
+
+class DataSection(Section):
+    train: str = Field("", description="JSONL ({text} | {prompt,completion} | {messages}), parquet, or a datasets dir")
+    eval: Optional[str] = Field(None, description="held-out file; default: the last eval_fraction of train")
+    eval_fraction: float = Field(0.05, description="share of train held out when data.eval is unset")
+    eval_batches: int = Field(8, description="held-out batches scored before and after training (0: skip)")
+    seq_len: int = Field(1024, description="tokens per example (truncated on the right)")
+    packing: bool = Field(False, description="concatenate examples into full seq_len rows")
+    max_examples: Optional[int] = Field(None, description="use only the first N examples of train")
+
+    @field_validator("seq_len")
+    @classmethod
+    def _seq_len(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError(f"must be >= 2, got {v}")
+        return v
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _fraction(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+
+class ProbeSection(Section):
+    batches: int = Field(8, description="probe batches (examples in file order)")
+    batch_size: int = Field(4, description="examples per probe batch")
+    seq_len: Optional[int] = Field(None, description="defaults to data.seq_len")
+    gradient_checkpointing: Optional[bool] = Field(None, description="defaults to train.gradient_checkpointing")
+    report: Optional[str] = Field(None, description="reuse this probe.json instead of probing")
+
+    @field_validator("batches", "batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+
+class PlanSection(Section):
+    rule: Literal["top_pct", "budget", "all"] = Field(
+        "top_pct", description="top_pct: the paper's rule; budget: cost-aware; all: uniform LoRA on every layer")
+    top_pct: float = Field(50.0, description="percent of layers kept by score (rule top_pct)")
+    budget: float = Field(0.6, description="target step time as a fraction of uniform LoRA's (rule budget)")
+    attention_r: int = Field(16, description="LoRA rank on attention linears")
+    mlp_r: int = Field(64, description="LoRA rank on MLP linears")
+    attention_alpha: Optional[float] = Field(None, description="default 2 x attention_r")
+    mlp_alpha: Optional[float] = Field(None, description="default 2 x mlp_r")
+    plan: Optional[str] = Field(None, description="reuse this plan.json instead of planning")
+
+    @field_validator("top_pct")
+    @classmethod
+    def _top_pct(cls, v: float) -> float:
+        if not 0.0 < v <= 100.0:
+            raise ValueError(f"must be in (0, 100], got {v}")
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("attention_r", "mlp_r")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"rank must be > 0, got {v}")
+        return v
+
+    @field_validator("attention_alpha", "mlp_alpha")
+    @classmethod
+    def _alpha(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and v <= 0:
+            raise ValueError(f"alpha must be > 0, got {v}")
+        return v
+
+
+class LoraSection(Section):
+    target_modules: Optional[list[str]] = Field(
+        None, description="restrict to these module keys (e.g. [q_proj, v_proj]); default: every attention/MLP linear")
+    dropout: float = Field(0.0, description="lora_dropout")
+    init_seed: int = Field(0, description="seed for the adapter's initial weights (same on every rank)")
+
+
+class TrainSection(Section):
+    output_dir: str = Field("runs/default", description="probe.json, plan.json, metrics.jsonl, adapter/ land here")
+    max_steps: Optional[int] = Field(None, description="optimizer steps; default: epochs over the data")
+    epochs: float = Field(1.0, description="passes over the training data when max_steps is unset")
+    micro_batch_size: int = Field(4, description="examples per rank per forward")
+    grad_accum: int = Field(1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-4, description="peak learning rate")
+    weight_decay: float = Field(0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)")
+    warmup_steps: Optional[int] = Field(None, description="default: warmup_ratio x total steps")
+    warmup_ratio: float = Field(0.03, description="share of steps spent warming up")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, description="gradient clipping (0: off)")
+    seed: int = Field(42, description="data order and dropout seed")
+    gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
+    log_every: int = Field(1, description="steps between metrics lines")
+    save_every: int = Field(0, description="steps between resumable checkpoints (0: only at the end)")
+    keep_last: int = Field(2, description="checkpoints kept")
+    resume: Optional[str] = Field(None, description="auto | PATH: continue from a checkpoint")
+    nan_policy: Literal["stop", "skip"] = Field("stop", description="on a non-finite loss/grad norm")
+    max_nan_skips: int = Field(10, description="skipped steps allowed under nan_policy=skip")
+
+    @field_validator("micro_batch_size", "grad_accum", "log_every", "keep_last")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
+        return v
+
+
+class DeepSpeedSection(Section):
+    config: str = Field("ds_configs/zero3.json", description="DeepSpeed JSON; 'auto' values are filled from train.*")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="keys merged into the DeepSpeed JSON")
+
+
+class RunConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    probe: ProbeSection = Field(default_factory=ProbeSection)
+    plan: PlanSection = Field(default_factory=PlanSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+
+    def require_paths(self) -> None:
+        """Checks that need the file system, done once at start-up rather than at parse time."""
+        if not self.model.path:
+            raise ConfigError("model.path is required: set it to a local Hugging Face model directory")
+        if not Path(self.model.path).is_dir():
+            raise ConfigError(f"model.path: directory {self.model.path!r} does not exist")
+        if not (Path(self.model.path) / "config.json").is_file():
+            raise ConfigError(f"model.path: {self.model.path!r} has no config.json")
+        tok = self.model.tokenizer or self.model.path
+        if not Path(tok).is_dir():
+            raise ConfigError(f"model.tokenizer: directory {tok!r} does not exist")
+        if not self.data.train:
+            raise ConfigError("data.train is required: set it to a JSONL/parquet file or a datasets directory")
+        for knob, value in (("data.train", self.data.train), ("data.eval", self.data.eval),
+                            ("probe.report", self.probe.report), ("plan.plan", self.plan.plan)):
+            if value and not Path(value).exists():
+                raise ConfigError(f"{knob}: {value!r} does not exist")
+        if self.deepspeed.config and not Path(self.deepspeed.config).is_file():
+            raise ConfigError(f"deepspeed.config: {self.deepspeed.config!r} does not exist "
+                              "(ds_configs/ has zero2.json, zero3.json, zero3_offload.json)")
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    known = _known_keys(RunConfig)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def _flatten_error(err: ValidationError, where: str) -> ConfigError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return _unknown_key_error(key, where)
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) or "got" in msg else f" (got {got!r:.80})"
+    return ConfigError(f"{where}: {key}: {msg}{got_text}")
+
+
+def _set_dotted(tree: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    if len(parts) < 2 or any(not p for p in parts):
+        raise ConfigError(f"{where}: override {key!r} must look like section.key=value (e.g. train.lr=1e-4)")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown_key_error(key, where)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> tuple[Optional[str], list[tuple[str, Any]]]:
+    """`--config F`, then `section.key=value` or `--section.key value` pairs; `--resume X` is train.resume.
+
+    `--local_rank` from the DeepSpeed launcher is accepted and ignored (LOCAL_RANK is read from the env).
+    """
+    config_path = None
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
+            i += 1 if "=" in arg else 2
+            continue
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+                i += 1
+            else:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"command line: {arg} needs a value")
+                key, raw = body, args[i + 1]
+                i += 2
+        elif "=" in arg:
+            key, raw = arg.split("=", 1)
+            i += 1
+        else:
+            raise ConfigError(f"command line: cannot read {arg!r}; use --config FILE and section.key=value")
+        key = key.replace("-", "_")
+        if key == "config":
+            config_path = raw
+            continue
+        if key == "resume":
+            key = "train.resume"
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        overrides.append((key, value))
+    return config_path, overrides
+
+
+def load_config(argv: list[str] | None = None, *, base: dict | None = None) -> RunConfig:
+    """YAML file (optional) + overrides -> validated RunConfig."""
+    config_path, overrides = parse_overrides(list(argv or []))
+    tree: dict = dict(base or {})
+    where = "command line"
+    if config_path:
+        where = config_path
+        tree = read_yaml(config_path)
+    for key, value in overrides:
+        if key.startswith("deepspeed.overrides."):
+            # free-form DeepSpeed keys: nested as written, validated later by DeepSpeed itself
+            node = tree.setdefault("deepspeed", {}).setdefault("overrides", {})
+            *parents, leaf = key.removeprefix("deepspeed.overrides.").split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+            continue
+        if key not in _known_keys(RunConfig):
+            raise _unknown_key_error(key, f"{where} (override)")
+        _set_dotted(tree, key, value, f"{where} (override {key})")
+    return validate_tree(tree, where)
+
+
+def validate_tree(tree: Any, where: str) -> RunConfig:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections "
+                          f"(model, data, probe, plan, lora, train, deepspeed), got {type(tree).__name__}")
+    for section, body in tree.items():
+        if not isinstance(section, str) or section not in RunConfig.model_fields:
+            raise _unknown_key_error(str(section), where)
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {type(body).__name__}")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise _flatten_error(err, where) from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: file {str(p)!r} does not exist")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}:{line}: {problem}; fix the YAML syntax") from None
+    return {} if tree is None else tree
+
+
+def defaults_yaml() -> str:
+    """The default config as commented YAML, for `aletheia-ds defaults` and the docs."""
+    lines = []
+    for section, field in RunConfig.model_fields.items():
+        lines.append(f"{section}:")
+        model = field.annotation
+        for name, sub in model.model_fields.items():
+            default = sub.get_default(call_default_factory=True)
+            comment = f"  # {sub.description}" if sub.description else ""
+            lines.append(f"  {name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}{comment}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,303 @@
+"""Files -> tokenized examples -> right-padded batches. No distributed calls: ranks pass their own index.
+
+Formats, detected per row (one format per file):
+  {"text": str}                          loss on every token
+  {"prompt": str, "completion": str}     loss on the completion only
+  {"messages": [{"role", "content"}]}    loss on assistant turns; the tokenizer's chat template when it has one
+Sources: JSONL (read here line by line so errors can name the line), parquet, a `datasets` directory
+(saved with `save_to_disk`), both read through `datasets`.
+
+Handling, documented: blank JSONL lines are skipped; rows longer than seq_len are truncated on the right;
+a row whose loss tokens all fall past seq_len is dropped and counted (reported, and an error if every
+row is dropped); anything else malformed is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .config import ConfigError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+class DataError(ConfigError):
+    pass
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    rows = []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: not UTF-8 (byte {err.start}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            rows.append((number, row))
+    return rows
+
+
+def read_rows(source: str | Path) -> list[tuple[str, dict]]:
+    """[(where, row)] in file order; `where` is 'file:line' or 'file[row]'."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise DataError(f"{path}: not a datasets directory saved with save_to_disk ({err})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: DatasetDict without a 'train' split (splits: {list(ds)})")
+            ds = ds["train"]
+        return [(f"{path}[{i}]", dict(row)) for i, row in enumerate(ds)]
+    if path.suffix == ".parquet":
+        import datasets
+
+        try:
+            ds = datasets.Dataset.from_parquet(str(path))
+        except Exception as err:  # pyarrow raises several unrelated types for a bad file
+            raise DataError(f"{path}: cannot read parquet ({type(err).__name__}: {err})") from None
+        return [(f"{path}[{i}]", dict(row)) for i, row in enumerate(ds)]
+    if path.suffix in (".jsonl", ".json") or path.suffix == "":
+        return [(f"{path}:{n}", row) for n, row in _read_jsonl(path)]
+    raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .parquet or a datasets directory")
+
+
+def row_format(row: dict, where: str) -> str:
+    if "messages" in row:
+        return "messages"
+    if "prompt" in row or "completion" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    raise DataError(f"{where}: row has none of the fields text, prompt/completion, messages "
+                    f"(fields: {sorted(row)[:10]})")
+
+
+def _string(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+class Tokenize:
+    """Row -> Example for one tokenizer; knows BOS/EOS and the chat template."""
+
+    def __init__(self, tokenizer, seq_len: int):
+        self.tok = tokenizer
+        self.seq_len = seq_len
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    def __call__(self, row: dict, where: str, fmt: str) -> Example:
+        if fmt == "text":
+            ids = self._ids(_string(row, "text", where), True) + self.eos
+            return Example(ids, list(ids))
+        if fmt == "prompt_completion":
+            prompt = self._ids(_string(row, "prompt", where, allow_empty=True), True)
+            completion = self._ids(_string(row, "completion", where), False) + self.eos
+            return Example(prompt + completion, [IGNORE] * len(prompt) + completion)
+        return self._messages(row, where)
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+        if getattr(self.tok, "chat_template", None):
+            out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+            return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+        # no template: a plain documented layout, "role: content" lines, EOS after assistant turns
+        ids = []
+        for message in messages:
+            ids += self._ids(f"{message['role']}: {message['content']}\n", not ids)
+            if message["role"] == "assistant":
+                ids += self.eos
+        if generation_prompt:
+            ids += self._ids("assistant: ", not ids)
+        return ids
+
+    def _messages(self, row: dict, where: str) -> Example:
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: messages has no assistant turn to learn from")
+        full = self._render(messages, False)
+        labels = [IGNORE] * len(full)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = len(self._render(messages[:i], True)) if i else 0
+            upto = self._render(messages[: i + 1], False)
+            if full[: len(upto)] != upto:
+                raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
+                                "convert the data to prompt/completion")
+            labels[start:len(upto)] = full[start:len(upto)]
+        return Example(full, labels)
+
+
+def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int | None = None,
+                  log=print) -> list[Example]:
+    rows = read_rows(source)
+    if max_examples:
+        rows = rows[:max_examples]
+    if not rows:
+        raise DataError(f"{source}: the dataset is empty")
+    fmt = row_format(rows[0][1], rows[0][0])
+    tokenize = Tokenize(tokenizer, seq_len)
+    examples, dropped = [], 0
+    for where, row in rows:
+        if row_format(row, where) != fmt:
+            raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {fmt}; "
+                            "use one format per file")
+        ex = tokenize(row, where, fmt)
+        ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+        if sum(label != IGNORE for label in ex.labels[1:]) == 0:
+            dropped += 1
+            continue
+        examples.append(ex)
+    if dropped:
+        log(f"data: {source}: dropped {dropped} of {len(rows)} rows whose loss tokens all fall past "
+            f"data.seq_len={seq_len} (raise data.seq_len to keep them)")
+    if not examples:
+        raise DataError(f"{source}: no usable rows: every row's loss tokens fall past data.seq_len={seq_len}")
+    return examples
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples into rows of exactly seq_len tokens (the remainder forms a shorter last row).
+
+    Attention is not blocked at example boundaries (the common simple packing); each example ends
+    with EOS, and labels keep their prompt masking.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += ex.labels
+    return [Example(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)
+            if any(label != IGNORE for label in labels[i + 1:i + seq_len])]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; pad labels are IGNORE and the attention mask is 0 there."""
+    width = max(len(ex.input_ids) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        labels[row, :n] = torch.tensor(ex.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def fixed_batches(examples: Sequence[Example], batch_size: int, count: int, pad_id: int) -> list[dict]:
+    """`count` batches of `batch_size` examples in order (fewer if the data runs out)."""
+    out = []
+    for b in range(count):
+        chunk = examples[b * batch_size:(b + 1) * batch_size]
+        if not chunk:
+            break
+        out.append(collate(chunk, pad_id))
+    return out
+
+
+def shard_indices(count: int, rank: int, world_size: int) -> list[int | None]:
+    """Round-robin share of `count` items for `rank`, padded with None to the same length on every rank.
+
+    ZeRO-3 gathers parameters collectively, so every rank must run the same number of passes; a None
+    pass repeats some batch with weight 0.
+    """
+    passes = math.ceil(count / world_size)
+    return [i if (i := step * world_size + rank) < count else None for step in range(passes)]
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(count, generator=generator).tolist()
+
+
+class StepSchedule:
+    """Deterministic data order: optimizer step s uses examples [s*G, (s+1)*G) of the concatenated epochs.
+
+    G = world_size x grad_accum x micro_batch_size. Resuming needs only the step number; a rank's share
+    depends on its index alone. (Hand-written rather than DataLoader + DistributedSampler because exact
+    resume at any step, for any accumulation, is one multiplication here.)
+    """
+
+    def __init__(self, count: int, micro_batch_size: int, grad_accum: int, world_size: int, seed: int):
+        self.count, self.mbs, self.accum, self.world, self.seed = count, micro_batch_size, grad_accum, world_size, seed
+        self.global_batch = micro_batch_size * grad_accum * world_size
+        self._orders: dict[int, list[int]] = {}
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.count / self.global_batch))
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.count)
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.count, self.seed, epoch)}
+        return self._orders[epoch][offset]
+
+    def epoch_of(self, step: int) -> float:
+        return step * self.global_batch / self.count
+
+    def micro_batches(self, step: int, rank: int) -> Iterator[list[int]]:
+        base = step * self.global_batch
+        for micro in range(self.accum):
+            # rank-major inside each micro-batch slot, so world size changes only who gets what
+            start = base + (micro * self.world + rank) * self.mbs
+            yield [self._index(p) for p in range(start, start + self.mbs)]
+
+
+def split_eval(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+    """Hold out the last `fraction` of examples (at least one when fraction > 0 and there are two)."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    held = max(1, int(len(examples) * fraction))
+    return examples[:-held], examples[-held:]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r} ({str(err).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ConfigError(f"model.tokenizer: {path!r} has neither a pad nor an eos token; add a pad_token")
+        tok.pad_token = tok.eos_token
+    return tok

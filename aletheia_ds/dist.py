@@ -1,0 +1,257 @@
+"""The one door to DeepSpeed and torch.distributed: init, zero.Init, probe session, engine, gather, reduce.
+
+Everything here is a no-op or a plain local path when there is one process and ZeRO-3 is off, so the
+pure core (probe math, planning, LoRA config, data) never needs to know about ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError, RunConfig
+
+_RANK = int(os.environ.get("RANK", "0"))
+
+
+def rank() -> int:
+    return _RANK
+
+
+def print0(*args, **kwargs) -> None:
+    """Print on global rank 0 only."""
+    if _RANK == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_single_process_env() -> None:
+    """Launched without a launcher: a world of one on loopback, so DeepSpeed's init finds what it needs."""
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _fill_auto(node: Any, values: dict[str, Any], path: str = "") -> Any:
+    """Replace "auto" leaves by values[dotted path] (HF Trainer's convention for DeepSpeed JSONs)."""
+    if isinstance(node, dict):
+        return {k: _fill_auto(v, values, f"{path}.{k}" if path else k) for k, v in node.items()}
+    if node == "auto":
+        if path not in values:
+            raise ConfigError(f"deepspeed config: {path} is 'auto' but aletheia_ds does not fill it; give a value")
+        return values[path]
+    return node
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(cfg: RunConfig, world_size: int, dtype: torch.dtype) -> dict:
+    path = Path(cfg.deepspeed.config)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"deepspeed.config: cannot read {str(path)!r} ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"deepspeed.config: {str(path)!r} must hold a JSON object")
+    raw = _merge(raw, cfg.deepspeed.overrides)
+    t = cfg.train
+    values = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "bf16.enabled": dtype == torch.bfloat16,
+        "fp16.enabled": dtype == torch.float16,
+        "optimizer.params.lr": t.lr,
+        "optimizer.params.weight_decay": t.weight_decay,
+    }
+    ds = _fill_auto(raw, values)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        ds.setdefault(key, values[key])
+    ds.setdefault("bf16", {"enabled": values["bf16.enabled"]})
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    if "scheduler" in ds:
+        raise ConfigError(f"deepspeed.config: {str(path)!r} has a 'scheduler' section; remove it and set "
+                          "train.lr_scheduler / train.warmup_steps instead")
+    return ds
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    ds_config: dict = field(default_factory=dict)
+    _hf_ds_config: Any = None  # must stay alive while the model is built and used under ZeRO-3
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    @property
+    def zero3(self) -> bool:
+        return self.zero_stage == 3
+
+    @property
+    def distributed(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.distributed or self.world_size == 1:
+            return tensor
+        # gloo reduces on CPU; nccl on the rank's GPU
+        work = tensor.to(self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(work)
+        return work.to(tensor.device)
+
+    def barrier(self) -> None:
+        if self.distributed and self.world_size > 1:
+            torch.distributed.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's value on every rank (e.g. the plan, so every rank attaches the same adapters)."""
+        if not self.distributed or self.world_size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.distributed or self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    @contextlib.contextmanager
+    def model_init(self) -> Iterator[None]:
+        """Under ZeRO-3 `from_pretrained`/`from_config` build each weight straight into its partition.
+
+        transformers decides that from a live HfDeepSpeedConfig; creating it before the build (and
+        keeping it alive) is what makes zero.Init work in transformers 5.
+        """
+        if self.zero3 and self._hf_ds_config is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        yield
+
+    @contextlib.contextmanager
+    def probe_session(self, model: nn.Module) -> Iterator[Callable[[dict], torch.Tensor]]:
+        """Yields forward(batch) -> loss on the frozen model, with ZeRO-3 parameter fetching when needed.
+
+        Under ZeRO-3 an optimizer-less DeepSpeed engine installs the fetch/release hooks; it is destroyed
+        afterwards (its hooks removed) so that the training engine can be created once the adapters are
+        attached: DeepSpeed fixes the trainable set at initialize.
+        """
+        engine = None
+        if self.zero3:
+            import deepspeed
+
+            probe_config = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+            engine, *_ = deepspeed.initialize(model=model, config=probe_config)
+            module = engine.module  # call the module: the engine's own forward/backward expect an optimizer
+        else:
+            module = model
+
+        def forward(batch: dict) -> torch.Tensor:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            return module(**batch, use_cache=False).loss
+
+        try:
+            yield forward
+        finally:
+            if engine is not None:
+                engine.destroy()
+
+    def initialize(self, model: nn.Module, param_groups: list[dict], scheduler_fn: Callable, lr: float):
+        """The training engine: only `param_groups` (the LoRA parameters) reach the optimizer."""
+        import deepspeed
+
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            fused = self.device.type == "cuda"
+            optimizer = torch.optim.AdamW(param_groups, lr=lr, fused=fused) if fused else \
+                torch.optim.AdamW(param_groups, lr=lr)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=param_groups if optimizer is None else None,
+            lr_scheduler=scheduler_fn, config=self.ds_config)
+        return engine, optimizer, scheduler
+
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """Full parameters inside the block on every rank; a no-op unless ZeRO-3 partitions them."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def distributed(cfg: RunConfig, use_deepspeed: bool = True) -> Iterator[DistContext]:
+    """Process-group set-up and tear-down around one job (gloo on CPU, nccl on GPU).
+
+    A process group that already exists (Ray Train creates one per worker) is used as it is.
+    """
+    global _RANK
+    _ensure_single_process_env()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    if use_deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend)
+    elif int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_initialized():
+        _RANK, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    else:
+        _RANK, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    ds_config = build_ds_config(cfg, world_size, dtype) if use_deepspeed else {}
+    ctx = DistContext(rank=_RANK, world_size=world_size, local_rank=local_rank, device=device, ds_config=ds_config)
+    yield ctx
+    # not in `finally`: after a failure on one rank, a collective tear-down would wait on the others
+    if ctx.distributed and owns_group:
+        ctx.barrier()
+        torch.distributed.destroy_process_group()

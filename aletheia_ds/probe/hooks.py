@@ -1,0 +1,108 @@
+"""Per-module squared Frobenius norm of dL/dW from activations and output gradients, no weight gradients.
+
+For a linear y = x W^T, dL/dW = g^T x summed over tokens, with g = dL/dy. The forward hook keeps x, a
+hook on y receives g during backward, and the squared norm is computed there and x is freed. W never
+gets `.grad` and no full-size gradient is kept: the product is formed in row blocks, or through the
+token Gram matrices when there are fewer tokens than weight entries:
+    ||g^T x||_F^2 = sum_{s,t} (g_s . g_t)(x_s . x_t)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+BLOCK_ELEMENTS = 1 << 24  # ~64 MB of float32 per block of the product / Gram matrix
+
+
+def weight_grad_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """||g^T x||_F^2 for x: (tokens, in), g: (tokens, out); float64 scalar, computed in blocks."""
+    tokens, d_in = x.shape
+    d_out = g.shape[1]
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    if tokens == 0:
+        return total
+    if tokens * (d_in + d_out) < d_in * d_out:
+        # Gram route: fewer multiply-adds and a (tokens x tokens) block instead of (out x in)
+        rows = max(1, BLOCK_ELEMENTS // tokens)
+        for start in range(0, tokens, rows):
+            gram_x = x[start:start + rows] @ x.T
+            gram_g = g[start:start + rows] @ g.T
+            total += (gram_x.double() * gram_g.double()).sum()
+        return total
+    rows = max(1, BLOCK_ELEMENTS // d_in)
+    for start in range(0, d_out, rows):
+        block = g[:, start:start + rows].T @ x
+        total += block.double().pow(2).sum()
+    return total
+
+
+class GradNormHooks:
+    """Accumulates, per named linear, sum over batches of ||dL_b/dW||_F^2 (times a batch weight).
+
+    `token_mask` (set per batch) drops padded positions before the products: they carry no gradient,
+    and skipping them saves work. Activations are kept only while grad is enabled, so a reentrant
+    checkpointed forward (run under no_grad, recomputed in backward) is measured on its recompute.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], compute_dtype: torch.dtype | None = None):
+        self.modules = modules
+        self.names = list(modules)
+        self.compute_dtype = compute_dtype
+        self.sq_norms: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None
+        self.batch_weight = 1.0
+        self.calls = torch.zeros(len(self.names), dtype=torch.long)
+
+    def _flat(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(-1, t.shape[-1])
+        if self.token_mask is not None and self.token_mask.numel() == t.shape[0]:
+            t = t[self.token_mask.reshape(-1).to(t.device)]
+        dtype = self.compute_dtype or (torch.float32 if t.dtype in (torch.float16, torch.bfloat16) and
+                                       t.device.type == "cpu" else t.dtype)
+        return t.to(dtype)
+
+    def _forward_hook(self, index: int) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return
+            x = self._flat(inputs[0].detach())
+            weight = self.batch_weight
+
+            def grad_hook(g: torch.Tensor) -> None:
+                nonlocal x
+                sq = weight_grad_sq_norm(x, self._flat(g.detach()))
+                x = None  # free the activation as soon as its norm is taken
+                if self.sq_norms is None:
+                    self.sq_norms = torch.zeros(len(self.names), dtype=torch.float64, device=sq.device)
+                self.sq_norms[index] += weight * sq
+                self.calls[index] += 1
+
+            output.register_hook(grad_hook)
+        return hook
+
+    @contextlib.contextmanager
+    def attached(self, input_embeddings: nn.Module | None = None) -> Iterator["GradNormHooks"]:
+        """Register the hooks; make the embedding output require grad so every layer's output does.
+
+        With frozen embeddings nothing upstream of layer 0 requires grad, and the first layer's
+        outputs would carry no gradient at all.
+        """
+        handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self.modules.values())]
+        if input_embeddings is not None:
+            handles.append(input_embeddings.register_forward_hook(
+                lambda _m, _i, out: out.requires_grad_(True) if torch.is_grad_enabled() else out))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def result(self) -> dict[str, float]:
+        if self.sq_norms is None:
+            return {name: 0.0 for name in self.names}
+        return {name: float(v) for name, v in zip(self.names, self.sq_norms.cpu())}
+

@@ -1,0 +1,58 @@
+"""Batches in, ProbeReport out: one forward and one backward per probe batch, hooks measure the norms.
+
+Distributed use passes `rank`, `world_size` and `all_reduce_sum`; this module never imports
+torch.distributed. Batches are dealt round-robin; every rank runs the same number of passes (ZeRO-3
+gathers parameters collectively), the surplus passes weighted 0.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..arch import Layout
+from ..data import shard_indices
+from .hooks import GradNormHooks
+from .report import ProbeReport
+
+Batch = dict[str, torch.Tensor]
+
+
+def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor],
+              *, model_name: str = "", rank: int = 0, world_size: int = 1,
+              all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+              compute_dtype: torch.dtype | None = None) -> ProbeReport:
+    """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss."""
+    if not batches:
+        raise ValueError("probe needs at least one batch")
+    entries = [(layer, target.key, module) for layer, target, module in layout.iter_modules(model)]
+    keys = [(layer, key) for layer, key, _ in entries]
+    modules = {f"{layer}:{key}": module for layer, key, module in entries}
+    hooks = GradNormHooks(modules, compute_dtype=compute_dtype)
+    was_training = model.training
+    model.eval()  # dropout off: the score is a property of the model and the data, not of a dropout draw
+    start = time.perf_counter()
+    tokens = 0
+    with hooks.attached(model.get_input_embeddings()):
+        for index in shard_indices(len(batches), rank, world_size):
+            batch = batches[0 if index is None else index]
+            weight = 0.0 if index is None else 1.0
+            hooks.token_mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
+            hooks.batch_weight = weight
+            loss = forward(batch)
+            loss.backward()
+            if weight:
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    model.train(was_training)
+    local = hooks.sq_norms if hooks.sq_norms is not None else torch.zeros(len(modules), dtype=torch.float64)
+    device = local.device
+    totals = all_reduce_sum(torch.cat([local, torch.tensor([float(tokens)], dtype=torch.float64, device=device)]))
+    seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
+    seconds = float(all_reduce_sum(seconds)) / world_size
+    sums = {key: float(v) for key, v in zip(keys, totals[:-1].cpu())}
+    return ProbeReport.from_sq_norms(sums, batches=len(batches), num_layers=layout.num_layers, model=model_name,
+                                     tokens=int(totals[-1]), seconds=seconds, layout=layout.to_json(),
+                                     world_size=world_size)

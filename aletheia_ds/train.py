@@ -1,0 +1,271 @@
+"""One job: setup -> probe -> plan -> LoRA training -> adapter export, on one process or many.
+
+    cfg = load_config(argv)
+    with distributed(cfg) as ctx:
+        run = Run.setup(ctx, cfg)          # tokenizer, data, frozen base model (zero.Init under ZeRO-3)
+        report = run.probe()               # one forward + backward per probe batch, norms all-reduced
+        plan = run.plan(report)            # rank 0 plans, every rank receives the same plan
+        run.train(plan)                    # adapters attached and verified, DeepSpeed engine, loop
+        run.export()                       # PEFT adapter gathered from ZeRO-3 partitions, rank 0 writes
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from . import data as data_mod
+from .arch import Layout, describe
+from .checkpoint import export_adapter, write_json_atomic
+from .config import ConfigError, RunConfig, load_config
+from .dist import DistContext, distributed, print0, resolve_dtype
+from .evaluate import held_out_loss
+from .lora import attach
+from .model import load_model
+from .plan import Plan, make_plan
+from .probe.report import ProbeReport
+from .probe.run import run_probe
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0; a no-op sink elsewhere."""
+
+    def __init__(self, path: Path, enabled: bool, append: bool = False):
+        self.path = path
+        self.handle = None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = path.open("a" if append else "w", encoding="utf-8")
+
+    def write(self, **row: Any) -> None:
+        if self.handle is not None:
+            self.handle.write(json.dumps(row) + "\n")
+            self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Only trainable (LoRA) parameters; biases and 1-D tensors get no decay. Empty groups are dropped."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def scheduler_factory(cfg: RunConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
+        int(math.ceil(cfg.train.warmup_ratio * total_steps))
+    return lambda optimizer: get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
+                                           num_training_steps=total_steps)
+
+
+@dataclass
+class Run:
+    ctx: DistContext
+    cfg: RunConfig
+    tokenizer: Any
+    train_examples: list
+    eval_examples: list
+    model: nn.Module
+    layout: Layout
+    out: Path
+    engine: Any = None
+    results: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- setup
+    @classmethod
+    def setup(cls, ctx: DistContext, cfg: RunConfig) -> "Run":
+        torch.manual_seed(cfg.train.seed)
+        out = Path(cfg.train.output_dir)
+        tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+        log = print0
+        examples = data_mod.load_examples(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.max_examples, log)
+        if cfg.data.eval:
+            train_examples = examples
+            eval_examples = data_mod.load_examples(cfg.data.eval, tokenizer, cfg.data.seq_len, None, log)
+        else:
+            train_examples, eval_examples = data_mod.split_eval(examples, cfg.data.eval_fraction)
+        dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+        model = load_model(cfg.model, dtype, ctx.device, ctx.model_init, seed=cfg.train.seed, zero3=ctx.zero3)
+        layout = describe(model, cfg.lora.target_modules)
+        print0(f"model: {cfg.model.path} ({layout.family}, {layout.num_layers} layers, "
+               f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
+               f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
+               f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}")
+        return cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def _gradient_checkpointing(self, enabled: bool, reentrant: bool) -> None:
+        if enabled:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        elif getattr(self.model, "is_gradient_checkpointing", False):
+            self.model.gradient_checkpointing_disable()
+
+    # ---------------------------------------------------------------- probe
+    def probe(self) -> ProbeReport:
+        cfg = self.cfg
+        if cfg.probe.report:
+            report = ProbeReport.load(cfg.probe.report)
+            if report.num_layers != self.layout.num_layers:
+                raise ConfigError(f"probe.report: {cfg.probe.report} has {report.num_layers} layers, the model "
+                                  f"{self.layout.num_layers}")
+            print0(f"probe: reusing {cfg.probe.report}")
+        else:
+            seq_len = cfg.probe.seq_len or cfg.data.seq_len
+            rows = [data_mod.Example(ex.input_ids[:seq_len], ex.labels[:seq_len]) for ex in self.train_examples]
+            rows = [ex for ex in rows if any(label != data_mod.IGNORE for label in ex.labels[1:])]
+            batches = data_mod.fixed_batches(rows, cfg.probe.batch_size, cfg.probe.batches, self.pad_id)
+            if not batches:
+                raise ConfigError("probe: no probe batches; data.train has no example with loss tokens "
+                                  f"within probe.seq_len={seq_len}")
+            checkpointing = cfg.probe.gradient_checkpointing
+            if checkpointing is None:
+                checkpointing = cfg.train.gradient_checkpointing
+            # reentrant for the probe: the checkpointed forward runs under no_grad and the hooks measure
+            # the recompute, so activations are never kept for more than one layer
+            self._gradient_checkpointing(checkpointing, reentrant=True)
+            with self.ctx.probe_session(self.model) as forward:
+                report = run_probe(self.model, self.layout, batches, forward, model_name=cfg.model.path,
+                                   rank=self.ctx.rank, world_size=self.ctx.world_size,
+                                   all_reduce_sum=self.ctx.all_reduce_sum)
+            self._gradient_checkpointing(False, reentrant=True)
+            report.validate()
+            print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
+        if self.ctx.is_main:
+            write_json_atomic(self.out / "probe.json", report.to_json())
+        return report
+
+    # ---------------------------------------------------------------- plan
+    def plan(self, report: ProbeReport) -> Plan:
+        cfg = self.cfg
+        plan = None
+        if self.ctx.is_main:
+            if cfg.plan.plan:
+                plan = Plan.load(cfg.plan.plan)
+                print0(f"plan: reusing {cfg.plan.plan}")
+            else:
+                plan = make_plan(report, cfg.plan)
+            write_json_atomic(self.out / "plan.json", plan.to_json())
+        plan = self.ctx.broadcast_object(plan)
+        if plan.num_layers != self.layout.num_layers:
+            raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
+        print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters; lowest adapted layer "
+               f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy")
+        return plan
+
+    # ---------------------------------------------------------------- train
+    def _forward_loss(self, batch: dict) -> torch.Tensor:
+        batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+        return self.engine(**batch, use_cache=False).loss
+
+    def evaluate(self) -> float:
+        batches = data_mod.fixed_batches(self.eval_examples, self.cfg.train.micro_batch_size,
+                                         self.cfg.data.eval_batches, self.pad_id)
+        if not batches:
+            return float("nan")
+        self.engine.eval()
+        loss = held_out_loss(self._forward_loss, batches, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                             all_reduce_sum=self.ctx.all_reduce_sum)
+        self.engine.train()
+        return loss
+
+    def train(self, plan: Plan) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        self.model = attach(self.model, plan, cfg.lora)
+        self._gradient_checkpointing(cfg.train.gradient_checkpointing, reentrant=False)
+        rows = data_mod.pack(self.train_examples, cfg.data.seq_len) if cfg.data.packing else self.train_examples
+        schedule = data_mod.StepSchedule(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                         ctx.world_size, cfg.train.seed)
+        total_steps = cfg.train.max_steps or schedule.steps_for_epochs(cfg.train.epochs)
+        groups = param_groups(self.model, cfg.train.weight_decay)
+        trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
+        self.engine, optimizer, scheduler = ctx.initialize(self.model, groups, scheduler_factory(cfg, total_steps),
+                                                           cfg.train.lr)
+        print0(f"train: {total_steps} steps x {schedule.global_batch} examples; {trainable:,} trainable parameters")
+        self.results["eval_loss_before"] = self.evaluate()
+        print0(f"held-out loss before training: {self.results['eval_loss_before']:.4f}")
+        metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
+        self.engine.train()
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
+        for step in range(total_steps):
+            started = time.perf_counter()
+            lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
+            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens
+            for indices in schedule.micro_batches(step, ctx.rank):
+                batch = data_mod.collate([rows[i] for i in indices], self.pad_id)
+                loss = self._forward_loss(batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                totals += torch.tensor([float(loss.detach()), 1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
+            totals = ctx.all_reduce_sum(totals)
+            seconds = time.perf_counter() - started
+            step_loss = float(totals[0] / totals[1])
+            grad_norm = self.engine.get_global_grad_norm()
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"train: non-finite loss {step_loss} at step {step + 1}")
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+                metrics.write(step=step + 1, loss=step_loss, lr=lr, tokens_per_s=float(totals[2]) / seconds,
+                              grad_norm=None if grad_norm is None else float(grad_norm), step_seconds=seconds,
+                              epoch=schedule.epoch_of(step + 1))
+            progress.set_postfix(loss=f"{step_loss:.4f}")
+            progress.update(1)
+        progress.close()
+        metrics.close()
+        self.results["eval_loss_after"] = self.evaluate()
+        self.results["steps"] = total_steps
+        print0(f"held-out loss after training:  {self.results['eval_loss_after']:.4f}")
+
+    # ---------------------------------------------------------------- export
+    def export(self) -> Optional[Path]:
+        path = export_adapter(self.ctx, self.model, self.out / "adapter")
+        if self.ctx.is_main:
+            write_json_atomic(self.out / "eval.json", self.results)
+            print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
+        return path
+
+
+def main(cfg: RunConfig) -> dict:
+    cfg.require_paths()
+    with distributed(cfg) as ctx:
+        run = Run.setup(ctx, cfg)
+        report = run.probe()
+        plan = run.plan(report)
+        run.train(plan)
+        run.export()
+        return run.results
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry for launch/train.py: one clear line and exit code 2 on a configuration or data problem."""
+    import sys
+
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        main(cfg)
+    except ConfigError as err:
+        # every rank meets the same bad input; one line from rank 0 (or from a rank run alone)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
