@@ -209,9 +209,26 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# names other trainers use for our knobs (HF Trainer, axolotl, LLaMA-Factory)
+ALIASES = {
+    "learning_rate": "train.lr", "gradient_accumulation_steps": "train.grad_accum",
+    "per_device_train_batch_size": "train.micro_batch_size", "micro_batch_size": "train.micro_batch_size",
+    "num_train_epochs": "train.epochs", "num_epochs": "train.epochs", "max_grad_norm": "train.max_grad_norm",
+    "warmup": "train.warmup_steps", "lr_scheduler_type": "train.lr_scheduler", "gradient_checkpointing":
+    "train.gradient_checkpointing", "lora_r": "plan.attention_r", "r": "plan.attention_r", "lora_alpha":
+    "plan.attention_alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
+    "max_seq_length": "data.seq_len", "sequence_len": "data.seq_len", "cutoff_len": "data.seq_len",
+    "model_name_or_path": "model.path", "base_model": "model.path", "dataset": "data.train",
+}
+
+
 def _unknown_key_error(key: str, where: str) -> ConfigError:
     known = _known_keys(RunConfig)
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    section, _, leaf = key.rpartition(".")
+    same_section = [k for k in known if k.startswith(section + ".")] if section else []
+    close = ([ALIASES[leaf]] if leaf in ALIASES else []) or \
+        difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or \
+        difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     return ConfigError(f"{where}: unknown config key {key!r}{hint}")
 

@@ -28,3 +28,48 @@ def held_out_loss(forward: Callable[[dict], torch.Tensor], batches: Sequence[dic
             totals += torch.tensor([float(loss) * count, count], dtype=torch.float64)
     totals = all_reduce_sum(totals)
     return float(totals[0] / totals[1])
+
+
+def evaluate_adapter(model: str, adapter: str, data: str, tokenizer: str | None = None, seq_len: int = 1024,
+                     batches: int = 8, batch_size: int = 4, verify_logits: str | None = None,
+                     random_init: bool = False) -> dict:
+    """Reload base + adapter with plain PEFT (as any user would) and score them on held-out data."""
+    import contextlib
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from .checkpoint import load_safetensors
+    from .config import ConfigError, ModelSection
+    from .data import fixed_batches, load_examples, load_tokenizer
+    from .model import load_model
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter: {adapter!r} has no adapter_config.json")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(tokenizer or model)
+    examples = load_examples(data, tok, seq_len)
+    eval_batches = fixed_batches(examples, batch_size, batches, tok.pad_token_id)
+    base = load_model(ModelSection(path=model, random_init=random_init, dtype="float32"), torch.float32, device,
+                      contextlib.nullcontext)
+
+    def forward_with(net):
+        return lambda batch: net(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+
+    result = {"base_loss": held_out_loss(forward_with(base), eval_batches)}
+    tuned = PeftModel.from_pretrained(base, adapter).to(device).eval()
+    empty = [n for n, p in tuned.named_parameters() if "lora_" in n and p.numel() == 0]
+    if empty:
+        raise ConfigError(f"--adapter: {len(empty)} empty LoRA tensors (first: {empty[0]})")
+    result["adapter_loss"] = held_out_loss(forward_with(tuned), eval_batches)
+    if verify_logits:
+        saved = load_safetensors(verify_logits)
+        with torch.no_grad():
+            logits = tuned(input_ids=saved["input_ids"].to(device), attention_mask=saved["attention_mask"].to(device),
+                           use_cache=False).logits.float().cpu()
+        mask = saved["attention_mask"].bool()
+        diff = (logits - saved["logits"])[mask].abs()
+        scale = saved["logits"][mask].abs().max()
+        result["logits_max_abs_diff"] = float(diff.max())
+        result["logits_match"] = bool(diff.max() <= 1e-4 * max(1.0, float(scale)))
+    return result

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from . import data as data_mod
 from .arch import Layout, describe
-from .checkpoint import export_adapter, write_json_atomic
+from .checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic
 from .config import ConfigError, RunConfig, load_config
 from .dist import DistContext, distributed, print0, resolve_dtype
 from .evaluate import held_out_loss
@@ -53,6 +53,29 @@ class MetricsLog:
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
+
+
+class Progress:
+    """tqdm bar on an interactive rank 0; plain lines (about ten per run) in logs."""
+
+    def __init__(self, total: int, enabled: bool):
+        import sys
+
+        from tqdm import tqdm
+
+        self.total = total
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, disable=not enabled or self.lines)
+        self.every = max(1, total // 10)
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        self.bar.update(1)
+        if self.lines and (step % self.every == 0 or step == self.total):
+            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}", flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -121,7 +144,7 @@ class Run:
             self.model.gradient_checkpointing_disable()
 
     # ---------------------------------------------------------------- probe
-    def probe(self) -> ProbeReport:
+    def probe(self, out_path: Optional[Path] = None) -> ProbeReport:
         cfg = self.cfg
         if cfg.probe.report:
             report = ProbeReport.load(cfg.probe.report)
@@ -151,7 +174,7 @@ class Run:
             report.validate()
             print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
         if self.ctx.is_main:
-            write_json_atomic(self.out / "probe.json", report.to_json())
+            write_json_atomic(out_path or self.out / "probe.json", report.to_json())
         return report
 
     # ---------------------------------------------------------------- plan
@@ -165,6 +188,10 @@ class Run:
             else:
                 plan = make_plan(report, cfg.plan)
             write_json_atomic(self.out / "plan.json", plan.to_json())
+            from .report import plot_experts, plot_probe
+
+            plot_probe(report, plan, self.out / "probe.png")
+            plot_experts(report, self.out / "experts.png")
         plan = self.ctx.broadcast_object(plan)
         if plan.num_layers != self.layout.num_layers:
             raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
@@ -205,9 +232,7 @@ class Run:
         print0(f"held-out loss before training: {self.results['eval_loss_before']:.4f}")
         metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
         self.engine.train()
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, disable=not ctx.is_main, desc="train", dynamic_ncols=True)
+        progress = Progress(total_steps, ctx.is_main)
         for step in range(total_steps):
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
@@ -228,8 +253,7 @@ class Run:
                 metrics.write(step=step + 1, loss=step_loss, lr=lr, tokens_per_s=float(totals[2]) / seconds,
                               grad_norm=None if grad_norm is None else float(grad_norm), step_seconds=seconds,
                               epoch=schedule.epoch_of(step + 1))
-            progress.set_postfix(loss=f"{step_loss:.4f}")
-            progress.update(1)
+            progress.update(step + 1, step_loss, lr)
         progress.close()
         metrics.close()
         self.results["eval_loss_after"] = self.evaluate()
@@ -237,8 +261,22 @@ class Run:
         print0(f"held-out loss after training:  {self.results['eval_loss_after']:.4f}")
 
     # ---------------------------------------------------------------- export
+    @torch.no_grad()
+    def sample_logits(self) -> None:
+        """Logits of the trained model on the first held-out batch: a reloaded adapter must reproduce them."""
+        batch = data_mod.fixed_batches(self.eval_examples or self.train_examples, self.cfg.train.micro_batch_size,
+                                       1, self.pad_id)[0]
+        self.engine.eval()
+        logits = self.engine(**{k: v.to(self.ctx.device) for k, v in batch.items()}, use_cache=False).logits
+        self.engine.train()
+        if self.ctx.is_main:
+            save_safetensors_atomic(self.out / "sample_logits.safetensors",
+                                    {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                     "logits": logits.float()})
+
     def export(self) -> Optional[Path]:
         path = export_adapter(self.ctx, self.model, self.out / "adapter")
+        self.sample_logits()
         if self.ctx.is_main:
             write_json_atomic(self.out / "eval.json", self.results)
             print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")

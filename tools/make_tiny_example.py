@@ -1,8 +1,9 @@
-"""python tools/make_tiny_example.py [--out examples/tiny]
+"""python tools/make_tiny_example.py [--out examples/tiny] [--weights-only]
 
 Writes the embedded default deterministically: arithmetic word problems as prompt/completion JSONL
 (train + held-out), a byte-level BPE tokenizer trained on them (with a chat template), and a tiny
-Llama config sized to that tokenizer. Same seed, same bytes: the files in the repo come from this.
+Llama config sized to that tokenizer; these are committed. `--weights-only` adds the base model's
+seeded random weights (model.safetensors, ~7 MB, not committed), which scripts/demo.sh makes first.
 """
 
 from __future__ import annotations
@@ -61,14 +62,33 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int) -> int:
     return len(fast)
 
 
+def write_weights(model_dir: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from safetensors.torch import save_file
+
+    # weights only: save_pretrained would rewrite the committed config.json
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    print(f"wrote {model_dir}/model.safetensors ({sum(p.numel() for p in model.parameters()):,} parameters)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="examples/tiny")
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--weights-only", action="store_true", help="write seeded base weights for model/")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.weights_only:
+        write_weights(out / "model", args.seed)
+        return
     rng = random.Random(args.seed)
     rows = [problem(rng) for _ in range(args.train + args.eval)]
     out.mkdir(parents=True, exist_ok=True)

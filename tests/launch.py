@@ -1,0 +1,84 @@
+"""Start real DeepSpeed ranks (CPU, gloo, loopback) for the distributed tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(extra)
+    return env
+
+
+def deepspeed_cmd(script: str, args: list[str], nprocs: int) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), script, *args]
+
+
+def run_train(config: dict, tmp: Path, nprocs: int = 2, timeout: int = 300, extra: list[str] | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Write `config` as YAML and run launch/train.py on `nprocs` ranks (one plain process when nprocs == 0)."""
+    import yaml
+
+    path = tmp / f"config-{len(list(tmp.glob('config-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["--config", str(path), *(extra or [])]
+    if nprocs == 0:
+        cmd = [sys.executable, str(ROOT / "launch/train.py"), *args]
+    else:
+        cmd = deepspeed_cmd(str(ROOT / "launch/train.py"), args, nprocs)
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def tiny_run_config(model_dir: Path, out: Path, **sections) -> dict:
+    """A small, fast job on the shipped tokenizer/data and a tiny saved model."""
+    config = {
+        "model": {"path": str(model_dir), "tokenizer": str(ROOT / "examples/tiny/tokenizer")},
+        "data": {"train": str(ROOT / "examples/tiny/train.jsonl"), "eval": str(ROOT / "examples/tiny/eval.jsonl"),
+                 "seq_len": 48, "max_examples": 400, "eval_batches": 3},
+        "probe": {"batches": 3, "batch_size": 4},
+        "plan": {"top_pct": 50, "attention_r": 4, "mlp_r": 8},
+        "train": {"output_dir": str(out), "max_steps": 6, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 1,
+                  "seed": 3},
+        "deepspeed": {"config": str(ROOT / "ds_configs/zero3.json")},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, family: str = "llama", **overrides) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, vocab_size=512, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(path))
+    return path

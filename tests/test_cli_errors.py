@@ -1,0 +1,93 @@
+"""Bad input: one line naming the file/field, exit code 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from launch import ROOT, cpu_env, save_tiny_llama
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("m") / "model")
+
+
+def base_args(model_dir, out, data=None):
+    return [str(ROOT / "launch/train.py"), f"model.path={model_dir}",
+            f"model.tokenizer={ROOT / 'examples/tiny/tokenizer'}",
+            f"data.train={data or ROOT / 'examples/tiny/train.jsonl'}", f"train.output_dir={out}",
+            "train.max_steps=1", "data.seq_len=32", "data.max_examples=40", "probe.batches=1",
+            f"deepspeed.config={ROOT / 'ds_configs/zero2.json'}"]
+
+
+CASES = {
+    "missing model dir": ([f"model.path=/nonexistent/model"], r"model.path: directory '/nonexistent/model' does not exist"),
+    "malformed jsonl": (["@bad.jsonl"], r"bad.jsonl:2: malformed JSON"),
+    "empty dataset": (["@empty.jsonl"], r"empty.jsonl: the dataset is empty"),
+    "no such target": (["lora.target_modules=[nope]"], r"lora.target_modules: \['nope'\] not found; modules of this model: \["),
+    "top_pct": (["plan.top_pct=0"], r"plan.top_pct: must be in \(0, 100\], got 0"),
+    "rank": (["plan.attention_r=0"], r"plan.attention_r: rank must be > 0"),
+    "unknown key": (["train.learning_rate=1"], r"unknown config key 'train.learning_rate'; did you mean 'train.lr"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, model_dir, case):
+    extra, pattern = CASES[case]
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "out"
+    data = None
+    overrides = []
+    for item in extra:
+        if item.startswith("@"):
+            data = tmp_path / item[1:]
+        else:
+            overrides.append(item)
+    proc = run(base_args(model_dir, out, data) + overrides, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    import re
+
+    assert re.search(pattern, errors[0]), errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_plan_cli_refuses_all_zero_probe(tmp_path):
+    probe = {"model": "m", "num_layers": 2, "tokens": 4, "seconds": 0.1, "batches": 1,
+             "layers": [{"index": i, "score": 0.0, "modules": {"q_proj": 0.0}} for i in range(2)],
+             "layout": {"layers_path": "model.layers", "module_kinds": {"q_proj": "attention"},
+                        "module_paths": {"q_proj": "self_attn.q_proj"}}}
+    (tmp_path / "probe.json").write_text(json.dumps(probe))
+    proc = run(["-m", "aletheia_ds.cli", "plan", "--probe", "probe.json", "--out", "plan.json"], tmp_path)
+    assert proc.returncode == 2 and "every probe score is zero" in proc.stderr
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_probe_and_plan_cli(tmp_path, model_dir):
+    proc = run(["-m", "aletheia_ds.cli", "probe", "--model", str(model_dir), "--data",
+                str(ROOT / "examples/tiny/train.jsonl"), "--tokenizer", str(ROOT / "examples/tiny/tokenizer"),
+                "--out", "probe.json", "--probe-batches", "2", "--batch-size", "2", "--seq-len", "32"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert set(probe) >= {"model", "num_layers", "tokens", "seconds", "layers"}
+    assert set(probe["layers"][0]) == {"index", "score", "modules"}
+    assert set(probe["layers"][0]["modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    proc = run(["-m", "aletheia_ds.cli", "plan", "--probe", "probe.json", "--out", "plan.json", "--top-pct", "25",
+                "--attention-r", "8", "--mlp-r", "32"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["layers"]) == 1
+    assert {m["r"] for m in plan["modules"]} == {8, 32}
+    assert {m["alpha"] for m in plan["modules"]} == {16.0, 64.0}
+    assert set(plan["lora_config"]) >= {"layers_to_transform", "rank_pattern", "alpha_pattern", "target_modules"}
+    proc = run(["-m", "aletheia_ds.cli", "plan", "--probe", "probe.json", "--top-pct", "150"], tmp_path)
+    assert proc.returncode == 2 and "plan.top_pct: must be in (0, 100], got 150" in proc.stderr

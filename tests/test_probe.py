@@ -1,0 +1,110 @@
+"""The hook probe equals brute-force autograd (weights unfrozen, .grad read) for every family."""
+
+import math
+
+import pytest
+import torch
+
+from aletheia_ds.arch import describe
+from aletheia_ds.probe.hooks import weight_grad_sq_norm
+from aletheia_ds.probe.report import ProbeReport
+from aletheia_ds.probe.run import run_probe
+from families import FAMILIES, random_batches, tiny_model
+
+
+def brute_force_scores(model, layout, batches) -> dict[tuple[int, str], float]:
+    """Reference: unfreeze every target weight, backprop each batch's mean token loss, read .grad."""
+    modules = {(layer, t.key): m for layer, t, m in layout.iter_modules(model)}
+    for m in modules.values():
+        m.weight.requires_grad_(True)
+    sums = {key: 0.0 for key in modules}
+    for batch in batches:
+        model.zero_grad(set_to_none=True)
+        model(**batch, use_cache=False).loss.backward()
+        for key, m in modules.items():
+            sums[key] += float(m.weight.grad.double().pow(2).sum())
+    for m in modules.values():
+        m.weight.requires_grad_(False)
+        m.weight.grad = None
+    return {key: math.sqrt(total / len(batches)) for key, total in sums.items()}
+
+
+def hook_scores(model, layout, batches) -> ProbeReport:
+    return run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss)
+
+
+def assert_scores_equal(report: ProbeReport, reference: dict, rtol: float = 1e-4) -> None:
+    for layer in report.layers:
+        for key, score in layer.modules.items():
+            ref = reference[(layer.index, key)]
+            assert ref > 0, f"reference gradient of {layer.index}:{key} is zero"
+            assert abs(score - ref) <= rtol * ref, f"layer {layer.index} {key}: hook {score} vs autograd {ref}"
+        expected_layer = math.sqrt(sum(reference[(layer.index, k)] ** 2 for k in layer.modules))
+        assert abs(layer.score - expected_layer) <= rtol * expected_layer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_probe_equals_brute_force(family):
+    model = tiny_model(family)
+    model.requires_grad_(False)
+    layout = describe(model)
+    batches = random_batches(3, 2, 12, seed=1)
+    report = hook_scores(model, layout, batches)
+    # the probe never creates a weight gradient and leaves everything frozen
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert report.num_layers == model.config.num_hidden_layers
+    assert report.tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+    assert_scores_equal(report, brute_force_scores(model, layout, batches))
+
+
+def test_gpt_neox_fused_modules_are_targets():
+    layout = describe(tiny_model("gpt_neox"))
+    assert {t.key for t in layout.layer_targets[0]} == {"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}
+    assert layout.kinds()["query_key_value"] == "attention" and layout.kinds()["dense_4h_to_h"] == "mlp"
+
+
+def test_probe_under_reentrant_checkpointing_matches():
+    model = tiny_model("llama")
+    model.requires_grad_(False)
+    layout = describe(model)
+    batches = random_batches(2, 2, 10, seed=3)
+    reference = brute_force_scores(model, layout, batches)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    report = hook_scores(model, layout, batches)
+    assert_scores_equal(report, reference)
+
+
+@pytest.mark.parametrize("tokens,d_in,d_out", [(5, 64, 64), (300, 8, 6), (17, 40, 3)])
+def test_weight_grad_norm_both_routes(tokens, d_in, d_out):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, d_in, generator=g, dtype=torch.float64)
+    dy = torch.randn(tokens, d_out, generator=g, dtype=torch.float64)
+    expected = (dy.T @ x).pow(2).sum()
+    assert torch.allclose(weight_grad_sq_norm(x, dy), expected, rtol=1e-10)
+
+
+def test_probe_sharded_batches_reduce_to_the_same_scores():
+    """Two simulated ranks (round-robin shards, padded passes weighted 0) + a sum equal one process."""
+    model = tiny_model("qwen2")
+    model.requires_grad_(False)
+    layout = describe(model)
+    batches = random_batches(3, 2, 8, seed=5)
+    single = hook_scores(model, layout, batches)
+    partial = []
+
+    def collect(tensor):
+        partial.append(tensor.clone())
+        return tensor
+
+    for rank in range(2):
+        run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, rank=rank, world_size=2,
+                  all_reduce_sum=collect)
+    # partial = [rank0 norms, rank0 seconds, rank1 norms, rank1 seconds]
+    summed = partial[0] + partial[2]
+    sharded = ProbeReport.from_sq_norms(
+        {(layer, t.key): float(v) for (layer, t, _), v in zip(layout.iter_modules(model), summed[:-1])},
+        batches=3, num_layers=layout.num_layers, model="", tokens=int(summed[-1]), seconds=0.0)
+    assert sharded.tokens == single.tokens
+    for a, b in zip(sharded.layers, single.layers):
+        assert a.score == pytest.approx(b.score, rel=1e-9)
