@@ -46,6 +46,8 @@ class TargetModule:
     key: str  # name in reports: "q_proj", "shared_expert.gate_proj"
     path: str  # path inside one decoder layer: "self_attn.q_proj"
     kind: str  # "attention" | "mlp"
+    in_features: int = 0
+    out_features: int = 0
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Layout:
     family: str
     layers_path: str
     layer_targets: list[list[TargetModule]] = field(default_factory=list)
+    layer_params: list[int] = field(default_factory=list)  # all parameters of each decoder layer (cost model)
+    hidden_size: int = 0
+    vocab_size: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -78,9 +83,13 @@ class Layout:
             for target in targets:
                 yield index, target, layers[index].get_submodule(target.path)
 
+    def shapes(self) -> dict[str, list[int]]:
+        return {t.key: [t.in_features, t.out_features] for targets in self.layer_targets for t in targets}
+
     def to_json(self) -> dict:
-        return {"family": self.family, "layers_path": self.layers_path,
-                "module_kinds": self.kinds(), "module_paths": self.paths()}
+        return {"family": self.family, "layers_path": self.layers_path, "module_kinds": self.kinds(),
+                "module_paths": self.paths(), "module_shapes": self.shapes(), "layer_params": self.layer_params,
+                "hidden_size": self.hidden_size, "vocab_size": self.vocab_size}
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:
@@ -155,16 +164,26 @@ def layer_targets(layer: nn.Module) -> list[TargetModule]:
         if kind is None or _is_router(layer, path):
             continue
         key = path.split(".", 1)[1]
-        targets.append(TargetModule(key=key, path=path, kind=kind))
+        targets.append(TargetModule(key=key, path=path, kind=kind, in_features=module.in_features,
+                                    out_features=module.out_features))
     return targets
+
+
+def _numel(p) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())  # ZeRO-3 partitions keep the full size in ds_numel
 
 
 def describe(model: nn.Module, only: list[str] | None = None) -> Layout:
     """Find the decoder layers and their adapter targets; `only` restricts to the given module keys."""
     layers_path = find_layers_path(model)
     layers = model.get_submodule(layers_path)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     layout = Layout(family=_model_type(model), layers_path=layers_path,
-                    layer_targets=[layer_targets(layer) for layer in layers])
+                    layer_targets=[layer_targets(layer) for layer in layers],
+                    layer_params=[sum(_numel(p) for p in layer.parameters()) for layer in layers],
+                    hidden_size=int(getattr(text, "hidden_size", 0) or 0),
+                    vocab_size=int(getattr(text, "vocab_size", 0) or 0))
     available = sorted(layout.kinds())
     if not available:
         names = sorted({name for name, m in layers[0].named_modules() if name})
@@ -179,8 +198,3 @@ def describe(model: nn.Module, only: list[str] | None = None) -> Layout:
     return layout
 
 
-def layout_from_json(blob: dict, num_layers: int, layer_modules: list[list[str]]) -> Layout:
-    """Rebuild a Layout from probe.json (planning needs no model)."""
-    kinds, paths = blob["module_kinds"], blob["module_paths"]
-    return Layout(family=blob.get("family", "?"), layers_path=blob["layers_path"],
-                  layer_targets=[[TargetModule(k, paths[k], kinds[k]) for k in keys] for keys in layer_modules])

@@ -46,14 +46,13 @@ def _plan(args) -> None:
     from .probe.report import ProbeReport
 
     report = ProbeReport.load(args.probe)
-    settings = {"rule": args.rule, "top_pct": args.top_pct, "budget": args.budget, "attention_r": args.attention_r,
+    settings = {"cost": None, "rule": args.rule, "top_pct": args.top_pct, "budget": args.budget, "attention_r": args.attention_r,
                 "mlp_r": args.mlp_r, "attention_alpha": args.attention_alpha, "mlp_alpha": args.mlp_alpha}
     section = validate_tree({"plan": settings}, "plan options").plan
-    cost_model = None
-    if args.rule == "budget" or args.cost:
-        from .cost import CostModel
+    from .cost import CostModel
 
-        cost_model = CostModel.load(args.cost) if args.cost else CostModel.analytic(report)
+    cost_model = CostModel.load(args.cost).check_matches(report, args.cost) if args.cost else \
+        CostModel.analytic(report, checkpointing=args.checkpointing)
     plan = make_plan(report, section, cost_model)
     write_json_atomic(args.out, plan.to_json())
     print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters, "
@@ -109,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="probe.json -> plan.json")
     p.add_argument("--probe", required=True)
     p.add_argument("--out", default="plan.json")
-    p.add_argument("--rule", default="top_pct", choices=["top_pct", "budget", "all"])
+    p.add_argument("--rule", default="top_pct", choices=["top_pct", "budget", "upper", "all"])
     p.add_argument("--top-pct", type=float, default=50.0)
     p.add_argument("--budget", type=float, default=0.6)
     p.add_argument("--attention-r", type=int, default=16)
@@ -117,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-alpha", type=float)
     p.add_argument("--mlp-alpha", type=float)
     p.add_argument("--cost", help="cost.json from `aletheia-ds bench` (default: an analytic cost model)")
+    p.add_argument("--checkpointing", action="store_true", help="plan for a run with gradient checkpointing")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("train", help="the whole job on one process")

@@ -73,8 +73,9 @@ class ProbeSection(Section):
 
 
 class PlanSection(Section):
-    rule: Literal["top_pct", "budget", "all"] = Field(
-        "top_pct", description="top_pct: the paper's rule; budget: cost-aware; all: uniform LoRA on every layer")
+    rule: Literal["top_pct", "budget", "upper", "all"] = Field(
+        "top_pct", description="top_pct: the paper's rule; budget: cost-aware; upper: the upper top_pct% of layers; "
+        "all: LoRA on every layer")
     top_pct: float = Field(50.0, description="percent of layers kept by score (rule top_pct)")
     budget: float = Field(0.6, description="target step time as a fraction of uniform LoRA's (rule budget)")
     attention_r: int = Field(16, description="LoRA rank on attention linears")
@@ -82,6 +83,7 @@ class PlanSection(Section):
     attention_alpha: Optional[float] = Field(None, description="default 2 x attention_r")
     mlp_alpha: Optional[float] = Field(None, description="default 2 x mlp_r")
     plan: Optional[str] = Field(None, description="reuse this plan.json instead of planning")
+    cost: Optional[str] = Field(None, description="cost.json from `aletheia-ds bench` (default: analytic FLOP model)")
 
     @field_validator("top_pct")
     @classmethod
@@ -190,7 +192,8 @@ class RunConfig(Section):
         if not self.data.train:
             raise ConfigError("data.train is required: set it to a JSONL/parquet file or a datasets directory")
         for knob, value in (("data.train", self.data.train), ("data.eval", self.data.eval),
-                            ("probe.report", self.probe.report), ("plan.plan", self.plan.plan)):
+                            ("probe.report", self.probe.report), ("plan.plan", self.plan.plan),
+                            ("plan.cost", self.plan.cost)):
             if value and not Path(value).exists():
                 raise ConfigError(f"{knob}: {value!r} does not exist")
         if self.deepspeed.config and not Path(self.deepspeed.config).is_file():

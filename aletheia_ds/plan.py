@@ -4,6 +4,7 @@ Rules:
   top_pct  the paper's: keep the top `top_pct`% of layers by score (at least one; ties to the lower index)
   all      uniform LoRA on every layer (the baseline)
   budget   cost-aware: the most probe score within a predicted step-time budget (see cost.py)
+  upper    the upper `top_pct`% of layers, ignoring the probe (a fixed baseline for comparisons)
 Ranks are asymmetric by module kind (attention vs MLP); alpha defaults to 2 x r.
 """
 
@@ -146,8 +147,11 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model=None) -> Pl
         from .cost import select_within_budget  # the cost-aware rule lives beside the cost model
 
         return select_within_budget(report, settings, cost_model)
+    elif settings.rule == "upper":
+        layers = list(range(report.num_layers - max(1, math.ceil(report.num_layers * settings.top_pct / 100 - 1e-9)),
+                            report.num_layers))
     else:
-        raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget or all")
+        raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget, upper or all")
     modules = modules_for_layers(report, layers, settings)
     plan = Plan(rule=settings.rule, num_layers=report.num_layers, layers_path=report.layout["layers_path"],
                 layers=layers, modules=modules, score_captured=captured(report, modules),

@@ -186,7 +186,11 @@ class Run:
                 plan = Plan.load(cfg.plan.plan)
                 print0(f"plan: reusing {cfg.plan.plan}")
             else:
-                plan = make_plan(report, cfg.plan)
+                from .cost import CostModel
+
+                cost = CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost) if cfg.plan.cost else \
+                    CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
+                plan = make_plan(report, cfg.plan, cost)
             write_json_atomic(self.out / "plan.json", plan.to_json())
             from .report import plot_experts, plot_probe
 
@@ -195,8 +199,11 @@ class Run:
         plan = self.ctx.broadcast_object(plan)
         if plan.num_layers != self.layout.num_layers:
             raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
+        predicted = f"; predicted {plan.predicted['speedup_vs_uniform']:.2f}x uniform LoRA's speed " \
+            f"({plan.predicted['source']})" if plan.predicted else ""
         print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters; lowest adapted layer "
-               f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy")
+               f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
+               f"{predicted}")
         return plan
 
     # ---------------------------------------------------------------- train

@@ -42,6 +42,8 @@ class ProbeReport:
     experts: list[ExpertScore] = field(default_factory=list)
     routers: dict[int, float] = field(default_factory=dict)
     world_size: int = 1
+    batch_size: int = 0  # examples per probe batch
+    seq_len: int = 0  # widest probe batch, in tokens
 
     @classmethod
     def from_sq_norms(cls, sums: dict[tuple[int, str], float], batches: int, num_layers: int, **meta) -> "ProbeReport":
@@ -71,6 +73,7 @@ class ProbeReport:
     def to_json(self) -> dict:
         blob = {"model": self.model, "num_layers": self.num_layers, "tokens": self.tokens,
                 "seconds": round(self.seconds, 4), "batches": self.batches, "world_size": self.world_size,
+                "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "layers": [asdict(layer) for layer in self.layers], "layout": self.layout}
         if self.experts:
             blob["experts"] = [asdict(e) for e in self.experts]
@@ -88,7 +91,8 @@ class ProbeReport:
                          experts=[ExpertScore(int(e["layer"]), int(e["expert"]), float(e["score"]), int(e["tokens"]))
                                   for e in blob.get("experts", [])],
                          routers={int(k): float(v) for k, v in blob.get("routers", {}).items()},
-                         world_size=int(blob.get("world_size", 1)))
+                         world_size=int(blob.get("world_size", 1)), batch_size=int(blob.get("batch_size", 0)),
+                         seq_len=int(blob.get("seq_len", 0)))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{where}: not a probe report ({type(err).__name__}: {err}); "
                               "regenerate it with `aletheia-ds probe`") from None

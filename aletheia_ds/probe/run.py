@@ -55,4 +55,5 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
     sums = {key: float(v) for key, v in zip(keys, totals[:-1].cpu())}
     return ProbeReport.from_sq_norms(sums, batches=len(batches), num_layers=layout.num_layers, model=model_name,
                                      tokens=int(totals[-1]), seconds=seconds, layout=layout.to_json(),
-                                     world_size=world_size)
+                                     world_size=world_size, batch_size=int(batches[0]["input_ids"].shape[0]),
+                                     seq_len=max(int(b["input_ids"].shape[1]) for b in batches))

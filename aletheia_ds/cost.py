@@ -1,0 +1,254 @@
+"""Pure cost model: predicted step time of a plan, its calibration, and the budgeted selection rule.
+
+Where the time of a LoRA step goes (frozen base, adapters on some layers):
+  base          embeddings + every layer's forward + LM head forward/backward + loss + optimizer fixed cost
+  depth         backward through every layer from the top down to the lowest adapted layer (input gradients
+                of frozen layers), plus their recompute under gradient checkpointing; nothing below it
+  adapters      a fixed cost per adapted module (launches, elementwise work, optimizer) plus a part that
+                grows with r * (d_in + d_out)
+
+  step = base + sum_{i >= lowest} w_i * depth_per_layer + sum_adapters (fixed + width * r * (d_in + d_out))
+
+with w_i = parameters of layer i / mean layer parameters. `analytic` fills the four numbers from FLOPs;
+`fit` calibrates them on the hardware from a few timed steps (aletheia_ds/speed.py, `aletheia-ds bench`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .config import ConfigError, PlanSection
+from .probe.report import ProbeReport
+
+# one adapted module as the cost model sees it: (layer, rank, d_in, d_out)
+AdapterShape = tuple[int, int, int, int]
+
+UNIFORM_RANK = 16  # the baseline: PEFT LoRA r16 on every target module of every layer
+
+
+@dataclass
+class CostModel:
+    base_s: float
+    depth_s: float  # per (mean-sized) layer between the top and the lowest adapted layer
+    adapter_fixed_s: float
+    adapter_width_s: float  # per unit of r * (d_in + d_out)
+    layer_weights: list[float]
+    module_shapes: dict[str, list[int]]
+    checkpointing: bool = False
+    calibrated: bool = False
+    tokens_per_step: int = 0
+    source: str = "analytic"
+    fit_residuals: list[float] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_weights)
+
+    # ------------------------------------------------------------ prediction
+    def depth_seconds(self, lowest: int) -> float:
+        return self.depth_s * sum(self.layer_weights[lowest:])
+
+    def adapter_seconds(self, rank: int, d_in: int, d_out: int) -> float:
+        return self.adapter_fixed_s + self.adapter_width_s * rank * (d_in + d_out)
+
+    def predict(self, adapters: Sequence[AdapterShape]) -> float:
+        if not adapters:
+            return self.base_s
+        lowest = min(a[0] for a in adapters)
+        return self.base_s + self.depth_seconds(lowest) + sum(self.adapter_seconds(r, i, o) for _, r, i, o in adapters)
+
+    def plan_adapters(self, plan) -> list[AdapterShape]:
+        return [(m.layer, m.r, *self.module_shapes[m.key]) for m in plan.modules]
+
+    def uniform_adapters(self, rank: int = UNIFORM_RANK) -> list[AdapterShape]:
+        return [(layer, rank, *shape) for layer in range(self.num_layers) for shape in self.module_shapes.values()]
+
+    def uniform_seconds(self) -> float:
+        return self.predict(self.uniform_adapters())
+
+    def describe(self, plan) -> dict:
+        step = self.predict(self.plan_adapters(plan))
+        uniform = self.uniform_seconds()
+        return {"step_seconds": step, "uniform_step_seconds": uniform, "fraction_of_uniform": step / uniform,
+                "speedup_vs_uniform": uniform / step, "checkpointing": self.checkpointing,
+                "calibrated": self.calibrated, "source": self.source, "tokens_per_step": self.tokens_per_step}
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def analytic(cls, report: ProbeReport, checkpointing: bool = False, flops_per_s: float = 4e14,
+                 adapter_fixed_s: float = 6e-5) -> "CostModel":
+        """From FLOPs only (a fallback; `fit` on timed steps is better).
+
+        Per token: a frozen layer costs 2P FLOPs forward and 2P backward (input gradients only) plus
+        attention (4*S*H forward, twice that backward); an adapter costs 6 r (d_in + d_out) (forward,
+        and the A, B and input gradients in backward). Checkpointing adds one more forward per layer
+        of the adapted span. `adapter_fixed_s` stands for launches and elementwise passes.
+        """
+        layout = report.layout
+        shapes = layout.get("module_shapes") or {}
+        if not shapes:
+            raise ConfigError("probe.json has no layout.module_shapes; regenerate it with this version's probe")
+        params = layout.get("layer_params") or [1] * report.num_layers
+        mean_params = sum(params) / len(params)
+        tokens = report.batch_size * report.seq_len or max(1, report.tokens // max(1, report.batches))
+        seq = report.seq_len or 1
+        hidden = layout.get("hidden_size") or 0
+        vocab = layout.get("vocab_size") or 0
+        attention = 4 * tokens * seq * hidden / 2  # causal: half the score matrix
+        layer_forward = 2 * tokens * mean_params + attention
+        layer_backward = 2 * tokens * mean_params + 2 * attention
+        head = 2 * tokens * hidden * vocab
+        base = report.num_layers * layer_forward + 2 * head
+        depth = layer_backward + (layer_forward if checkpointing else 0.0)
+        return cls(base_s=base / flops_per_s, depth_s=depth / flops_per_s, adapter_fixed_s=adapter_fixed_s,
+                   adapter_width_s=6 * tokens / flops_per_s, layer_weights=[p / mean_params for p in params],
+                   module_shapes=shapes, checkpointing=checkpointing, calibrated=False, tokens_per_step=tokens,
+                   source=f"analytic ({flops_per_s:.1e} FLOP/s)")
+
+    @classmethod
+    def fit(cls, measurements: Sequence[tuple[Sequence[AdapterShape], float]], layer_weights: list[float],
+            module_shapes: dict[str, list[int]], checkpointing: bool, tokens_per_step: int,
+            source: str = "calibrated") -> "CostModel":
+        """Least squares over timed steps (adapters, seconds) for the four coefficients, all kept >= 0."""
+        import numpy as np
+
+        def features(adapters: Sequence[AdapterShape]) -> list[float]:
+            lowest = min(a[0] for a in adapters)
+            return [1.0, sum(layer_weights[lowest:]), float(len(adapters)),
+                    float(sum(r * (i + o) for _, r, i, o in adapters))]
+
+        rows = np.array([features(a) for a, _ in measurements])
+        times = np.array([t for _, t in measurements])
+        active = list(range(4))
+        # non-negative least squares by elimination: drop a negative coefficient and refit
+        while True:
+            coef_active, *_ = np.linalg.lstsq(rows[:, active], times, rcond=None)
+            if (coef_active >= 0).all() or len(active) == 1:
+                break
+            active.pop(int(np.argmin(coef_active)))
+        coef = np.zeros(4)
+        coef[active] = np.clip(coef_active, 0, None)
+        residuals = (rows @ coef - times) / times
+        return cls(base_s=float(coef[0]), depth_s=float(coef[1]), adapter_fixed_s=float(coef[2]),
+                   adapter_width_s=float(coef[3]), layer_weights=list(layer_weights), module_shapes=module_shapes,
+                   checkpointing=checkpointing, calibrated=True, tokens_per_step=tokens_per_step, source=source,
+                   fit_residuals=[float(x) for x in residuals])
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, blob: dict, where: str = "cost.json") -> "CostModel":
+        try:
+            return cls(**{k: blob[k] for k in cls.__dataclass_fields__ if k in blob})
+        except TypeError as err:
+            raise ConfigError(f"{where}: not a cost model ({err}); regenerate it with `aletheia-ds bench`") from None
+
+    def save(self, path: str | Path) -> None:
+        from .checkpoint import write_json_atomic
+
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostModel":
+        try:
+            blob = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read cost model ({err})") from None
+        return cls.from_json(blob, str(path))
+
+    def check_matches(self, report: ProbeReport, where: str) -> "CostModel":
+        if self.num_layers != report.num_layers or set(self.module_shapes) != set(report.layout["module_shapes"]):
+            raise ConfigError(f"{where}: calibrated for {self.num_layers} layers / modules {sorted(self.module_shapes)}, "
+                              f"but the probe has {report.num_layers} layers / {sorted(report.layout['module_shapes'])}")
+        return self
+
+
+# ---------------------------------------------------------------- budgeted selection
+@dataclass(frozen=True)
+class _Item:
+    layer: int
+    key: str
+    energy: float
+    seconds: float
+
+
+def _items(report: ProbeReport, settings: PlanSection, cost: CostModel) -> list[_Item]:
+    from .plan import rank_for
+
+    kinds = report.layout["module_kinds"]
+    items = []
+    for layer in report.layers:
+        for key, score in layer.modules.items():
+            r, _ = rank_for(kinds[key], settings)
+            items.append(_Item(layer.index, key, score * score, cost.adapter_seconds(r, *cost.module_shapes[key])))
+    return items
+
+
+def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostModel | None):
+    """Most probe energy within `settings.budget` x the predicted step time of uniform r16 LoRA.
+
+    For every candidate lowest adapted layer c, the depth cost (backward, and recompute under
+    checkpointing, from the top down to c) is paid once; the rest of the budget is filled with modules
+    of layers >= c by energy per second (one module of layer c is taken first, so c really is the
+    lowest). The c with the most captured energy wins; ties go to the cheaper plan.
+    """
+    from .plan import Plan, captured, modules_for_layers
+
+    cost = cost or CostModel.analytic(report)
+    target = settings.budget * cost.uniform_seconds()
+    items = _items(report, settings, cost)
+    best: tuple[float, float, list[_Item]] | None = None
+    cheapest = math.inf
+    for cut in range(report.num_layers):
+        fixed = cost.base_s + cost.depth_seconds(cut)
+        in_cut = sorted((i for i in items if i.layer == cut), key=lambda i: -i.energy / i.seconds)
+        if not in_cut:
+            continue
+        cheapest = min(cheapest, fixed + min(i.seconds for i in in_cut))
+        room = target - fixed - in_cut[0].seconds
+        if room < 0:
+            continue
+        chosen = [in_cut[0]]
+        for item in sorted((i for i in items if i.layer >= cut and i is not in_cut[0]),
+                           key=lambda i: -i.energy / i.seconds):
+            if item.seconds <= room:
+                chosen.append(item)
+                room -= item.seconds
+        energy = sum(i.energy for i in chosen)
+        spent = target - room
+        if best is None or energy > best[0] or (energy == best[0] and spent < best[1]):
+            best = (energy, spent, chosen)
+    if best is None:
+        raise ConfigError(f"plan.budget={settings.budget} is below the cheapest possible plan "
+                          f"({cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); "
+                          "raise plan.budget")
+    chosen_keys = {(i.layer, i.key) for i in best[2]}
+    layers = sorted({layer for layer, _ in chosen_keys})
+    modules = [m for m in modules_for_layers(report, layers, settings) if (m.layer, m.key) in chosen_keys]
+    plan = Plan(rule="budget", num_layers=report.num_layers, layers_path=report.layout["layers_path"], layers=layers,
+                modules=modules, score_captured=captured(report, modules),
+                settings=settings.model_dump(exclude={"plan"}), model=report.model)
+    plan.predicted = cost.describe(plan)
+    return plan.check()
+
+
+def measurement_plans(num_layers: int, module_shapes: dict[str, list[int]]) -> dict[str, list[AdapterShape]]:
+    """The few configurations timed for calibration: they separate depth, adapter count and width."""
+    shapes = list(module_shapes.values())
+    top, half = num_layers - 1, num_layers // 2
+
+    def layers(which: Iterable[int], rank: int) -> list[AdapterShape]:
+        return [(layer, rank, *shape) for layer in which for shape in shapes]
+
+    return {
+        "uniform_r16": layers(range(num_layers), UNIFORM_RANK),
+        "upper_half_r16": layers(range(half, num_layers), UNIFORM_RANK),
+        "every_other_r16": layers(range(0, num_layers, 2), UNIFORM_RANK),
+        "top_layer_r64": layers([top], 64),
+        "top_layer_one_module_r16": [(top, UNIFORM_RANK, *shapes[0])],
+    }

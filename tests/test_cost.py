@@ -1,0 +1,89 @@
+"""Cost model: prediction structure, calibration recovers known coefficients, budgeted selection."""
+
+import math
+
+import pytest
+
+from aletheia_ds.config import ConfigError, PlanSection
+from aletheia_ds.cost import CostModel, measurement_plans, select_within_budget
+from aletheia_ds.plan import make_plan
+from aletheia_ds.probe.report import LayerScore, ProbeReport
+
+SHAPES = {"q_proj": [64, 64], "k_proj": [64, 32], "v_proj": [64, 32], "o_proj": [64, 64],
+          "gate_proj": [64, 128], "up_proj": [64, 128], "down_proj": [128, 64]}
+KINDS = {k: ("attention" if k[0] in "qkvo" else "mlp") for k in SHAPES}
+
+
+def report_with(layer_scores, layers=None) -> ProbeReport:
+    layers = layers or len(layer_scores)
+    out = []
+    for i, score in enumerate(layer_scores):
+        per = score / math.sqrt(len(SHAPES))
+        out.append(LayerScore(i, score, {k: per for k in SHAPES}))
+    layout = {"layers_path": "model.layers", "module_kinds": KINDS, "module_paths": {k: f"x.{k}" for k in SHAPES},
+              "module_shapes": SHAPES, "layer_params": [1000] * layers, "hidden_size": 64, "vocab_size": 256}
+    return ProbeReport(model="m", num_layers=layers, tokens=512, seconds=0.1, batches=2, layers=out, layout=layout,
+                       batch_size=4, seq_len=64)
+
+
+def known_model(**kw) -> CostModel:
+    args = dict(base_s=0.05, depth_s=0.004, adapter_fixed_s=0.0003, adapter_width_s=1e-7, layer_weights=[1.0] * 8,
+                module_shapes=SHAPES)
+    args.update(kw)
+    return CostModel(**args)
+
+
+def test_depth_is_paid_down_to_the_lowest_adapted_layer_only():
+    cost = known_model()
+    one_top = [(7, 16, 64, 64)]
+    one_bottom = [(0, 16, 64, 64)]
+    assert cost.predict(one_bottom) - cost.predict(one_top) == pytest.approx(7 * 0.004)
+    # more adapters above the lowest layer add only their own cost
+    two = [(0, 16, 64, 64), (5, 16, 64, 64)]
+    assert cost.predict(two) - cost.predict(one_bottom) == pytest.approx(0.0003 + 1e-7 * 16 * 128)
+
+
+def test_fit_recovers_the_coefficients_of_synthetic_timings():
+    truth = known_model()
+    measured = [(adapters, truth.predict(adapters)) for adapters in measurement_plans(8, SHAPES).values()]
+    fitted = CostModel.fit(measured, [1.0] * 8, SHAPES, checkpointing=False, tokens_per_step=256)
+    for name in ("base_s", "depth_s", "adapter_fixed_s", "adapter_width_s"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6), name
+    assert max(abs(r) for r in fitted.fit_residuals) < 1e-9
+
+
+def test_budget_plan_respects_budget_and_prefers_high_cut_when_depth_dominates():
+    report = report_with([8, 7, 6, 5, 4, 3, 2, 1])  # the lowest layers score highest, as on random models
+    cost = known_model(depth_s=0.02)
+    plan = select_within_budget(report, PlanSection(rule="budget", budget=0.6), cost)
+    assert plan.predicted["fraction_of_uniform"] <= 0.6 + 1e-12
+    paper = make_plan(report, PlanSection(rule="top_pct", top_pct=50), cost)
+    assert paper.layers == [0, 1, 2, 3] and paper.predicted["fraction_of_uniform"] > 0.6
+    assert plan.lowest_adapted_layer > 0  # the depth cost pushes the cut up
+    # no other cut fits more energy in the same budget: brute force over contiguous upper spans
+    assert plan.score_captured >= max(
+        make_plan(report, PlanSection(rule="upper", top_pct=100 * k / 8), cost).score_captured
+        for k in range(1, 9)
+        if make_plan(report, PlanSection(rule="upper", top_pct=100 * k / 8), cost).predicted["fraction_of_uniform"] <= 0.6)
+
+
+def test_budget_takes_low_layers_when_depth_is_cheap():
+    report = report_with([8, 7, 6, 5, 4, 3, 2, 1])
+    cost = known_model(depth_s=1e-6, base_s=0.005)
+    plan = select_within_budget(report, PlanSection(rule="budget", budget=0.6), cost)
+    assert plan.lowest_adapted_layer == 0
+
+
+def test_budget_below_cheapest_plan_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"plan.budget=0.01 is below the cheapest possible plan"):
+        select_within_budget(report_with([1] * 8), PlanSection(rule="budget", budget=0.01), known_model())
+
+
+def test_analytic_model_is_usable_and_round_trips(tmp_path):
+    report = report_with([3, 2, 1, 1, 1, 1, 1, 1])
+    cost = CostModel.analytic(report, checkpointing=True)
+    assert cost.uniform_seconds() > cost.predict([(7, 16, 64, 64)]) > 0
+    cost.save(tmp_path / "cost.json")
+    assert CostModel.load(tmp_path / "cost.json") == cost
+    plan = make_plan(report, PlanSection(rule="budget", budget=0.7), cost)
+    assert plan.predicted["fraction_of_uniform"] <= 0.7 + 1e-12 and plan.predicted["checkpointing"]
