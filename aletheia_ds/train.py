@@ -31,6 +31,7 @@ from .evaluate import held_out_loss
 from .lora import attach
 from .model import load_model
 from .plan import Plan, make_plan
+from .prefix import FrozenPrefix
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 
@@ -226,6 +227,8 @@ class Run:
         cfg, ctx = self.cfg, self.ctx
         self.model = attach(self.model, plan, cfg.lora)
         self._gradient_checkpointing(cfg.train.gradient_checkpointing, reentrant=False)
+        if cfg.train.frozen_prefix:
+            FrozenPrefix(self.model, self.layout.layers_path, plan.lowest_adapted_layer).apply()
         rows = data_mod.pack(self.train_examples, cfg.data.seq_len) if cfg.data.packing else self.train_examples
         schedule = data_mod.StepSchedule(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                          ctx.world_size, cfg.train.seed)
