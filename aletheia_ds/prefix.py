@@ -67,3 +67,16 @@ def _no_grad(forward):
             return forward(*args, **kwargs)
 
     return run
+
+
+def compile_adapted_layers(model: nn.Module, layers_path: str, lowest: int) -> None:
+    """torch.compile each layer of the adapted span (regional compilation: one graph per distinct layer
+    structure, shared by the layers that have it). Layers with different adapter sets are different
+    structures, so the recompile limit is raised to the number of layers."""
+    import torch._dynamo
+
+    layers = model.get_submodule(layers_path)
+    limit = max(8, len(layers) + 2)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for index in range(lowest, len(layers)):
+        layers[index].compile()

@@ -20,7 +20,7 @@ from .arch import Layout
 from .cost import AdapterShape, CostModel, measurement_plans
 from .lora import attach
 from .plan import Plan, PlannedModule
-from .prefix import FrozenPrefix, base_model
+from .prefix import FrozenPrefix, base_model, compile_adapted_layers
 
 
 def plan_from_adapters(layout: Layout, adapters: Sequence[tuple[int, str, int]], rule: str = "custom") -> Plan:
@@ -79,9 +79,7 @@ def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, step
         if frozen_prefix:
             prefix = FrozenPrefix(peft_model, layout.layers_path, plan.lowest_adapted_layer).apply()
         if compile_layers:
-            layers = base.get_submodule(layout.layers_path)
-            for index in range(plan.lowest_adapted_layer, layout.num_layers):
-                layers[index].compile()
+            compile_adapted_layers(base, layout.layers_path, plan.lowest_adapted_layer)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
         peft_model.train()
@@ -125,7 +123,11 @@ def calibrate(model: nn.Module, layout: Layout, batch: dict, *, checkpointing: b
               log: Callable[[str], None] = print) -> CostModel:
     """Time the configurations of cost.measurement_plans (frozen prefix on) and fit the cost model."""
     measured = []
-    for name, adapters in measurement_plans(layout.num_layers, layout.shapes()).items():
+    configs = measurement_plans(layout.num_layers, layout.shapes())
+    # a throw-away run first: clocks, allocator and kernels warm, so the first timed configuration is not slow
+    time_plan(model, layout, shapes_to_plan(layout, configs["uniform_r16"], "warm-up"), batch, steps=1,
+              warmup=warmup, checkpointing=checkpointing, adapter_dtype=adapter_dtype)
+    for name, adapters in configs.items():
         plan = shapes_to_plan(layout, adapters, name)
         timing = time_plan(model, layout, plan, batch, steps=steps, warmup=warmup, checkpointing=checkpointing,
                            adapter_dtype=adapter_dtype)

@@ -31,7 +31,7 @@ from .evaluate import held_out_loss
 from .lora import attach
 from .model import load_model
 from .plan import Plan, make_plan
-from .prefix import FrozenPrefix
+from .prefix import FrozenPrefix, base_model, compile_adapted_layers
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 
@@ -229,6 +229,11 @@ class Run:
         self._gradient_checkpointing(cfg.train.gradient_checkpointing, reentrant=False)
         if cfg.train.frozen_prefix:
             FrozenPrefix(self.model, self.layout.layers_path, plan.lowest_adapted_layer).apply()
+        if cfg.train.compile:
+            if ctx.zero3:
+                raise ConfigError("train.compile: not supported under ZeRO-3 (its parameter hooks break the "
+                                  "compiled graphs); use ds_configs/zero2.json or set train.compile=false")
+            compile_adapted_layers(base_model(self.model), self.layout.layers_path, plan.lowest_adapted_layer)
         rows = data_mod.pack(self.train_examples, cfg.data.seq_len) if cfg.data.packing else self.train_examples
         schedule = data_mod.StepSchedule(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                          ctx.world_size, cfg.train.seed)
