@@ -56,6 +56,27 @@ class MetricsLog:
             self.handle.close()
 
 
+class Reporter:
+    """Where the job's progress goes besides metrics.jsonl: a cluster's tracker (launch/ray_train.py sends it
+    to Ray Train). This one does nothing.
+
+    Every rank calls each method at the same points and the same number of times, so an implementation may
+    synchronise the ranks (ray.train.report is a barrier).
+    """
+
+    def started(self, ctx: DistContext, model: nn.Module) -> None:
+        """The frozen base model is built (partitioned under ZeRO-3); no DeepSpeed engine exists yet."""
+
+    def planned(self, report: ProbeReport, plan: Plan) -> None:
+        """probe.json and plan.json are written; `plan` is the one this rank trains."""
+
+    def step(self, row: dict) -> None:
+        """A metrics.jsonl row (every train.log_every steps and the last step)."""
+
+    def finished(self, results: dict) -> None:
+        """The adapter and eval.json are written."""
+
+
 class Progress:
     """tqdm bar on an interactive rank 0; plain lines (about ten per run) in logs."""
 
@@ -111,10 +132,11 @@ class Run:
     out: Path
     engine: Any = None
     results: dict = field(default_factory=dict)
+    reporter: Reporter = field(default_factory=Reporter)
 
     # ---------------------------------------------------------------- setup
     @classmethod
-    def setup(cls, ctx: DistContext, cfg: RunConfig) -> "Run":
+    def setup(cls, ctx: DistContext, cfg: RunConfig, reporter: Optional[Reporter] = None) -> "Run":
         torch.manual_seed(cfg.train.seed)
         out = Path(cfg.train.output_dir)
         tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
@@ -132,7 +154,9 @@ class Run:
                f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
                f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
                f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}")
-        return cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out)
+        reporter = reporter or Reporter()
+        reporter.started(ctx, model)
+        return cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, reporter=reporter)
 
     @property
     def pad_id(self) -> int:
@@ -205,6 +229,7 @@ class Run:
         print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters; lowest adapted layer "
                f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
                f"{predicted}")
+        self.reporter.planned(report, plan)
         return plan
 
     # ---------------------------------------------------------------- train
@@ -265,9 +290,11 @@ class Run:
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"train: non-finite loss {step_loss} at step {step + 1}")
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-                metrics.write(step=step + 1, loss=step_loss, lr=lr, tokens_per_s=float(totals[2]) / seconds,
-                              grad_norm=None if grad_norm is None else float(grad_norm), step_seconds=seconds,
-                              epoch=schedule.epoch_of(step + 1))
+                row = dict(step=step + 1, loss=step_loss, lr=lr, tokens_per_s=float(totals[2]) / seconds,
+                           grad_norm=None if grad_norm is None else float(grad_norm), step_seconds=seconds,
+                           epoch=schedule.epoch_of(step + 1))
+                metrics.write(**row)
+                self.reporter.step(row)
             progress.update(step + 1, step_loss, lr)
         progress.close()
         metrics.close()
@@ -295,13 +322,15 @@ class Run:
         if self.ctx.is_main:
             write_json_atomic(self.out / "eval.json", self.results)
             print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
+        self.reporter.finished(self.results)
         return path
 
 
-def main(cfg: RunConfig) -> dict:
+def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
+    """The whole job on this rank; `reporter` receives its progress (launch/ray_train.py: Ray Train)."""
     cfg.require_paths()
     with distributed(cfg) as ctx:
-        run = Run.setup(ctx, cfg)
+        run = Run.setup(ctx, cfg, reporter)
         report = run.probe()
         plan = run.plan(report)
         run.train(plan)
