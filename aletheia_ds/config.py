@@ -175,8 +175,8 @@ class RaySection(Section):
     """launch/ray_train.py only: where and how wide the Ray Train job runs (the other launchers ignore it)."""
 
     address: Optional[str] = Field(
-        None, description="Ray cluster (host:port of the head's GCS, ray://host:10001, or auto); "
-        "default: RAY_ADDRESS as `ray job submit` sets it, else a local Ray")
+        None, description="Ray cluster: the head's host:port (6379 unless changed) or auto; default: RAY_ADDRESS "
+        "as `ray job submit` sets it, else a new local Ray")
     num_workers: int = Field(1, description="training workers (processes), one per GPU when use_gpu")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false: CPU workers and gloo")
     resources_per_worker: Optional[dict[str, float]] = Field(
