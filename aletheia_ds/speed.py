@@ -20,7 +20,7 @@ from .arch import Layout
 from .cost import AdapterShape, CostModel, measurement_plans
 from .lora import attach
 from .plan import Plan, PlannedModule
-from .prefix import FrozenPrefix, base_model, compile_adapted_layers
+from .prefix import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
 
 
 def plan_from_adapters(layout: Layout, adapters: Sequence[tuple[int, str, int]], rule: str = "custom") -> Plan:
@@ -61,11 +61,14 @@ def _sync(device: torch.device) -> None:
 
 def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, steps: int = 10, warmup: int = 3,
               checkpointing: bool = False, frozen_prefix: bool = True, adapter_dtype: torch.dtype | None = None,
-              compile_layers: bool = False) -> StepTiming:
-    """Attach `plan`, run warm-up + timed optimizer steps on `batch`, detach. Median seconds per step."""
+              compile_layers: bool = False, prefix_cache: bool = False) -> StepTiming:
+    """Attach `plan`, run warm-up + timed optimizer steps on `batch`, detach. Median seconds per step.
+
+    `prefix_cache`: the steady state of later epochs (the batch's prefix output stored once, then replayed).
+    """
     device = next(model.parameters()).device
     peft_model = attach(model, plan)
-    prefix = None
+    prefix = cache = None
     base = base_model(peft_model)
     try:
         if adapter_dtype is not None:  # e.g. bf16, as DeepSpeed's bf16 engine computes them
@@ -80,6 +83,12 @@ def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, step
             prefix = FrozenPrefix(peft_model, layout.layers_path, plan.lowest_adapted_layer).apply()
         if compile_layers:
             compile_adapted_layers(base, layout.layers_path, plan.lowest_adapted_layer)
+        if prefix_cache:
+            cache = PrefixCache(peft_model, layout.layers_path, plan.lowest_adapted_layer).apply()
+            rows = list(range(batch["input_ids"].shape[0]))
+            with torch.no_grad():
+                cache.begin(rows, batch["attention_mask"])
+                peft_model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
         peft_model.train()
@@ -91,6 +100,8 @@ def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, step
         for step in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
+            if cache is not None:
+                cache.begin(rows, batch["attention_mask"])
             out = peft_model(**batch, use_cache=False)
             out.loss.backward()
             optimizer.step()
@@ -104,6 +115,8 @@ def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, step
         median = statistics.median(times)
         return StepTiming(median, times, tokens / median, peak, loss)
     finally:
+        if cache is not None:
+            cache.remove()
         if prefix is not None:
             prefix.remove()
         if checkpointing:

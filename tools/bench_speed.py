@@ -8,6 +8,7 @@ Side by side, one run, same shape/data/seed, random weights of the real shape, b
   budget_no_prefix the same plan on the standard path (HF/LLaMA-Factory recipe: enable_input_require_grads
                    under checkpointing), to show what the frozen prefix adds
   budget_compiled  the budgeted plan with torch.compile on the adapted layers (--compile)
+  budget_cached    the budgeted plan in a later epoch with the prefix cache (prefix output stored, replayed)
 each without and with gradient checkpointing. Per row: median step time over >= 10 steps after warm-up,
 tokens/s, peak memory, predicted vs measured step time, net speedup over uniform including the probe over
 1000 steps. Also: probe seconds vs a chunked full-weight-gradient probe (8 layers unfrozen at a time,
@@ -134,25 +135,30 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
         plans = {"uniform": make_plan(report, UNIFORM, cost), "paper": make_plan(report, PAPER, cost),
                  "budget": make_plan(report, PlanSection(rule="budget", budget=args.budget, attention_r=16,
                                                          mlp_r=args.budget_mlp_r), cost)}
-        rows = [("uniform", "uniform", False, dtype, False), ("paper", "paper", False, dtype, False),
-                ("budget", "budget", True, dtype, False), ("budget_no_prefix", "budget", False, dtype, False)]
+        # (row, plan, frozen prefix, adapter dtype, compiled, prefix cache)
+        rows = [("uniform", "uniform", False, dtype, False, False), ("paper", "paper", False, dtype, False, False),
+                ("budget", "budget", True, dtype, False, False), ("budget_no_prefix", "budget", False, dtype, False, False)]
         if not checkpointing:
-            rows.insert(1, ("uniform_fp32", "uniform", False, None, False))
+            rows.insert(1, ("uniform_fp32", "uniform", False, None, False, False))
         if args.compile and not checkpointing:
-            rows.append(("budget_compiled", "budget", True, dtype, True))
+            rows.append(("budget_compiled", "budget", True, dtype, True, False))
+        if plans["budget"].lowest_adapted_layer > 0:
+            rows.append(("budget_cached", "budget", True, dtype, False, True))
         measured = {}
-        for row, plan_name, frozen_prefix, adapter_dtype, compiled in rows:
+        for row, plan_name, frozen_prefix, adapter_dtype, compiled, cached in rows:
             if time.perf_counter() > args.deadline:
                 log(f"[{name}/{mode}] {row}: skipped (--time-budget-s reached)")
                 continue
             plan = plans[plan_name]
             timing = time_plan(model, layout, plan, batch, steps=args.steps, warmup=args.warmup,
                                checkpointing=checkpointing, frozen_prefix=frozen_prefix, adapter_dtype=adapter_dtype,
-                               compile_layers=compiled)
+                               compile_layers=compiled, prefix_cache=cached)
             measured[row] = {"plan": plan_name, "layers": plan.layers, "lowest_adapted_layer": plan.lowest_adapted_layer,
                              "adapters": len(plan.modules), "score_captured": plan.score_captured,
                              "frozen_prefix": frozen_prefix, "adapter_dtype": str(adapter_dtype or "fp32 (PEFT default)"),
-                             "compiled": compiled, "median_step_s": timing.median_s, "step_times_s": timing.steps,
+                             "compiled": compiled, "prefix_cache": cached,
+                             "prefix_cache_bytes_per_token": shape["hidden_size"] * (2 if dtype == torch.bfloat16 else 4)
+                             if cached else 0, "median_step_s": timing.median_s, "step_times_s": timing.steps,
                              "tokens_per_s": timing.tokens_per_s, "peak_memory_gib": timing.peak_memory_gib,
                              "predicted_step_s": predicted_seconds(cost, plan, frozen_prefix, checkpointing)}
             log(f"[{name}/{mode}] {row}: {timing.median_s * 1000:.1f} ms/step (predicted "
