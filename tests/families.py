@@ -28,7 +28,7 @@ MOE = {
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
     "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1,
                         n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1),
+                        qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1, num_key_value_heads=4),
 }
 
 FAMILIES = list(DENSE)
