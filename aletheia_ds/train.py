@@ -127,6 +127,7 @@ class Run:
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
         model = load_model(cfg.model, dtype, ctx.device, ctx.model_init, seed=cfg.train.seed, zero3=ctx.zero3)
         layout = describe(model, cfg.lora.target_modules)
+        ctx.set_z3_leaf_modules(model, layout.moe_block_classes(model))  # MoE blocks: one ZeRO-3 fetch each
         print0(f"model: {cfg.model.path} ({layout.family}, {layout.num_layers} layers, "
                f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
                f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
