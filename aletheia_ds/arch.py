@@ -318,7 +318,7 @@ def _announces_experts(model: nn.Module) -> str | None:
 def _unknown_moe_error(model: nn.Module, layers: nn.ModuleList, why: str) -> ConfigError:
     layer = layers[len(layers) - 1]
     mlp = next((m for n, m in layer.named_children() if n in MLP_BLOCKS), layer)
-    classes = sorted({f"{n or '.'}: {type(m).__name__}" for n, m in mlp.named_modules() if n.count(".") < 2})
+    classes = sorted({f"{n or '.'}: {type(m).__name__}" for n, m in mlp.named_modules() if "." not in n})
     return ConfigError(
         f"model {type(model).__name__} ({_model_type(model)}) has experts ({why}) but its MoE layout is not known; "
         f"classes in the last decoder layer's MLP block: {'; '.join(classes)}; known forms: an `experts` module with "
