@@ -202,7 +202,8 @@ class Run:
             raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
         predicted = f"; predicted {plan.predicted['speedup_vs_uniform']:.2f}x uniform LoRA's speed " \
             f"({plan.predicted['source']})" if plan.predicted else ""
-        print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters; lowest adapted layer "
+        experts = f" + {len(plan.experts)} experts in {len(plan.experts_by_layer())} MoE layers" if plan.experts else ""
+        print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
                f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
                f"{predicted}")
         return plan
