@@ -18,9 +18,8 @@ def brute_force_moe(model, layout, batches) -> dict:
     handles = []
     state = {}
     for layer, block, module in layout.iter_moe(model):
-        experts = module.get_submodule(block.experts_path)
         for bank in block.banks:
-            params[(layer, bank.name)] = experts.get_parameter(bank.name)
+            params[(layer, bank.name)] = module.get_parameter(bank.path)
         router = module.get_submodule(block.router_path)
         params[(layer, "router")] = router.weight
 
