@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arch import Layout, MoeBlock
-from .hooks import compute_dtype_for, flat_tokens, weight_grad_sq_norm
+from .hooks import compute_dtype_for, drop_padding_here, flat_tokens, weight_grad_sq_norm
 from .report import ExpertScore
 
 
@@ -73,6 +73,8 @@ class ExpertProbe:
     def _measure(self, slot: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None):
         """Register the backward hook for one bank of one expert: x (tokens_e, in) -> y (tokens_e, out)."""
         x = x.detach()
+        if keep is not None and not drop_padding_here(x):
+            keep = None  # pad rows carry zero gradient: masking them only saves work (see hooks.py)
         if keep is not None:
             x = x[keep]
         dtype = compute_dtype_for(x, self.compute_dtype)

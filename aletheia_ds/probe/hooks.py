@@ -36,7 +36,9 @@ def weight_grad_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     rows = max(1, BLOCK_ELEMENTS // d_in)
     for start in range(0, d_out, rows):
         block = g[:, start:start + rows].T @ x
-        total += block.double().pow(2).sum()
+        # squared norm accumulated in float32 or wider without a float64 copy of the block
+        total += torch.linalg.vector_norm(block, dtype=torch.float64 if block.dtype == torch.float64 else
+                                          torch.float32).double().square()
     return total
 
 
@@ -46,10 +48,16 @@ def compute_dtype_for(t: torch.Tensor, compute_dtype: torch.dtype | None = None)
                              else t.dtype)
 
 
+def drop_padding_here(t: torch.Tensor) -> bool:
+    """Padded rows have exactly zero output gradient (right padding, causal attention), so dropping them only
+    saves work; on a GPU the boolean index would cost a host sync per module, so they are kept there."""
+    return t.device.type == "cpu"
+
+
 def flat_tokens(t: torch.Tensor, token_mask: torch.Tensor | None, compute_dtype: torch.dtype | None = None):
-    """(..., features) -> (real tokens, features): padded positions dropped when the mask matches."""
+    """(..., features) -> (tokens, features), padded positions dropped on CPU when the mask matches."""
     t = t.reshape(-1, t.shape[-1])
-    if token_mask is not None and token_mask.numel() == t.shape[0]:
+    if token_mask is not None and token_mask.numel() == t.shape[0] and drop_padding_here(t):
         t = t[token_mask.reshape(-1).to(t.device)]
     return t.to(compute_dtype_for(t, compute_dtype))
 
