@@ -309,3 +309,90 @@ def test_expert_lora_parametrization_adds_each_planned_experts_delta_and_round_t
     fresh.mlp.w2 = torch.nn.Parameter(base_w2.clone(), requires_grad=False)
     assert load_expert_adapter(fresh, tmp_path) == ["mlp.w1", "mlp.w2"]
     assert torch.equal(fresh.mlp.w1, host.mlp.w1) and torch.equal(fresh.mlp.w2, host.mlp.w2)
+
+
+# ---------------------------------------------------------------- the megablocks probe loop, on CPU
+class _MegablocksLayoutExperts(torch.nn.Module):
+    """What the probe reads of megablocks' ParallelDroplessMLP (GLU): `mlp.w1/v1/w2` (E*F, H), `args`, `bias`.
+
+    Its own forward is an independent dense formula (every token through its top-k experts by einsum), the
+    reference the probe's per-expert loop must reproduce; real megablocks runs in tests/test_megablocks.py (GPU).
+    """
+
+    def __init__(self, experts=4, ffn=6, hidden=8):
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.num_experts, self.bias = experts, None
+        self.args = SimpleNamespace(activation_fn=torch.nn.functional.silu, return_bias=False)
+        self.mlp = torch.nn.Module()
+        for name in ("w1", "v1", "w2"):
+            setattr(self.mlp, name, torch.nn.Parameter(torch.randn(experts * ffn, hidden) * 0.3, requires_grad=False))
+
+    def forward(self, x, scores, expert_weights, top_experts):
+        n, h = self.num_experts, x.shape[-1]
+        w1, v1, w2 = (getattr(self.mlp, k).view(n, -1, h)[top_experts] for k in ("w1", "v1", "w2"))  # (T, k, F, H)
+        tokens = x.reshape(-1, h)
+        act = torch.nn.functional.silu(torch.einsum("th,tkfh->tkf", tokens, w1)) * torch.einsum("th,tkfh->tkf", tokens, v1)
+        return torch.einsum("tkf,tkfh,tk->th", act, w2, expert_weights).view(x.shape)
+
+
+def test_megablocks_probe_loop_reproduces_the_layout_and_equals_brute_force():
+    from aletheia_ds.arch import ExpertBank, Layout, MoeBlock
+    from aletheia_ds.probe.experts import ExpertProbe
+
+    torch.manual_seed(0)
+    hidden, ffn, experts, top_k = 8, 6, 4, 2
+    layer = torch.nn.Module()
+    layer.mlp = torch.nn.Module()
+    layer.mlp.router = torch.nn.Module()
+    layer.mlp.router.layer = torch.nn.Linear(hidden, experts, bias=False)
+    layer.mlp.experts = _MegablocksLayoutExperts(experts, ffn, hidden)
+    layer.requires_grad_(False)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([layer])
+    banks = (ExpertBank("w1", "mlp.experts.mlp.w1", hidden, ffn), ExpertBank("v1", "mlp.experts.mlp.v1", hidden, ffn),
+             ExpertBank("w2", "mlp.experts.mlp.w2", ffn, hidden))
+    layout = Layout("stand-in", "layers", [[]], moe={0: MoeBlock("megablocks", "mlp", "mlp.experts",
+                                                                 "mlp.router.layer", experts, top_k, banks, "X")})
+    target = torch.randn(3, 5, hidden)
+
+    def loss_of(x):
+        logits = layer.mlp.router.layer(x.view(-1, hidden))
+        weights, chosen = logits.softmax(-1).topk(top_k, dim=-1)
+        return (layer.mlp.experts(x, logits.softmax(-1), weights, chosen) - target).pow(2).mean()
+
+    inputs = [torch.randn(3, 5, hidden) for _ in range(2)]
+    # reference: autograd on the banks through the stand-in's own dense formula
+    params = {name: getattr(layer.mlp.experts.mlp, name) for name in ("w1", "v1", "w2")}
+    params["router"] = layer.mlp.router.layer.weight
+    sums = {}
+    for x in inputs:
+        for p in params.values():
+            p.requires_grad_(True)
+            p.grad = None
+        loss_of(x).backward()
+        for name, p in params.items():
+            per = p.grad.double().reshape(experts if name != "router" else 1, -1).pow(2).sum(-1)
+            sums[name] = sums.get(name, 0) + per
+    for p in params.values():
+        p.requires_grad_(False)
+        p.grad = None
+    probe = ExpertProbe(model, layout)
+    with probe.attached():
+        for x in inputs:
+            loss_of(x.clone().requires_grad_(True)).backward()  # inputs need grad, as embeddings do in run_probe
+    scores, routers = probe.scores(probe.local(), len(inputs))
+    for e in scores:
+        for name in ("w1", "v1", "w2"):
+            assert e.banks[name] == pytest.approx(math.sqrt(float(sums[name][e.expert]) / 2), rel=1e-6)
+    assert routers[0] == pytest.approx(math.sqrt(float(sums["router"][0]) / 2), rel=1e-6)
+    assert sum(e.tokens for e in scores) == top_k * 15 * 2
+    # the loop's output equals the stand-in's own forward
+    x = inputs[0]
+    logits = layer.mlp.router.layer(x.view(-1, hidden))
+    weights, chosen = logits.softmax(-1).topk(top_k, dim=-1)
+    reference = layer.mlp.experts(x, logits, weights, chosen)
+    with probe.attached():
+        looped = layer.mlp.experts(x, logits, weights, chosen)
+    assert torch.allclose(looped, reference, atol=1e-6)
