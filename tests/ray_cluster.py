@@ -23,9 +23,12 @@ from typing import Iterator
 from launch import ROOT, free_port
 
 VENV_BIN = str(Path(sys.executable).parent)
-# what each worker needs on this CPU-only machine, passed the way a user passes it: the job's runtime_env
-WORKER_ENV = {"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-              "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# what the workers need, passed the way a user passes it: the job's runtime_env
+CPU_WORKER_ENV = {"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+                  "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# NVLink multicast stays off on shared GPU hosts (one program using it can take the host's GPUs out of service)
+GPU_WORKER_ENV = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                  "NVSHMEM_DISABLE_NVLS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
 
 @dataclass
@@ -35,14 +38,23 @@ class LocalRay:
     env: dict
     temp_dir: Path
     head: subprocess.Popen
+    worker_env: dict
 
-    def submit(self, args: list[str], timeout: int, runtime_env: dict | None = None) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir <repo> -- python launch/ray_train.py ARGS`, waiting for the job."""
-        runtime = {"env_vars": WORKER_ENV, **(runtime_env or {})}
-        cmd = [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", self.dashboard_url,
-               "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime), "--",
-               "python", "launch/ray_train.py", *args]
-        return subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def submit_cmd(self, args: list[str]) -> list[str]:
+        """`ray job submit --working-dir <repo> -- python launch/ray_train.py ARGS` (it waits for the job)."""
+        return [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", self.dashboard_url,
+                "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": self.worker_env}), "--",
+                "python", "launch/ray_train.py", *args]
+
+    def submit(self, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+        return subprocess.run(self.submit_cmd(args), cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self, args: list[str], log: Path) -> subprocess.Popen:
+        """The job submitted in the background; its output goes to `log`."""
+        with log.open("w") as handle:
+            return subprocess.Popen(self.submit_cmd(args), cwd=ROOT, env=self.env, stdout=handle,
+                                    stderr=subprocess.STDOUT, text=True)
 
 
 def cluster_env(token: str) -> dict:
@@ -86,14 +98,14 @@ def _stop_session(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int, startup_timeout: float = 180.0) -> Iterator[LocalRay]:
+def local_ray(num_cpus: int, num_gpus: int = 0, startup_timeout: float = 180.0) -> Iterator[LocalRay]:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = cluster_env(secrets.token_hex(16))
     port, dashboard_port = free_port(), free_port()
     log = temp_dir / "head.log"
     cmd = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--dashboard-host", "127.0.0.1", "--port", str(port), "--dashboard-port", str(dashboard_port),
-           "--num-cpus", str(num_cpus), "--num-gpus", "0", "--temp-dir", str(temp_dir),
+           "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--temp-dir", str(temp_dir),
            # every port of our own, so that parallel test runs on this machine do not collide
            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
            "--dashboard-agent-grpc-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
@@ -104,7 +116,8 @@ def local_ray(num_cpus: int, startup_timeout: float = 180.0) -> Iterator[LocalRa
     try:
         url = f"http://127.0.0.1:{dashboard_port}"
         _wait_for_dashboard(url, head, time.monotonic() + startup_timeout, log)
-        yield LocalRay(f"127.0.0.1:{port}", url, env, temp_dir, head)
+        worker_env = GPU_WORKER_ENV if num_gpus else CPU_WORKER_ENV
+        yield LocalRay(f"127.0.0.1:{port}", url, env, temp_dir, head, worker_env)
     finally:
         _stop_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

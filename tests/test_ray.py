@@ -140,3 +140,20 @@ def test_unreachable_address_is_one_line(model_dir, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: ray.address: cannot reach a Ray cluster at {address} (Connection refused); start one with "
         "`ray start --head`, or fix ray.address / RAY_ADDRESS"]
+
+
+@pytest.mark.gpu
+def test_gpu_workers_take_one_gpu_each(model_dir, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    config = ray_config(model_dir, tmp_path, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+    with local_ray(num_cpus=4, num_gpus=2) as gpu_cluster:
+        proc = gpu_cluster.submit(["--config", str(write_config(config, tmp_path))], timeout=540)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    run = tmp_path / "storage" / "run"
+    notes = [json.loads((run / "workers" / f"rank-{rank:05d}.json").read_text()) for rank in range(2)]
+    assert sorted(n["device"] for n in notes) == ["cuda:0", "cuda:1"]  # LOCAL_RANK = Ray's device index
+    assert {n["plan_sha256"] for n in notes} == {digest(json.loads((run / "plan.json").read_text()))}
+    eval_json = json.loads((run / "eval.json").read_text())
+    assert eval_json["eval_loss_after"] < eval_json["eval_loss_before"]
