@@ -8,6 +8,7 @@ import json
 import operator
 import os
 import random
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -48,7 +49,7 @@ def test_arithmetic_answers_equal_their_expressions_and_use_the_question_numbers
         answer = qs.arithmetic_answer(row["completion"])
         assert evaluate_arithmetic(expression) == int(answer) >= 0
         assert rest.startswith(f"{answer}. ")
-        numbers = [int(n) for n in expression.replace("*", " ").replace("+", " ").replace("-", " ").replace("/", " ").split()]
+        numbers = [int(n) for n in re.findall(r"\d+", expression)]
         assert all(str(n) in row["prompt"] or n == 2 for n in numbers)  # "doubles" is the only unwritten number
 
 
@@ -162,7 +163,7 @@ def test_smoke_study_end_to_end(tmp_path):
             assert 0.0 <= run["exact_match"] <= 1.0
             assert run["forgetting"] == pytest.approx(run["corpus_loss"] - base["corpus_loss"])
             assert run["trainable_params"] > 0 and run["step_seconds_median"] > 0
-            assert run["train_loss_last"] < run["train_loss_first"], (name, run["seed"])
+            assert run["task_loss"] < base["task_loss"], (name, run["seed"])  # every arm learns something
         assert arm["summary"]["task_loss"]["n"] == seeds
     for run in results["arms"]["uniform"]["runs"]:  # LoRA on the tasks lowers their held-out loss
         assert run["task_loss"] < base["task_loss"] - 0.05
@@ -186,11 +187,11 @@ def test_smoke_study_end_to_end(tmp_path):
         assert f"| {name} |" in table
     assert "Goals" in table and "base model (no LoRA)" in table
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert table.splitlines()[4] in proc.stdout  # the table is printed too
+    assert next(line for line in table.splitlines() if line.startswith("| uniform |")) in proc.stdout
 
     # the table and chart come back the same from results.json alone
     (out / "table.md").unlink()
-    again = subprocess.run([sys.executable, str(ROOT / "tools/quality_study.py"), "--render", str(out / "results.json")],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, str(ROOT / "tools/quality_study.py"), "--render",
+                            str(out / "results.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "table.md").read_text() == table

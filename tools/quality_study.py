@@ -77,6 +77,7 @@ ARM_LABELS = {
     "random": "random layers, budgeted plan's count and ranks",
     "upper": "upper half of the layers, r16/r64",
 }
+PROBE_GUIDED = ("paper", "budget", "random")  # arms whose plan needs the probe (random copies budget's shape)
 ARM_COLORS = {"uniform": "tab:gray", "paper": "tab:blue", "budget": "tab:orange", "random": "tab:purple",
               "upper": "tab:green"}
 
@@ -146,7 +147,8 @@ SMOKE = dict(corpus_mb=1.0, tokenizer_mb=1.0, vocab_size=1024, layers=4, hidden=
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: the whole pipeline in < 1 min")
     parser.add_argument("--estimate", action="store_true", help="print the expected GPU time split and exit")
     parser.add_argument("--render", metavar="RESULTS_JSON", help="write table.md and chart.png from saved results")
@@ -490,7 +492,7 @@ def json_problem(rng: random.Random) -> dict:
     pairs = []
     for key in keys:
         kind = rng.randrange(3)
-        raw = str(rng.randint(0, 999)) if kind == 0 else rng.choice(["true", "false"]) if kind == 1 else rng.choice(WORDS)
+        raw = (str(rng.randint(0, 999)), rng.choice(["true", "false"]), rng.choice(WORDS))[kind]
         pairs.append((key, raw))
     obj = {k: int(v) if v.isdigit() else (v == "true") if v in ("true", "false") else v for k, v in pairs}
     prompt = "Convert to JSON:\n" + "\n".join(f"{k}={v}" for k, v in pairs) + "\nJSON:"
@@ -551,7 +553,7 @@ class TaskData:
 
 
 def build_task_data(tokenizer, s: Settings) -> TaskData:
-    """Rows -> JSONL -> aletheia_ds.data.load_examples (the package's prompt/completion path, loss on the completion)."""
+    """Rows -> JSONL -> aletheia_ds.data.load_examples: the package's prompt/completion path, loss on the completion."""
     held = s.eval_per_task + s.em_per_task
     train_rows, eval_examples, decode_rows = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -559,7 +561,8 @@ def build_task_data(tokenizer, s: Settings) -> TaskData:
             rows = task_rows(task, s.data_seed, s.train_per_task + held)
             train_rows.append(rows[:s.train_per_task])
             eval_path = Path(tmp) / f"{task.name}_eval.jsonl"
-            eval_path.write_text("".join(json.dumps(r) + "\n" for r in rows[s.train_per_task:s.train_per_task + s.eval_per_task]))
+            held_rows = rows[s.train_per_task:s.train_per_task + s.eval_per_task]
+            eval_path.write_text("".join(json.dumps(r) + "\n" for r in held_rows))
             eval_examples[task.name] = load_examples(eval_path, tokenizer, s.task_seq_len, log=log)
             decode_rows[task.name] = rows[s.train_per_task + s.eval_per_task:]
         mixed = [row for group in zip(*train_rows) for row in group]  # interleaved: every batch mixes the tasks
@@ -640,6 +643,9 @@ def evaluate(model, tokenizer, data: TaskData, held_out_rows: torch.Tensor, s: S
 
 
 # ====================================================================== LoRA training
+WARMUP_STEPS = 2  # steps left out of the median step time
+
+
 def train_adapters(base, plan: Plan, seed: int, examples: list[Example], pad_id: int, steps: int, s: Settings,
                    env: Env):
     """Copy of the frozen base + the plan's adapters (attached and verified), trained `steps` steps."""
@@ -672,7 +678,7 @@ def train_adapters(base, plan: Plan, seed: int, examples: list[Example], pad_id:
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"LoRA training ({plan.rule}): non-finite loss at step {step + 1}")
     seconds = time.perf_counter() - started
-    warm = step_seconds[min(len(step_seconds) - 1, 3):]  # the first steps pay for allocator and kernel warm-up
+    warm = step_seconds[min(len(step_seconds) - 1, WARMUP_STEPS):]  # first steps pay for allocator/kernel warm-up
     stats = {"train_seconds": seconds, "step_seconds_median": statistics.median(warm),
              "trainable_params": sum(p.numel() for p in params), "train_loss_first": losses[0],
              "train_loss_last": statistics.fmean(losses[-max(1, steps // 10):])}
@@ -704,14 +710,15 @@ def calibrate(base, report: ProbeReport, examples, pad_id: int, s: Settings, env
     measured, timings = [], {}
     for name, adapters in measurement_plans(report.num_layers, shapes).items():
         plan = plan_from_adapters(report, f"calibration:{name}", adapters)
-        model, stats = train_adapters(base, plan, 0, examples, pad_id, s.calibration_steps + 2, s, env)
+        model, stats = train_adapters(base, plan, 0, examples, pad_id, s.calibration_steps + WARMUP_STEPS, s, env)
         del model
         timings[name] = stats["step_seconds_median"]
         measured.append((adapters, stats["step_seconds_median"]))
     tokens = s.lora_batch * round(statistics.fmean(len(ex.input_ids) for ex in examples))
     cost = CostModel.fit(measured, [p / mean_params for p in report.layout["layer_params"]], shapes,
                          checkpointing=False, tokens_per_step=tokens,
-                         source=f"calibrated: {len(measured)} plans x {s.calibration_steps} timed steps on {env.device}")
+                         source=f"calibrated: {len(measured)} plans x {s.calibration_steps} timed steps "
+                                f"on {env.device}")
     return cost, timings
 
 
@@ -792,7 +799,8 @@ def goals(arms: dict) -> list[dict]:
         b, u = m("budget", "exact_match"), m("uniform", "exact_match")
         results.append({"goal": "budgeted exact match within 1 point of uniform", "met": b >= u - 0.01,
                         "detail": f"budget {100 * b:.1f}% +- {100 * sd('budget', 'exact_match'):.1f} vs uniform "
-                                  f"{100 * u:.1f}% +- {100 * sd('uniform', 'exact_match'):.1f} ({100 * (b - u):+.1f} points)"})
+                                  f"{100 * u:.1f}% +- {100 * sd('uniform', 'exact_match'):.1f} "
+                                  f"({100 * (b - u):+.1f} points)"})
         b, u = m("budget", "forgetting"), m("uniform", "forgetting")
         results.append({"goal": "budgeted forgetting <= uniform's", "met": b <= u,
                         "detail": f"budget {b:+.4f} +- {sd('budget', 'forgetting'):.4f} vs uniform {u:+.4f} +- "
@@ -802,7 +810,8 @@ def goals(arms: dict) -> list[dict]:
                         "detail": f"{b / u:.2f}x uniform's measured step time ({1000 * b:.1f} vs {1000 * u:.1f} ms)"})
     if "budget" in arms and "random" in arms:
         b, r = m("budget", "task_loss"), m("random", "task_loss")
-        pairs = list(zip(arms["budget"]["summary"]["task_loss"]["values"], arms["random"]["summary"]["task_loss"]["values"]))
+        pairs = list(zip(arms["budget"]["summary"]["task_loss"]["values"],
+                         arms["random"]["summary"]["task_loss"]["values"]))
         wins = sum(x < y for x, y in pairs)
         be, re_ = m("budget", "exact_match"), m("random", "exact_match")
         results.append({"goal": "gradient-guided beats random layers at the same budget", "met": b < r and be >= re_,
@@ -822,31 +831,38 @@ def render_table(results: dict) -> str:
     uniform_step = arms["uniform"]["summary"]["step_seconds_median"]["mean"] if "uniform" in arms else None
     seeds = max((a["summary"]["task_loss"]["n"] for a in arms.values()), default=0)
     lines = [f"Command: `{results['command']}`  ",
-             f"Device: {results['device']}; {seeds} seeds (mean ± std); base model {results['base']['params'] / 1e6:.1f}M "
+             f"Device: {results['device']}; {seeds} seeds (mean ± std); base model "
+             f"{results['base']['params'] / 1e6:.1f}M "
              f"parameters, {results['base']['pretrain']['steps_done']} pretraining steps "
              f"({results['base']['pretrain']['tokens_seen'] / 1e6:.1f}M tokens, stopped by "
              f"{results['base']['pretrain']['stopped_by']}); probe {results['probe']['seconds']:.2f} s "
              f"({results['probe']['batches']} batches); LoRA {results['settings']['lora_steps']} steps x "
              f"{results['settings']['lora_batch']} examples per arm and seed.", "",
              "| arm | layers | adapters | trainable params | task loss | exact match % | forgetting (Δ corpus loss) "
-             "| step ms | step vs uniform (predicted / measured) | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|",
-             f"| base model (no LoRA) | – | – | 0 | {base['task_loss']:.4f} | {100 * base['exact_match']:.1f} | 0 | – | – | – |"]
+             "| step ms | step vs uniform (predicted / measured) | train s | probe s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| base model (no LoRA) | – | – | 0 | {base['task_loss']:.4f} | {100 * base['exact_match']:.1f} | 0 "
+             "| – | – | – | – |"]
+    probe_s = results["probe"]["seconds"]
     for name, arm in arms.items():
         summary, runs = arm["summary"], arm["runs"]
         layer_sets = sorted({tuple(r["plan"]["layers"]) for r in runs})
-        layers = ", ".join(str(list(x)) for x in layer_sets) if len(layer_sets) == 1 else f"{len(runs[0]['plan']['layers'])} random per seed"
+        layers = str(list(layer_sets[0])) if len(layer_sets) == 1 else \
+            f"{len(runs[0]['plan']['layers'])} random per seed"
         predicted = runs[0]["plan"]["predicted_fraction_of_uniform"]
         measured = summary["step_seconds_median"]["mean"] / uniform_step if uniform_step else float("nan")
-        lines.append(f"| {name} | {layers} | {runs[0]['plan']['adapters']} | {int(summary['trainable_params']['mean']):,} | "
+        lines.append(f"| {name} | {layers} | {runs[0]['plan']['adapters']} | "
+                     f"{int(summary['trainable_params']['mean']):,} | "
                      f"{fmt(summary, 'task_loss')} | {fmt(summary, 'exact_match', 100, 1)} | "
                      f"{fmt(summary, 'forgetting', sign=True)} | {fmt(summary, 'step_seconds_median', 1000, 1)} | "
-                     f"{predicted:.2f} / {measured:.2f} | {fmt(summary, 'train_seconds', 1, 1)} |")
+                     f"{predicted:.2f} / {measured:.2f} | {fmt(summary, 'train_seconds', 1, 1)} | "
+                     f"{f'{probe_s:.2f}' if name in PROBE_GUIDED else '–'} |")
     lines += ["", "Exact match by task (%):", "", "| arm | " + " | ".join(t.name for t in TASKS) + " |",
               "|---|" + "---|" * len(TASKS),
               "| base model | " + " | ".join(f"{100 * base['exact_match_by_task'][t.name]:.1f}" for t in TASKS) + " |"]
     for name, arm in arms.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(arm["summary"], f"exact_match_{t.name}", 100, 1) for t in TASKS) + " |")
+        cells = [fmt(arm["summary"], f"exact_match_{t.name}", 100, 1) for t in TASKS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Goals (on the seed means):", ""]
     for goal in results["goals"]:
         mark = {True: "met", False: "MISSED", None: "–"}[goal["met"]]
@@ -1019,7 +1035,8 @@ def study(s: Settings, command: str) -> dict:
     results["cost_model"] = cost.to_json()
     fixed_plans = {}
     if "uniform" in arms_wanted:
-        fixed_plans["uniform"] = make_plan(report, PlanSection(rule="all", attention_r=s.uniform_r, mlp_r=s.uniform_r), cost)
+        uniform = PlanSection(rule="all", attention_r=s.uniform_r, mlp_r=s.uniform_r)
+        fixed_plans["uniform"] = make_plan(report, uniform, cost)
     if "paper" in arms_wanted:
         fixed_plans["paper"] = make_plan(report, lora_settings(s, rule="top_pct", top_pct=s.top_pct), cost)
     if "budget" in arms_wanted:
@@ -1071,7 +1088,7 @@ def study(s: Settings, command: str) -> dict:
 
 
 # ====================================================================== the estimate
-H200_BF16_FLOPS = 7.9e14  # bf16 matmul rate measured on this workplace's H200 (.library/device/KINDS.md)
+H200_BF16_FLOPS = 7.9e14  # bf16 8192^3 matmul rate measured on one H200
 PRETRAIN_MFU = 0.35  # ~100M parameters at 32k tokens per step: large matmuls, roughly a third of the peak
 SMALL_STEP_MFU = 0.15  # LoRA steps on short task rows: small matmuls
 HOST_S_PER_OP = 8e-6  # eager PyTorch on a GPU: dispatch + launch + module Python per ATen op (a lead, not measured)
@@ -1152,15 +1169,17 @@ def estimate(s: Settings) -> dict:
     longest_completion = 40  # tokens; arithmetic answers are the longest
     decode_s = math.ceil(decode_rows / s.em_batch) * longest_completion * (decode_ops * HOST_S_PER_OP +
                                                                           GENERATE_S_PER_TOKEN)
-    loss_s = (math.ceil(3 * s.eval_per_task / s.eval_batch) + math.ceil(s.corpus_eval_windows / max(1, s.eval_batch // 4))) \
-        * forward_ops * HOST_S_PER_OP * 3
+    loss_batches = math.ceil(3 * s.eval_per_task / s.eval_batch) + math.ceil(s.corpus_eval_windows /
+                                                                            max(1, s.eval_batch // 4))
+    loss_s = loss_batches * forward_ops * HOST_S_PER_OP * 3
     eval_s = decode_s + loss_s
     attach_s = 0.5  # deepcopy of the base + PEFT wrapping + verification
     arms = [a for a in s.arms.split(",")]
     arms_s = s.seeds * sum(s.lora_steps * lora_step_s[a] + eval_s + attach_s for a in arms)
     calibration_s = 5 * ((s.calibration_steps + 2) * lora_step_s["uniform"] + attach_s)
     split = {"start: imports, CUDA init (guess)": 20.0,
-             "corpus + tokenizer + task data (timed here, 2 busy cores)": clock.phases["corpus"] + clock.phases["tokenizer"],
+             f"corpus + tokenizer + task data (timed here: {os.cpu_count()} CPU cores)":
+                 clock.phases["corpus"] + clock.phases["tokenizer"],
              "pretrain": min(s.pretrain_max_s, s.pretrain_steps * pretrain_step_s), "base eval": eval_s,
              "probe": 2.0, "calibration": calibration_s, f"arms: {len(arms)} x {s.seeds} seeds": arms_s}
     split["total"] = sum(split.values())
