@@ -15,6 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import torch
 
 from aletheia_ds.config import PlanSection
 from aletheia_ds.cost import measurement_plans
@@ -139,6 +140,17 @@ def test_calibration_plans_are_exactly_the_cost_models_measurement_configuration
     for name, adapters in measurement_plans(8, SHAPES).items():
         plan = qs.plan_from_adapters(report, name, adapters)
         assert sorted(cost.plan_adapters(plan)) == sorted(adapters), name
+
+
+def test_estimate_counts_more_work_for_uniform_lora_than_for_the_upper_half():
+    settings = qs.Settings(**qs.SMOKE)
+    result = qs.estimate(settings)
+    split = result["split_s"]
+    assert split["total"] == pytest.approx(sum(v for k, v in split.items() if k != "total"))
+    assert 0 < split["pretrain"] <= settings.pretrain_max_s
+    # every layer adapted and backward through all of them vs half the layers and a frozen prefix
+    assert result["lora_step_s"]["uniform"] > result["lora_step_s"]["upper"] > 0
+    assert qs.count_ops(lambda: torch.ones(3).add(1).mul(2)) == 3
 
 
 @pytest.mark.slow
