@@ -151,3 +151,46 @@ def test_frozen_prefix_under_deepspeed(tmp_path, zero):
     assert all(fast["saved"].get(str(i), 0) == 0 for i in range(lowest)), fast["saved"]
     assert fast["saved"].get(str(lowest), 0) > 0
     assert any(plain["saved"].get(str(i), 0) > 0 for i in range(lowest)), plain["saved"]
+
+
+def test_prefix_cache_replays_exactly_and_skips_the_prefix():
+    from aletheia_ds.data import Example, collate
+    from aletheia_ds.prefix import PrefixCache
+
+    model, layout, plan = prepared("llama", 3, False, standard_recipe=False)
+    FrozenPrefix(model, layout.layers_path, plan.lowest_adapted_layer).apply()
+    g = torch.Generator().manual_seed(0)
+    rows = [Example(ids, ids) for ids in (torch.randint(3, 96, (n,), generator=g).tolist() for n in (7, 12, 9, 5))]
+    reference = []
+    for order in ([0, 1], [2, 3], [3, 0], [1, 2]):  # "epoch 2" regroups the examples differently
+        reference.append(step(model, collate([rows[i] for i in order], 0)))
+    cache = PrefixCache(model, layout.layers_path, plan.lowest_adapted_layer).apply()
+    layers = base_model(model).get_submodule(layout.layers_path)
+    ran = []
+    hook = layers[0].self_attn.register_forward_pre_hook(lambda *_a: ran.append(1))
+    replays = []
+    for (order, (loss_ref, grads_ref)) in zip(([0, 1], [2, 3], [3, 0], [1, 2]), reference):
+        batch = collate([rows[i] for i in order], 0)
+        replays.append(cache.begin(order, batch["attention_mask"]))
+        calls_before = len(ran)
+        loss, grads = step(model, batch)
+        assert (len(ran) == calls_before) == replays[-1]  # replay: layer 0 never runs
+        assert torch.allclose(loss, loss_ref, rtol=1e-6)
+        for name in grads_ref:
+            assert torch.allclose(grads[name], grads_ref[name], rtol=1e-5, atol=1e-7), name
+    assert replays == [False, False, True, True]
+    assert cache.stored_bytes == sum(len(r.input_ids) for r in rows) * 32 * 4
+    cache.begin(None)
+    hook.remove()
+    cache.remove()
+    assert "forward" in layers[0].__dict__  # the frozen prefix's wrapper is back in place
+
+
+def test_prefix_cache_refuses_dropout_in_the_prefix():
+    from aletheia_ds.prefix import PrefixCache
+
+    model = tiny_model("gpt_neox", num_hidden_layers=4, hidden_dropout=0.1)
+    layout = describe(model)
+    plan = make_plan(fake_report(layout, [0.1, 0.1, 5, 4]), PlanSection(top_pct=50))
+    with pytest.raises(ValueError, match="dropout is active in the frozen prefix"):
+        PrefixCache(attach(model, plan), layout.layers_path, plan.lowest_adapted_layer)
