@@ -18,9 +18,8 @@ import pytest
 import torch
 
 from aletheia_ds.config import PlanSection
-from aletheia_ds.cost import measurement_plans
 from aletheia_ds.plan import make_plan
-from test_cost import SHAPES, known_model, report_with
+from test_cost import known_model, report_with
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("quality_study", ROOT / "tools/quality_study.py")
@@ -134,14 +133,6 @@ def test_random_layers_keep_the_budget_plans_count_modules_and_ranks():
     assert len(drawn) > 3  # really drawn, not the budgeted layers again
 
 
-def test_calibration_plans_are_exactly_the_cost_models_measurement_configurations():
-    report = report_with([1.0] * 8)
-    cost = known_model()
-    for name, adapters in measurement_plans(8, SHAPES).items():
-        plan = qs.plan_from_adapters(report, name, adapters)
-        assert sorted(cost.plan_adapters(plan)) == sorted(adapters), name
-
-
 def test_estimate_counts_more_work_for_uniform_lora_than_for_the_upper_half():
     settings = qs.Settings(**qs.SMOKE)
     result = qs.estimate(settings)
@@ -162,23 +153,25 @@ def test_smoke_study_end_to_end(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
+    # timing decides the calibrated plans (and a time cap could cut pretraining): show what this run did
+    context = f"\nnotes: {results['notes']}\n{(out / 'table.md').read_text()}\n{proc.stdout[-2000:]}"
     assert results["imported"] == []  # no deepspeed, no ray: the GPU machine has neither
 
     seeds = results["seeds_completed"]
     assert 1 <= seeds <= 2
     assert list(results["arms"]) == list(qs.ARMS)
     base = results["base"]
-    assert base["corpus_loss"] < 0.95 * base["pretrain"]["loss_curve"][0][1]  # pretraining learned something
+    assert base["corpus_loss"] < 0.95 * base["pretrain"]["loss_curve"][0][1], context  # pretraining learned
     for name, arm in results["arms"].items():
         assert [run["seed"] for run in arm["runs"]] == list(range(seeds)), name
         for run in arm["runs"]:
             assert 0.0 <= run["exact_match"] <= 1.0
             assert run["forgetting"] == pytest.approx(run["corpus_loss"] - base["corpus_loss"])
             assert run["trainable_params"] > 0 and run["step_seconds_median"] > 0
-            assert run["task_loss"] < base["task_loss"], (name, run["seed"])  # every arm learns something
+            assert run["task_loss"] < base["task_loss"], (name, run["seed"], context)  # every arm learns
         assert arm["summary"]["task_loss"]["n"] == seeds
     for run in results["arms"]["uniform"]["runs"]:  # LoRA on the tasks lowers their held-out loss
-        assert run["task_loss"] < base["task_loss"] - 0.05
+        assert run["task_loss"] < base["task_loss"] - 0.05, context
     budget_runs, random_runs = results["arms"]["budget"]["runs"], results["arms"]["random"]["runs"]
     for b, r in zip(budget_runs, random_runs):
         assert len(r["plan"]["layers"]) == len(b["plan"]["layers"])
@@ -187,7 +180,7 @@ def test_smoke_study_end_to_end(tmp_path):
         assert r["trainable_params"] == b["trainable_params"]
     raised = [n for n in results["notes"] if n.startswith("budget ")]
     budget_used = float(raised[-1].rsplit(" ", 1)[-1]) if raised else 0.6
-    assert budget_runs[0]["plan"]["predicted_fraction_of_uniform"] <= budget_used + 1e-9
+    assert budget_runs[0]["plan"]["predicted_fraction_of_uniform"] <= budget_used + 1e-9, context
     assert results["arms"]["uniform"]["runs"][0]["plan"]["adapters"] == 4 * 7  # every linear of every layer
 
     goals = {g["goal"]: g["met"] for g in results["goals"]}

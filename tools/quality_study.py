@@ -60,11 +60,11 @@ import torch.nn.functional as F  # noqa: E402
 from aletheia_ds.arch import describe  # noqa: E402
 from aletheia_ds.checkpoint import write_json_atomic  # noqa: E402
 from aletheia_ds.config import ConfigError, LoraSection, PlanSection  # noqa: E402
-from aletheia_ds.cost import CostModel, measurement_plans  # noqa: E402
+from aletheia_ds.cost import CostModel  # noqa: E402
 from aletheia_ds.data import Example, StepSchedule, collate, fixed_batches, load_examples  # noqa: E402
 from aletheia_ds.evaluate import held_out_loss, predicted_tokens  # noqa: E402
 from aletheia_ds.lora import attach  # noqa: E402
-from aletheia_ds.plan import Plan, PlannedModule, captured, make_plan  # noqa: E402
+from aletheia_ds.plan import Plan, captured, make_plan  # noqa: E402
 from aletheia_ds.prefix import FrozenPrefix  # noqa: E402
 from aletheia_ds.probe.report import ProbeReport  # noqa: E402
 from aletheia_ds.probe.run import run_probe  # noqa: E402
@@ -140,7 +140,7 @@ class Settings:
 # tiny sizes for CPU; one thread: tiny ops gain nothing from more, and a busy machine makes them slower
 SMOKE = dict(corpus_mb=1.0, tokenizer_mb=1.0, vocab_size=1024, layers=4, hidden=64, heads=4, kv_heads=2,
              intermediate=160, seq_len=128, pretrain_steps=40, pretrain_batch=16, pretrain_lr=3e-3, pretrain_warmup=4,
-             pretrain_max_s=20.0, corpus_eval_windows=8, train_per_task=200, eval_per_task=16, em_per_task=8,
+             pretrain_max_s=90.0, corpus_eval_windows=8, train_per_task=200, eval_per_task=16, em_per_task=8,
              task_seq_len=128, lora_steps=20, lora_batch=8, lora_lr=3e-3, lora_warmup=2, calibration_steps=1,
              probe_batches=2, probe_batch=8, eval_batch=48, em_batch=48, seeds=2, time_budget_s=240.0, reserve_s=60.0,
              device="cpu", threads=1)
@@ -688,38 +688,15 @@ def train_adapters(base, plan: Plan, seed: int, examples: list[Example], pad_id:
 
 
 # ====================================================================== plans and cost model
-def plan_from_adapters(report: ProbeReport, rule: str, adapters) -> Plan:
-    """A Plan for cost.measurement_plans' (layer, rank, d_in, d_out) list: shapes matched to module keys in order."""
-    layout = report.layout
-    used, modules = set(), []
-    for layer, rank, d_in, d_out in adapters:
-        key = next(k for k, shape in layout["module_shapes"].items()
-                   if list(shape) == [d_in, d_out] and (layer, k) not in used)
-        used.add((layer, key))
-        modules.append(PlannedModule(layer, key, layout["module_paths"][key], layout["module_kinds"][key], rank,
-                                     float(2 * rank)))
-    return Plan(rule=rule, num_layers=report.num_layers, layers_path=layout["layers_path"],
-                layers=sorted({m.layer for m in modules}), modules=modules, score_captured=captured(report, modules),
-                model=report.model).check()
+def calibrate(base, layout, examples: list[Example], pad_id: int, s: Settings, env: Env) -> CostModel:
+    """aletheia_ds.speed.calibrate on a copy of the base, with one real task batch, executed as the arms are
+    (float32 adapters under bf16 autocast on the GPU), so the cost model describes the arms' steps."""
+    from aletheia_ds.speed import calibrate as time_and_fit
 
-
-def calibrate(base, report: ProbeReport, examples, pad_id: int, s: Settings, env: Env) -> tuple[CostModel, dict]:
-    """Time a few steps of cost.measurement_plans' configurations here and fit the cost model to them."""
-    shapes = report.layout["module_shapes"]
-    mean_params = statistics.fmean(report.layout["layer_params"])
-    measured, timings = [], {}
-    for name, adapters in measurement_plans(report.num_layers, shapes).items():
-        plan = plan_from_adapters(report, f"calibration:{name}", adapters)
-        model, stats = train_adapters(base, plan, 0, examples, pad_id, s.calibration_steps + WARMUP_STEPS, s, env)
-        del model
-        timings[name] = stats["step_seconds_median"]
-        measured.append((adapters, stats["step_seconds_median"]))
-    tokens = s.lora_batch * round(statistics.fmean(len(ex.input_ids) for ex in examples))
-    cost = CostModel.fit(measured, [p / mean_params for p in report.layout["layer_params"]], shapes,
-                         checkpointing=False, tokens_per_step=tokens,
-                         source=f"calibrated: {len(measured)} plans x {s.calibration_steps} timed steps "
-                                f"on {env.device}")
-    return cost, timings
+    batch = collate(examples[:s.lora_batch], pad_id)
+    with env.autocast():
+        return time_and_fit(copy.deepcopy(base), layout, batch, steps=s.calibration_steps, warmup=WARMUP_STEPS,
+                            log=lambda line: log(f"  {line}"))
 
 
 def lora_settings(s: Settings, **rule) -> PlanSection:
@@ -1027,9 +1004,7 @@ def study(s: Settings, command: str) -> dict:
     arms_wanted = s.arms.split(",")
     with clock.phase("calibration"):
         if s.cost == "calibrated":
-            cost, timings = calibrate(base, report, data.train, pad_id, s, env)
-            results["calibration_step_seconds"] = timings
-            log("cost model calibrated: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in timings.items()))
+            cost = calibrate(base, layout, data.train, pad_id, s, env)
         else:
             cost = CostModel.analytic(report, checkpointing=False)
     results["cost_model"] = cost.to_json()
