@@ -12,7 +12,7 @@ Does gradient-guided layer selection keep quality? A controlled study on one GPU
 5. probe      aletheia_ds.probe.run.run_probe on the frozen base, then aletheia_ds.plan.make_plan
 6. arms       same steps, data and seeds: uniform LoRA r16 on every layer; the paper's rule (top 50%,
               attention r16 / MLP r64); the budgeted plan (rule budget, cost model from aletheia_ds.cost,
-              calibrated on this device by a few timed steps); random layers with the budgeted plan's
+              calibrated on this device by aletheia_ds.speed); random layers with the budgeted plan's
               layer count, modules and ranks; the upper half of the layers. Adapters attached and
               verified by aletheia_ds.lora.attach; layers below the lowest adapted one run under
               no_grad (aletheia_ds.prefix.FrozenPrefix)
@@ -1151,7 +1151,7 @@ def estimate(s: Settings) -> dict:
     attach_s = 0.5  # deepcopy of the base + PEFT wrapping + verification
     arms = [a for a in s.arms.split(",")]
     arms_s = s.seeds * sum(s.lora_steps * lora_step_s[a] + eval_s + attach_s for a in arms)
-    calibration_s = 5 * ((s.calibration_steps + 2) * lora_step_s["uniform"] + attach_s)
+    calibration_s = 6 * ((s.calibration_steps + WARMUP_STEPS) * lora_step_s["uniform"] + attach_s)  # + a warm-up run
     split = {"start: imports, CUDA init (guess)": 20.0,
              f"corpus + tokenizer + task data (timed here: {os.cpu_count()} CPU cores)":
                  clock.phases["corpus"] + clock.phases["tokenizer"],
