@@ -68,6 +68,9 @@ def export_adapter(ctx, peft_model: nn.Module, out_dir: str | Path) -> Path | No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        from .expert_lora import save_expert_adapter
+
+        save_expert_adapter(peft_model, tmp, state)  # per-expert LoRA of megablocks banks, beside PEFT's files
         os.chmod(tmp, _umask_mode(True))
         replace_dir(tmp, out_dir)
     except BaseException:
