@@ -118,7 +118,7 @@ def test_task_rows_are_deterministic_and_distinct():
 def test_random_layers_keep_the_budget_plans_count_modules_and_ranks():
     report = report_with([8, 7, 6, 5, 4, 3, 2, 1])
     cost = known_model(depth_s=0.002)
-    budget = make_plan(report, PlanSection(rule="budget", budget=0.6, attention_r=16, mlp_r=64), cost)
+    budget = make_plan(report, PlanSection(rule="budget", budget=0.6, attention_r=16, mlp_r=64, granularity="module"), cost)
     per_layer = sorted(tuple(sorted((m.key, m.r, m.alpha) for m in budget.modules if m.layer == layer))
                        for layer in budget.layers)
     drawn = set()
