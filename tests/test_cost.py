@@ -87,3 +87,16 @@ def test_analytic_model_is_usable_and_round_trips(tmp_path):
     assert CostModel.load(tmp_path / "cost.json") == cost
     plan = make_plan(report, PlanSection(rule="budget", budget=0.7), cost)
     assert plan.predicted["fraction_of_uniform"] <= 0.7 + 1e-12 and plan.predicted["checkpointing"]
+
+
+def test_budget_granularity_layer_takes_whole_layers_and_module_may_split():
+    report = report_with([8, 7, 6, 5, 4, 3, 2, 1])
+    cost = known_model(depth_s=0.02)
+    whole = select_within_budget(report, PlanSection(rule="budget", budget=0.6), cost)
+    per_layer = {}
+    for m in whole.modules:
+        per_layer.setdefault(m.layer, set()).add(m.key)
+    assert all(keys == set(SHAPES) for keys in per_layer.values())
+    split = select_within_budget(report, PlanSection(rule="budget", budget=0.6, granularity="module"), cost)
+    assert split.score_captured >= whole.score_captured  # finer choices can only fit more energy
+    assert split.predicted["fraction_of_uniform"] <= 0.6 + 1e-12
