@@ -316,12 +316,28 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Optional[Path]:
 
 def find_resume(ctx, cfg) -> Optional[Checkpoint]:
     """The checkpoint this run continues from (rank 0 reads, every rank gets the same), checked against
-    this run's config, world size and DeepSpeed config; None for a fresh run."""
-    found = None
-    if cfg.train.resume and ctx.is_main:
-        path = resolve_checkpoint(cfg.train.resume, Path(cfg.train.output_dir))
-        found = Checkpoint.read(path) if path is not None else None
-    found = ctx.broadcast_object(found)
+    this run's config, world size and DeepSpeed config; None for a fresh run.
+
+    A fresh run refuses an output_dir that already holds checkpoints: they are the expensive part of an
+    earlier run, and its next save would mix the two runs' checkpoints.
+    """
+    found, problem = None, None
+    if ctx.is_main:
+        root = Path(cfg.train.output_dir) / "checkpoints"
+        try:
+            if cfg.train.resume:
+                path = resolve_checkpoint(cfg.train.resume, Path(cfg.train.output_dir))
+                found = Checkpoint.read(path) if path is not None else None
+            elif (root / LATEST).is_file():
+                problem = (f"train.output_dir: {root} holds checkpoints of an earlier run (latest: "
+                           f"{(root / LATEST).read_text(encoding='utf-8').strip()}); continue it with --resume "
+                           "auto, or remove that directory, or choose another train.output_dir")
+        except ConfigError as err:
+            problem = str(err)
+    # the verdict travels with the checkpoint so that every rank raises together instead of waiting
+    found, problem = ctx.broadcast_object((found, problem))
+    if problem:
+        raise ConfigError(problem)
     if found is not None:
         found.check_compatible(cfg.model_dump(), ctx.world_size, ctx.ds_config)
     elif cfg.train.resume:
@@ -419,10 +435,13 @@ def restore_checkpoint(ctx, engine, peft_model: nn.Module, checkpoint: Checkpoin
     problem = None
     live = _adapter_tensors(ctx, peft_model)
     if ctx.is_main:
-        saved = load_safetensors(checkpoint.path / "adapter" / "adapter_model.safetensors")
-        if set(saved) != set(live):
+        try:
+            saved = load_safetensors(checkpoint.path / "adapter" / "adapter_model.safetensors")
+        except Exception as err:  # missing or damaged: every rank must hear of it, not wait at the broadcast
+            saved, problem = {}, f"cannot read adapter/adapter_model.safetensors ({type(err).__name__}: {err})"
+        if problem is None and set(saved) != set(live):
             problem = f"adapter tensors differ in name ({sorted(set(saved) ^ set(live))[:2]})"
-        else:
+        elif problem is None:
             bad = [k for k in saved if not torch.equal(saved[k], live[k])]
             problem = f"{len(bad)} LoRA tensors differ from the saved adapter (first: {bad[0]})" if bad else None
     problem = ctx.broadcast_object(problem)
