@@ -215,12 +215,12 @@ def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int
             raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {fmt}; "
                             "use one format per file")
         ex = tokenize(row, where, fmt)
-        truncated += len(ex.input_ids) > seq_len
-        ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
-        if sum(label != IGNORE for label in ex.labels[1:]) == 0:
+        cut = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+        if sum(label != IGNORE for label in cut.labels[1:]) == 0:
             dropped += 1
             continue
-        examples.append(ex)
+        truncated += len(ex.input_ids) > seq_len
+        examples.append(cut)
     if truncated:
         log(f"data: {source}: truncated {truncated} of {len(rows)} rows to data.seq_len={seq_len} tokens")
     if dropped:
