@@ -129,9 +129,11 @@ CHECKPOINT_FORMAT = 1
 LATEST = "latest"
 
 # knobs that may change between a run and its resumption: they do not change the math of training
+# (train.compile does: fused kernels round differently)
 RESUME_MAY_CHANGE = {
     "train.output_dir", "train.resume", "train.log_every", "train.save_every", "train.keep_last",
     "train.nan_policy", "train.max_nan_skips", "train.gradient_checkpointing", "probe.gradient_checkpointing",
+    "train.frozen_prefix", "train.prefix_cache",
 }
 # paths: compared by what they hold (model, data and plan fingerprints, the effective DeepSpeed config)
 RESUME_BY_CONTENT = {

@@ -82,7 +82,7 @@ def _report(args) -> None:
 
 
 def _bench(args) -> None:
-    from .cost import calibrate_cli
+    from .speed import calibrate_cli
 
     calibrate_cli(args)
 

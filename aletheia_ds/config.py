@@ -174,6 +174,10 @@ class TrainSection(Section):
     max_grad_norm: float = Field(1.0, description="gradient clipping (0: off)")
     seed: int = Field(42, description="data order and dropout seed")
     gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
+    frozen_prefix: bool = Field(True, description="run layers below the lowest adapted layer under no_grad")
+    compile: bool = Field(False, description="torch.compile the adapted layers (ZeRO stage 0-2)")
+    prefix_cache: bool = Field(False, description="keep the frozen prefix's output per example (CPU memory) and skip "
+                               "the prefix in later epochs; needs no dropout there and ZeRO stage 0-2")
     log_every: int = Field(1, description="steps between metrics lines")
     save_every: int = Field(0, description="steps between resumable checkpoints (0: only at the end)")
     keep_last: int = Field(2, description="checkpoints kept")

@@ -245,10 +245,12 @@ def measurement_plans(num_layers: int, module_shapes: dict[str, list[int]]) -> d
     def layers(which: Iterable[int], rank: int) -> list[AdapterShape]:
         return [(layer, rank, *shape) for layer in which for shape in shapes]
 
+    # uniform vs every_other: same depth, half the adapters; every_other vs upper_half: same adapters, half
+    # the depth; upper_half r16 vs r64: same count and depth, 4x the width; one module on top: the base
     return {
         "uniform_r16": layers(range(num_layers), UNIFORM_RANK),
-        "upper_half_r16": layers(range(half, num_layers), UNIFORM_RANK),
         "every_other_r16": layers(range(0, num_layers, 2), UNIFORM_RANK),
-        "top_layer_r64": layers([top], 64),
+        "upper_half_r16": layers(range(half, num_layers), UNIFORM_RANK),
+        "upper_half_r64": layers(range(half, num_layers), 64),
         "top_layer_one_module_r16": [(top, UNIFORM_RANK, *shapes[0])],
     }

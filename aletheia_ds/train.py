@@ -37,6 +37,7 @@ from .lora import attach
 from .model import check_sequence_lengths, load_model
 from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
+from .prefix import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 
@@ -153,6 +154,7 @@ class Run:
     layout: Layout
     out: Path
     engine: Any = None
+    prefix_cache: Optional[PrefixCache] = None
     results: dict = field(default_factory=dict)
     last_checkpoint: Optional[Path] = None
     _fingerprints: Optional[dict] = None
@@ -273,7 +275,9 @@ class Run:
         return self._fingerprints
 
     # ---------------------------------------------------------------- train
-    def _forward_loss(self, batch: dict) -> torch.Tensor:
+    def _forward_loss(self, batch: dict, indices: Optional[list[int]] = None) -> torch.Tensor:
+        if self.prefix_cache is not None:
+            self.prefix_cache.begin(indices, batch["attention_mask"])  # None (evaluation): no fill, no replay
         batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
         return self.engine(**batch, use_cache=False).loss
 
@@ -292,6 +296,23 @@ class Run:
         cfg, ctx = self.cfg, self.ctx
         self.model = attach(self.model, plan, cfg.lora)
         self._gradient_checkpointing(cfg.train.gradient_checkpointing, reentrant=False)
+        if cfg.train.frozen_prefix:
+            FrozenPrefix(self.model, self.layout.layers_path, plan.lowest_adapted_layer).apply()
+        if cfg.train.compile:
+            if ctx.zero3:
+                raise ConfigError("train.compile: not supported under ZeRO-3 (its parameter hooks break the "
+                                  "compiled graphs); use ds_configs/zero2.json or set train.compile=false")
+            compile_adapted_layers(base_model(self.model), self.layout.layers_path, plan.lowest_adapted_layer)
+        if cfg.train.prefix_cache and plan.lowest_adapted_layer == 0:
+            print0("prefix cache: off, the plan adapts layer 0 (there is no frozen prefix)")
+        elif cfg.train.prefix_cache:
+            if ctx.zero3:
+                raise ConfigError("train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
+                                  "layers while gathering parameters collectively); use ZeRO stage 0-2")
+            try:
+                self.prefix_cache = PrefixCache(self.model, self.layout.layers_path, plan.lowest_adapted_layer).apply()
+            except ValueError as err:
+                raise ConfigError(f"train.prefix_cache: {err}") from None
         rows = data_mod.pack(self.train_examples, cfg.data.seq_len) if cfg.data.packing else self.train_examples
         schedule = data_mod.StepSchedule(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                          ctx.world_size, cfg.train.seed)
@@ -317,7 +338,7 @@ class Run:
             totals = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens
             for indices in schedule.micro_batches(step, ctx.rank):
                 batch = data_mod.collate([rows[i] for i in indices], self.pad_id)
-                loss = self._forward_loss(batch)
+                loss = self._forward_loss(batch, indices)
                 if not torch.isfinite(loss.detach()):
                     # a non-finite loss can still give finite gradients; NaN gradients make DeepSpeed's
                     # all-reduced norm check skip the update on every rank
@@ -344,6 +365,12 @@ class Run:
         self.results["eval_loss_after"] = self.evaluate()
         self.results["steps"] = total_steps
         self.results["skipped_steps"] = guard.skips
+        if self.prefix_cache is not None:
+            cache = self.prefix_cache
+            self.results["prefix_cache"] = {"examples": len(cache.store), "bytes": cache.stored_bytes,
+                                            "replayed_micro_batches": cache.hits, "computed_micro_batches": cache.misses}
+            print0(f"prefix cache: {len(cache.store)} examples, {cache.stored_bytes / 2**20:.1f} MiB on rank 0; "
+                   f"{cache.hits} micro-batches replayed, {cache.misses} computed")
         print0(f"held-out loss after training:  {self.results['eval_loss_after']:.4f}")
 
     def save(self, step: int, total_steps: int, plan: Plan, guard: NonFiniteGuard) -> None:
@@ -375,6 +402,8 @@ class Run:
         batch = data_mod.fixed_batches(self.eval_examples or self.train_examples, self.cfg.train.micro_batch_size,
                                        1, self.pad_id)[0]
         self.engine.eval()
+        if self.prefix_cache is not None:
+            self.prefix_cache.begin(None)
         logits = self.engine(**{k: v.to(self.ctx.device) for k, v in batch.items()}, use_cache=False).logits
         self.engine.train()
         if self.ctx.is_main:

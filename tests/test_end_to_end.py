@@ -77,3 +77,27 @@ def test_probe_plan_train_export(tmp_path, variant):
     assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)
     assert result["base_loss"] == pytest.approx(eval_json["eval_loss_before"], rel=1e-5)
     assert eval_json["eval_loss_after"] < eval_json["eval_loss_before"]
+
+
+def test_prefix_cache_run_equals_plain_run(tmp_path):
+    """Two epochs with the prefix cache give the adapter of two epochs without it."""
+    from safetensors.torch import load_file
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    adapters = []
+    for cache in (False, True):
+        out = tmp_path / f"run-{cache}"
+        cfg = tiny_run_config(model_dir, out, data={"max_examples": 20, "eval_batches": 1},
+                              plan={"rule": "upper", "top_pct": 50},
+                              train={"max_steps": 10, "prefix_cache": cache},
+                              deepspeed={"config": str(ROOT / "ds_configs/zero2.json")})
+        run_train(cfg, tmp_path, nprocs=0)
+        adapters.append(load_file(str(out / "adapter/adapter_model.safetensors")))
+        if cache:
+            stats = json.loads((out / "eval.json").read_text())["prefix_cache"]
+            # 20 training rows in micro-batches of 4, 10 steps = 2 epochs: epoch 1 fills, epoch 2 replays
+            assert stats["examples"] == 20 and stats["replayed_micro_batches"] == 5
+            assert stats["computed_micro_batches"] == 5
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        assert torch.allclose(tensor, adapters[1][name], rtol=1e-4, atol=1e-6), name

@@ -36,7 +36,9 @@ def weight_grad_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     rows = max(1, BLOCK_ELEMENTS // d_in)
     for start in range(0, d_out, rows):
         block = g[:, start:start + rows].T @ x
-        total += block.double().pow(2).sum()
+        # squared norm accumulated in float32 or wider without a float64 copy of the block
+        total += torch.linalg.vector_norm(block, dtype=torch.float64 if block.dtype == torch.float64 else
+                                          torch.float32).double().square()
     return total
 
 
@@ -59,8 +61,10 @@ class GradNormHooks:
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
         t = t.reshape(-1, t.shape[-1])
-        if self.token_mask is not None and self.token_mask.numel() == t.shape[0]:
-            t = t[self.token_mask.reshape(-1).to(t.device)]
+        # padded rows have exactly zero output gradient (right padding, causal attention), so dropping them
+        # only saves work; on a GPU the boolean index would cost a host sync per module, so keep them there
+        if self.token_mask is not None and self.token_mask.numel() == t.shape[0] and t.device.type == "cpu":
+            t = t[self.token_mask.reshape(-1)]
         dtype = self.compute_dtype or (torch.float32 if t.dtype in (torch.float16, torch.bfloat16) and
                                        t.device.type == "cpu" else t.dtype)
         return t.to(dtype)

@@ -1,0 +1,260 @@
+"""python tools/bench_speed.py --out OUT_DIR [--shapes qwen2.5-1.5b qwen2.5-7b] [--budget 0.6] [--smoke]
+
+Side by side, one run, same shape/data/seed, random weights of the real shape, bf16, one GPU:
+  uniform          PEFT LoRA r16 on every target module of every layer (bf16 adapters, as DeepSpeed's bf16 engine)
+  uniform_fp32     the same with PEFT's default fp32 adapters (what plain PEFT eager runs)
+  paper            the paper's rule: top 50% of layers by probe score, attention r16 / MLP r64
+  budget           this project's budgeted plan (calibrated cost model), frozen-prefix execution
+  budget_no_prefix the same plan on the standard path (HF/LLaMA-Factory recipe: enable_input_require_grads
+                   under checkpointing), to show what the frozen prefix adds
+  budget_compiled  the budgeted plan with torch.compile on the adapted layers (--compile)
+  budget_cached    the budgeted plan in a later epoch with the prefix cache (prefix output stored, replayed)
+each without and with gradient checkpointing. Per row: median step time over >= 10 steps after warm-up,
+tokens/s, peak memory, predicted vs measured step time, net speedup over uniform including the probe over
+1000 steps. Also: probe seconds vs a chunked full-weight-gradient probe (8 layers unfrozen at a time,
+.grad norms) on the same batches. Writes bench_speed.json, bench_speed.md and bench_speed.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aletheia_ds.arch import describe  # noqa: E402
+from aletheia_ds.config import PlanSection  # noqa: E402
+from aletheia_ds.cost import CostModel  # noqa: E402
+from aletheia_ds.plan import Plan, make_plan  # noqa: E402
+from aletheia_ds.probe.run import run_probe  # noqa: E402
+from aletheia_ds.speed import calibrate, device_name, random_batch, time_plan  # noqa: E402
+
+SHAPES = {
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         max_position_embeddings=32768),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       max_position_embeddings=32768),
+    # CPU smoke shape
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
+                 max_position_embeddings=256),
+}
+UNIFORM = PlanSection(rule="all", attention_r=16, mlp_r=16)
+PAPER = PlanSection(rule="top_pct", top_pct=50, attention_r=16, mlp_r=64)
+
+
+def build(shape: dict, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(shape)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def chunked_reference_probe(model, layout, batches, chunk_layers: int = 8) -> float:
+    """The reference method: unfreeze `chunk_layers` layers' targets at a time, backprop, read .grad norms."""
+    device = next(model.parameters()).device
+    start = time.perf_counter()
+    modules = list(layout.iter_modules(model))
+    for first in range(0, layout.num_layers, chunk_layers):
+        chunk = [m for layer, _, m in modules if first <= layer < first + chunk_layers]
+        for m in chunk:
+            m.weight.requires_grad_(True)
+        for batch in batches:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
+            loss.backward()
+            norms = [m.weight.grad.float().pow(2).sum() for m in chunk]
+            torch.stack(norms).sum().item()
+            for m in chunk:
+                m.weight.grad = None
+        for m in chunk:
+            m.weight.requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def probe(model, layout, batches):
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return run_probe(model, layout, batches, lambda b: model(**{k: v.to(device) for k, v in b.items()},
+                                                                 use_cache=False).loss, model_name="random")
+
+
+def predicted_seconds(cost: CostModel, plan: Plan, frozen_prefix: bool, checkpointing: bool) -> float:
+    adapters = cost.plan_adapters(plan)
+    if checkpointing and not frozen_prefix:
+        # the standard recipe makes the embedding output require grad: backward (and recompute) reach layer 0
+        return cost.predict(adapters) + cost.depth_seconds(0) - cost.depth_seconds(plan.lowest_adapted_layer)
+    return cost.predict(adapters)
+
+
+def run_shape(name: str, args, device, dtype, log) -> dict:
+    shape = SHAPES[name]
+    t0 = time.perf_counter()
+    model = build(shape, device, dtype)
+    layout = describe(model)
+    log(f"[{name}] built in {time.perf_counter() - t0:.1f} s on {device_name()}")
+    vocab = shape["vocab_size"]
+    batch = random_batch(args.batch_size, args.seq_len, vocab, seed=1)
+    probe_batches = [random_batch(args.batch_size, args.seq_len, vocab, seed=100 + i) for i in range(args.probe_batches)]
+
+    probe(model, layout, probe_batches[:1])  # warm-up (kernels, allocator)
+    report = probe(model, layout, probe_batches)
+    peak_probe = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    reference_s = chunked_reference_probe(model, layout, probe_batches)
+    log(f"[{name}] probe {report.seconds:.2f} s for {len(probe_batches)} batches; chunked reference {reference_s:.2f} s")
+    result = {"shape": name, "config": shape, "batch": [args.batch_size, args.seq_len],
+              "probe": {"seconds": report.seconds, "batches": len(probe_batches), "chunked_reference_seconds": reference_s,
+                        "speedup_vs_reference": reference_s / report.seconds, "peak_memory_gib": peak_probe,
+                        "top_layers": sorted(range(report.num_layers), key=lambda i: -report.layers[i].score)[:8]},
+              "modes": {}}
+    for checkpointing in (False, True):
+        mode = "checkpointing" if checkpointing else "no_checkpointing"
+        if time.perf_counter() > args.deadline:
+            log(f"[{name}/{mode}] skipped (--time-budget-s reached)")
+            continue
+        t1 = time.perf_counter()
+        cost = calibrate(model, layout, batch, checkpointing=checkpointing, steps=args.calibration_steps,
+                         adapter_dtype=dtype, log=lambda m: log(f"[{name}/{mode}] {m}"))
+        calibration_s = time.perf_counter() - t1
+        plans = {"uniform": make_plan(report, UNIFORM, cost), "paper": make_plan(report, PAPER, cost),
+                 "budget": make_plan(report, PlanSection(rule="budget", budget=args.budget, attention_r=16,
+                                                         mlp_r=args.budget_mlp_r), cost)}
+        # (row, plan, frozen prefix, adapter dtype, compiled, prefix cache)
+        rows = [("uniform", "uniform", False, dtype, False, False), ("paper", "paper", False, dtype, False, False),
+                ("budget", "budget", True, dtype, False, False), ("budget_no_prefix", "budget", False, dtype, False, False)]
+        if not checkpointing:
+            rows.insert(1, ("uniform_fp32", "uniform", False, None, False, False))
+        if args.compile and not checkpointing:
+            rows.append(("budget_compiled", "budget", True, dtype, True, False))
+        if plans["budget"].lowest_adapted_layer > 0:
+            rows.append(("budget_cached", "budget", True, dtype, False, True))
+        measured = {}
+        for row, plan_name, frozen_prefix, adapter_dtype, compiled, cached in rows:
+            if time.perf_counter() > args.deadline:
+                log(f"[{name}/{mode}] {row}: skipped (--time-budget-s reached)")
+                continue
+            plan = plans[plan_name]
+            timing = time_plan(model, layout, plan, batch, steps=args.steps, warmup=args.warmup,
+                               checkpointing=checkpointing, frozen_prefix=frozen_prefix, adapter_dtype=adapter_dtype,
+                               compile_layers=compiled, prefix_cache=cached)
+            measured[row] = {"plan": plan_name, "layers": plan.layers, "lowest_adapted_layer": plan.lowest_adapted_layer,
+                             "adapters": len(plan.modules), "score_captured": plan.score_captured,
+                             "frozen_prefix": frozen_prefix, "adapter_dtype": str(adapter_dtype or "fp32 (PEFT default)"),
+                             "compiled": compiled, "prefix_cache": cached,
+                             "prefix_cache_bytes_per_token": shape["hidden_size"] * (2 if dtype == torch.bfloat16 else 4)
+                             if cached else 0, "median_step_s": timing.median_s, "step_times_s": timing.steps,
+                             "tokens_per_s": timing.tokens_per_s, "peak_memory_gib": timing.peak_memory_gib,
+                             "predicted_step_s": predicted_seconds(cost, plan, frozen_prefix, checkpointing)}
+            log(f"[{name}/{mode}] {row}: {timing.median_s * 1000:.1f} ms/step (predicted "
+                f"{measured[row]['predicted_step_s'] * 1000:.1f}), {timing.tokens_per_s:,.0f} tok/s, "
+                f"{timing.peak_memory_gib:.1f} GiB, layers {plan.layers[0]}..{plan.layers[-1]} ({len(plan.layers)})")
+        if "uniform" not in measured:
+            continue
+        uniform = measured["uniform"]["median_step_s"]
+        for row in measured.values():
+            row["speedup_vs_uniform"] = uniform / row["median_step_s"]
+            row["net_speedup_1000_steps"] = 1000 * uniform / (1000 * row["median_step_s"] + report.seconds)
+            row["prediction_error"] = row["predicted_step_s"] / row["median_step_s"] - 1
+        result["modes"][mode] = {"rows": measured, "calibration_seconds": calibration_s, "cost_model": cost.to_json()}
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| shape | checkpointing | row | layers (lowest) | ms/step | pred. ms | tokens/s | peak GiB | speedup | net speedup (1000 steps, with probe) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for mode, body in res["modes"].items():
+            for row, r in body["rows"].items():
+                lines.append(f"| {res['shape']} | {'on' if mode == 'checkpointing' else 'off'} | {row} | "
+                             f"{len(r['layers'])} ({r['lowest_adapted_layer']}) | {r['median_step_s'] * 1000:.1f} | "
+                             f"{r['predicted_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_gib']:.1f} | "
+                             f"{r['speedup_vs_uniform']:.2f}x | {r['net_speedup_1000_steps']:.2f}x |")
+    lines += ["", "| shape | probe s (batches) | chunked reference s | probe speedup | probe / uniform step per batch |",
+              "|---|---|---|---|---|"]
+    for res in results:
+        p = res["probe"]
+        if "no_checkpointing" not in res["modes"]:
+            continue
+        uniform = res["modes"]["no_checkpointing"]["rows"]["uniform"]["median_step_s"]
+        lines.append(f"| {res['shape']} | {p['seconds']:.2f} ({p['batches']}) | {p['chunked_reference_seconds']:.2f} | "
+                     f"{p['speedup_vs_reference']:.1f}x | {p['seconds'] / p['batches'] / uniform:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(res["shape"], mode, body["rows"]) for res in results for mode, body in res["modes"].items()]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
+    for ax, (shape, mode, rows) in zip(axes[0], groups):
+        names = list(rows)
+        ax.bar(range(len(names)), [rows[n]["tokens_per_s"] for n in names],
+               color=["tab:gray" if n.startswith("uniform") else "tab:blue" if n == "paper" else "tab:orange"
+                      for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(f"{shape}, checkpointing {'on' if mode == 'checkpointing' else 'off'}", fontsize=9)
+        ax.set_ylabel("tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="docs/bench")
+    parser.add_argument("--shapes", nargs="+", default=["qwen2.5-1.5b", "qwen2.5-7b"])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--probe-batches", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--calibration-steps", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--budget-mlp-r", type=int, default=64)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, few steps")
+    parser.add_argument("--time-budget-s", type=float, default=1e9, help="skip remaining rows after this many seconds")
+    args = parser.parse_args()
+    args.deadline = time.perf_counter() + args.time_budget_s
+    if args.smoke:
+        args.shapes, args.batch_size, args.seq_len, args.probe_batches = ["tiny"], 2, 32, 2
+        args.steps, args.warmup, args.calibration_steps = 2, 1, 2
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    results = []
+    for name in args.shapes:
+        results.append(run_shape(name, args, device, dtype, log))
+        blob = {"device": device_name(), "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
+        (out / "bench_speed.json").write_text(json.dumps(blob, indent=1))  # after each shape: partial results survive
+        (out / "bench_speed.md").write_text(markdown(results))
+    chart(results, out / "bench_speed.png")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
