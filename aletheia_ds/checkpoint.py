@@ -27,14 +27,13 @@ def _umask_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-def write_json_atomic(path: str | Path, blob: Any) -> None:
+def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(blob, handle, indent=2)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, _umask_mode(False))  # mkstemp makes 0600; give the usual permissions
@@ -42,6 +41,10 @@ def write_json_atomic(path: str | Path, blob: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, blob: Any) -> None:
+    write_text_atomic(path, json.dumps(blob, indent=2) + "\n")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -156,23 +159,10 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _umask_mode(False))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def fsync_tree(root: Path) -> None:
-    """Flush every file and directory under `root` to disk: the rename that follows must not outrun them."""
-    for path in sorted(root.rglob("*"), reverse=True) + [root]:
+def fsync_tree(root: Path, recursive: bool = True) -> None:
+    """Flush the files and directories under `root` (and `root`) to disk, so that a rename that follows
+    cannot reach the disk before what it names."""
+    for path in (sorted(root.rglob("*"), reverse=True) if recursive else []) + [root]:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -416,6 +406,7 @@ def save_checkpoint(ctx, engine, peft_model: nn.Module, output_dir: Path, step: 
         fsync_tree(tmp)
         replace_dir(tmp, final)
         write_text_atomic(root / LATEST, final.name)
+        fsync_tree(root, recursive=False)  # the two renames above
         _prune(root, keep_last, keep=final.name)
     ctx.barrier()
     return final

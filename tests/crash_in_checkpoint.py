@@ -63,7 +63,7 @@ elif POINT == "latest":
     write_text_atomic = checkpoint.write_text_atomic
 
     def write_latest_or_die(path, text):
-        if path.name == checkpoint.LATEST and text == STEP_DIR:
+        if Path(path).name == checkpoint.LATEST and text == STEP_DIR:
             die()
         write_text_atomic(path, text)
 
