@@ -235,14 +235,17 @@ class DistContext:
 ENGINE_TAG = "ds"  # a checkpoint's DeepSpeed files live in <checkpoint>/ds/
 
 
-def _load_weights_only(engine) -> None:
-    """Make DeepSpeed's checkpoint loading refuse arbitrary pickled objects.
+def weights_only_checkpoint_engine():
+    """DeepSpeed's TorchCheckpointEngine, loading with torch.load(weights_only=True).
 
-    DeepSpeed's TorchCheckpointEngine calls torch.load(weights_only=False), which runs whatever a
-    pickle names. Its files hold tensors, plain containers and three DeepSpeed types, so loading them
-    with weights_only=True and those types allow-listed reads every genuine checkpoint and refuses
-    anything else. Other checkpoint engines (Nebula, decoupled) are left as they are.
+    DeepSpeed's own engine calls torch.load(weights_only=False), which runs whatever a pickle names.
+    Its checkpoint files hold tensors, plain containers and three DeepSpeed types (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2 and ZeRO-3 checkpoints), so loading
+    them with weights_only=True and those types allow-listed reads every genuine checkpoint and refuses
+    anything else.
     """
+    import pickle
+
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -252,17 +255,24 @@ def _load_weights_only(engine) -> None:
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            import pickle
-
             try:
                 with torch.serialization.safe_globals(allowed):
                     return torch.load(path, map_location=map_location, weights_only=True)
             except pickle.UnpicklingError as err:
-                first = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-                raise ConfigError(f"train.resume: refusing to unpickle {path}: {first}") from None
+                lines = str(err).splitlines() or [type(err).__name__]
+                detail = next((line for line in lines if "GLOBAL" in line), lines[0])
+                detail = detail.split("WeightsUnpickler error:")[-1].strip()
+                raise ConfigError(f"train.resume: refusing to unpickle {path}: {detail}") from None
+
+    return WeightsOnlyCheckpointEngine
+
+
+def _load_weights_only(engine) -> None:
+    """Swap the engine's checkpoint loader for the weights-only one (other engines, e.g. Nebula, stay)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
-        engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+        engine.checkpoint_engine = weights_only_checkpoint_engine()(engine._config)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

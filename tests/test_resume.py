@@ -231,3 +231,23 @@ def test_which_checkpoint_a_run_continues_from(workdir, reference, tmp_path):
         resume_of(tmp_path / "new", "/nonexistent")
     with pytest.raises(ConfigError, match=r"train.resume: must be 'auto' or a checkpoint path"):
         load_config(["train.resume="])
+
+
+def test_engine_state_is_unpickled_weights_only(reference, tmp_path):
+    from aletheia_ds.dist import weights_only_checkpoint_engine
+
+    loader = weights_only_checkpoint_engine()(None)
+    shards = sorted((reference / "checkpoints" / f"step-{STEPS:08d}" / "ds").glob("*.pt"))
+    assert len(shards) == 4  # model and optimizer states of each rank
+    assert all(isinstance(loader.load(str(f), map_location="cpu"), dict) for f in shards)
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"optimizer_state_dict": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match=r"refusing to unpickle .*evil.pt: .*GLOBAL posix.system"):
+        loader.load(str(tmp_path / "evil.pt"), map_location="cpu")
+    assert not marker.exists()
