@@ -79,6 +79,9 @@ def export_adapter(ctx, peft_model: nn.Module, out_dir: str | Path) -> Path | No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        from .expert_lora import save_expert_adapter
+
+        save_expert_adapter(peft_model, tmp, state)  # per-expert LoRA of megablocks banks, beside PEFT's files
         os.chmod(tmp, _umask_mode(True))
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -252,7 +255,7 @@ class Checkpoint:
             from .plan import Plan
 
             given, saved = Plan.load(plan_file), self.plan()
-            if (given.layers, given.modules) != (saved.layers, saved.modules):
+            if (given.layers, given.modules, given.experts) != (saved.layers, saved.modules, saved.experts):
                 raise ConfigError(f"plan.plan: {plan_file} adapts layers {given.layers} ({len(given.modules)} "
                                   f"modules), the checkpoint {self.path} layers {saved.layers} "
                                   f"({len(saved.modules)} modules); resume with the checkpoint's plan")
@@ -412,31 +415,37 @@ def save_checkpoint(ctx, engine, peft_model: nn.Module, output_dir: Path, step: 
     return final
 
 
-def _adapter_tensors(ctx, peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA weights under PEFT's saved names (gathered; filled on rank 0 only)."""
-    params = lora_parameters(peft_model)
-    out = {}
-    with ctx.gathered([p for _, p in params]):
-        if ctx.is_main:
-            out = {name.replace(".default.", "."): p.detach().to("cpu", copy=True) for name, p in params}
-    return out
+def _adapter_difference(saved_dir: Path, fresh_dir: Path) -> Optional[str]:
+    """None when every safetensors file of two exported adapters holds the same tensors, bit for bit."""
+    names = sorted(f.name for f in saved_dir.glob("*.safetensors"))
+    if not names or names != sorted(f.name for f in fresh_dir.glob("*.safetensors")):
+        return f"adapter files {names} saved, {sorted(f.name for f in fresh_dir.glob('*.safetensors'))} now"
+    for name in names:
+        saved, fresh = load_safetensors(saved_dir / name), load_safetensors(fresh_dir / name)
+        if saved.keys() != fresh.keys():
+            return f"{name}: tensor names differ ({sorted(set(saved) ^ set(fresh))[:2]})"
+        bad = [k for k in saved if not torch.equal(saved[k], fresh[k])]
+        if bad:
+            return f"{name}: {len(bad)} LoRA tensors differ (first: {bad[0]})"
+    return None
 
 
 def restore_checkpoint(ctx, engine, peft_model: nn.Module, checkpoint: Checkpoint, output_dir: Path) -> None:
-    """Engine state, then a check that it matches the checkpoint's adapter bit for bit, then RNG and metrics."""
+    """Engine state, then a check that it matches the checkpoint's adapter bit for bit, then RNG and metrics.
+
+    The check exports the loaded weights the way a checkpoint does (the one exporter, so PEFT's and the
+    per-expert files are covered alike) and compares them with the checkpoint's adapter/.
+    """
     ctx.load_engine_state(engine, checkpoint.path)
+    scratch = Path(output_dir) / ".resume-check-adapter"
+    export_adapter(ctx, peft_model, scratch)
     problem = None
-    live = _adapter_tensors(ctx, peft_model)
     if ctx.is_main:
         try:
-            saved = load_safetensors(checkpoint.path / "adapter" / "adapter_model.safetensors")
-        except Exception as err:  # missing or damaged: every rank must hear of it, not wait at the broadcast
-            saved, problem = {}, f"cannot read adapter/adapter_model.safetensors ({type(err).__name__}: {err})"
-        if problem is None and set(saved) != set(live):
-            problem = f"adapter tensors differ in name ({sorted(set(saved) ^ set(live))[:2]})"
-        elif problem is None:
-            bad = [k for k in saved if not torch.equal(saved[k], live[k])]
-            problem = f"{len(bad)} LoRA tensors differ from the saved adapter (first: {bad[0]})" if bad else None
+            problem = _adapter_difference(checkpoint.path / "adapter", scratch)
+        except Exception as err:  # a missing or damaged file: every rank must hear of it, not wait
+            problem = f"cannot read the adapter ({type(err).__name__}: {err})"
+        shutil.rmtree(scratch, ignore_errors=True)
     problem = ctx.broadcast_object(problem)
     if problem:
         raise ConfigError(f"train.resume: {checkpoint.path}: the DeepSpeed state and the adapter disagree: {problem}")

@@ -47,7 +47,10 @@ def _plan(args) -> None:
 
     report = ProbeReport.load(args.probe)
     settings = {"cost": None, "rule": args.rule, "top_pct": args.top_pct, "budget": args.budget, "attention_r": args.attention_r,
-                "mlp_r": args.mlp_r, "attention_alpha": args.attention_alpha, "mlp_alpha": args.mlp_alpha}
+                "mlp_r": args.mlp_r, "attention_alpha": args.attention_alpha, "mlp_alpha": args.mlp_alpha,
+                "expert_rule": args.expert_rule, "expert_top_k": args.expert_top_k,
+                "expert_energy": args.expert_energy, "expert_r": args.expert_r, "shared_experts": args.shared_experts,
+                "moe_attention": not args.no_moe_attention, "routers": args.routers}
     section = validate_tree({"plan": settings}, "plan options").plan
     from .cost import CostModel
 
@@ -55,7 +58,8 @@ def _plan(args) -> None:
         CostModel.analytic(report, checkpointing=args.checkpointing)
     plan = make_plan(report, section, cost_model)
     write_json_atomic(args.out, plan.to_json())
-    print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters, "
+    experts = f" + {len(plan.experts)} experts" if plan.experts else ""
+    print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
           f"captures {plan.score_captured:.1%} of the probe's gradient energy")
 
 
@@ -116,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-alpha", type=float)
     p.add_argument("--mlp-alpha", type=float)
     p.add_argument("--cost", help="cost.json from `aletheia-ds bench` (default: an analytic cost model)")
+    p.add_argument("--expert-rule", default="energy", choices=["energy", "top_k", "load", "all", "none"],
+                   help="MoE: experts adapted in each chosen layer")
+    p.add_argument("--expert-top-k", type=int, default=2)
+    p.add_argument("--expert-energy", type=float, default=0.8)
+    p.add_argument("--expert-r", type=int, default=16)
+    p.add_argument("--shared-experts", default="with_layer", choices=["with_layer", "all_moe_layers", "none"])
+    p.add_argument("--no-moe-attention", action="store_true", help="MoE layers: adapt experts only, not attention")
+    p.add_argument("--routers", default="frozen", choices=["frozen", "lora"])
     p.add_argument("--checkpointing", action="store_true", help="plan for a run with gradient checkpointing")
     p.set_defaults(func=_plan)
 

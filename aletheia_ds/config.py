@@ -111,6 +111,26 @@ class PlanSection(Section):
     mlp_alpha: Optional[float] = Field(None, description="default 2 x mlp_r")
     plan: Optional[str] = Field(None, description="reuse this plan.json instead of planning")
     cost: Optional[str] = Field(None, description="cost.json from `aletheia-ds bench` (default: analytic FLOP model)")
+    # mixture-of-experts layers: layers are chosen by the rule above (expert energy counts in a layer's score),
+    # then experts within each chosen MoE layer by expert_rule
+    expert_rule: Literal["energy", "top_k", "load", "all", "none"] = Field(
+        "energy", description="experts adapted in each chosen MoE layer: energy: the fewest covering expert_energy "
+        "of the layer's expert gradient energy; top_k: the expert_top_k highest scores; load: the expert_top_k "
+        "with the most routed tokens; all: every expert; none: no expert adapters")
+    expert_energy: float = Field(0.8, description="share of a layer's expert gradient energy to cover (expert_rule "
+                                 "energy)")
+    expert_top_k: int = Field(2, description="experts per chosen MoE layer (expert_rule top_k and load)")
+    expert_r: int = Field(16, description="LoRA rank on each chosen expert's fused banks (gate_up_proj, down_proj)")
+    expert_alpha: Optional[float] = Field(None, description="default 2 x expert_r")
+    moe_attention: bool = Field(True, description="adapt the attention linears of chosen MoE layers (as in dense "
+                                "layers); false: experts only there")
+    shared_experts: Literal["with_layer", "all_moe_layers", "none"] = Field(
+        "with_layer", description="shared-expert linears (rank mlp_r): in every chosen layer, in every MoE layer, "
+        "or never")
+    routers: Literal["frozen", "lora"] = Field(
+        "frozen", description="frozen: routing stays as probed; lora: LoRA (router_r) on the router weight of chosen "
+        "MoE layers")
+    router_r: int = Field(4, description="LoRA rank on router weights (routers=lora)")
 
     @field_validator("top_pct")
     @classmethod
@@ -126,14 +146,28 @@ class PlanSection(Section):
             raise ValueError(f"must be in (0, 1], got {v}")
         return v
 
-    @field_validator("attention_r", "mlp_r")
+    @field_validator("expert_energy")
+    @classmethod
+    def _expert_energy(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("expert_top_k")
+    @classmethod
+    def _expert_top_k(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("attention_r", "mlp_r", "expert_r", "router_r")
     @classmethod
     def _rank(cls, v: int) -> int:
         if v <= 0:
             raise ValueError(f"rank must be > 0, got {v}")
         return v
 
-    @field_validator("attention_alpha", "mlp_alpha")
+    @field_validator("attention_alpha", "mlp_alpha", "expert_alpha")
     @classmethod
     def _alpha(cls, v: Optional[float]) -> Optional[float]:
         if v is not None and v <= 0:

@@ -62,7 +62,7 @@ class CostModel:
         return self.base_s + self.depth_seconds(lowest) + sum(self.adapter_seconds(r, i, o) for _, r, i, o in adapters)
 
     def plan_adapters(self, plan) -> list[AdapterShape]:
-        return [(m.layer, m.r, *self.module_shapes[m.key]) for m in plan.modules]
+        return [(m.layer, m.r, *self.module_shapes[m.key]) for m in plan.modules] + expert_adapters(plan)
 
     def uniform_adapters(self, rank: int = UNIFORM_RANK) -> list[AdapterShape]:
         return [(layer, rank, *shape) for layer in range(self.num_layers) for shape in self.module_shapes.values()]
@@ -166,6 +166,22 @@ class CostModel:
             raise ConfigError(f"{where}: calibrated for {self.num_layers} layers / modules {sorted(self.module_shapes)}, "
                               f"but the probe has {report.num_layers} layers / {sorted(report.layout['module_shapes'])}")
         return self
+
+
+def expert_adapters(plan) -> list[AdapterShape]:
+    """Expert adapters as the cost model sees them: one per fused bank of each MoE layer with planned experts.
+
+    An expert's adapter only works on the tokens routed to it, so each bank's width term counts the rank
+    times the planned experts' token shares (a fractional effective rank); the fixed term is paid once per
+    bank (one adapter module wraps the whole bank). PEFT forms the bank's delta B@A for every expert each
+    step, a term this model does not count; tools/bench_moe.py measures it.
+    """
+    adapters = []
+    for layer, experts in plan.experts_by_layer().items() if hasattr(plan, "experts_by_layer") else ():
+        share = sum(e.r * e.token_share for e in experts)
+        for bank in plan.moe[layer].banks:
+            adapters.append((layer, share, bank.in_features, bank.out_features))
+    return adapters
 
 
 # ---------------------------------------------------------------- budgeted selection

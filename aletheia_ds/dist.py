@@ -190,10 +190,38 @@ class DistContext:
             if engine is not None:
                 engine.destroy()
 
+    # ------------------------------------------------------------ ZeRO-3 leaf modules (mixture of experts)
+    def set_z3_leaf_modules(self, model: nn.Module, classes: list[type]) -> None:
+        """ZeRO-3 fetches each instance of `classes` (the MoE blocks) whole, as one leaf; a no-op otherwise.
+
+        Without it ZeRO-3 gathers parameters module by module as they run, so ranks whose tokens reach
+        different experts (or a router whose choice differs) issue different all-gathers and wait on each
+        other forever (DeepSpeed #4808, LLaMA-Factory #1998); PEFT's parameter adapters also read weights
+        of modules that are never called, which only a leaf around them fetches.
+        """
+        if not self.zero3 or not classes:
+            return
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list(classes))
+
+    def _param_adapters_as_leaves(self, model: nn.Module) -> None:
+        """PEFT's ParamWrapper forms W + BA from `lora_A.weight` without calling lora_A, and registers the
+        parametrization before its base layer runs, so ZeRO-3's per-module fetch would see neither: each
+        wrapper becomes a leaf, fetched whole when it is called."""
+        try:
+            from peft.tuners.lora.layer import ParamWrapper
+        except ImportError:
+            return
+        if any(isinstance(m, ParamWrapper) for m in model.modules()):
+            self.set_z3_leaf_modules(model, [ParamWrapper])
+
     def initialize(self, model: nn.Module, param_groups: list[dict], scheduler_fn: Callable, lr: float):
         """The training engine: only `param_groups` (the LoRA parameters) reach the optimizer."""
         import deepspeed
 
+        if self.zero3:
+            self._param_adapters_as_leaves(model)
         optimizer = None
         if "optimizer" not in self.ds_config:
             fused = self.device.type == "cuda"

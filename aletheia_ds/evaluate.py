@@ -58,6 +58,9 @@ def evaluate_adapter(model: str, adapter: str, data: str, tokenizer: str | None 
 
     result = {"base_loss": held_out_loss(forward_with(base), eval_batches)}
     tuned = PeftModel.from_pretrained(base, adapter).to(device).eval()
+    from .expert_lora import load_expert_adapter
+
+    load_expert_adapter(tuned, adapter)  # per-expert LoRA of megablocks banks, when the adapter has one
     empty = [n for n, p in tuned.named_parameters() if "lora_" in n and p.numel() == 0]
     if empty:
         raise ConfigError(f"--adapter: {len(empty)} empty LoRA tensors (first: {empty[0]})")

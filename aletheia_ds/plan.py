@@ -6,6 +6,12 @@ Rules:
   budget   cost-aware: the most probe score within a predicted step-time budget (see cost.py)
   upper    the upper `top_pct`% of layers, ignoring the probe (a fixed baseline for comparisons)
 Ranks are asymmetric by module kind (attention vs MLP); alpha defaults to 2 x r.
+
+Mixture-of-experts layers: a layer's score includes its experts' gradient energy, so the rule above picks
+layers as for dense models. Inside each chosen MoE layer, `expert_rule` picks experts (top-k by score, the
+fewest covering a share of the layer's expert energy, or by routing load); the chosen experts get LoRA of
+rank `expert_r` on every fused bank, the others none. Attention of chosen MoE layers is adapted unless
+`moe_attention` is off; shared experts follow `shared_experts`; routers stay frozen unless `routers=lora`.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .arch import MoeBlock, moe_from_json
 from .config import ConfigError, PlanSection
 from .probe.report import ProbeReport
 
@@ -29,6 +36,15 @@ class PlannedModule:
     alpha: float
 
 
+@dataclass(frozen=True)
+class PlannedExpert:
+    layer: int
+    expert: int
+    r: int
+    alpha: float
+    token_share: float = 0.0  # tokens routed to it / probe tokens: the share of a step's tokens it sees (cost model)
+
+
 @dataclass
 class Plan:
     rule: str
@@ -40,6 +56,9 @@ class Plan:
     settings: dict = field(default_factory=dict)
     predicted: dict = field(default_factory=dict)  # cost-model prediction, when one was used
     model: str = ""
+    experts: list[PlannedExpert] = field(default_factory=list)
+    routers: list[PlannedModule] = field(default_factory=list)  # LoRA on router weights (routers=lora)
+    moe: dict[int, MoeBlock] = field(default_factory=dict)  # every MoE block of the model (empty: dense model)
 
     @property
     def lowest_adapted_layer(self) -> int:
@@ -48,6 +67,16 @@ class Plan:
     def expected(self) -> dict[tuple[int, str], PlannedModule]:
         return {(m.layer, m.path): m for m in self.modules}
 
+    def experts_by_layer(self) -> dict[int, list[PlannedExpert]]:
+        by_layer: dict[int, list[PlannedExpert]] = {}
+        for e in sorted(self.experts, key=lambda e: (e.layer, e.expert)):
+            by_layer.setdefault(e.layer, []).append(e)
+        return by_layer
+
+    def planned_layers(self) -> list[int]:
+        return sorted({m.layer for m in self.modules} | {e.layer for e in self.experts} |
+                      {m.layer for m in self.routers})
+
     def to_json(self) -> dict:
         from .lora import lora_config_fields  # the exact PEFT fields this plan attaches with
 
@@ -55,36 +84,66 @@ class Plan:
                 "layers_path": self.layers_path, "layers": self.layers,
                 "lowest_adapted_layer": self.lowest_adapted_layer, "score_captured": self.score_captured,
                 "predicted": self.predicted, "modules": [asdict(m) for m in self.modules],
+                "experts": [asdict(e) for e in self.experts], "routers": [asdict(m) for m in self.routers],
+                "moe": {str(k): v.to_json() for k, v in sorted(self.moe.items())},
                 "lora_config": lora_config_fields(self)}
 
     @classmethod
     def from_json(cls, blob: dict, where: str = "plan.json") -> "Plan":
         try:
-            modules = [PlannedModule(int(m["layer"]), str(m["key"]), str(m["path"]), str(m["kind"]), int(m["r"]),
-                                     float(m["alpha"])) for m in blob["modules"]]
+            modules, routers = ([PlannedModule(int(m["layer"]), str(m["key"]), str(m["path"]), str(m["kind"]),
+                                               int(m["r"]), float(m["alpha"])) for m in blob.get(name, [])]
+                                for name in ("modules", "routers"))
+            experts = [PlannedExpert(int(e["layer"]), int(e["expert"]), int(e["r"]), float(e["alpha"]),
+                                     float(e.get("token_share", 0.0))) for e in blob.get("experts", [])]
             plan = cls(rule=str(blob["rule"]), num_layers=int(blob["num_layers"]), layers_path=str(blob["layers_path"]),
                        layers=sorted(int(x) for x in blob["layers"]), modules=modules,
                        score_captured=float(blob.get("score_captured", float("nan"))),
                        settings=dict(blob.get("settings", {})), predicted=dict(blob.get("predicted", {})),
-                       model=str(blob.get("model", "")))
+                       model=str(blob.get("model", "")), experts=experts, routers=routers,
+                       moe=moe_from_json({"moe": blob.get("moe", {})}))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{where}: not a plan ({type(err).__name__}: {err}); regenerate it with "
                               "`aletheia-ds plan`") from None
         return plan.check(where)
 
     def check(self, where: str = "plan") -> "Plan":
-        if not self.modules:
+        if not self.modules and not self.experts and not self.routers:
             raise ConfigError(f"{where}: the plan adapts no module")
-        bad_layers = sorted({m.layer for m in self.modules if not 0 <= m.layer < self.num_layers})
+        bad_layers = sorted({m.layer for m in self.modules + self.routers if not 0 <= m.layer < self.num_layers} |
+                            {e.layer for e in self.experts if not 0 <= e.layer < self.num_layers})
         if bad_layers:
             raise ConfigError(f"{where}: layers {bad_layers} do not exist (the model has {self.num_layers}: "
                               f"0..{self.num_layers - 1})")
-        bad_ranks = [f"{m.layer}:{m.key}" for m in self.modules if m.r <= 0 or m.alpha <= 0]
+        bad_ranks = [f"{m.layer}:{m.key}" for m in self.modules + self.routers if m.r <= 0 or m.alpha <= 0] + \
+            [f"{e.layer}:expert {e.expert}" for e in self.experts if e.r <= 0 or e.alpha <= 0]
         if bad_ranks:
             raise ConfigError(f"{where}: rank and alpha must be > 0 (modules {bad_ranks[:5]})")
-        if sorted({m.layer for m in self.modules}) != self.layers:
-            raise ConfigError(f"{where}: 'layers' {self.layers} disagrees with the modules' layers")
+        self._check_experts(where)
+        if self.planned_layers() != self.layers:
+            raise ConfigError(f"{where}: 'layers' {self.layers} disagrees with the planned modules' and experts' "
+                              f"layers {self.planned_layers()}")
         return self
+
+    def _check_experts(self, where: str) -> None:
+        moe_layers = sorted(self.moe)
+        for layer in sorted({e.layer for e in self.experts} | {m.layer for m in self.routers}):
+            if layer not in self.moe:
+                raise ConfigError(f"{where}: experts or a router planned in layer {layer}, which is not a MoE layer "
+                                  f"(MoE layers in the plan's 'moe': {moe_layers or 'none'})")
+        seen = set()
+        for e in self.experts:
+            count = self.moe[e.layer].num_experts
+            if not 0 <= e.expert < count:
+                raise ConfigError(f"{where}: expert {e.expert} of layer {e.layer} does not exist (layer {e.layer} has "
+                                  f"{count} experts: 0..{count - 1})")
+            if (e.layer, e.expert) in seen:
+                raise ConfigError(f"{where}: expert {e.expert} of layer {e.layer} is planned twice")
+            seen.add((e.layer, e.expert))
+        for layer, group in self.experts_by_layer().items():
+            if len({(e.r, e.alpha) for e in group}) > 1:
+                raise ConfigError(f"{where}: the experts of layer {layer} have different ranks/alphas; one fused bank "
+                                  "carries one rank, so give every expert of a layer the same r and alpha")
 
     def save(self, path: str | Path) -> None:
         from .checkpoint import write_json_atomic
@@ -118,22 +177,99 @@ def select_top_pct(report: ProbeReport, top_pct: float) -> list[int]:
 
 
 def total_energy(report: ProbeReport) -> float:
-    return sum(s * s for layer in report.layers for s in layer.modules.values())
+    """Sum of squared scores of every adapter target: module linears and experts."""
+    return sum(s * s for layer in report.layers for s in layer.modules.values()) + \
+        sum(e.score * e.score for e in report.experts)
+
+
+def _moe_layers(report: ProbeReport) -> set[int]:
+    return {int(k) for k in (report.layout.get("moe") or {})}
 
 
 def modules_for_layers(report: ProbeReport, layers: list[int], settings: PlanSection) -> list[PlannedModule]:
+    """The chosen layers' target linears, less MoE-layer attention (moe_attention=false) and shared experts
+    (shared_experts=none)."""
     kinds, paths = report.layout["module_kinds"], report.layout["module_paths"]
+    moe_layers = _moe_layers(report)
+    shared = set(report.layout.get("shared_expert_keys") or [])
     planned = []
     for index in layers:
         for key in report.layers[index].modules:
+            if index in moe_layers and kinds[key] == "attention" and not settings.moe_attention:
+                continue
+            if key in shared and settings.shared_experts == "none":
+                continue
             r, alpha = rank_for(kinds[key], settings)
             planned.append(PlannedModule(index, key, paths[key], kinds[key], r, alpha))
     return planned
 
 
-def captured(report: ProbeReport, modules: list[PlannedModule]) -> float:
+def captured(report: ProbeReport, modules: list[PlannedModule], experts: list[PlannedExpert] = ()) -> float:
     energy = sum(report.layers[m.layer].modules[m.key] ** 2 for m in modules)
+    scores = {(e.layer, e.expert): e.score for e in report.experts}
+    energy += sum(scores[(e.layer, e.expert)] ** 2 for e in experts)
     return energy / total_energy(report)
+
+
+def choose_experts(report: ProbeReport, layer: int, settings: PlanSection) -> list[int]:
+    """Experts of one MoE layer per `settings.expert_rule` (ties go to the lower index)."""
+    experts = report.layer_experts(layer)
+    rule = settings.expert_rule
+    if rule == "none" or not experts:
+        return []
+    if rule == "all":
+        return [e.expert for e in experts]
+    if rule == "top_k":
+        return sorted(e.expert for e in sorted(experts, key=lambda e: (-e.score, e.expert))[:settings.expert_top_k])
+    if rule == "load":
+        ranked = sorted(experts, key=lambda e: (-e.tokens, -e.score, e.expert))
+        return sorted(e.expert for e in ranked[:settings.expert_top_k])
+    if rule == "energy":
+        energy = sum(e.score * e.score for e in experts)
+        if energy <= 0:
+            return []  # no token of the probe reached this layer's experts
+        chosen, covered = [], 0.0
+        for e in sorted(experts, key=lambda e: (-e.score, e.expert)):
+            if covered >= settings.expert_energy * energy * (1 - 1e-12):
+                break
+            chosen.append(e.expert)
+            covered += e.score * e.score
+        return sorted(chosen)
+    raise ConfigError(f"plan.expert_rule: unknown rule {rule!r}; use energy, top_k, load, all or none")
+
+
+def add_moe(plan: Plan, report: ProbeReport, settings: PlanSection) -> Plan:
+    """Experts, routers and shared experts for a plan whose layers were chosen by a layer rule."""
+    blocks = moe_from_json(report.layout)
+    if not blocks:
+        return plan
+    kinds, paths = report.layout["module_kinds"], report.layout["module_paths"]
+    chosen_layers = sorted({m.layer for m in plan.modules} | set(plan.layers))
+    alpha = float(settings.expert_alpha if settings.expert_alpha is not None else 2 * settings.expert_r)
+    router_alpha = float(2 * settings.router_r)
+    tokens = max(1, report.tokens)
+    scores = {(e.layer, e.expert): e for e in report.experts}
+    for layer in chosen_layers:
+        if layer not in blocks:
+            continue
+        for expert in choose_experts(report, layer, settings):
+            plan.experts.append(PlannedExpert(layer, expert, settings.expert_r, alpha,
+                                              scores[(layer, expert)].tokens / tokens))
+        if settings.routers == "lora":
+            plan.routers.append(PlannedModule(layer, "router", f"{blocks[layer].router_path}.weight", "router",
+                                              settings.router_r, router_alpha))
+    if settings.shared_experts == "all_moe_layers":
+        present = {(m.layer, m.key) for m in plan.modules}
+        for layer in sorted(blocks):
+            for key in report.layers[layer].modules:
+                if key in (report.layout.get("shared_expert_keys") or []) and (layer, key) not in present:
+                    r, a = rank_for(kinds[key], settings)
+                    plan.modules.append(PlannedModule(layer, key, paths[key], kinds[key], r, a))
+        plan.modules.sort(key=lambda m: m.layer)
+    plan.moe = dict(sorted(blocks.items()))
+    plan.layers = plan.planned_layers()
+    plan.score_captured = captured(report, plan.modules, plan.experts)
+    return plan
 
 
 def make_plan(report: ProbeReport, settings: PlanSection, cost_model=None) -> Plan:
@@ -146,7 +282,12 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model=None) -> Pl
     elif settings.rule == "budget":
         from .cost import select_within_budget  # the cost-aware rule lives beside the cost model
 
-        return select_within_budget(report, settings, cost_model)
+        plan = select_within_budget(report, settings, cost_model)
+        if report.experts:
+            # the budget covers the layers' linears; experts are then chosen inside the layers it kept
+            plan = add_moe(plan, report, settings)
+            plan.predicted = (cost_model or _analytic(report)).describe(plan)
+        return plan.check()
     elif settings.rule == "upper":
         layers = list(range(report.num_layers - max(1, math.ceil(report.num_layers * settings.top_pct / 100 - 1e-9)),
                             report.num_layers))
@@ -156,6 +297,13 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model=None) -> Pl
     plan = Plan(rule=settings.rule, num_layers=report.num_layers, layers_path=report.layout["layers_path"],
                 layers=layers, modules=modules, score_captured=captured(report, modules),
                 settings=settings.model_dump(exclude={"plan"}), model=report.model)
+    plan = add_moe(plan, report, settings)
     if cost_model is not None:
         plan.predicted = cost_model.describe(plan)
     return plan.check()
+
+
+def _analytic(report: ProbeReport):
+    from .cost import CostModel
+
+    return CostModel.analytic(report)

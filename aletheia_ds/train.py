@@ -177,6 +177,7 @@ class Run:
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
         model = load_model(cfg.model, dtype, ctx.device, ctx.model_init, seed=cfg.train.seed, zero3=ctx.zero3)
         layout = describe(model, cfg.lora.target_modules)
+        ctx.set_z3_leaf_modules(model, layout.moe_block_classes(model))  # MoE blocks: one ZeRO-3 fetch each
         print0(f"model: {cfg.model.path} ({layout.family}, {layout.num_layers} layers, "
                f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
                f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
@@ -251,7 +252,8 @@ class Run:
             raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
         predicted = f"; predicted {plan.predicted['speedup_vs_uniform']:.2f}x uniform LoRA's speed " \
             f"({plan.predicted['source']})" if plan.predicted else ""
-        print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters; lowest adapted layer "
+        experts = f" + {len(plan.experts)} experts in {len(plan.experts_by_layer())} MoE layers" if plan.experts else ""
+        print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
                f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
                f"{predicted}")
         return plan

@@ -26,6 +26,14 @@ def cpu_env(**extra) -> dict:
     return env
 
 
+def gpu_env(**extra) -> dict:
+    """Like cpu_env but leaves DeepSpeed to find the GPU."""
+    env = cpu_env(**extra)
+    env.pop("DS_ACCELERATOR", None)
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    return env
+
+
 def deepspeed_cmd(script: str, args: list[str], nprocs: int) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port()), script, *args]
@@ -45,11 +53,11 @@ def train_cmd(config: dict, tmp: Path, nprocs: int = 2, extra: list[str] | None 
 
 
 def run_train(config: dict, tmp: Path, nprocs: int = 2, timeout: int = 300, extra: list[str] | None = None,
-              check: bool = True, script: str = "launch/train.py", env: dict | None = None
+              check: bool = True, env: dict | None = None, script: str = "launch/train.py"
               ) -> subprocess.CompletedProcess:
     """Run launch/train.py (or a wrapper `script`) with `config` on `nprocs` ranks; fail loudly if `check`."""
     cmd = train_cmd(config, tmp, nprocs, extra, script)
-    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

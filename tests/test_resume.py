@@ -136,7 +136,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(workdir, referen
     cfg = job(workdir, out.name)
     crash_step = 2 * SAVE_EVERY
     proc = run_train(cfg, workdir, script="tests/crash_in_checkpoint.py", check=False,
-                     env={"CRASH_STEP": str(crash_step), "CRASH_POINT": point, "CRASH_RANK": "1"})
+                     env=cpu_env(CRASH_STEP=str(crash_step), CRASH_POINT=point, CRASH_RANK="1"))
     assert proc.returncode != 0 and "SIGKILLs itself" in proc.stdout, proc.stdout[-3000:]
     root = out / "checkpoints"
     assert latest_step(out) == SAVE_EVERY  # `latest` still names the previous, complete checkpoint
@@ -251,3 +251,21 @@ def test_engine_state_is_unpickled_weights_only(reference, tmp_path):
     with pytest.raises(ConfigError, match=r"refusing to unpickle .*evil.pt: .*GLOBAL posix.system"):
         loader.load(str(tmp_path / "evil.pt"), map_location="cpu")
     assert not marker.exists()
+
+
+def test_a_load_that_disagrees_with_the_saved_adapter_is_caught(reference, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from aletheia_ds.checkpoint import _adapter_difference
+
+    saved = reference / "checkpoints" / f"step-{STEPS:08d}" / "adapter"
+    assert _adapter_difference(saved, reference / "adapter") is None  # the final export equals the checkpoint's
+    shutil.copytree(saved, tmp_path / "fresh")
+    tensors = load_file(str(tmp_path / "fresh" / "adapter_model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = torch.nextafter(tensors[name].view(-1)[0], torch.tensor(1e9))  # one ulp
+    save_file(tensors, str(tmp_path / "fresh" / "adapter_model.safetensors"))
+    assert _adapter_difference(saved, tmp_path / "fresh") == f"adapter_model.safetensors: 1 LoRA tensors differ (first: {name})"

@@ -42,6 +42,26 @@ def weight_grad_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def compute_dtype_for(t: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """Half-precision products on CPU are slow and inexact: measure in float32 there unless told otherwise."""
+    return compute_dtype or (torch.float32 if t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu"
+                             else t.dtype)
+
+
+def drop_padding_here(t: torch.Tensor) -> bool:
+    """Padded rows have exactly zero output gradient (right padding, causal attention), so dropping them only
+    saves work; on a GPU the boolean index would cost a host sync per module, so they are kept there."""
+    return t.device.type == "cpu"
+
+
+def flat_tokens(t: torch.Tensor, token_mask: torch.Tensor | None, compute_dtype: torch.dtype | None = None):
+    """(..., features) -> (tokens, features), padded positions dropped on CPU when the mask matches."""
+    t = t.reshape(-1, t.shape[-1])
+    if token_mask is not None and token_mask.numel() == t.shape[0] and drop_padding_here(t):
+        t = t[token_mask.reshape(-1).to(t.device)]
+    return t.to(compute_dtype_for(t, compute_dtype))
+
+
 class GradNormHooks:
     """Accumulates, per named linear, sum over batches of ||dL_b/dW||_F^2 (times a batch weight).
 
@@ -60,14 +80,7 @@ class GradNormHooks:
         self.calls = torch.zeros(len(self.names), dtype=torch.long)
 
     def _flat(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(-1, t.shape[-1])
-        # padded rows have exactly zero output gradient (right padding, causal attention), so dropping them
-        # only saves work; on a GPU the boolean index would cost a host sync per module, so keep them there
-        if self.token_mask is not None and self.token_mask.numel() == t.shape[0] and t.device.type == "cpu":
-            t = t[self.token_mask.reshape(-1)]
-        dtype = self.compute_dtype or (torch.float32 if t.dtype in (torch.float16, torch.bfloat16) and
-                                       t.device.type == "cpu" else t.dtype)
-        return t.to(dtype)
+        return flat_tokens(t, self.token_mask, self.compute_dtype)
 
     def _forward_hook(self, index: int) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

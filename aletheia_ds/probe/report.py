@@ -2,7 +2,9 @@
 
 Score definition (fixed so results compare across tools):
   module score = sqrt(mean over probe batches of ||dL_b/dW||_F^2), L_b = the model's mean token loss on batch b
-  layer score  = sqrt(sum over the layer's modules of module score^2)
+  expert score = the same for expert e's slices of its layer's fused banks: sqrt(sum over banks of bank score^2)
+  router score = the same for the router weight of a MoE layer (reported, not part of the layer score)
+  layer score  = sqrt(sum over the layer's modules of module score^2 + sum over its experts of expert score^2)
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class ExpertScore:
     layer: int
     expert: int
     score: float
-    tokens: int
+    tokens: int  # real (non-pad) tokens routed to this expert over all probe batches
+    banks: dict[str, float] = field(default_factory=dict)  # per fused bank: "gate_up_proj", "down_proj"
 
 
 @dataclass
@@ -53,6 +56,18 @@ class ProbeReport:
             modules = {key: math.sqrt(max(total, 0.0) / batches) for (li, key), total in sums.items() if li == index}
             layers.append(LayerScore(index, math.sqrt(sum(s * s for s in modules.values())), modules))
         return cls(num_layers=num_layers, batches=batches, layers=layers, **meta)
+
+    def add_experts(self, experts: list[ExpertScore], routers: dict[int, float]) -> "ProbeReport":
+        """Attach expert and router scores; expert energy joins its layer's score (experts are adapter targets)."""
+        self.experts, self.routers = experts, routers
+        for layer in self.layers:
+            energy = sum(s * s for s in layer.modules.values()) + \
+                sum(e.score * e.score for e in experts if e.layer == layer.index)
+            layer.score = math.sqrt(energy)
+        return self
+
+    def layer_experts(self, layer: int) -> list[ExpertScore]:
+        return sorted((e for e in self.experts if e.layer == layer), key=lambda e: e.expert)
 
     def layer_scores(self) -> list[float]:
         return [layer.score for layer in self.layers]
@@ -88,7 +103,8 @@ class ProbeReport:
             report = cls(model=str(blob.get("model", "")), num_layers=int(blob["num_layers"]),
                          tokens=int(blob.get("tokens", 0)), seconds=float(blob.get("seconds", 0.0)),
                          batches=int(blob.get("batches", 0)), layers=layers, layout=dict(blob.get("layout", {})),
-                         experts=[ExpertScore(int(e["layer"]), int(e["expert"]), float(e["score"]), int(e["tokens"]))
+                         experts=[ExpertScore(int(e["layer"]), int(e["expert"]), float(e["score"]), int(e["tokens"]),
+                                              {str(k): float(v) for k, v in e.get("banks", {}).items()})
                                   for e in blob.get("experts", [])],
                          routers={int(k): float(v) for k, v in blob.get("routers", {}).items()},
                          world_size=int(blob.get("world_size", 1)), batch_size=int(blob.get("batch_size", 0)),

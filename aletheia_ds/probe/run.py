@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..arch import Layout
 from ..data import shard_indices
+from .experts import ExpertProbe
 from .hooks import GradNormHooks
 from .report import ProbeReport
 
@@ -32,16 +33,18 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
     keys = [(layer, key) for layer, key, _ in entries]
     modules = {f"{layer}:{key}": module for layer, key, module in entries}
     hooks = GradNormHooks(modules, compute_dtype=compute_dtype)
+    experts = ExpertProbe(model, layout, compute_dtype=compute_dtype)  # no-op for dense models
     was_training = model.training
     model.eval()  # dropout off: the score is a property of the model and the data, not of a dropout draw
     start = time.perf_counter()
     tokens = 0
-    with hooks.attached(model.get_input_embeddings()):
+    with hooks.attached(model.get_input_embeddings()), experts.attached():
         for index in shard_indices(len(batches), rank, world_size):
             batch = batches[0 if index is None else index]
             weight = 0.0 if index is None else 1.0
-            hooks.token_mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
-            hooks.batch_weight = weight
+            mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
+            hooks.token_mask = experts.token_mask = mask
+            hooks.batch_weight = experts.batch_weight = weight
             loss = forward(batch)
             loss.backward()
             if weight:
@@ -49,11 +52,16 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
     model.train(was_training)
     local = hooks.sq_norms if hooks.sq_norms is not None else torch.zeros(len(modules), dtype=torch.float64)
     device = local.device
-    totals = all_reduce_sum(torch.cat([local, torch.tensor([float(tokens)], dtype=torch.float64, device=device)]))
+    # one all-reduce for everything: module norms, expert norms/loads/router norms, tokens
+    totals = all_reduce_sum(torch.cat([local, experts.local(device),
+                                       torch.tensor([float(tokens)], dtype=torch.float64, device=device)]))
     seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     seconds = float(all_reduce_sum(seconds)) / world_size
-    sums = {key: float(v) for key, v in zip(keys, totals[:-1].cpu())}
-    return ProbeReport.from_sq_norms(sums, batches=len(batches), num_layers=layout.num_layers, model=model_name,
-                                     tokens=int(totals[-1]), seconds=seconds, layout=layout.to_json(),
-                                     world_size=world_size, batch_size=int(batches[0]["input_ids"].shape[0]),
-                                     seq_len=max(int(b["input_ids"].shape[1]) for b in batches))
+    sums = {key: float(v) for key, v in zip(keys, totals[:len(keys)].cpu())}
+    report = ProbeReport.from_sq_norms(sums, batches=len(batches), num_layers=layout.num_layers, model=model_name,
+                                       tokens=int(totals[-1]), seconds=seconds, layout=layout.to_json(),
+                                       world_size=world_size, batch_size=int(batches[0]["input_ids"].shape[0]),
+                                       seq_len=max(int(b["input_ids"].shape[1]) for b in batches))
+    if experts.entries:
+        report.add_experts(*experts.scores(totals[len(keys):-1], len(batches)))
+    return report
