@@ -105,6 +105,8 @@ class PlanSection(Section):
         "all: LoRA on every layer")
     top_pct: float = Field(50.0, description="percent of layers kept by score (rule top_pct)")
     budget: float = Field(0.6, description="target step time as a fraction of uniform LoRA's (rule budget)")
+    granularity: Literal["layer", "module"] = Field(
+        "layer", description="rule budget picks whole layers (every target module) or single modules")
     attention_r: int = Field(16, description="LoRA rank on attention linears")
     mlp_r: int = Field(64, description="LoRA rank on MLP linears")
     attention_alpha: Optional[float] = Field(None, description="default 2 x attention_r")

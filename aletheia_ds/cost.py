@@ -209,15 +209,24 @@ def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostM
     """Most probe energy within `settings.budget` x the predicted step time of uniform r16 LoRA.
 
     For every candidate lowest adapted layer c, the depth cost (backward, and recompute under
-    checkpointing, from the top down to c) is paid once; the rest of the budget is filled with modules
-    of layers >= c by energy per second (one module of layer c is taken first, so c really is the
-    lowest). The c with the most captured energy wins; ties go to the cheaper plan.
+    checkpointing, from the top down to c) is paid once; the rest of the budget is filled with layers
+    (plan.granularity=layer, the default) or single modules (=module) at or above c, by energy per second
+    (layer c, or its best module, is taken first, so c really is the lowest). The c with the most captured
+    energy wins; ties go to the cheaper plan.
     """
     from .plan import Plan, captured, modules_for_layers
 
     cost = cost or CostModel.analytic(report)
     target = settings.budget * cost.uniform_seconds()
     items = _items(report, settings, cost)
+    if settings.granularity == "layer":
+        # whole layers (every target module of a chosen layer): a controlled study on a pretrained model found
+        # module-by-module picking drifts to many cheap attention-only adapters and loses task quality
+        per_layer: dict[int, list[_Item]] = {}
+        for item in items:
+            per_layer.setdefault(item.layer, []).append(item)
+        items = [_Item(layer, "*", sum(i.energy for i in group), sum(i.seconds for i in group))
+                 for layer, group in per_layer.items()]
     best: tuple[float, float, list[_Item]] | None = None
     cheapest = math.inf
     for cut in range(report.num_layers):
@@ -245,7 +254,8 @@ def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostM
                           "raise plan.budget")
     chosen_keys = {(i.layer, i.key) for i in best[2]}
     layers = sorted({layer for layer, _ in chosen_keys})
-    modules = [m for m in modules_for_layers(report, layers, settings) if (m.layer, m.key) in chosen_keys]
+    modules = [m for m in modules_for_layers(report, layers, settings)
+               if (m.layer, m.key) in chosen_keys or (m.layer, "*") in chosen_keys]
     plan = Plan(rule="budget", num_layers=report.num_layers, layers_path=report.layout["layers_path"], layers=layers,
                 modules=modules, score_captured=captured(report, modules),
                 settings=settings.model_dump(exclude={"plan"}), model=report.model)
