@@ -6,7 +6,7 @@
   aletheia-ds eval --model DIR --adapter DIR --data FILE [--verify-logits RUN/sample_logits.safetensors]
   aletheia-ds report --run RUN_DIR
   aletheia-ds defaults
-Every subcommand exits 2 with one line on stderr for bad input.
+Every subcommand exits 2 with one line on stderr for bad input (3 when training stops on a non-finite loss).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, defaults_yaml, load_config
+from .config import ConfigError, TrainingError, defaults_yaml, load_config
 
 
 def _probe(args) -> None:
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ConfigError as err:
+    except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(err, ConfigError) else 3
     return 0
 
 

@@ -7,6 +7,7 @@ Errors are one line that names the knob: `ConfigError("plan.top_pct must be in (
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -17,6 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 class ConfigError(ValueError):
     """A configuration or input problem the user can fix; the message names the file/field."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient norm); the message names the step and the last
+    good checkpoint."""
+
+
+def check_seed(v: int) -> int:
+    # torch generators take 64-bit seeds and the data order mixes the seed with the epoch number
+    if not 0 <= v < 2**32:
+        raise ValueError(f"must be in [0, 2**32), got {v}")
+    return v
 
 
 class Section(BaseModel):
@@ -54,6 +67,20 @@ class DataSection(Section):
     def _fraction(cls, v: float) -> float:
         if not 0.0 <= v < 1.0:
             raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("max_examples")
+    @classmethod
+    def _max_examples(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError(f"must be >= 1 (or unset for all rows), got {v}")
+        return v
+
+    @field_validator("eval_batches")
+    @classmethod
+    def _eval_batches(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
         return v
 
 
@@ -156,6 +183,18 @@ class LoraSection(Section):
     dropout: float = Field(0.0, description="lora_dropout")
     init_seed: int = Field(0, description="seed for the adapter's initial weights (same on every rank)")
 
+    @field_validator("init_seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        return check_seed(v)
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
 
 class TrainSection(Section):
     output_dir: str = Field("runs/default", description="probe.json, plan.json, metrics.jsonl, adapter/ land here")
@@ -178,9 +217,51 @@ class TrainSection(Section):
     log_every: int = Field(1, description="steps between metrics lines")
     save_every: int = Field(0, description="steps between resumable checkpoints (0: only at the end)")
     keep_last: int = Field(2, description="checkpoints kept")
-    resume: Optional[str] = Field(None, description="auto | PATH: continue from a checkpoint")
-    nan_policy: Literal["stop", "skip"] = Field("stop", description="on a non-finite loss/grad norm")
-    max_nan_skips: int = Field(10, description="skipped steps allowed under nan_policy=skip")
+    resume: Optional[str] = Field(None, description="auto (the latest checkpoint in output_dir, if any) | PATH "
+                                  "(a checkpoints/ directory or one step-N checkpoint)")
+    nan_policy: Literal["stop", "skip"] = Field(
+        "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update")
+    max_nan_skips: int = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
+
+    @field_validator("save_every", "max_nan_skips")
+    @classmethod
+    def _non_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        return check_seed(v)
+
+    @field_validator("resume")
+    @classmethod
+    def _resume(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.strip():
+            raise ValueError("must be 'auto' or a checkpoint path, got an empty string")
+        return v
+
+    @field_validator("epochs", "weight_decay", "max_grad_norm")
+    @classmethod
+    def _finite_non_negative(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"must be a finite number >= 0, got {v}")
+        return v
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
 
     @field_validator("micro_batch_size", "grad_accum", "log_every", "keep_last")
     @classmethod
@@ -199,8 +280,8 @@ class TrainSection(Section):
     @field_validator("lr")
     @classmethod
     def _lr(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"must be > 0, got {v}")
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"must be a finite number > 0, got {v}")
         return v
 
 
@@ -415,7 +496,7 @@ def parse_overrides(args: list[str]) -> tuple[Optional[str], list[tuple[str, Any
             key = "train.resume"
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError):  # ValueError: an integer past Python's digit limit
             value = raw
         overrides.append((key, value))
     return config_path, overrides
@@ -429,14 +510,21 @@ def load_config(argv: list[str] | None = None, *, base: dict | None = None) -> R
     if config_path:
         where = config_path
         tree = read_yaml(config_path)
+        if overrides:
+            validate_shape(tree, where)
     for key, value in overrides:
         if key.startswith("deepspeed.overrides."):
             # free-form DeepSpeed keys: nested as written, validated later by DeepSpeed itself
             node = tree.setdefault("deepspeed", {}).setdefault("overrides", {})
-            *parents, leaf = key.removeprefix("deepspeed.overrides.").split(".")
-            for part in parents:
+            parts = key.removeprefix("deepspeed.overrides.").split(".")
+            if not isinstance(node, dict) or any(not p for p in parts):
+                raise ConfigError(f"{where} (override {key}): must look like deepspeed.overrides.KEY[.KEY...]=value "
+                                  "with deepspeed.overrides a mapping")
+            for part in parts[:-1]:
                 node = node.setdefault(part, {})
-            node[leaf] = value
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{where} (override {key}): {part!r} already holds a value, not a mapping")
+            node[parts[-1]] = value
             continue
         if key not in _known_keys(RunConfig):
             raise _unknown_key_error(key, f"{where} (override)")
@@ -444,7 +532,8 @@ def load_config(argv: list[str] | None = None, *, base: dict | None = None) -> R
     return validate_tree(tree, where)
 
 
-def validate_tree(tree: Any, where: str) -> RunConfig:
+def validate_shape(tree: Any, where: str) -> None:
+    """A mapping of known sections, each a mapping: checked before overrides are merged into it."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections "
                           f"(model, data, probe, plan, lora, train, deepspeed, ray), got {type(tree).__name__}")
@@ -453,6 +542,10 @@ def validate_tree(tree: Any, where: str) -> RunConfig:
             raise _unknown_key_error(str(section), where)
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: section {section!r} must be a mapping of keys, got {type(body).__name__}")
+
+
+def validate_tree(tree: Any, where: str) -> RunConfig:
+    validate_shape(tree, where)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
@@ -469,6 +562,8 @@ def read_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{p}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
     try:
         tree = yaml.safe_load(text)
+    except ValueError as err:  # an integer past Python's digit limit
+        raise ConfigError(f"{p}: {str(err).split(';')[0]}; fix the YAML value") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

@@ -7,9 +7,16 @@ Formats, detected per row (one format per file):
 Sources: JSONL (read here line by line so errors can name the line), parquet, a `datasets` directory
 (saved with `save_to_disk`), both read through `datasets`.
 
-Handling, documented: blank JSONL lines are skipped; rows longer than seq_len are truncated on the right;
-a row whose loss tokens all fall past seq_len is dropped and counted (reported, and an error if every
-row is dropped); anything else malformed is an error naming the file and line.
+Handling, documented (docs/RELIABILITY.md lists the inputs tried):
+  - blank JSONL lines are skipped; a UTF-8 byte-order mark at the start of the file is ignored;
+  - rows longer than seq_len are truncated on the right and counted in the log (a huge line is read and
+    tokenized whole first: its cost is linear in its length);
+  - a row whose loss tokens all fall past seq_len is dropped and counted (reported, and an error if every
+    row is dropped);
+  - an empty `prompt` is allowed (the completion is learned from the start); an empty `text`/`completion`,
+    a prompt without a completion, a wrong type, invalid Unicode (lone surrogates), malformed or too deeply
+    nested JSON, non-UTF-8 bytes and a chat template that rejects a conversation are errors naming the
+    file and line.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # editors on Windows start UTF-8 files with a BOM
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -50,7 +59,12 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno})") from None
+                hint = "; the file must be JSON Lines, one object per line" if line.strip() in ("[", "{") else ""
+                raise DataError(f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}){hint}") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: JSON nested too deeply to read") from None
+            except ValueError as err:  # e.g. an integer past Python's digit limit
+                raise DataError(f"{path}:{number}: unreadable JSON value ({str(err).split(';')[0]})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
             rows.append((number, row))
@@ -98,13 +112,23 @@ def row_format(row: dict, where: str) -> str:
                     f"(fields: {sorted(row)[:10]})")
 
 
+def _check_unicode(value: str, field: str, where: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON may escape lone surrogates ("\ud800"); tokenizers reject them
+        raise DataError(f"{where}: field {field!r} holds invalid Unicode ({value[err.start]!r} at character "
+                        f"{err.start}, a lone surrogate); fix the text") from None
+    return value
+
+
 def _string(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
     value = row.get(key)
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        missing = " (missing)" if key not in row else ""
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}{missing}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field {key!r} is empty")
-    return value
+    return _check_unicode(value, key, where)
 
 
 class Tokenize:
@@ -149,8 +173,19 @@ class Tokenize:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise DataError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
+            _check_unicode(m["role"], f"messages[{i}].role", where)
+            _check_unicode(m["content"], f"messages[{i}].content", where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: messages has no assistant turn to learn from")
+        try:
+            return self._label_assistant_turns(messages, where)
+        except DataError:
+            raise
+        except Exception as err:  # jinja2 TemplateError (raise_exception in the template), TypeError, ...
+            message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise DataError(f"{where}: the tokenizer's chat template rejects this conversation ({message})") from None
+
+    def _label_assistant_turns(self, messages: list[dict], where: str) -> Example:
         full = self._render(messages, False)
         labels = [IGNORE] * len(full)
         for i, m in enumerate(messages):
@@ -174,17 +209,20 @@ def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int
         raise DataError(f"{source}: the dataset is empty")
     fmt = row_format(rows[0][1], rows[0][0])
     tokenize = Tokenize(tokenizer, seq_len)
-    examples, dropped = [], 0
+    examples, dropped, truncated = [], 0, 0
     for where, row in rows:
         if row_format(row, where) != fmt:
             raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {fmt}; "
                             "use one format per file")
         ex = tokenize(row, where, fmt)
-        ex = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
-        if sum(label != IGNORE for label in ex.labels[1:]) == 0:
+        cut = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
+        if sum(label != IGNORE for label in cut.labels[1:]) == 0:
             dropped += 1
             continue
-        examples.append(ex)
+        truncated += len(ex.input_ids) > seq_len
+        examples.append(cut)
+    if truncated:
+        log(f"data: {source}: truncated {truncated} of {len(rows)} rows to data.seq_len={seq_len} tokens")
     if dropped:
         log(f"data: {source}: dropped {dropped} of {len(rows)} rows whose loss tokens all fall past "
             f"data.seq_len={seq_len} (raise data.seq_len to keep them)")
@@ -279,6 +317,19 @@ class StepSchedule:
             # rank-major inside each micro-batch slot, so world size changes only who gets what
             start = base + (micro * self.world + rank) * self.mbs
             yield [self._index(p) for p in range(start, start + self.mbs)]
+
+
+def fingerprint(examples: Sequence[Example]) -> str:
+    """sha256 of the tokenized rows (ids and labels): same data, tokenizer and truncation, same digest."""
+    import hashlib
+    from array import array
+
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(array("q", [len(ex.input_ids)]).tobytes())
+        digest.update(array("q", ex.input_ids).tobytes())
+        digest.update(array("q", ex.labels).tobytes())
+    return digest.hexdigest()
 
 
 def split_eval(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:

@@ -232,6 +232,25 @@ class DistContext:
             lr_scheduler=scheduler_fn, config=self.ds_config)
         return engine, optimizer, scheduler
 
+    def save_engine_state(self, engine, directory: Path) -> None:
+        """DeepSpeed's own checkpoint of the trainable state into `directory`/ds (every rank writes its shards).
+
+        The frozen base weights are left out: a resumed run rebuilds them from model.path.
+        """
+        engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
+
+    def load_engine_state(self, engine, directory: Path) -> None:
+        """LoRA weights, optimizer and scheduler state from `directory`/ds, unpickled with weights_only=True."""
+        _load_weights_only(engine)
+        try:
+            # not strict: the checkpoint holds the trainable parameters only (exclude_frozen_parameters)
+            path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=False,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+        except FileNotFoundError as err:
+            raise ConfigError(f"train.resume: {directory} is incomplete ({err})") from None
+        if path is None:
+            raise ConfigError(f"train.resume: DeepSpeed found no engine state in {directory}/{ENGINE_TAG}")
+
     def gathered(self, params: list[torch.nn.Parameter]):
         """Full parameters inside the block on every rank; a no-op unless ZeRO-3 partitions them."""
         if not self.zero3:
@@ -239,6 +258,49 @@ class DistContext:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+ENGINE_TAG = "ds"  # a checkpoint's DeepSpeed files live in <checkpoint>/ds/
+
+
+def weights_only_checkpoint_engine():
+    """DeepSpeed's TorchCheckpointEngine, loading with torch.load(weights_only=True).
+
+    DeepSpeed's own engine calls torch.load(weights_only=False), which runs whatever a pickle names.
+    Its checkpoint files hold tensors, plain containers and three DeepSpeed types (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2 and ZeRO-3 checkpoints), so loading
+    them with weights_only=True and those types allow-listed reads every genuine checkpoint and refuses
+    anything else.
+    """
+    import pickle
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [ZeroStageEnum, LossScaler, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                lines = str(err).splitlines() or [type(err).__name__]
+                detail = next((line for line in lines if "GLOBAL" in line), lines[0])
+                detail = detail.split("WeightsUnpickler error:")[-1].strip()
+                raise ConfigError(f"train.resume: refusing to unpickle {path}: {detail}") from None
+
+    return WeightsOnlyCheckpointEngine
+
+
+def _load_weights_only(engine) -> None:
+    """Swap the engine's checkpoint loader for the weights-only one (other engines, e.g. Nebula, stay)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = weights_only_checkpoint_engine()(engine._config)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

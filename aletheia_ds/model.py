@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -12,8 +13,57 @@ from .config import ConfigError, ModelSection
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
+# where families record the longest sequence they were built for (GPT-NeoX/GPT-2 index a position table)
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def has_weights(path: str | Path) -> bool:
     return any(any(Path(path).glob(pattern)) for pattern in WEIGHT_FILES)
+
+
+def _model_config(section: ModelSection):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(section.path, local_files_only=True,
+                                          trust_remote_code=section.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"model.path: cannot read the config of {section.path!r} "
+                          f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+
+
+def check_sequence_lengths(section: ModelSection, lengths: dict[str, int]) -> None:
+    """Refuse sequence lengths past the model's position limit before anything heavy is loaded.
+
+    Learned position tables (GPT-NeoX, GPT-2) would fail with an index error deep in the forward, and
+    rotary models were not trained past the limit; a model that was extended sets the larger limit in
+    its config.json.
+    """
+    config = _model_config(section)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_LIMIT_KEYS:
+        limit = getattr(text_config, key, None)
+        if isinstance(limit, int) and limit > 0:
+            break
+    else:
+        return
+    for knob, length in lengths.items():
+        if length > limit:
+            raise ConfigError(f"{knob}={length} exceeds the model's {key}={limit} ({section.path}); "
+                              f"set {knob} <= {limit}")
+
+
+def fingerprint(section: ModelSection) -> dict:
+    """What identifies the base model cheaply: its config and the names and sizes of its weight files.
+
+    (Hashing the weights would read hundreds of GB for a large model; a changed file size or config is
+    what a different or re-converted model shows.)
+    """
+    config = json.loads(_model_config(section).to_json_string(use_diff=False))
+    for volatile in ("_name_or_path", "transformers_version", "_commit_hash"):
+        config.pop(volatile, None)
+    files = sorted((f.name, f.stat().st_size) for pattern in WEIGHT_FILES for f in Path(section.path).glob(pattern))
+    return {"config": config, "weight_files": [list(f) for f in files], "random_init": not files}
 
 
 def load_model(section: ModelSection, dtype: torch.dtype, device: torch.device, init_context, seed: int = 0,

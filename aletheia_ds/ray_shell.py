@@ -6,7 +6,7 @@
              probe -> plan -> train -> export as `deepspeed launch/train.py`, DeepSpeed inside the worker
 
 The driver never builds the model: each worker builds its partition of it under zero.Init (ZeRO-3).
-Nothing outside launch/ray_train.py imports this module, so the package itself does not need Ray.
+Only launch/ray_train.py (and its tests) import this module: the package itself does not need Ray.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, TrainingError, load_config
 
 # config keys holding local paths: the driver makes them absolute, the workers run in other directories
 PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval"),
@@ -137,8 +137,11 @@ def fit(cfg: RunConfig) -> Any:
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0: launch/ray_train.py uses Ray Train's current API; unset it")
     scaling = ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                       resources_per_worker=cfg.ray.resources_per_worker)
+    # Ray Train lists the run's checkpoints (<run>/checkpoints/step-N, written in place) and deletes the ones
+    # beyond train.keep_last; a restarted worker group resumes from the newest
     run_config = ray.train.RunConfig(storage_path=cfg.ray.storage_path, name=cfg.ray.name,
-                                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures))
+                                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+                                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last))
     address = connect(cfg.ray.address)
     if cfg.ray.check_resources:
         check_cluster_fits(cfg, scaling, address)
@@ -153,21 +156,23 @@ def fit(cfg: RunConfig) -> Any:
     except ray.train.TrainingFailedError as err:
         failures = getattr(err, "worker_failures", None) or {}
         for failure in failures.values():
-            if isinstance(failure, ConfigError):  # every rank meets the same bad input; one line is enough
+            # every rank meets the same bad input, or the same all-reduced non-finite loss: one line is enough
+            if isinstance(failure, (ConfigError, TrainingError)):
                 raise failure from None
         raise
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
-    """Entry for launch/ray_train.py: exit 0 when the run finished, 2 with one line for bad input or an
-    unreachable or too small cluster, 1 when training failed (Ray has printed the workers' tracebacks)."""
+    """Entry for launch/ray_train.py, with launch/train.py's exit codes: 0 when the run finished, 2 with one
+    line for bad input or an unreachable or too small cluster, 3 for a training error (non-finite loss), 1 for
+    any other failure of the workers (Ray has printed their tracebacks)."""
     try:
         cfg = for_ray(load_config(sys.argv[1:] if argv is None else argv), Path.cwd())
         cfg.require_paths()  # here, before any worker starts: the same files must be there on every node
         result = fit(cfg)
-    except ConfigError as err:
+    except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(err, ConfigError) else 3
     except Exception as err:  # ray.train.TrainingFailedError and friends, after Ray's own report
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         print(f"error: training failed on the Ray workers: {first}", file=sys.stderr, flush=True)
@@ -186,8 +191,11 @@ def digest(blob: Any) -> str:
 
 
 class RayReporter:
-    """aletheia_ds.train.Reporter for Ray Train: progress and metrics through ray.train.report, and a note
-    per worker in <run>/workers/ (node, process, the plan it trains, how much of the base model it holds)."""
+    """aletheia_ds.train.Reporter for Ray Train: progress and metrics through ray.train.report, checkpoints as
+    ray.train.Checkpoint, and a note per worker in <run>/workers/ (node, process, the plan it trains, how much
+    of the base model it holds)."""
+
+    keeps_checkpoints = True  # CheckpointConfig(num_to_keep=train.keep_last) deletes the old ones
 
     def __init__(self, out: Path):
         self.out = out
@@ -215,17 +223,24 @@ class RayReporter:
 
         from .checkpoint import write_json_atomic
 
-        self.note.update(plan_sha256=digest(plan.to_json()), probe_sha256=digest(report.to_json()),
-                         plan_layers=plan.layers)
+        # a resumed run (report None) trains the checkpoint's plan: no probe this time
+        self.note.update(plan_sha256=digest(plan.to_json()), plan_layers=plan.layers, resumed=report is None,
+                         probe_sha256=digest(report.to_json()) if report is not None else None)
         write_json_atomic(self.out / WORKERS_DIR / f"rank-{self.note['rank']:05d}.json", self.note)
+        probe = {"probe_tokens": report.tokens, "probe_seconds": report.seconds} if report is not None else {}
         ray.train.report({"stage": "planned", "layers": plan.layers, "adapters": len(plan.modules),
-                          "score_captured": plan.score_captured, "probe_tokens": report.tokens,
-                          "probe_seconds": report.seconds})
+                          "score_captured": plan.score_captured, "resumed": report is None, **probe})
 
-    def step(self, row: dict) -> None:
+    def step(self, row: dict, checkpoint: Optional[Path] = None) -> None:
         import ray.train
 
-        ray.train.report({"stage": "train", **row})
+        metrics = {"stage": "train", **row}
+        if checkpoint is not None and self.note["rank"] == 0:
+            # already complete in the run's storage (every rank wrote its part): listed, not copied
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(checkpoint)),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        else:
+            ray.train.report(metrics)
 
     def finished(self, results: dict) -> None:
         import ray.train
@@ -240,6 +255,9 @@ def worker_loop(config: dict) -> None:
     from .train import main
 
     cfg = RunConfig.model_validate(config["config"])
+    checkpoint = ray.train.get_checkpoint()  # after a failure: the newest checkpoint this run reported
+    if checkpoint is not None:
+        cfg.train.resume = checkpoint.path
     if cfg.ray.use_gpu:
         # Ray shares CUDA_VISIBLE_DEVICES among a node's workers; its device index for this worker is what
         # LOCAL_RANK must say, since aletheia_ds.dist and DeepSpeed pick the GPU by LOCAL_RANK

@@ -68,7 +68,7 @@ def plot_experts(report: ProbeReport, out: Path) -> Path | None:
 
 def plot_loss(metrics_path: Path, out: Path) -> Path | None:
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r and "step" in r]
+    rows = [r for r in rows if r.get("loss") is not None and "step" in r]  # skipped steps log loss null
     if not rows:
         return None
     plt = _pyplot()

@@ -2,10 +2,14 @@
 
     cfg = load_config(argv)
     with distributed(cfg) as ctx:
+        resume = find_resume(ctx, cfg)     # train.resume: the checkpoint to continue from, checked against cfg
         run = Run.setup(ctx, cfg)          # tokenizer, data, frozen base model (zero.Init under ZeRO-3)
-        report = run.probe()               # one forward + backward per probe batch, norms all-reduced
-        plan = run.plan(report)            # rank 0 plans, every rank receives the same plan
-        run.train(plan)                    # adapters attached and verified, DeepSpeed engine, loop
+        if resume:
+            plan = run.resume_plan(resume) # the checkpoint's plan: no probe, no planning
+        else:
+            report = run.probe()           # one forward + backward per probe batch, norms all-reduced
+            plan = run.plan(report)        # rank 0 plans, every rank receives the same plan
+        run.train(plan, resume)            # adapters attached and verified, DeepSpeed engine, loop, checkpoints
         run.export()                       # PEFT adapter gathered from ZeRO-3 partitions, rank 0 writes
 """
 
@@ -24,12 +28,14 @@ import torch.nn as nn
 
 from . import data as data_mod
 from .arch import Layout, describe
-from .checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic
-from .config import ConfigError, RunConfig, load_config
+from .checkpoint import (Checkpoint, export_adapter, find_resume, restore_checkpoint, save_checkpoint,
+                         save_safetensors_atomic, write_json_atomic)
+from .config import ConfigError, RunConfig, TrainingError, load_config
 from .dist import DistContext, distributed, print0, resolve_dtype
 from .evaluate import held_out_loss
 from .lora import attach
-from .model import load_model
+from .model import check_sequence_lengths, load_model
+from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
 from .prefix import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
 from .probe.report import ProbeReport
@@ -64,14 +70,20 @@ class Reporter:
     synchronise the ranks (ray.train.report is a barrier).
     """
 
+    # True when the tracker deletes old checkpoints itself (Ray Train's CheckpointConfig(num_to_keep)), so
+    # that the run does not delete ones it still lists
+    keeps_checkpoints = False
+
     def started(self, ctx: DistContext, model: nn.Module) -> None:
         """The frozen base model is built (partitioned under ZeRO-3); no DeepSpeed engine exists yet."""
 
-    def planned(self, report: ProbeReport, plan: Plan) -> None:
-        """probe.json and plan.json are written; `plan` is the one this rank trains."""
+    def planned(self, report: Optional[ProbeReport], plan: Plan) -> None:
+        """`plan` is the one this rank trains: made from `report` (probe.json, plan.json written), or taken from
+        the checkpoint the run resumes (report None)."""
 
-    def step(self, row: dict) -> None:
-        """A metrics.jsonl row (every train.log_every steps and the last step)."""
+    def step(self, row: dict, checkpoint: Optional[Path] = None) -> None:
+        """A metrics.jsonl row (every train.log_every steps, the last step, a skipped step), and the
+        checkpoint written after this step if any (complete, on every rank's view of output_dir)."""
 
     def finished(self, results: dict) -> None:
         """The adapter and eval.json are written."""
@@ -92,12 +104,50 @@ class Progress:
 
     def update(self, step: int, loss: float, lr: float) -> None:
         self.bar.set_postfix(loss=f"{loss:.4f}")
-        self.bar.update(1)
+        self.bar.n = step
+        self.bar.refresh()
         if self.lines and (step % self.every == 0 or step == self.total):
             print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}", flush=True)
 
     def close(self) -> None:
         self.bar.close()
+
+
+class NonFiniteGuard:
+    """train.nan_policy: a step whose loss or gradient norm is not finite is never applied.
+
+    DeepSpeed's ZeRO optimizers skip an update whose global gradient norm is not finite (the norm is
+    all-reduced, so every rank skips together) and leave the LR scheduler where it was, as for an fp16
+    overflow. `stop` then ends the run naming the step; `skip` moves on to the next step's data, up to
+    train.max_nan_skips skipped steps in the whole run (resumptions included).
+    """
+
+    def __init__(self, policy: str, max_skips: int, skips: int = 0, loss_scaling: bool = False):
+        self.policy, self.max_skips, self.skips = policy, max_skips, skips
+        self.loss_scaling = loss_scaling  # fp16: DeepSpeed's loss scaler owns gradient overflow
+
+    def check(self, step: int, loss: float, grad_norm: Optional[float], applied: bool,
+              last_checkpoint: Optional[Path]) -> bool:
+        """True when the step was skipped; raises TrainingError when the run must stop."""
+        grad_bad = grad_norm is not None and not math.isfinite(grad_norm) and not self.loss_scaling
+        if math.isfinite(loss) and not grad_bad:
+            return False
+        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} " \
+               f"(loss {loss}, grad norm {grad_norm})"
+        resume = f"last good checkpoint: {last_checkpoint} (continue with --resume auto)" if last_checkpoint \
+            else "no checkpoint written yet"
+        if applied:
+            raise TrainingError(f"train: {what} and the optimizer applied the update (it does not skip "
+                                f"non-finite steps; use a ZeRO stage >= 1); {resume}")
+        if self.policy == "stop":
+            raise TrainingError(f"train: {what}; the update was not applied; {resume}; lower train.lr or check "
+                                "this step's data, or set train.nan_policy=skip")
+        if self.skips >= self.max_skips:
+            raise TrainingError(f"train: {what}; {self.skips} steps skipped already, train.max_nan_skips="
+                                f"{self.max_skips}; {resume}")
+        self.skips += 1
+        print0(f"train: {what}; update skipped ({self.skips}/{self.max_skips} allowed by train.max_nan_skips)")
+        return True
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -133,6 +183,8 @@ class Run:
     engine: Any = None
     prefix_cache: Optional[PrefixCache] = None
     results: dict = field(default_factory=dict)
+    last_checkpoint: Optional[Path] = None
+    _fingerprints: Optional[dict] = None
     reporter: Reporter = field(default_factory=Reporter)
 
     # ---------------------------------------------------------------- setup
@@ -140,6 +192,8 @@ class Run:
     def setup(cls, ctx: DistContext, cfg: RunConfig, reporter: Optional[Reporter] = None) -> "Run":
         torch.manual_seed(cfg.train.seed)
         out = Path(cfg.train.output_dir)
+        check_sequence_lengths(cfg.model, {"data.seq_len": cfg.data.seq_len,
+                                           **({"probe.seq_len": cfg.probe.seq_len} if cfg.probe.seq_len else {})})
         tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
         log = print0
         examples = data_mod.load_examples(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.max_examples, log)
@@ -235,6 +289,25 @@ class Run:
         self.reporter.planned(report, plan)
         return plan
 
+    def resume_plan(self, checkpoint: Checkpoint) -> Plan:
+        """The checkpoint's plan as it was: the engine state it holds fits these adapters only."""
+        checkpoint.check_fingerprints(self.fingerprints())
+        plan = checkpoint.plan()
+        if self.ctx.is_main and not (self.out / "plan.json").is_file():
+            write_json_atomic(self.out / "plan.json", plan.to_json())
+        print0(f"plan ({plan.rule}): the checkpoint's, layers {plan.layers}; {len(plan.modules)} adapters "
+               "(no probe on resume)")
+        self.reporter.planned(None, plan)
+        return plan
+
+    def fingerprints(self) -> dict:
+        """What a checkpoint records to recognise this run's model and data on resume."""
+        if self._fingerprints is None:
+            self._fingerprints = {"model": model_fingerprint(self.cfg.model),
+                                  "data": data_mod.fingerprint(self.train_examples + self.eval_examples),
+                                  "train_rows": len(self.train_examples), "eval_rows": len(self.eval_examples)}
+        return self._fingerprints
+
     # ---------------------------------------------------------------- train
     def _forward_loss(self, batch: dict, indices: Optional[list[int]] = None) -> torch.Tensor:
         if self.prefix_cache is not None:
@@ -253,7 +326,7 @@ class Run:
         self.engine.train()
         return loss
 
-    def train(self, plan: Plan) -> None:
+    def train(self, plan: Plan, resume: Optional[Checkpoint] = None) -> None:
         cfg, ctx = self.cfg, self.ctx
         self.model = attach(self.model, plan, cfg.lora)
         self._gradient_checkpointing(cfg.train.gradient_checkpointing, reentrant=False)
@@ -283,18 +356,27 @@ class Run:
         self.engine, optimizer, scheduler = ctx.initialize(self.model, groups, scheduler_factory(cfg, total_steps),
                                                            cfg.train.lr)
         print0(f"train: {total_steps} steps x {schedule.global_batch} examples; {trainable:,} trainable parameters")
-        self.results["eval_loss_before"] = self.evaluate()
-        print0(f"held-out loss before training: {self.results['eval_loss_before']:.4f}")
-        metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main)
+        guard = NonFiniteGuard(cfg.train.nan_policy, cfg.train.max_nan_skips,
+                               loss_scaling=bool(ctx.ds_config.get("fp16", {}).get("enabled")))
+        start_step = self._resume(resume, total_steps, guard) if resume else 0
+        if resume is None:
+            self.results["eval_loss_before"] = self.evaluate()
+            print0(f"held-out loss before training: {self.results['eval_loss_before']:.4f}")
+        self.last_checkpoint = resume.path if resume else None
+        metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main, append=resume is not None)
         self.engine.train()
         progress = Progress(total_steps, ctx.is_main)
-        for step in range(total_steps):
+        for step in range(start_step, total_steps):
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
             totals = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, tokens
             for indices in schedule.micro_batches(step, ctx.rank):
                 batch = data_mod.collate([rows[i] for i in indices], self.pad_id)
                 loss = self._forward_loss(batch, indices)
+                if not torch.isfinite(loss.detach()):
+                    # a non-finite loss can still give finite gradients; NaN gradients make DeepSpeed's
+                    # all-reduced norm check skip the update on every rank
+                    loss = loss * float("nan")
                 self.engine.backward(loss)
                 self.engine.step()
                 totals += torch.tensor([float(loss.detach()), 1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
@@ -302,19 +384,26 @@ class Run:
             seconds = time.perf_counter() - started
             step_loss = float(totals[0] / totals[1])
             grad_norm = self.engine.get_global_grad_norm()
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"train: non-finite loss {step_loss} at step {step + 1}")
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-                row = dict(step=step + 1, loss=step_loss, lr=lr, tokens_per_s=float(totals[2]) / seconds,
-                           grad_norm=None if grad_norm is None else float(grad_norm), step_seconds=seconds,
-                           epoch=schedule.epoch_of(step + 1))
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            skipped = guard.check(step + 1, step_loss, grad_norm, self.engine.was_step_applied(), self.last_checkpoint)
+            row = None
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or skipped:
+                finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
+                row = dict(step=step + 1, loss=finite(step_loss), lr=lr, tokens_per_s=float(totals[2]) / seconds,
+                           grad_norm=finite(grad_norm), step_seconds=seconds, epoch=schedule.epoch_of(step + 1),
+                           **({"skipped": True} if skipped else {}))
                 metrics.write(**row)
-                self.reporter.step(row)
             progress.update(step + 1, step_loss, lr)
+            saved = None
+            if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == total_steps:
+                saved = self.save(step + 1, total_steps, plan, guard)
+            if row is not None or saved is not None:
+                self.reporter.step(row or {"step": step + 1}, saved)
         progress.close()
         metrics.close()
         self.results["eval_loss_after"] = self.evaluate()
         self.results["steps"] = total_steps
+        self.results["skipped_steps"] = guard.skips
         if self.prefix_cache is not None:
             cache = self.prefix_cache
             self.results["prefix_cache"] = {"examples": len(cache.store), "bytes": cache.stored_bytes,
@@ -322,6 +411,29 @@ class Run:
             print0(f"prefix cache: {len(cache.store)} examples, {cache.stored_bytes / 2**20:.1f} MiB on rank 0; "
                    f"{cache.hits} micro-batches replayed, {cache.misses} computed")
         print0(f"held-out loss after training:  {self.results['eval_loss_after']:.4f}")
+
+    def save(self, step: int, total_steps: int, plan: Plan, guard: NonFiniteGuard) -> Path:
+        """A resumable checkpoint of this step (every rank takes part)."""
+        state = {"total_steps": total_steps, "world_size": self.ctx.world_size, "zero_stage": self.ctx.zero_stage,
+                 "nan_skips": guard.skips, "eval_loss_before": self.results.get("eval_loss_before"),
+                 "config": self.cfg.model_dump(), "deepspeed": self.ctx.ds_config, "plan": plan.to_json(),
+                 "fingerprints": self.fingerprints(), "versions": _versions()}
+        keep_last = None if self.reporter.keeps_checkpoints else self.cfg.train.keep_last
+        self.last_checkpoint = save_checkpoint(self.ctx, self.engine, self.model, self.out, step, state, keep_last)
+        print0(f"checkpoint: {self.last_checkpoint}")
+        return self.last_checkpoint
+
+    def _resume(self, checkpoint: Checkpoint, total_steps: int, guard: NonFiniteGuard) -> int:
+        """Engine, RNG and metrics as they were after the checkpoint's step; returns that step."""
+        saved_total = int(checkpoint.state["total_steps"])
+        if saved_total != total_steps:
+            raise ConfigError(f"train.resume: {checkpoint.path} belongs to a run of {saved_total} steps, this "
+                              f"one has {total_steps}; set train.max_steps={saved_total}")
+        restore_checkpoint(self.ctx, self.engine, self.model, checkpoint, self.out)
+        self.results["eval_loss_before"] = checkpoint.state.get("eval_loss_before")
+        guard.skips = int(checkpoint.state.get("nan_skips", 0))
+        print0(f"resume: {checkpoint.path}, step {checkpoint.step} of {total_steps}")
+        return checkpoint.step
 
     # ---------------------------------------------------------------- export
     @torch.no_grad()
@@ -349,14 +461,23 @@ class Run:
         return path
 
 
+def _versions() -> dict:
+    import deepspeed
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
 def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
     """The whole job on this rank; `reporter` receives its progress (launch/ray_train.py: Ray Train)."""
     cfg.require_paths()
     with distributed(cfg) as ctx:
+        resume = find_resume(ctx, cfg)
         run = Run.setup(ctx, cfg, reporter)
-        report = run.probe()
-        plan = run.plan(report)
-        run.train(plan)
+        plan = run.resume_plan(resume) if resume else run.plan(run.probe())
+        run.train(plan, resume)
         run.export()
         return run.results
 
@@ -368,9 +489,9 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         main(cfg)
-    except ConfigError as err:
-        # every rank meets the same bad input; one line from rank 0 (or from a rank run alone)
+    except (ConfigError, TrainingError) as err:
+        # every rank meets the same bad input or the same all-reduced loss; one line from rank 0
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return 2 if isinstance(err, ConfigError) else 3
     return 0

@@ -39,18 +39,24 @@ def deepspeed_cmd(script: str, args: list[str], nprocs: int) -> list[str]:
             "127.0.0.1", "--master_port", str(free_port()), script, *args]
 
 
-def run_train(config: dict, tmp: Path, nprocs: int = 2, timeout: int = 300, extra: list[str] | None = None,
-              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Write `config` as YAML and run launch/train.py on `nprocs` ranks (one plain process when nprocs == 0)."""
+def train_cmd(config: dict, tmp: Path, nprocs: int = 2, extra: list[str] | None = None,
+              script: str = "launch/train.py") -> list[str]:
+    """Write `config` as YAML; the command that runs `script` on `nprocs` ranks (one plain process when 0)."""
     import yaml
 
     path = tmp / f"config-{len(list(tmp.glob('config-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(config))
     args = ["--config", str(path), *(extra or [])]
     if nprocs == 0:
-        cmd = [sys.executable, str(ROOT / "launch/train.py"), *args]
-    else:
-        cmd = deepspeed_cmd(str(ROOT / "launch/train.py"), args, nprocs)
+        return [sys.executable, str(ROOT / script), *args]
+    return deepspeed_cmd(str(ROOT / script), args, nprocs)
+
+
+def run_train(config: dict, tmp: Path, nprocs: int = 2, timeout: int = 300, extra: list[str] | None = None,
+              check: bool = True, env: dict | None = None, script: str = "launch/train.py"
+              ) -> subprocess.CompletedProcess:
+    """Run launch/train.py (or a wrapper `script`) with `config` on `nprocs` ranks; fail loudly if `check`."""
+    cmd = train_cmd(config, tmp, nprocs, extra, script)
     proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -25,6 +25,13 @@ def test_yaml_and_overrides(tmp_path):
     ([], "model: [1, 2]\n", r"section 'model' must be a mapping"),
     ([], "- a\n- b\n", r"the top level must be a mapping"),
     ([], "model:\n  path: [unclosed\n", r"c.yaml: line \d+"),
+    (["train.lr=1"], "just text\n", r"c.yaml: the top level must be a mapping"),
+    ([], "train:\n  seed: 1" + "0" * 5000 + "\n", r"c.yaml: Exceeds the limit \(4300 digits\)"),
+    (["train.lr=.inf"], "", r"train.lr: must be a finite number > 0, got inf"),
+    (["data.max_examples=-5"], "", r"data.max_examples: must be >= 1 \(or unset for all rows\), got -5"),
+    (["train.seed=-1"], "", r"train.seed: must be in \[0, 2\*\*32\)"),
+    (["train.resume="], "", r"train.resume: must be 'auto' or a checkpoint path"),
+    (["deepspeed.overrides.a=1", "deepspeed.overrides.a.b=2"], "", r"'a' already holds a value, not a mapping"),
 ])
 def test_errors_are_one_line_naming_the_knob(tmp_path, args, text, match):
     f = tmp_path / "c.yaml"

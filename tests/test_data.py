@@ -71,12 +71,23 @@ def test_parquet_and_datasets_dir(tok, tmp_path):
     (b'', r"the dataset is empty"),
     (b'\n\n', r"the dataset is empty"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"no assistant turn"),
+    (b'{"text": "a\\ud800b"}\n', r"d.jsonl:1: field 'text' holds invalid Unicode \('\\ud800' at character 1"),
+    (b'[' * 100000 + b']' * 100000 + b'\n', r"d.jsonl:1: JSON nested too deeply to read"),
+    (b'{"text": "x", "n": 1' + b'0' * 5000 + b'}\n', r"d.jsonl:1: unreadable JSON value \(Exceeds the limit"),
+    (b'[\n{"text": "x"},\n]\n', r"d.jsonl:1: malformed JSON .* the file must be JSON Lines"),
 ])
 def test_bad_rows_name_the_line(tok, tmp_path, content, match):
     f = tmp_path / "d.jsonl"
     f.write_bytes(content)
     with pytest.raises(DataError, match=match):
         load_examples(f, tok, 32)
+
+
+def test_byte_order_mark_and_crlf_are_accepted(tok, tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "Ada has 3 books."}\r\n{"text": "Ben has 2."}\r\n')
+    plain = write_jsonl(tmp_path / "e.jsonl", [{"text": "Ada has 3 books."}, {"text": "Ben has 2."}])
+    assert load_examples(f, tok, 64) == load_examples(plain, tok, 64)
 
 
 def test_rows_past_seq_len_are_truncated_or_counted(tok, tmp_path):
@@ -86,7 +97,8 @@ def test_rows_past_seq_len_are_truncated_or_counted(tok, tmp_path):
     messages = []
     examples = load_examples(f, tok, 16, log=messages.append)
     assert len(examples) == 1 and len(examples[0].input_ids) == 16
-    assert "dropped 1 of 2 rows" in messages[0]
+    assert messages[0] == f"data: {f}: truncated 1 of 2 rows to data.seq_len=16 tokens"  # the kept one
+    assert "dropped 1 of 2 rows" in messages[1]
     only_long = write_jsonl(tmp_path / "e.jsonl", [{"prompt": long_prompt, "completion": " x"}])
     with pytest.raises(DataError, match="no usable rows"):
         load_examples(only_long, tok, 16, log=lambda _m: None)

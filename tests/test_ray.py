@@ -1,13 +1,18 @@
 """Ray Train on a real local Ray cluster (loopback, token auth), jobs sent with `ray job submit`.
 
 One job: the probe sharded over 2 workers equals one process, every worker trains the plan of plan.json,
-each built only its half of the base model, and the adapter in the run's storage reloads with plain PEFT.
+each built only its half of the base model; a worker killed mid-training, the run resumes from its last
+checkpoint with the loss curve intact, and the adapter in the run's storage reloads with plain PEFT.
 Bad input: a cluster too small for the config, an address nobody answers.
 """
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -50,12 +55,20 @@ def write_config(config: dict, tmp_path):
     return path
 
 
-def test_job_shards_probe_plans_once_trains_and_exports(cluster, model_dir, tmp_path):
-    config = ray_config(model_dir, tmp_path)
-    proc = cluster.submit(["--config", str(write_config(config, tmp_path))], timeout=540)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, model_dir, tmp_path):
+    config = ray_config(model_dir, tmp_path, max_failures=1)
+    config["train"].update(max_steps=16, save_every=4, keep_last=2)
     run = tmp_path / "storage" / "run"
+    job_log = tmp_path / "job.log"
+    job = cluster.start(["--config", str(write_config(config, tmp_path))], job_log)
+    try:
+        before_kill, killed_pid = kill_a_worker_mid_training(job, run, job_log)
+        job.wait(timeout=540)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    log = job_log.read_text()
+    assert job.returncode == 0, log[-6000:]
     assert "ray: done in" in log and str(run) in log
 
     # 1. the probe, its batches dealt over 2 workers and reduced, equals one process on all of them (a worker
@@ -67,32 +80,51 @@ def test_job_shards_probe_plans_once_trains_and_exports(cluster, model_dir, tmp_
     assert probe["world_size"] == 2 and probe["tokens"] == reference.tokens
     for got, want in zip(probe["layers"], reference.layers, strict=True):
         assert got["score"] == pytest.approx(want.score, rel=1e-5)
-
-    # 2. one plan, computed once: every worker trains exactly the plan in plan.json, made from probe.json
-    plan_json = json.loads((run / "plan.json").read_text())
-    notes = [json.loads((run / "workers" / f"rank-{rank:05d}.json").read_text()) for rank in range(2)]
-    assert [n["rank"] for n in notes] == [0, 1] and len({n["pid"] for n in notes}) == 2
-    assert {n["plan_sha256"] for n in notes} == {digest(plan_json)}
-    assert {n["probe_sha256"] for n in notes} == {digest(probe)}
     ranked = sorted(range(4), key=lambda i: (-reference.layers[i].score, i))
+    plan_json = json.loads((run / "plan.json").read_text())
     assert plan_json["layers"] == sorted(ranked[:2])
+
+    # 2. one plan, computed once: every worker of both worker groups trained exactly the plan in plan.json;
+    #    the first group made it from probe.json, the second took it from the checkpoint
+    first, second = before_kill["notes"], read_notes(run)
+    assert [n["rank"] for n in first] == [0, 1] and len({n["pid"] for n in first}) == 2
+    assert {n["plan_sha256"] for n in first + second} == {digest(plan_json)}
+    assert {n["probe_sha256"] for n in first} == {digest(probe)} and not any(n["resumed"] for n in first)
+    assert all(n["resumed"] for n in second) and killed_pid not in {n["pid"] for n in second}
 
     # 3. memory: right after the build each worker held its ZeRO-3 half of the base weights, never all of them
     #    (a partition is padded to a multiple of the world size: at most one element per tensor)
     base = _base_model(model_dir)
     sizes = [p.numel() for p in base.parameters()]
-    for note in notes:
+    for note in first + second:
         held, total = note["base_parameter_elements"]["held"], note["base_parameter_elements"]["total"]
         assert note["zero_stage"] == 3 and total == sum(sizes)
         assert total / 2 <= held <= total / 2 + len(sizes)
 
-    # 4. progress went through ray.train.report; metrics.jsonl has every step
-    assert "'stage': 'done'" in log and "'stage': 'planned'" in log
+    # 4. fault tolerance: Ray restarted the worker group, which resumed from the newest checkpoint it had
+    #    been told of; the loss curve goes on without a reset: every step once, and the steps the killed
+    #    group had already logged past that checkpoint come out the same again
+    assert "[FailurePolicy] RETRY" in log
+    resumed = re.findall(rf"resume: {re.escape(str(run / 'checkpoints'))}/step-(\d+), step (\d+) of 16", log)
+    assert len(resumed) == 1 and resumed[0][0].lstrip("0") == resumed[0][1], log[-6000:]
+    resumed_step = int(resumed[0][1])
+    assert resumed_step in (4, 8, 12) and resumed_step <= before_kill["checkpoint_step"]
     rows = read_jsonl(run / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    redone = [r for r in before_kill["rows"] if r["step"] > resumed_step]
+    assert redone, "the worker was killed before any step past the checkpoint"
+    for old in before_kill["rows"]:
+        assert rows[old["step"] - 1]["loss"] == pytest.approx(old["loss"], rel=1e-6, abs=0)
 
-    # 5. the adapter in storage, reloaded by plain PEFT: the planned modules, the run's own logits
+    # 5. checkpoints: Ray Train lists them in the run's storage and kept train.keep_last of them
+    from ray.train import Result
+
+    result = Result.from_path(str(run))
+    assert result.checkpoint.path == str(run / "checkpoints" / "step-00000016")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000012", "step-00000016"]
+    assert "'stage': 'planned'" in log and "'stage': 'done'" in log  # progress went through ray.train.report
+
+    # 6. the adapter in storage, reloaded by plain PEFT: the planned modules, the run's own logits
     from peft import PeftModel
 
     tuned = PeftModel.from_pretrained(base, str(run / "adapter"))
@@ -104,6 +136,31 @@ def test_job_shards_probe_plans_once_trains_and_exports(cluster, model_dir, tmp_
     assert result["logits_match"], result
     eval_json = json.loads((run / "eval.json").read_text())
     assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)
+
+
+def read_notes(run) -> list[dict]:
+    return [json.loads((run / "workers" / f"rank-{rank:05d}.json").read_text()) for rank in range(2)]
+
+
+def kill_a_worker_mid_training(job, run, job_log, timeout: float = 400.0):
+    """SIGKILL rank 1's process once Ray Train has registered a checkpoint and a later step is logged."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.poll() is None, f"the job ended before the kill:\n{job_log.read_text()[-4000:]}"
+        latest = run / "checkpoints" / "latest"
+        # Ray writes its snapshot when it registers a checkpoint: from then on a restart resumes
+        if (run / "checkpoint_manager_snapshot.json").is_file() and latest.is_file():
+            step = int(latest.read_text().strip().removeprefix("step-"))
+            try:
+                rows = read_jsonl(run / "metrics.jsonl")
+            except json.JSONDecodeError:  # caught mid-line
+                rows = []
+            if rows and rows[-1]["step"] > step:
+                notes = read_notes(run)
+                os.kill(notes[1]["pid"], signal.SIGKILL)
+                return {"notes": notes, "rows": rows, "checkpoint_step": step}, notes[1]["pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint within {timeout} s:\n{job_log.read_text()[-4000:]}")
 
 
 def _base_model(model_dir):
@@ -152,7 +209,7 @@ def test_gpu_workers_take_one_gpu_each(model_dir, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     run = tmp_path / "storage" / "run"
-    notes = [json.loads((run / "workers" / f"rank-{rank:05d}.json").read_text()) for rank in range(2)]
+    notes = read_notes(run)
     assert sorted(n["device"] for n in notes) == ["cuda:0", "cuda:1"]  # LOCAL_RANK = Ray's device index
     assert {n["plan_sha256"] for n in notes} == {digest(json.loads((run / "plan.json").read_text()))}
     eval_json = json.loads((run / "eval.json").read_text())
