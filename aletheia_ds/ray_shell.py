@@ -147,6 +147,9 @@ def fit(cfg: RunConfig) -> Any:
         check_cluster_fits(cfg, scaling, address)
     print(f"ray: {cfg.ray.num_workers} workers of {worker_resources(scaling)} on {address}; run directory "
           f"{cfg.train.output_dir}", flush=True)
+    if (Path(cfg.train.output_dir) / "checkpoint_manager_snapshot.json").is_file():
+        print(f"ray: {cfg.train.output_dir} holds checkpoints of an earlier job named {cfg.ray.name!r}: this job "
+              "continues from the newest (another ray.name starts afresh)", flush=True)
     # Ray Train would send each line a worker prints to its log and to stdout; the job's log shows it twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # passed on to the workers by Ray Train
     trainer = TorchTrainer(worker_loop, train_loop_config={"config": cfg.model_dump(mode="json")},

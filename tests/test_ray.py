@@ -65,8 +65,9 @@ def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, mo
         before_kill, killed_pid = kill_a_worker_mid_training(job, run, job_log)
         job.wait(timeout=540)
     finally:
-        if job.poll() is None:
+        if job.poll() is None:  # the job itself goes with the cluster
             job.kill()
+            job.wait()
     log = job_log.read_text()
     assert job.returncode == 0, log[-6000:]
     assert "ray: done in" in log and str(run) in log
@@ -131,8 +132,9 @@ def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, mo
     plan = Plan.load(run / "plan.json")
     assert adapter_modules(tuned) == {f"model.layers.{m.layer}.{m.path}": (m.r, m.alpha) for m in plan.modules}
     result = evaluate_adapter(model=str(model_dir), adapter=str(run / "adapter"),
-                              data=str(ROOT / "examples/tiny/eval.jsonl"), tokenizer=str(ROOT / "examples/tiny/tokenizer"),
-                              seq_len=48, batches=3, batch_size=4, verify_logits=str(run / "sample_logits.safetensors"))
+                              data=str(ROOT / "examples/tiny/eval.jsonl"),
+                              tokenizer=str(ROOT / "examples/tiny/tokenizer"), seq_len=48, batches=3, batch_size=4,
+                              verify_logits=str(run / "sample_logits.safetensors"))
     assert result["logits_match"], result
     eval_json = json.loads((run / "eval.json").read_text())
     assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)
