@@ -152,13 +152,14 @@ def kill_a_worker_mid_training(job, run, job_log, timeout: float = 400.0):
         latest = run / "checkpoints" / "latest"
         # Ray writes its snapshot when it registers a checkpoint: from then on a restart resumes
         if (run / "checkpoint_manager_snapshot.json").is_file() and latest.is_file():
-            step = int(latest.read_text().strip().removeprefix("step-"))
             try:
                 rows = read_jsonl(run / "metrics.jsonl")
             except json.JSONDecodeError:  # caught mid-line
                 rows = []
+            notes = read_notes(run)
+            # read last, just before the kill: no later checkpoint can be the one the run resumes from
+            step = int(latest.read_text().strip().removeprefix("step-"))
             if rows and rows[-1]["step"] > step:
-                notes = read_notes(run)
                 os.kill(notes[1]["pid"], signal.SIGKILL)
                 return {"notes": notes, "rows": rows, "checkpoint_step": step}, notes[1]["pid"]
         time.sleep(0.05)
