@@ -552,6 +552,19 @@ def validate_tree(tree: Any, where: str) -> RunConfig:
         raise _flatten_error(err, where) from None
 
 
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """A JSON file whose top level is an object (probe.json, plan.json, cost.json), or one clear error."""
+    import json
+
+    try:
+        blob = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot read {what} ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(blob, dict):
+        raise ConfigError(f"{path}: not a {what} (top level is {type(blob).__name__})")
+    return blob
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
     p = Path(path)
     if not p.is_file():

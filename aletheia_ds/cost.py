@@ -15,13 +15,12 @@ with w_i = parameters of layer i / mean layer parameters. `analytic` fills the f
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .config import ConfigError, PlanSection
+from .config import ConfigError, PlanSection, read_json_object
 from .probe.report import ProbeReport
 
 # one adapted module as the cost model sees it: (layer, rank, d_in, d_out)
@@ -155,10 +154,7 @@ class CostModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "CostModel":
-        try:
-            blob = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read cost model ({err})") from None
+        blob = read_json_object(path, "cost model")
         return cls.from_json(blob, str(path))
 
     def check_matches(self, report: ProbeReport, where: str) -> "CostModel":

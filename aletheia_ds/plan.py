@@ -16,13 +16,12 @@ rank `expert_r` on every fused bank, the others none. Attention of chosen MoE la
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .arch import MoeBlock, moe_from_json
-from .config import ConfigError, PlanSection
+from .config import ConfigError, PlanSection, read_json_object
 from .probe.report import ProbeReport
 
 
@@ -152,12 +151,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        try:
-            blob = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read plan ({err})") from None
-        if not isinstance(blob, dict):
-            raise ConfigError(f"{path}: not a plan (top level is {type(blob).__name__})")
+        blob = read_json_object(path, "plan")
         return cls.from_json(blob, str(path))
 
 

@@ -77,7 +77,9 @@ def tiny_run_config(model_dir: Path, out: Path, **sections) -> dict:
         "plan": {"top_pct": 50, "attention_r": 4, "mlp_r": 8},
         "train": {"output_dir": str(out), "max_steps": 6, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 1,
                   "seed": 3},
-        "deepspeed": {"config": str(ROOT / "ds_configs/zero3.json")},
+        # tiny weights sit below DeepSpeed's default persistence threshold and would never be partitioned
+        "deepspeed": {"config": str(ROOT / "ds_configs/zero3.json"),
+                      "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)

@@ -29,7 +29,8 @@ def main(out: str, ds_config: str, model_dir: str) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     cfg = load_config([f"model.path={model_dir}", f"deepspeed.config={ds_config}", "train.micro_batch_size=2",
-                       "model.dtype=float32"])
+                       "model.dtype=float32",
+                       "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"])
     with distributed(cfg) as ctx:
         model = load_model(cfg.model, torch.float32, ctx.device, ctx.model_init, zero3=ctx.zero3)
         layout = describe(model)

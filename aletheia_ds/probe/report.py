@@ -9,12 +9,11 @@ Score definition (fixed so results compare across tools):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, read_json_object
 
 
 @dataclass
@@ -120,10 +119,5 @@ class ProbeReport:
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeReport":
-        try:
-            blob = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read probe report ({err})") from None
-        if not isinstance(blob, dict):
-            raise ConfigError(f"{path}: not a probe report (top level is {type(blob).__name__})")
+        blob = read_json_object(path, "probe report")
         return cls.from_json(blob, str(path))
