@@ -140,6 +140,7 @@ RESUME_MAY_CHANGE = {
     "train.output_dir", "train.resume", "train.log_every", "train.save_every", "train.keep_last",
     "train.nan_policy", "train.max_nan_skips", "train.gradient_checkpointing", "probe.gradient_checkpointing",
     "train.frozen_prefix", "train.prefix_cache",
+    "ray",  # where and how the job runs; ray.num_workers is the world size, checked on its own
 }
 # paths: compared by what they hold (model, data and plan fingerprints, the effective DeepSpeed config)
 RESUME_BY_CONTENT = {
@@ -386,8 +387,9 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
 
 
 def save_checkpoint(ctx, engine, peft_model: nn.Module, output_dir: Path, step: int, state: dict,
-                    keep_last: int) -> Path:
-    """Write a checkpoint of `step` atomically (every rank takes part); returns its final path."""
+                    keep_last: Optional[int]) -> Path:
+    """Write a checkpoint of `step` atomically (every rank takes part); returns its final path. Older ones
+    beyond `keep_last` are deleted; None keeps them all (Ray Train prunes the ones it lists)."""
     root = Path(output_dir) / "checkpoints"
     final = root / step_name(step)
     tmp = root / f".tmp-{final.name}"
@@ -410,7 +412,8 @@ def save_checkpoint(ctx, engine, peft_model: nn.Module, output_dir: Path, step: 
         replace_dir(tmp, final)
         write_text_atomic(root / LATEST, final.name)
         fsync_tree(root, recursive=False)  # the two renames above
-        _prune(root, keep_last, keep=final.name)
+        if keep_last:
+            _prune(root, keep_last, keep=final.name)
     ctx.barrier()
     return final
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -290,6 +290,82 @@ class DeepSpeedSection(Section):
     overrides: dict[str, Any] = Field(default_factory=dict, description="keys merged into the DeepSpeed JSON")
 
 
+class RaySection(Section):
+    """launch/ray_train.py only: where and how wide the Ray Train job runs (the other launchers ignore it)."""
+
+    address: Optional[str] = Field(
+        None, description="Ray cluster: the head's host:port (6379 unless changed) or auto; default: RAY_ADDRESS "
+        "as `ray job submit` sets it, else a new local Ray")
+    num_workers: int = Field(1, description="training workers (processes), one per GPU when use_gpu")
+    use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false: CPU workers and gloo")
+    resources_per_worker: Optional[dict[str, float]] = Field(
+        None, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}; default: Ray's (1 CPU, or 1 GPU "
+        "when use_gpu)")
+    storage_path: Optional[str] = Field(
+        None, description="run storage (a file system path every node sees: NFS, Lustre, a bucket mount); "
+        "default: ~/ray_results")
+    name: Optional[str] = Field(None, description="run directory under storage_path; default: the last part of "
+                                "train.output_dir. Same name again: continue from its last checkpoint")
+    max_failures: int = Field(0, description="worker-group failures to recover from, each from the last "
+                              "checkpoint (-1: no limit)")
+    check_resources: bool = Field(True, description="refuse at once when the cluster cannot ever fit the workers "
+                                  "(false for autoscaling clusters that grow on demand)")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("max_failures")
+    @classmethod
+    def _failures(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError(f"must be >= 0, or -1 for no limit, got {v}")
+        return v
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        if v is not None:
+            bad = {k: amount for k, amount in v.items() if not k or amount < 0}
+            if bad:
+                raise ValueError(f"resource amounts must be >= 0 with a name, got {bad}")
+            if not any(amount > 0 for amount in v.values()):
+                raise ValueError(f"needs at least one resource > 0, got {v}")
+        return v
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "://" in v:
+            # the run's checkpoints are DeepSpeed directories that every rank writes and reads in place
+            raise ValueError(f"must be a file system path that every node sees (NFS, Lustre, or a bucket mounted "
+                             f"with s3fs/gcsfuse), got the URI {v!r}")
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (not v or "/" in v or v in (".", "..")):
+            raise ValueError(f"must be one directory name (no '/'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _gpu_resources(self) -> "RaySection":
+        gpus = (self.resources_per_worker or {}).get("GPU")
+        if self.use_gpu and gpus == 0:
+            raise ValueError("ray.resources_per_worker: GPU is 0 while ray.use_gpu is true; give each worker a GPU "
+                             "or set ray.use_gpu=false")
+        if not self.use_gpu and gpus:
+            raise ValueError(f"ray.resources_per_worker: GPU is {gpus:g} while ray.use_gpu is false; set "
+                             "ray.use_gpu=true")
+        return self
+
+
 class RunConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -298,6 +374,7 @@ class RunConfig(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    ray: RaySection = Field(default_factory=RaySection)
 
     def require_paths(self) -> None:
         """Checks that need the file system, done once at start-up rather than at parse time."""
@@ -365,6 +442,8 @@ def _flatten_error(err: ValidationError, where: str) -> ConfigError:
     msg = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
     got_text = "" if isinstance(got, dict) or "got" in msg else f" (got {got!r:.80})"
+    if msg.startswith(f"{key}."):  # a check across a section's keys names its knob itself
+        return ConfigError(f"{where}: {msg}")
     return ConfigError(f"{where}: {key}: {msg}{got_text}")
 
 
@@ -457,7 +536,7 @@ def validate_shape(tree: Any, where: str) -> None:
     """A mapping of known sections, each a mapping: checked before overrides are merged into it."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections "
-                          f"(model, data, probe, plan, lora, train, deepspeed), got {type(tree).__name__}")
+                          f"(model, data, probe, plan, lora, train, deepspeed, ray), got {type(tree).__name__}")
     for section, body in tree.items():
         if not isinstance(section, str) or section not in RunConfig.model_fields:
             raise _unknown_key_error(str(section), where)

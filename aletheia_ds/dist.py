@@ -345,3 +345,20 @@ def distributed(cfg: RunConfig, use_deepspeed: bool = True) -> Iterator[DistCont
     if ctx.distributed and owns_group:
         ctx.barrier()
         torch.distributed.destroy_process_group()
+
+
+def held_parameter_elements(model: nn.Module) -> tuple[int, int]:
+    """(parameter elements this rank holds, elements of the whole model).
+
+    ZeRO-3 keeps a 1/world_size partition per rank in `ds_tensor` and the full size in `ds_numel`; a model
+    built outside zero.Init holds every element until an engine partitions it.
+    """
+    held = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            held += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            held += p.numel()
+            total += p.numel()
+    return held, total

@@ -62,6 +62,33 @@ class MetricsLog:
             self.handle.close()
 
 
+class Reporter:
+    """Where the job's progress goes besides metrics.jsonl: a cluster's tracker (launch/ray_train.py sends it
+    to Ray Train). This one does nothing.
+
+    Every rank calls each method at the same points and the same number of times, so an implementation may
+    synchronise the ranks (ray.train.report is a barrier).
+    """
+
+    # True when the tracker deletes old checkpoints itself (Ray Train's CheckpointConfig(num_to_keep)), so
+    # that the run does not delete ones it still lists
+    keeps_checkpoints = False
+
+    def started(self, ctx: DistContext, model: nn.Module) -> None:
+        """The frozen base model is built (partitioned under ZeRO-3); no DeepSpeed engine exists yet."""
+
+    def planned(self, report: Optional[ProbeReport], plan: Plan) -> None:
+        """`plan` is the one this rank trains: made from `report` (probe.json, plan.json written), or taken from
+        the checkpoint the run resumes (report None)."""
+
+    def step(self, row: dict, checkpoint: Optional[Path] = None) -> None:
+        """A metrics.jsonl row (every train.log_every steps, the last step, a skipped step), and the
+        checkpoint written after this step if any (complete, on every rank's view of output_dir)."""
+
+    def finished(self, results: dict) -> None:
+        """The adapter and eval.json are written."""
+
+
 class Progress:
     """tqdm bar on an interactive rank 0; plain lines (about ten per run) in logs."""
 
@@ -158,10 +185,11 @@ class Run:
     results: dict = field(default_factory=dict)
     last_checkpoint: Optional[Path] = None
     _fingerprints: Optional[dict] = None
+    reporter: Reporter = field(default_factory=Reporter)
 
     # ---------------------------------------------------------------- setup
     @classmethod
-    def setup(cls, ctx: DistContext, cfg: RunConfig) -> "Run":
+    def setup(cls, ctx: DistContext, cfg: RunConfig, reporter: Optional[Reporter] = None) -> "Run":
         torch.manual_seed(cfg.train.seed)
         out = Path(cfg.train.output_dir)
         check_sequence_lengths(cfg.model, {"data.seq_len": cfg.data.seq_len,
@@ -182,7 +210,9 @@ class Run:
                f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
                f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
                f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}")
-        return cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out)
+        reporter = reporter or Reporter()
+        reporter.started(ctx, model)
+        return cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, reporter=reporter)
 
     @property
     def pad_id(self) -> int:
@@ -256,6 +286,7 @@ class Run:
         print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
                f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
                f"{predicted}")
+        self.reporter.planned(report, plan)
         return plan
 
     def resume_plan(self, checkpoint: Checkpoint) -> Plan:
@@ -266,6 +297,7 @@ class Run:
             write_json_atomic(self.out / "plan.json", plan.to_json())
         print0(f"plan ({plan.rule}): the checkpoint's, layers {plan.layers}; {len(plan.modules)} adapters "
                "(no probe on resume)")
+        self.reporter.planned(None, plan)
         return plan
 
     def fingerprints(self) -> dict:
@@ -354,14 +386,19 @@ class Run:
             grad_norm = self.engine.get_global_grad_norm()
             grad_norm = None if grad_norm is None else float(grad_norm)
             skipped = guard.check(step + 1, step_loss, grad_norm, self.engine.was_step_applied(), self.last_checkpoint)
+            row = None
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or skipped:
                 finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
-                metrics.write(step=step + 1, loss=finite(step_loss), lr=lr, tokens_per_s=float(totals[2]) / seconds,
-                              grad_norm=finite(grad_norm), step_seconds=seconds,
-                              epoch=schedule.epoch_of(step + 1), **({"skipped": True} if skipped else {}))
+                row = dict(step=step + 1, loss=finite(step_loss), lr=lr, tokens_per_s=float(totals[2]) / seconds,
+                           grad_norm=finite(grad_norm), step_seconds=seconds, epoch=schedule.epoch_of(step + 1),
+                           **({"skipped": True} if skipped else {}))
+                metrics.write(**row)
             progress.update(step + 1, step_loss, lr)
+            saved = None
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == total_steps:
-                self.save(step + 1, total_steps, plan, guard)
+                saved = self.save(step + 1, total_steps, plan, guard)
+            if row is not None or saved is not None:
+                self.reporter.step(row or {"step": step + 1}, saved)
         progress.close()
         metrics.close()
         self.results["eval_loss_after"] = self.evaluate()
@@ -375,15 +412,16 @@ class Run:
                    f"{cache.hits} micro-batches replayed, {cache.misses} computed")
         print0(f"held-out loss after training:  {self.results['eval_loss_after']:.4f}")
 
-    def save(self, step: int, total_steps: int, plan: Plan, guard: NonFiniteGuard) -> None:
+    def save(self, step: int, total_steps: int, plan: Plan, guard: NonFiniteGuard) -> Path:
         """A resumable checkpoint of this step (every rank takes part)."""
         state = {"total_steps": total_steps, "world_size": self.ctx.world_size, "zero_stage": self.ctx.zero_stage,
                  "nan_skips": guard.skips, "eval_loss_before": self.results.get("eval_loss_before"),
                  "config": self.cfg.model_dump(), "deepspeed": self.ctx.ds_config, "plan": plan.to_json(),
                  "fingerprints": self.fingerprints(), "versions": _versions()}
-        self.last_checkpoint = save_checkpoint(self.ctx, self.engine, self.model, self.out, step, state,
-                                               self.cfg.train.keep_last)
+        keep_last = None if self.reporter.keeps_checkpoints else self.cfg.train.keep_last
+        self.last_checkpoint = save_checkpoint(self.ctx, self.engine, self.model, self.out, step, state, keep_last)
         print0(f"checkpoint: {self.last_checkpoint}")
+        return self.last_checkpoint
 
     def _resume(self, checkpoint: Checkpoint, total_steps: int, guard: NonFiniteGuard) -> int:
         """Engine, RNG and metrics as they were after the checkpoint's step; returns that step."""
@@ -419,6 +457,7 @@ class Run:
         if self.ctx.is_main:
             write_json_atomic(self.out / "eval.json", self.results)
             print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
+        self.reporter.finished(self.results)
         return path
 
 
@@ -431,11 +470,12 @@ def _versions() -> dict:
             "peft": peft.__version__}
 
 
-def main(cfg: RunConfig) -> dict:
+def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
+    """The whole job on this rank; `reporter` receives its progress (launch/ray_train.py: Ray Train)."""
     cfg.require_paths()
     with distributed(cfg) as ctx:
         resume = find_resume(ctx, cfg)
-        run = Run.setup(ctx, cfg)
+        run = Run.setup(ctx, cfg, reporter)
         plan = run.resume_plan(resume) if resume else run.plan(run.probe())
         run.train(plan, resume)
         run.export()

@@ -98,3 +98,20 @@ def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, family: str = "l
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(path))
     return path
+
+
+def single_process_probe(model_dir: Path, cfg: dict):
+    """The probe of `cfg` on one process with plain transformers: the reference for sharded probes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aletheia_ds.arch import describe
+    from aletheia_ds.data import fixed_batches, load_examples, load_tokenizer
+    from aletheia_ds.probe.run import run_probe
+
+    tok = load_tokenizer(cfg["model"]["tokenizer"])
+    examples = load_examples(cfg["data"]["train"], tok, cfg["data"]["seq_len"], cfg["data"]["max_examples"])
+    batches = fixed_batches(examples, cfg["probe"]["batch_size"], cfg["probe"]["batches"], tok.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return run_probe(model, describe(model), batches, lambda b: model(**b, use_cache=False).loss)

@@ -5,26 +5,12 @@ import json
 import pytest
 import torch
 
-from aletheia_ds.arch import describe
-from aletheia_ds.data import fixed_batches, load_examples, load_tokenizer
 from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.lora import adapter_modules
 from aletheia_ds.plan import Plan
-from aletheia_ds.probe.run import run_probe
-from launch import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
+from launch import ROOT, read_jsonl, run_train, save_tiny_llama, single_process_probe, tiny_run_config
 
 pytestmark = pytest.mark.distributed
-
-
-def single_process_probe(model_dir, cfg):
-    from transformers import AutoModelForCausalLM
-
-    tok = load_tokenizer(cfg["model"]["tokenizer"])
-    examples = load_examples(cfg["data"]["train"], tok, cfg["data"]["seq_len"], cfg["data"]["max_examples"])
-    batches = fixed_batches(examples, cfg["probe"]["batch_size"], cfg["probe"]["batches"], tok.pad_token_id)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return run_probe(model, describe(model), batches, lambda b: model(**b, use_cache=False).loss)
 
 
 @pytest.mark.parametrize("variant", ["zero3_two_ranks", "zero2_one_process_checkpointing_packing"])

@@ -1,0 +1,270 @@
+"""Ray Train around aletheia_ds.train.main: the driver of launch/ray_train.py and the loop of each worker.
+
+    driver:  config -> absolute paths, run directory = ray.storage_path/ray.name -> connect -> does the
+             cluster fit the workers? -> TorchTrainer(ScalingConfig, RunConfig, FailureConfig).fit()
+    worker:  aletheia_ds.train.main(cfg, RayReporter) inside the process group Ray Train created: the same
+             probe -> plan -> train -> export as `deepspeed launch/train.py`, DeepSpeed inside the worker
+
+The driver never builds the model: each worker builds its partition of it under zero.Init (ZeRO-3).
+Only launch/ray_train.py (and its tests) import this module: the package itself does not need Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from .config import ConfigError, RunConfig, TrainingError, load_config
+
+# config keys holding local paths: the driver makes them absolute, the workers run in other directories
+PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval"),
+             ("probe", "report"), ("plan", "plan"), ("plan", "cost"), ("deepspeed", "config"))
+WORKERS_DIR = "workers"
+CONNECT_TIMEOUT_S = 5.0
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def for_ray(cfg: RunConfig, cwd: Path) -> RunConfig:
+    """Relative paths resolved against the driver's directory; train.output_dir = storage_path/name."""
+    tree = cfg.model_dump()
+    for section, key in PATH_KEYS:
+        value = tree[section][key]
+        if value:
+            path = Path(value).expanduser()
+            tree[section][key] = str(path if path.is_absolute() else cwd / path)
+    storage = Path(cfg.ray.storage_path or "~/ray_results").expanduser()
+    if not storage.is_absolute():
+        if "_ray_pkg_" in str(cwd):
+            # `ray job submit --working-dir` runs the driver in an unpacked copy that Ray deletes later
+            raise ConfigError(f"ray.storage_path: {cfg.ray.storage_path!r} is relative and this job runs in Ray's "
+                              f"temporary copy of the working directory ({cwd}); give an absolute path on storage "
+                              "every node sees")
+        storage = cwd / storage
+    name = cfg.ray.name or Path(cfg.train.output_dir).name or "aletheia_ds"
+    tree["ray"].update(storage_path=str(storage), name=name)
+    tree["train"]["output_dir"] = str(storage / name)
+    return RunConfig.model_validate(tree)
+
+
+def _host_port(address: str) -> Optional[tuple[str, int]]:
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        port = parsed.port
+    except ValueError:
+        return None
+    return (parsed.hostname, port) if parsed.hostname and port else None
+
+
+def connect(address: Optional[str]) -> str:
+    """ray.init on the cluster; a ConfigError naming the address when it cannot be reached."""
+    import ray
+
+    target = address or os.environ.get("RAY_ADDRESS")
+    hint = "start one with `ray start --head`, or fix ray.address / RAY_ADDRESS"
+    host_port = _host_port(target) if target and target not in ("auto", "local") else None
+    if host_port:
+        # ray.init retries an unreachable GCS for about a minute; a TCP connect answers in seconds
+        try:
+            socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise ConfigError(f"ray.address: cannot reach a Ray cluster at {target} "
+                              f"({err.strerror or type(err).__name__}); {hint}") from None
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except Exception as err:  # ray.init raises ConnectionError, RuntimeError or ValueError, by cause
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ConfigError(f"ray.address: cannot connect to the Ray cluster at {target or 'auto'} ({first}); "
+                          f"{hint}") from None
+    return target or ray.get_runtime_context().gcs_address
+
+
+def worker_resources(scaling) -> dict[str, float]:
+    """What Ray Train will ask for each worker (its own defaults included)."""
+    need = {"CPU": scaling.num_cpus_per_worker, "GPU": scaling.num_gpus_per_worker,
+            **scaling.additional_resources_per_worker}
+    return {k: float(v) for k, v in need.items() if v}
+
+
+def missing_resources(need: dict[str, float], workers: int, nodes: list[dict[str, float]]) -> Optional[str]:
+    """None when `workers` bundles of `need` fit on `nodes` (a worker's bundle lies on one node), else what is
+    missing, in words."""
+    fits = [min(math.floor(node.get(k, 0.0) / amount + 1e-9) for k, amount in need.items()) for node in nodes]
+    if sum(fits) >= workers:
+        return None
+    short = []
+    for key, amount in need.items():
+        have = sum(node.get(key, 0.0) for node in nodes)
+        if workers * amount > have + 1e-9:
+            short.append(f"{key}: {workers} workers x {amount:g} = {workers * amount:g} needed, the cluster has "
+                         f"{have:g}")
+    if short:
+        return "; ".join(short)
+    offer = ", ".join("{" + ", ".join(f"{k}: {node.get(k, 0.0):g}" for k in need) + "}" for node in nodes)
+    return (f"only {sum(fits)} of {workers} workers fit: each needs {need} on one node, the nodes offer "
+            f"{offer or 'nothing'}")
+
+
+def check_cluster_fits(cfg: RunConfig, scaling, address: str) -> None:
+    import ray
+
+    need = worker_resources(scaling)
+    nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
+    missing = missing_resources(need, cfg.ray.num_workers, nodes)
+    if missing:
+        raise ConfigError(f"ray: the cluster at {address} cannot run ray.num_workers={cfg.ray.num_workers} workers "
+                          f"of {need}: {missing}; lower ray.num_workers or ray.resources_per_worker, or add nodes "
+                          "(ray.check_resources=false waits for an autoscaler instead)")
+    free = ray.available_resources()
+    busy = [k for k, amount in need.items() if free.get(k, 0.0) + 1e-9 < cfg.ray.num_workers * amount]
+    if busy:
+        print(f"ray: {', '.join(busy)} in use by other work; the job starts when enough is free", flush=True)
+
+
+def fit(cfg: RunConfig) -> Any:
+    """Run the job on the cluster; returns Ray Train's Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.constants import is_v2_enabled
+
+    if not is_v2_enabled():
+        raise ConfigError("RAY_TRAIN_V2_ENABLED=0: launch/ray_train.py uses Ray Train's current API; unset it")
+    scaling = ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                      resources_per_worker=cfg.ray.resources_per_worker)
+    # Ray Train lists the run's checkpoints (<run>/checkpoints/step-N, written in place) and deletes the ones
+    # beyond train.keep_last; a restarted worker group resumes from the newest
+    run_config = ray.train.RunConfig(storage_path=cfg.ray.storage_path, name=cfg.ray.name,
+                                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+                                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last))
+    address = connect(cfg.ray.address)
+    if cfg.ray.check_resources:
+        check_cluster_fits(cfg, scaling, address)
+    print(f"ray: {cfg.ray.num_workers} workers of {worker_resources(scaling)} on {address}; run directory "
+          f"{cfg.train.output_dir}", flush=True)
+    if (Path(cfg.train.output_dir) / "checkpoint_manager_snapshot.json").is_file():
+        print(f"ray: {cfg.train.output_dir} holds checkpoints of an earlier job named {cfg.ray.name!r}: this job "
+              "continues from the newest (another ray.name starts afresh)", flush=True)
+    # Ray Train would send each line a worker prints to its log and to stdout; the job's log shows it twice
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # passed on to the workers by Ray Train
+    trainer = TorchTrainer(worker_loop, train_loop_config={"config": cfg.model_dump(mode="json")},
+                           scaling_config=scaling, run_config=run_config)
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        failures = getattr(err, "worker_failures", None) or {}
+        for failure in failures.values():
+            # every rank meets the same bad input, or the same all-reduced non-finite loss: one line is enough
+            if isinstance(failure, (ConfigError, TrainingError)):
+                raise failure from None
+        raise
+
+
+def cli(argv: Optional[list[str]] = None) -> int:
+    """Entry for launch/ray_train.py, with launch/train.py's exit codes: 0 when the run finished, 2 with one
+    line for bad input or an unreachable or too small cluster, 3 for a training error (non-finite loss), 1 for
+    any other failure of the workers (Ray has printed their tracebacks)."""
+    try:
+        cfg = for_ray(load_config(sys.argv[1:] if argv is None else argv), Path.cwd())
+        cfg.require_paths()  # here, before any worker starts: the same files must be there on every node
+        result = fit(cfg)
+    except (ConfigError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2 if isinstance(err, ConfigError) else 3
+    except Exception as err:  # ray.train.TrainingFailedError and friends, after Ray's own report
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"error: training failed on the Ray workers: {first}", file=sys.stderr, flush=True)
+        return 1
+    out = Path(cfg.train.output_dir)
+    results = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
+    print(f"ray: done in {result.path}: probe.json, plan.json, metrics.jsonl, eval.json, adapter/; held-out loss "
+          f"{results.get('eval_loss_before', float('nan')):.4f} -> {results.get('eval_loss_after', float('nan')):.4f}",
+          flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def digest(blob: Any) -> str:
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+class RayReporter:
+    """aletheia_ds.train.Reporter for Ray Train: progress and metrics through ray.train.report, checkpoints as
+    ray.train.Checkpoint, and a note per worker in <run>/workers/ (node, process, the plan it trains, how much
+    of the base model it holds)."""
+
+    keeps_checkpoints = True  # CheckpointConfig(num_to_keep=train.keep_last) deletes the old ones
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.note: dict[str, Any] = {}
+
+    def started(self, ctx, model) -> None:
+        import resource
+
+        import ray
+
+        from .dist import held_parameter_elements
+
+        held, total = held_parameter_elements(model)
+        train_ctx = ray.train.get_context()
+        self.note = {"rank": ctx.rank, "world_size": ctx.world_size, "local_rank": train_ctx.get_local_rank(),
+                     "node_rank": train_ctx.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+                     "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(ctx.device),
+                     "zero_stage": ctx.zero_stage,
+                     # right after the build, before any DeepSpeed engine: what zero.Init left on this rank
+                     "base_parameter_elements": {"held": held, "total": total},
+                     "peak_rss_mib_after_build": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+    def planned(self, report, plan) -> None:
+        import ray.train
+
+        from .checkpoint import write_json_atomic
+
+        # a resumed run (report None) trains the checkpoint's plan: no probe this time
+        self.note.update(plan_sha256=digest(plan.to_json()), plan_layers=plan.layers, resumed=report is None,
+                         probe_sha256=digest(report.to_json()) if report is not None else None)
+        write_json_atomic(self.out / WORKERS_DIR / f"rank-{self.note['rank']:05d}.json", self.note)
+        probe = {"probe_tokens": report.tokens, "probe_seconds": report.seconds} if report is not None else {}
+        ray.train.report({"stage": "planned", "layers": plan.layers, "adapters": len(plan.modules),
+                          "score_captured": plan.score_captured, "resumed": report is None, **probe})
+
+    def step(self, row: dict, checkpoint: Optional[Path] = None) -> None:
+        import ray.train
+
+        metrics = {"stage": "train", **row}
+        if checkpoint is not None and self.note["rank"] == 0:
+            # already complete in the run's storage (every rank wrote its part): listed, not copied
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(checkpoint)),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+        else:
+            ray.train.report(metrics)
+
+    def finished(self, results: dict) -> None:
+        import ray.train
+
+        ray.train.report({"stage": "done", **results})
+
+
+def worker_loop(config: dict) -> None:
+    """One Ray Train worker: the same job as one rank of `deepspeed launch/train.py`."""
+    import ray.train
+
+    from .train import main
+
+    cfg = RunConfig.model_validate(config["config"])
+    checkpoint = ray.train.get_checkpoint()  # after a failure: the newest checkpoint this run reported
+    if checkpoint is not None:
+        cfg.train.resume = checkpoint.path
+    if cfg.ray.use_gpu:
+        # Ray shares CUDA_VISIBLE_DEVICES among a node's workers; its device index for this worker is what
+        # LOCAL_RANK must say, since aletheia_ds.dist and DeepSpeed pick the GPU by LOCAL_RANK
+        import ray.train.torch
+
+        os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index)
+    main(cfg, RayReporter(Path(cfg.train.output_dir)))

@@ -1,0 +1,219 @@
+"""Ray Train on a real local Ray cluster (loopback, token auth), jobs sent with `ray job submit`.
+
+One job: the probe sharded over 2 workers equals one process, every worker trains the plan of plan.json,
+each built only its half of the base model; a worker killed mid-training, the run resumes from its last
+checkpoint with the loss curve intact, and the adapter in the run's storage reloads with plain PEFT.
+Bad input: a cluster too small for the config, an address nobody answers.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from aletheia_ds.evaluate import evaluate_adapter
+from aletheia_ds.lora import adapter_modules
+from aletheia_ds.plan import Plan
+from aletheia_ds.ray_shell import digest
+from launch import ROOT, cpu_env, free_port, read_jsonl, save_tiny_llama, single_process_probe, tiny_run_config
+from ray_cluster import local_ray
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_ray(num_cpus=2) as ray_cluster:  # stopped on the way out, whatever the tests did
+        yield ray_cluster
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("model") / "model")
+
+
+def ray_config(model_dir, tmp_path, **ray_section) -> dict:
+    config = tiny_run_config(model_dir, tmp_path / "unused")
+    # relative paths: the driver resolves them in Ray's copy of the working directory
+    config["model"]["tokenizer"] = "examples/tiny/tokenizer"
+    config["data"].update(train="examples/tiny/train.jsonl", eval="examples/tiny/eval.jsonl")
+    config["deepspeed"]["config"] = "ds_configs/zero3.json"
+    config["ray"] = {"num_workers": 2, "storage_path": str(tmp_path / "storage"), "name": "run", **ray_section}
+    return config
+
+
+def write_config(config: dict, tmp_path):
+    path = tmp_path / "ray.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, model_dir, tmp_path):
+    config = ray_config(model_dir, tmp_path, max_failures=1)
+    config["train"].update(max_steps=16, save_every=4, keep_last=2)
+    run = tmp_path / "storage" / "run"
+    job_log = tmp_path / "job.log"
+    job = cluster.start(["--config", str(write_config(config, tmp_path))], job_log)
+    try:
+        before_kill, killed_pid = kill_a_worker_mid_training(job, run, job_log)
+        job.wait(timeout=540)
+    finally:
+        if job.poll() is None:  # the job itself goes with the cluster
+            job.kill()
+            job.wait()
+    log = job_log.read_text()
+    assert job.returncode == 0, log[-6000:]
+    assert "ray: done in" in log and str(run) in log
+
+    # 1. the probe, its batches dealt over 2 workers and reduced, equals one process on all of them (a worker
+    #    that probed every batch would double the squared norms)
+    probe = json.loads((run / "probe.json").read_text())
+    reference_cfg = dict(config, model=dict(config["model"], tokenizer=str(ROOT / "examples/tiny/tokenizer")),
+                         data=dict(config["data"], train=str(ROOT / "examples/tiny/train.jsonl")))
+    reference = single_process_probe(model_dir, reference_cfg)
+    assert probe["world_size"] == 2 and probe["tokens"] == reference.tokens
+    for got, want in zip(probe["layers"], reference.layers, strict=True):
+        assert got["score"] == pytest.approx(want.score, rel=1e-5)
+    ranked = sorted(range(4), key=lambda i: (-reference.layers[i].score, i))
+    plan_json = json.loads((run / "plan.json").read_text())
+    assert plan_json["layers"] == sorted(ranked[:2])
+
+    # 2. one plan, computed once: every worker of both worker groups trained exactly the plan in plan.json;
+    #    the first group made it from probe.json, the second took it from the checkpoint
+    first, second = before_kill["notes"], read_notes(run)
+    assert [n["rank"] for n in first] == [0, 1] and len({n["pid"] for n in first}) == 2
+    assert {n["plan_sha256"] for n in first + second} == {digest(plan_json)}
+    assert {n["probe_sha256"] for n in first} == {digest(probe)} and not any(n["resumed"] for n in first)
+    assert all(n["resumed"] for n in second) and killed_pid not in {n["pid"] for n in second}
+
+    # 3. memory: right after the build each worker held its ZeRO-3 half of the base weights, never all of them
+    #    (a partition is padded to a multiple of the world size: at most one element per tensor)
+    base = _base_model(model_dir)
+    sizes = [p.numel() for p in base.parameters()]
+    for note in first + second:
+        held, total = note["base_parameter_elements"]["held"], note["base_parameter_elements"]["total"]
+        assert note["zero_stage"] == 3 and total == sum(sizes)
+        assert total / 2 <= held <= total / 2 + len(sizes)
+
+    # 4. fault tolerance: Ray restarted the worker group, which resumed from the newest checkpoint it had
+    #    been told of; the loss curve goes on without a reset: every step once, and the steps the killed
+    #    group had already logged past that checkpoint come out the same again
+    assert "[FailurePolicy] RETRY" in log
+    resumed = re.findall(rf"resume: {re.escape(str(run / 'checkpoints'))}/step-(\d+), step (\d+) of 16", log)
+    assert len(resumed) == 1 and resumed[0][0].lstrip("0") == resumed[0][1], log[-6000:]
+    resumed_step = int(resumed[0][1])
+    assert resumed_step in (4, 8, 12) and resumed_step <= before_kill["checkpoint_step"]
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    redone = [r for r in before_kill["rows"] if r["step"] > resumed_step]
+    assert redone, "the worker was killed before any step past the checkpoint"
+    for old in before_kill["rows"]:
+        assert rows[old["step"] - 1]["loss"] == pytest.approx(old["loss"], rel=1e-6, abs=0)
+
+    # 5. checkpoints: Ray Train lists them in the run's storage and kept train.keep_last of them
+    from ray.train import Result
+
+    result = Result.from_path(str(run))
+    assert result.checkpoint.path == str(run / "checkpoints" / "step-00000016")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000012", "step-00000016"]
+    assert "'stage': 'planned'" in log and "'stage': 'done'" in log  # progress went through ray.train.report
+
+    # 6. the adapter in storage, reloaded by plain PEFT: the planned modules, the run's own logits
+    from peft import PeftModel
+
+    tuned = PeftModel.from_pretrained(base, str(run / "adapter"))
+    plan = Plan.load(run / "plan.json")
+    assert adapter_modules(tuned) == {f"model.layers.{m.layer}.{m.path}": (m.r, m.alpha) for m in plan.modules}
+    result = evaluate_adapter(model=str(model_dir), adapter=str(run / "adapter"),
+                              data=str(ROOT / "examples/tiny/eval.jsonl"),
+                              tokenizer=str(ROOT / "examples/tiny/tokenizer"), seq_len=48, batches=3, batch_size=4,
+                              verify_logits=str(run / "sample_logits.safetensors"))
+    assert result["logits_match"], result
+    eval_json = json.loads((run / "eval.json").read_text())
+    assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)
+
+
+def read_notes(run) -> list[dict]:
+    return [json.loads((run / "workers" / f"rank-{rank:05d}.json").read_text()) for rank in range(2)]
+
+
+def kill_a_worker_mid_training(job, run, job_log, timeout: float = 400.0):
+    """SIGKILL rank 1's process once Ray Train has registered a checkpoint and a later step is logged."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.poll() is None, f"the job ended before the kill:\n{job_log.read_text()[-4000:]}"
+        latest = run / "checkpoints" / "latest"
+        # Ray writes its snapshot when it registers a checkpoint: from then on a restart resumes
+        if (run / "checkpoint_manager_snapshot.json").is_file() and latest.is_file():
+            try:
+                rows = read_jsonl(run / "metrics.jsonl")
+            except json.JSONDecodeError:  # caught mid-line
+                rows = []
+            notes = read_notes(run)
+            # read last, just before the kill: no later checkpoint can be the one the run resumes from
+            step = int(latest.read_text().strip().removeprefix("step-"))
+            if rows and rows[-1]["step"] > step:
+                os.kill(notes[1]["pid"], signal.SIGKILL)
+                return {"notes": notes, "rows": rows, "checkpoint_step": step}, notes[1]["pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint within {timeout} s:\n{job_log.read_text()[-4000:]}")
+
+
+def _base_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def test_cluster_too_small_is_one_line_not_a_hang(cluster, model_dir, tmp_path):
+    # through `ray job submit`: the driver's line reaches the submitter, the job fails
+    config = ray_config(model_dir, tmp_path, num_workers=3)
+    proc = cluster.submit(["--config", str(write_config(config, tmp_path))], timeout=240)
+    assert proc.returncode != 0
+    assert "error: ray: the cluster at " in proc.stdout
+    assert "cannot run ray.num_workers=3 workers of {'CPU': 1.0}: CPU: 3 workers x 1 = 3 needed, the cluster has 2" \
+        in proc.stdout
+    # straight to the cluster's address: GPUs this cluster does not have
+    config = ray_config(model_dir, tmp_path, use_gpu=True, address=cluster.gcs_address)
+    proc = subprocess.run([sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
+                          cwd=ROOT, env=cpu_env(**{k: v for k, v in cluster.env.items() if k.startswith("RAY_")}),
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "GPU: 2 workers x 1 = 2 needed, the cluster has 0" in error[0], proc.stderr[-3000:]
+    assert not (tmp_path / "storage" / "run" / "probe.json").exists()
+
+
+def test_unreachable_address_is_one_line(model_dir, tmp_path):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = ray_config(model_dir, tmp_path, address=address)
+    proc = subprocess.run([sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: ray.address: cannot reach a Ray cluster at {address} (Connection refused); start one with "
+        "`ray start --head`, or fix ray.address / RAY_ADDRESS"]
+
+
+@pytest.mark.gpu
+def test_gpu_workers_take_one_gpu_each(model_dir, tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    config = ray_config(model_dir, tmp_path, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+    with local_ray(num_cpus=4, num_gpus=2) as gpu_cluster:
+        proc = gpu_cluster.submit(["--config", str(write_config(config, tmp_path))], timeout=540)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    run = tmp_path / "storage" / "run"
+    notes = read_notes(run)
+    assert sorted(n["device"] for n in notes) == ["cuda:0", "cuda:1"]  # LOCAL_RANK = Ray's device index
+    assert {n["plan_sha256"] for n in notes} == {digest(json.loads((run / "plan.json").read_text()))}
+    eval_json = json.loads((run / "eval.json").read_text())
+    assert eval_json["eval_loss_after"] < eval_json["eval_loss_before"]
