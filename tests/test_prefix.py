@@ -18,7 +18,9 @@ class SavedByLayer:
     """Per decoder layer: tensors autograd saves while it runs, and forward calls during backward (recomputes).
 
     Inside a checkpointed region the checkpoint's own saved-tensor hooks take over, so with checkpointing
-    the recompute count is what shows whether backward reached a layer.
+    the recompute count is what shows whether backward reached a layer. Recomputes are counted on the
+    layer's attention block: depending on the transformers version, checkpointing replays the layer's
+    `forward` (its own hooks do not fire again) or its `__call__`.
     """
 
     def __init__(self, layers):
@@ -27,10 +29,12 @@ class SavedByLayer:
         self.recomputes = {}
         self.in_backward = False
         for index, layer in enumerate(layers):
-            layer.register_forward_pre_hook(lambda _m, _a, i=index: self._enter(i))
+            layer.register_forward_pre_hook(lambda _m, _a, i=index: setattr(self, "current", i))
             layer.register_forward_hook(lambda *_a: setattr(self, "current", None))
+            attention = getattr(layer, "self_attn", None) or getattr(layer, "attention")
+            attention.register_forward_pre_hook(lambda _m, _a, i=index: self._attention(i))
 
-    def _enter(self, index):
+    def _attention(self, index):
         self.current = index
         if self.in_backward:
             self.recomputes[index] = self.recomputes.get(index, 0) + 1
