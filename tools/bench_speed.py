@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--budget-mlp-r", type=int, default=64)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--moe-shape", help="also run tools/bench_moe.py on this MoE shape (e.g. qwen3-30b-a3b)")
+    parser.add_argument("--moe-layers", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, few steps")
     parser.add_argument("--time-budget-s", type=float, default=1e9, help="skip remaining rows after this many seconds")
     args = parser.parse_args()
@@ -251,8 +253,28 @@ def main() -> None:
         blob = {"device": device_name(), "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
         (out / "bench_speed.json").write_text(json.dumps(blob, indent=1))  # after each shape: partial results survive
         (out / "bench_speed.md").write_text(markdown(results))
+    text = markdown(results)
+    if args.moe_shape:
+        # the MoE row: uniform expert LoRA vs the expert-aware plan, same harness conventions (tools/bench_moe.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_moe
+
+        moe_argv = ["--smoke"] if args.smoke else ["--shape", args.moe_shape, "--layers", str(args.moe_layers),
+                                                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        moe_rows = bench_moe.main(moe_argv + ["--out", str(out / "bench_moe.json")])
+        blob["moe"] = moe_rows
+        (out / "bench_speed.json").write_text(json.dumps(blob, indent=1))
+        uniform = next(r for r in moe_rows if r["variant"] == "uniform")
+        text += "\n| MoE shape | row | layers | experts adapted | ms/step | tokens/s | peak GiB | speedup |\n" \
+                "|---|---|---|---|---|---|---|---|\n"
+        for r in moe_rows:
+            text += (f"| {r['shape']} ({r['layers']} layers) | {r['variant']} | {r['adapted_layers']} | "
+                     f"{r['expert_adapters']}/{r['experts_total']} | {r['median_step_s'] * 1000:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['peak_memory_gib'] or float('nan'):.1f} | "
+                     f"{uniform['median_step_s'] / r['median_step_s']:.2f}x |\n")
+        (out / "bench_speed.md").write_text(text)
     chart(results, out / "bench_speed.png")
-    print(markdown(results))
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""tools/bench_speed.py end to end on CPU (tiny shape): every row, predictions, probe timing, MoE rows."""
+
+import json
+import subprocess
+import sys
+
+from launch import ROOT, cpu_env
+
+
+def test_bench_speed_smoke(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_speed.py"), "--smoke", "--moe-shape", "smoke",
+                           "--out", str(tmp_path)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    blob = json.loads((tmp_path / "bench_speed.json").read_text())
+    (result,) = blob["results"]
+    assert result["probe"]["seconds"] > 0 and result["probe"]["chunked_reference_seconds"] > 0
+    for mode in ("no_checkpointing", "checkpointing"):
+        rows = result["modes"][mode]["rows"]
+        assert {"uniform", "paper", "budget", "budget_no_prefix"} <= set(rows)
+        assert rows["uniform"]["speedup_vs_uniform"] == 1.0
+        budget = rows["budget"]
+        assert budget["predicted_step_s"] > 0 and budget["median_step_s"] > 0
+        assert result["modes"][mode]["cost_model"]["calibrated"]
+        # the budgeted plan was planned within its budget by the calibrated model
+        assert budget["layers"] and len(budget["layers"]) <= len(rows["uniform"]["layers"])
+    assert {r["variant"] for r in blob["moe"]} == {"uniform", "expert_aware"}
+    assert (tmp_path / "bench_speed.png").stat().st_size > 0 and "| MoE shape |" in (tmp_path / "bench_speed.md").read_text()
