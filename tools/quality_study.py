@@ -58,7 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from aletheia_ds.arch import describe  # noqa: E402
-from aletheia_ds.checkpoint import write_json_atomic  # noqa: E402
+from aletheia_ds.checkpoint import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
 from aletheia_ds.config import ConfigError, LoraSection, PlanSection  # noqa: E402
 from aletheia_ds.cost import CostModel  # noqa: E402
 from aletheia_ds.data import Example, StepSchedule, collate, fixed_batches, load_examples  # noqa: E402
@@ -910,21 +910,16 @@ def render_chart(results: dict, path: Path) -> Optional[Path]:
     fig.suptitle(f"LoRA layer selection on a {results['base']['params'] / 1e6:.3g}M-parameter base model "
                  f"({results['device']}, mean ± std over seeds)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def write_outputs(results: dict, out: Path) -> None:
     write_json_atomic(out / "results.json", results)
     if results["arms"]:
-        table = render_table(results)
-        tmp = out / ".table.md.tmp"
-        tmp.write_text(table, encoding="utf-8")
-        os.replace(tmp, out / "table.md")
+        write_text_atomic(out / "table.md", render_table(results))
         render_chart(results, out / "chart.png")
 
 
