@@ -164,6 +164,29 @@ class CostModel:
         return self
 
 
+def lora_step_flops_per_token(layer_params: Sequence[int], hidden: int, vocab: int, seq_len: int,
+                              adapters: Sequence[AdapterShape]) -> float:
+    """Model FLOPs of one token of a LoRA training step (the numerator of MFU), dense decoders.
+
+    The usual MFU convention (PaLM, Megatron): matrix products only, recompute not counted, attention
+    scores over the whole S x S matrix (4*S*H forward per layer, twice that backward). For LoRA on a
+    frozen base: every layer's forward (2P + attention), the LM head's forward and input gradient
+    (2*H*V each), input gradients (2P + 2*attention) for every layer from the lowest adapted one up, and
+    6 r (d_in + d_out) per adapter (its forward, and the gradients of A, B and its input). Counted though
+    autograd skips them: the input gradients of the lowest adapted layer's q/k/v projections, whose input
+    needs none (under 0.1% of a 72B step; tests/test_cost.py checks the rest against torch's counter).
+    """
+    attention = 4 * seq_len * hidden
+    forward = sum(2 * p + attention for p in layer_params)
+    head = 2 * 2 * hidden * vocab
+    if not adapters:
+        return float(forward + head / 2)
+    lowest = min(a[0] for a in adapters)
+    backward = sum(2 * p + 2 * attention for p in layer_params[lowest:])
+    lora = sum(6 * r * (d_in + d_out) for _, r, d_in, d_out in adapters)
+    return float(forward + head + backward + lora)
+
+
 def expert_adapters(plan) -> list[AdapterShape]:
     """Expert adapters as the cost model sees them: one per fused bank of each MoE layer with planned experts.
 

@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -129,6 +129,16 @@ class DistContext:
         work = tensor.to(self.device if self.device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(work)
         return work.to(tensor.device)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak_memory_gib(self) -> Optional[list[float]]:
+        """Every rank's peak allocated GPU memory since the last reset, in GiB (None on CPU); collective."""
+        if self.device.type != "cuda":
+            return None
+        return self.all_gather_object(round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3))
 
     def barrier(self) -> None:
         if self.distributed and self.world_size > 1:

@@ -203,7 +203,9 @@ class Run:
         else:
             train_examples, eval_examples = data_mod.split_eval(examples, cfg.data.eval_fraction)
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
+        started = time.perf_counter()
         model = load_model(cfg.model, dtype, ctx.device, ctx.model_init, seed=cfg.train.seed, zero3=ctx.zero3)
+        build_seconds = time.perf_counter() - started
         layout = describe(model, cfg.lora.target_modules)
         ctx.set_z3_leaf_modules(model, layout.moe_block_classes(model))  # MoE blocks: one ZeRO-3 fetch each
         print0(f"model: {cfg.model.path} ({layout.family}, {layout.num_layers} layers, "
@@ -212,7 +214,10 @@ class Run:
                f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}")
         reporter = reporter or Reporter()
         reporter.started(ctx, model)
-        return cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, reporter=reporter)
+        run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, reporter=reporter)
+        run.results["seconds"] = {"build": build_seconds}
+        run.results["peak_memory_gib"] = {"build": ctx.peak_memory_gib()}
+        return run
 
     @property
     def pad_id(self) -> int:
@@ -247,12 +252,15 @@ class Run:
             # reentrant for the probe: the checkpointed forward runs under no_grad and the hooks measure
             # the recompute, so activations are never kept for more than one layer
             self._gradient_checkpointing(checkpointing, reentrant=True)
+            self.ctx.reset_peak_memory()
             with self.ctx.probe_session(self.model) as forward:
                 report = run_probe(self.model, self.layout, batches, forward, model_name=cfg.model.path,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size,
                                    all_reduce_sum=self.ctx.all_reduce_sum)
             self._gradient_checkpointing(False, reentrant=True)
             report.validate()
+            self.results["seconds"]["probe"] = report.seconds
+            self.results["peak_memory_gib"]["probe"] = self.ctx.peak_memory_gib()
             print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
         if self.ctx.is_main:
             write_json_atomic(out_path or self.out / "probe.json", report.to_json())
@@ -366,6 +374,8 @@ class Run:
         metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main, append=resume is not None)
         self.engine.train()
         progress = Progress(total_steps, ctx.is_main)
+        ctx.reset_peak_memory()
+        loop_started = time.perf_counter()
         for step in range(start_step, total_steps):
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
@@ -401,6 +411,8 @@ class Run:
                 self.reporter.step(row or {"step": step + 1}, saved)
         progress.close()
         metrics.close()
+        self.results["seconds"]["train"] = time.perf_counter() - loop_started  # checkpoints included
+        self.results["peak_memory_gib"]["train"] = ctx.peak_memory_gib()
         self.results["eval_loss_after"] = self.evaluate()
         self.results["steps"] = total_steps
         self.results["skipped_steps"] = guard.skips
@@ -452,7 +464,9 @@ class Run:
                                      "logits": logits.float()})
 
     def export(self) -> Optional[Path]:
+        started = time.perf_counter()
         path = export_adapter(self.ctx, self.model, self.out / "adapter")
+        self.results["seconds"]["export"] = time.perf_counter() - started
         self.sample_logits()
         if self.ctx.is_main:
             write_json_atomic(self.out / "eval.json", self.results)

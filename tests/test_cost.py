@@ -100,3 +100,40 @@ def test_budget_granularity_layer_takes_whole_layers_and_module_may_split():
     split = select_within_budget(report, PlanSection(rule="budget", budget=0.6, granularity="module"), cost)
     assert split.score_captured >= whole.score_captured  # finer choices can only fit more energy
     assert split.predicted["fraction_of_uniform"] <= 0.6 + 1e-12
+
+
+@pytest.mark.parametrize("lowest", [0, 2])
+def test_lora_step_flops_match_torch_flop_counter(lowest):
+    """MFU's numerator against torch's own count of the matrix products of a real LoRA step."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aletheia_ds.cost import lora_step_flops_per_token
+
+    hidden, inter, layers, vocab, heads, kv, seq, batch, r = 64, 160, 4, 320, 4, 2, 24, 2, 4
+    config = AutoConfig.for_model("qwen2", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                                  tie_word_embeddings=False, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.requires_grad_(False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=r, target_modules=targets, lora_dropout=0.0,
+                                             layers_to_transform=list(range(lowest, layers))))
+    head_dim = hidden // heads
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv * head_dim), "v_proj": (hidden, kv * head_dim),
+              "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+              "down_proj": (inter, hidden)}
+    ids = torch.randint(0, vocab, (batch, seq))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counted = counter.get_total_flops() / (batch * seq)
+    matmul_params = sum(i * o for i, o in shapes.values())
+    adapters = [(layer, r, i, o) for layer in range(lowest, layers) for i, o in shapes.values()]
+    formula = lora_step_flops_per_token([matmul_params] * layers, hidden, vocab, seq, adapters)
+    # what the formula counts and autograd skips: the input gradients of the lowest adapted layer's q/k/v
+    # projections (base and LoRA), whose input (the frozen embeddings' or a frozen layer's output) needs none
+    skipped = sum(2 * shapes[m][0] * shapes[m][1] + 2 * r * shapes[m][0] for m in ("q_proj", "k_proj", "v_proj"))
+    assert formula - counted == pytest.approx(skipped, rel=0.01)
