@@ -31,7 +31,7 @@ from .arch import Layout, describe
 from .checkpoint import (Checkpoint, export_adapter, find_resume, restore_checkpoint, save_checkpoint,
                          save_safetensors_atomic, write_json_atomic)
 from .config import ConfigError, RunConfig, TrainingError, load_config
-from .dist import DistContext, distributed, print0, resolve_dtype
+from .dist import DistContext, distributed, held_parameter_elements, print0, resolve_dtype
 from .evaluate import held_out_loss
 from .lora import attach
 from .model import check_sequence_lengths, load_model
@@ -215,8 +215,12 @@ class Run:
         reporter = reporter or Reporter()
         reporter.started(ctx, model)
         run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, reporter=reporter)
+        held, total = held_parameter_elements(model)
         run.results["seconds"] = {"build": build_seconds}
         run.results["peak_memory_gib"] = {"build": ctx.peak_memory_gib()}
+        # zero.Init evidence: the base weights each rank holds after the build, and its host memory peak
+        run.results["base_parameters"] = {"total": total, "held_by_rank": ctx.all_gather_object(held)}
+        run.results["peak_host_rss_gib_by_rank"] = ctx.all_gather_object(peak_host_rss_gib())
         return run
 
     @property
@@ -473,6 +477,14 @@ class Run:
             print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
         self.reporter.finished(self.results)
         return path
+
+
+def peak_host_rss_gib() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
 
 
 def _versions() -> dict:

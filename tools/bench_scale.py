@@ -1,0 +1,361 @@
+"""python tools/bench_scale.py --shape qwen2-72b --gpus 2 --out docs/scale/qwen2-72b_2gpu
+
+Large shapes under ZeRO-3, side by side in one run: the real job (`deepspeed launch/train.py`) once per arm
+on a random-weight model of the named shape, built under zero.Init (never whole on one rank or in host RAM):
+  uniform   PEFT LoRA r16 on every target linear of every layer
+  paper     the paper's rule: top 50% of layers by probe score, attention r16 / MLP r64
+  budget    this project's budgeted plan (plan.rule=budget, whole layers), frozen-prefix execution
+The first arm runs the sharded probe; the others reuse its probe.json (same scores, same data). Per arm:
+median tokens/s per GPU over the steps after --warmup, model FLOPs utilisation (aletheia_ds.cost.
+lora_step_flops_per_token over --peak-tflops), peak GPU memory per rank of the probe and of training, probe,
+build and export seconds. `--link-rate` first times NCCL all-gathers on the same GPUs, and each arm gets the
+all-gather volume per step that ZeRO-3 implies for its plan and the time that volume takes at that rate.
+Writes scale.json and scale.md in --out; each arm's run directory (probe.json, plan.json, metrics.jsonl,
+eval.json, adapter/, log.txt) stays under it.
+
+  --layers N       fewer layers of the same widths (tuning runs: same per-layer behaviour, quicker)
+  --cpu            smoke run on CPU ranks over gloo (tests/test_bench_scale.py), float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aletheia_ds.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from aletheia_ds.cost import lora_step_flops_per_token  # noqa: E402
+
+SHAPES = {
+    "qwen2-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                      num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
+                      max_position_embeddings=32768),
+    "qwen2.5-32b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
+                        max_position_embeddings=32768),
+    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=6,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=600, tie_word_embeddings=False,
+                 max_position_embeddings=4096),
+}
+ARMS = {
+    "uniform": ["plan.rule=all", "plan.attention_r=16", "plan.mlp_r=16"],
+    "paper": ["plan.rule=top_pct", "plan.top_pct=50", "plan.attention_r=16", "plan.mlp_r=64"],
+    "budget": ["plan.rule=budget", "plan.attention_r=16", "plan.mlp_r=64"],
+}
+H200_BF16_DENSE_TFLOPS = 989.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_model(shape: dict, layers: int | None, directory: Path) -> dict:
+    """config.json only: the job builds random weights (model.random_init) straight into ZeRO-3 partitions."""
+    from transformers import AutoConfig
+
+    spec = dict(shape)
+    if layers:
+        spec["num_hidden_layers"] = layers
+    AutoConfig.for_model(spec.pop("model_type"), **spec).save_pretrained(directory)
+    return json.loads((directory / "config.json").read_text())
+
+
+def write_data(path: Path, tokens: int, seed: int) -> None:
+    """Random sentences over a fixed word list (the shipped tokenizer; ids stay inside any vocab >= 512)."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "light", "paper",
+             "table", "green", "quick", "house", "water", "metal", "seven", "forty", "under", "after", "round"]
+    rows, approx = [], 0
+    while approx < tokens:
+        text = " ".join(rng.choice(words) for _ in range(200)) + "."
+        rows.append(json.dumps({"text": text}))
+        approx += 200
+    path.write_text("\n".join(rows) + "\n")
+
+
+def run_config(args, model_dir: Path, data_dir: Path) -> dict:
+    return {
+        "model": {"path": str(model_dir), "tokenizer": str(ROOT / "examples/tiny/tokenizer"), "random_init": True,
+                  "dtype": "float32" if args.cpu else "bfloat16"},
+        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"),
+                 "seq_len": args.seq_len, "packing": True, "eval_batches": 1},
+        "probe": {"batches": args.probe_batches, "batch_size": args.micro_batch},
+        "plan": {"budget": args.budget},
+        "train": {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "grad_accum": 1, "lr": 1e-4,
+                  "warmup_steps": 0, "lr_scheduler": "constant", "log_every": 1, "save_every": 0,
+                  "gradient_checkpointing": args.checkpointing, "seed": 0},
+        "deepspeed": {"config": str(Path(args.ds_config).resolve())},
+    }
+
+
+def launcher(args, script: str, script_args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.gpus), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), script, *script_args]
+
+
+def child_env(args) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if args.cpu:
+        env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    return env
+
+
+def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    with log.open("w") as handle:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise SystemExit(f"error: {cmd[-1] if len(cmd) < 3 else 'run'} failed (exit {proc.returncode}); "
+                         f"log {log}:\n{tail}")
+
+
+# --------------------------------------------------------------------------- link rate (worker side)
+def link_worker(out: Path, megabytes: int, reps: int) -> None:
+    """Timed all_gather_into_tensor of `megabytes` per rank (ZeRO-3's collective for parameters)."""
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    shard = torch.ones(megabytes * 2**20 // 2, dtype=torch.bfloat16, device=device)
+    full = torch.empty(shard.numel() * world, dtype=shard.dtype, device=device)
+    for _ in range(3):
+        dist.all_gather_into_tensor(full, shard)
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(reps):
+        dist.all_gather_into_tensor(full, shard)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / reps
+    received = shard.numel() * shard.element_size() * (world - 1)  # bytes each rank receives
+    if dist.get_rank() == 0:
+        write_json_atomic(out, {"world_size": world, "shard_bytes": shard.numel() * shard.element_size(),
+                                "seconds": seconds, "received_bytes_per_rank": received,
+                                "received_gb_per_s": received / seconds / 1e9,
+                                "bus_gb_per_s": received / seconds / 1e9})  # NCCL's busbw for all-gather
+    dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- analysis
+def all_gather_bytes_per_step(config: dict, lowest: int | None, world: int, dtype_bytes: int,
+                              persistence_threshold: int, checkpointing: bool, reuse: bool) -> float:
+    """Bytes each rank receives in ZeRO-3's parameter all-gathers in one optimizer step of one micro-batch.
+
+    Forward gathers every partitioned weight once; backward gathers the layers from the top down to the lowest
+    adapted one, and the LM head, again (their recompute under checkpointing needs them too, a third time
+    unless the gathered copy is still live: `reuse`). Weights at or below the persistence threshold are never
+    gathered. The (world-1)/world factor: a rank already holds its own partition.
+    """
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    layers = config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+    matrices = [hidden * hidden, hidden * kv, hidden * kv, hidden * hidden, hidden * inter, hidden * inter,
+                inter * hidden]
+    layer = sum(m for m in matrices if m > persistence_threshold)
+    embed = vocab * hidden if vocab * hidden > persistence_threshold else 0
+    head = 0 if config.get("tie_word_embeddings") else embed
+    forward = layers * layer + embed + head
+    span = 0 if lowest is None else (layers - lowest) * layer
+    backward = span * (1 if reuse or not checkpointing else 2) + head
+    return (forward + backward) * dtype_bytes * (world - 1) / world
+
+
+def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds: dict) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timed = [r for r in rows if r["step"] > args.warmup] or rows
+    step_seconds = statistics.median(r["step_seconds"] for r in timed)
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)  # all ranks' tokens / step time
+    results = json.loads((run_dir / "eval.json").read_text())
+    plan = json.loads((run_dir / "plan.json").read_text())
+    probe = json.loads((Path(args.out) / args.arms[0] / "probe.json").read_text())
+    shapes = probe["layout"]["module_shapes"]
+    modules = plan["modules"]
+    adapters = [(m["layer"], m["r"], *shapes[m["key"]]) for m in modules]
+    matmul_params = [sum(i * o for i, o in shapes.values())] * config["num_hidden_layers"]
+    flops_per_token = lora_step_flops_per_token(matmul_params, config["hidden_size"], config["vocab_size"],
+                                                args.seq_len, adapters)
+    per_gpu = tokens_per_s / args.gpus
+    lowest = plan.get("lowest_adapted_layer")
+    zero = ds.get("zero_optimization", {})
+    threshold = int(float(zero.get("stage3_param_persistence_threshold", 1e5)))
+    reuse_distance = float(zero.get("stage3_max_reuse_distance", 1e9))
+    layer_params = sum(i * o for i, o in shapes.values())
+    summary = {
+        "arm": arm, "rule": plan["rule"], "layers_adapted": len(plan["layers"]), "lowest_adapted_layer": lowest,
+        "adapters": len(modules), "steps": len(rows), "timed_steps": len(timed),
+        "step_seconds": step_seconds, "tokens_per_step": round(tokens_per_s * step_seconds),
+        "tokens_per_s_per_gpu": per_gpu, "model_tflops_per_gpu": flops_per_token * per_gpu / 1e12,
+        "mfu": flops_per_token * per_gpu / (args.peak_tflops * 1e12),
+        "flops_per_token": flops_per_token, "predicted_speedup": (plan.get("predicted") or {}).get("speedup_vs_uniform"),
+        "seconds": results.get("seconds", {}), "peak_memory_gib": results.get("peak_memory_gib", {}),
+        "eval_loss_before": results.get("eval_loss_before"), "eval_loss_after": results.get("eval_loss_after"),
+        "base_held_fraction_by_rank": [h / results["base_parameters"]["total"]
+                                       for h in results.get("base_parameters", {}).get("held_by_rank", [])],
+        "host_rss_gib_by_rank": results.get("peak_host_rss_gib_by_rank"),
+        "adapter_bytes": sum(f.stat().st_size for f in (run_dir / "adapter").glob("*")),
+        "run_dir": str(run_dir),
+    }
+    if link:
+        volume = all_gather_bytes_per_step(config, lowest, args.gpus, 2 if not args.cpu else 4, threshold,
+                                           args.checkpointing, reuse=reuse_distance >= layer_params)
+        summary["all_gather_gb_per_step"] = volume / 1e9
+        summary["all_gather_seconds_at_link_rate"] = volume / (link["received_gb_per_s"] * 1e9)
+    return summary
+
+
+def markdown(meta: dict, arms: list[dict]) -> str:
+    uniform = next((a for a in arms if a["arm"] == "uniform"), None)
+    lines = [f"# {meta['shape']} on {meta['gpus']} x {meta['device']}", "",
+             f"`{meta['command']}`", "",
+             f"ZeRO-3 config `{meta['ds_config']}`; {meta['micro_batch']} x {meta['seq_len']} tokens per GPU per "
+             f"step; gradient checkpointing {'on' if meta['checkpointing'] else 'off'}; {meta['steps']} steps per "
+             f"arm, medians of the steps after {meta['warmup']}; MFU against {meta['peak_tflops']:.0f} TFLOP/s "
+             "per GPU (model FLOPs: `aletheia_ds.cost.lora_step_flops_per_token`, recompute not counted).", ""]
+    if meta.get("link"):
+        link = meta["link"]
+        lines += [f"NCCL all-gather, {link['shard_bytes'] / 2**20:.0f} MiB per rank: {link['received_gb_per_s']:.0f} "
+                  "GB/s received per rank.", ""]
+    head = ("| arm | layers (lowest) | adapters | s/step | tokens/s/GPU | MFU | speedup | peak GiB train "
+            "(probe) | probe s | build s | export s |")
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    def num(value, spec: str) -> str:
+        return "–" if value is None or value != value else format(value, spec)
+
+    for a in arms:
+        speedup = uniform["step_seconds"] / a["step_seconds"] if uniform else None
+        peak, seconds = a["peak_memory_gib"], a["seconds"]
+        train_peak = max(peak["train"]) if peak.get("train") else None
+        probe_peak = max(peak["probe"]) if peak.get("probe") else None
+        lines.append(f"| {a['arm']} ({a['rule']}) | {a['layers_adapted']} ({a['lowest_adapted_layer']}) | "
+                     f"{a['adapters']} | {a['step_seconds']:.2f} | {a['tokens_per_s_per_gpu']:,.0f} | "
+                     f"{a['mfu']:.1%} | {num(speedup, '.2f')}x | {num(train_peak, '.1f')} ({num(probe_peak, '.1f')}) | "
+                     f"{num(seconds.get('probe'), '.1f')} | {num(seconds.get('build'), '.1f')} | "
+                     f"{num(seconds.get('export'), '.1f')} |")
+    first = arms[0] if arms else None
+    if first and first["base_held_fraction_by_rank"]:
+        held = ", ".join(f"{f:.1%}" for f in first["base_held_fraction_by_rank"])
+        rss = ", ".join(f"{r:.1f}" for r in first["host_rss_gib_by_rank"] or [])
+        lines += ["", f"Base weights held per rank after the zero.Init build: {held} of the model; host memory "
+                  f"peak per rank at that point: {rss} GiB. Probe seconds: the first arm probes, the others reuse "
+                  "its probe.json."]
+    if any("all_gather_gb_per_step" in a for a in arms):
+        lines += ["", "| arm | all-gather GB per step per GPU | at the link rate, s | share of the step |",
+                  "|---|---|---|---|"]
+        for a in arms:
+            lines.append(f"| {a['arm']} | {a['all_gather_gb_per_step']:.1f} | "
+                         f"{a['all_gather_seconds_at_link_rate']:.2f} | "
+                         f"{a['all_gather_seconds_at_link_rate'] / a['step_seconds']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def device_name(cpu: bool) -> str:
+    if cpu:
+        return "CPU ranks"
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "unknown device"
+
+
+def main() -> None:
+    if "--link-worker" in sys.argv:  # one rank of the all-gather timing, started by the deepspeed launcher
+        worker = argparse.ArgumentParser()
+        worker.add_argument("--link-worker", required=True)
+        worker.add_argument("--link-mb", type=int, default=512)
+        known, _ = worker.parse_known_args()  # the launcher adds --local_rank
+        link_worker(Path(known.link_worker), known.link_mb, reps=10)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-72b")
+    parser.add_argument("--layers", type=int, help="override the number of decoder layers")
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--probe-batches", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3_70b.json"))
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
+    parser.add_argument("--link-rate", action="store_true", help="time NCCL all-gathers first")
+    parser.add_argument("--link-mb", type=int, default=512)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per arm")
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra job overrides, every arm")
+    args = parser.parse_args()
+    import yaml
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model").mkdir(exist_ok=True)
+    (out / "data").mkdir(exist_ok=True)
+    config = write_model(SHAPES[args.shape], args.layers, out / "model")
+    needed = (args.steps + 2) * args.gpus * args.micro_batch * args.seq_len + args.probe_batches * args.gpus * \
+        args.micro_batch * args.seq_len
+    write_data(out / "data" / "train.jsonl", int(needed * 1.2), seed=0)
+    write_data(out / "data" / "eval.jsonl", args.micro_batch * args.seq_len * args.gpus * 2, seed=1)
+    config_path = out / "run.yaml"
+    config_path.write_text(yaml.safe_dump(run_config(args, out / "model", out / "data")))
+    env = child_env(args)
+    ds_path = Path(args.ds_config).resolve()
+    ds = json.loads(ds_path.read_text())
+    link = None
+    if args.link_rate:
+        run_logged(launcher(args, str(Path(__file__).resolve()), ["--link-worker", str(out / "link.json"),
+                                                                 "--link-mb", str(args.link_mb)]),
+                   out / "link.log", env, args.timeout)
+        link = json.loads((out / "link.json").read_text())
+        print(f"all-gather: {link['received_gb_per_s']:.0f} GB/s received per rank", flush=True)
+    summaries = []
+    for index, arm in enumerate(args.arms):
+        run_dir = out / arm
+        run_dir.mkdir(exist_ok=True)
+        overrides = [f"train.output_dir={run_dir}", *ARMS[arm], *args.set]
+        if index:
+            overrides.append(f"probe.report={out / args.arms[0] / 'probe.json'}")
+        started = time.perf_counter()
+        run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(config_path), *overrides]),
+                   run_dir / "log.txt", env, args.timeout)
+        summary = summarize(arm, run_dir, config, args, link, ds)
+        summary["wall_seconds"] = time.perf_counter() - started
+        summaries.append(summary)
+        write_json_atomic(out / "scale.json", {"meta": None, "arms": summaries})  # partial, until the last arm
+        print(f"{arm}: {summary['step_seconds']:.2f} s/step, {summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+              f"MFU {summary['mfu']:.1%}, wall {summary['wall_seconds']:.0f} s", flush=True)
+    meta = {"shape": args.shape + (f" ({args.layers} layers)" if args.layers else ""), "gpus": args.gpus,
+            "device": device_name(args.cpu), "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "ds_config": ds_path.relative_to(ROOT).as_posix() if ds_path.is_relative_to(ROOT) else str(ds_path), "micro_batch": args.micro_batch, "seq_len": args.seq_len,
+            "checkpointing": args.checkpointing, "steps": args.steps, "warmup": args.warmup,
+            "peak_tflops": args.peak_tflops, "model_config": config, "link": link, "zero_optimization": ds.get("zero_optimization")}
+    write_json_atomic(out / "scale.json", {"meta": meta, "arms": summaries})
+    write_text_atomic(out / "scale.md", markdown(meta, summaries))
+    print((out / "scale.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
