@@ -71,8 +71,15 @@ def test_probe_under_reentrant_checkpointing_matches():
     reference = brute_force_scores(model, layout, batches)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    calls = []
+    layer = model.model.layers[1]
+    handle = layer.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
     report = hook_scores(model, layout, batches)
+    handle.remove()
+    # checkpointing really ran: per batch a forward without grad and a recompute with it
+    assert calls == [False, True] * len(batches)
     assert_scores_equal(report, reference)
+    assert model.training and not any(m.training is False for m in model.modules())  # train mode restored
 
 
 @pytest.mark.parametrize("tokens,d_in,d_out", [(5, 64, 64), (300, 8, 6), (17, 40, 3)])

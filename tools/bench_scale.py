@@ -102,8 +102,9 @@ def run_config(args, model_dir: Path, data_dir: Path) -> dict:
 
 
 def launcher(args, script: str, script_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.gpus), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), script, *script_args]
+    which = ["--include", f"localhost:{args.gpu_ids}"] if args.gpu_ids else ["--num_gpus", str(args.gpus)]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *which, "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), script, *script_args]
 
 
 def child_env(args) -> dict:
@@ -302,12 +303,17 @@ def main() -> None:
     parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3_70b.json"))
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
+    parser.add_argument("--gpu-ids", help="e.g. 2,3: run on these GPUs of this host (sets --gpus)")
     parser.add_argument("--link-rate", action="store_true", help="time NCCL all-gathers first")
+    parser.add_argument("--link-only", action="store_true", help="only time the all-gathers (link.json)")
+    parser.add_argument("--link-json", help="a link.json measured before (e.g. while nothing else ran)")
     parser.add_argument("--link-mb", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per arm")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra job overrides, every arm")
     args = parser.parse_args()
+    if args.gpu_ids:
+        args.gpus = len(args.gpu_ids.split(","))
     import yaml
 
     out = Path(args.out)
@@ -324,14 +330,16 @@ def main() -> None:
     env = child_env(args)
     ds_path = Path(args.ds_config).resolve()
     ds = json.loads(ds_path.read_text())
-    link = None
-    if args.link_rate:
+    link = json.loads(Path(args.link_json).read_text()) if args.link_json else None
+    if args.link_rate or args.link_only:
         run_logged(launcher(args, str(Path(__file__).resolve()), ["--link-worker", str(out / "link.json"),
                                                                  "--link-mb", str(args.link_mb)]),
                    out / "link.log", env, args.timeout)
         link = json.loads((out / "link.json").read_text())
         print(f"all-gather: {link['received_gb_per_s']:.0f} GB/s received per rank", flush=True)
-    summaries = []
+        if args.link_only:
+            return
+    summaries, failed = [], []
     for index, arm in enumerate(args.arms):
         run_dir = out / arm
         run_dir.mkdir(exist_ok=True)
@@ -339,12 +347,19 @@ def main() -> None:
         if index:
             overrides.append(f"probe.report={out / args.arms[0] / 'probe.json'}")
         started = time.perf_counter()
-        run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(config_path), *overrides]),
-                   run_dir / "log.txt", env, args.timeout)
+        try:
+            run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(config_path), *overrides]),
+                       run_dir / "log.txt", env, args.timeout)
+        except (SystemExit, subprocess.TimeoutExpired) as err:  # the other arms still run and are reported
+            print(err, flush=True)
+            failed.append({"arm": arm, "error": str(err).splitlines()[0]})
+            if index == 0:
+                break  # the other arms need its probe.json
+            continue
         summary = summarize(arm, run_dir, config, args, link, ds)
         summary["wall_seconds"] = time.perf_counter() - started
         summaries.append(summary)
-        write_json_atomic(out / "scale.json", {"meta": None, "arms": summaries})  # partial, until the last arm
+        write_json_atomic(out / "scale.json", {"meta": None, "arms": summaries, "failed": failed})  # partial, until the last arm
         print(f"{arm}: {summary['step_seconds']:.2f} s/step, {summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
               f"MFU {summary['mfu']:.1%}, wall {summary['wall_seconds']:.0f} s", flush=True)
     meta = {"shape": args.shape + (f" ({args.layers} layers)" if args.layers else ""), "gpus": args.gpus,
@@ -352,9 +367,12 @@ def main() -> None:
             "ds_config": ds_path.relative_to(ROOT).as_posix() if ds_path.is_relative_to(ROOT) else str(ds_path), "micro_batch": args.micro_batch, "seq_len": args.seq_len,
             "checkpointing": args.checkpointing, "steps": args.steps, "warmup": args.warmup,
             "peak_tflops": args.peak_tflops, "model_config": config, "link": link, "zero_optimization": ds.get("zero_optimization")}
-    write_json_atomic(out / "scale.json", {"meta": meta, "arms": summaries})
-    write_text_atomic(out / "scale.md", markdown(meta, summaries))
+    write_json_atomic(out / "scale.json", {"meta": meta, "arms": summaries, "failed": failed})
+    write_text_atomic(out / "scale.md", markdown(meta, summaries) + "".join(
+        f"\nFailed: {f['arm']}: {f['error']}\n" for f in failed))
     print((out / "scale.md").read_text())
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

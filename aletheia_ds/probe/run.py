@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..arch import Layout
+from ..arch import Layout, get_submodule
 from ..data import shard_indices
 from .experts import ExpertProbe
 from .hooks import GradNormHooks
@@ -36,6 +36,11 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
     experts = ExpertProbe(model, layout, compute_dtype=compute_dtype)  # no-op for dense models
     was_training = model.training
     model.eval()  # dropout off: the score is a property of the model and the data, not of a dropout draw
+    # ...but a decoder layer checkpoints only in training mode (transformers' GradientCheckpointingLayer
+    # reads its own flag): the layers alone say "training" so that a checkpointed probe keeps one layer's
+    # activations instead of the whole model's; their children (attention, dropout) stay in eval mode
+    for layer in get_submodule(model, layout.layers_path):
+        layer.training = True
     start = time.perf_counter()
     tokens = 0
     with hooks.attached(model.get_input_embeddings()), experts.attached():
