@@ -198,6 +198,7 @@ class DistContext:
             yield forward
         finally:
             if engine is not None:
+                engine.empty_partition_cache()  # weights still gathered after the last backward
                 engine.destroy()
 
     # ------------------------------------------------------------ ZeRO-3 leaf modules (mixture of experts)
@@ -355,6 +356,16 @@ def distributed(cfg: RunConfig, use_deepspeed: bool = True) -> Iterator[DistCont
     if ctx.distributed and owns_group:
         ctx.barrier()
         torch.distributed.destroy_process_group()
+
+
+def gathered_parameters(model: nn.Module) -> list[str]:
+    """Names of ZeRO-3 partitioned parameters that are gathered whole right now (persistent ones aside):
+    between passes there should be none."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [name for name, p in model.named_parameters()
+            if hasattr(p, "ds_status") and p.ds_status != ZeroParamStatus.NOT_AVAILABLE
+            and not getattr(p, "ds_persist", False)]
 
 
 def held_parameter_elements(model: nn.Module) -> tuple[int, int]:

@@ -253,15 +253,11 @@ class Run:
             checkpointing = cfg.probe.gradient_checkpointing
             if checkpointing is None:
                 checkpointing = cfg.train.gradient_checkpointing
-            # reentrant for the probe: the checkpointed forward runs under no_grad and the hooks measure
-            # the recompute, so activations are never kept for more than one layer
-            self._gradient_checkpointing(checkpointing, reentrant=True)
             self.ctx.reset_peak_memory()
             with self.ctx.probe_session(self.model) as forward:
                 report = run_probe(self.model, self.layout, batches, forward, model_name=cfg.model.path,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                   all_reduce_sum=self.ctx.all_reduce_sum)
-            self._gradient_checkpointing(False, reentrant=True)
+                                   all_reduce_sum=self.ctx.all_reduce_sum, checkpointing=checkpointing)
             report.validate()
             self.results["seconds"]["probe"] = report.seconds
             self.results["peak_memory_gib"]["probe"] = self.ctx.peak_memory_gib()

@@ -1,8 +1,9 @@
 """DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_addr 127.0.0.1 tests/moe_zero3_worker.py --models DIR --out DIR
 
 One ZeRO-3 job per rank for tests/test_moe_distributed.py:
-  1. for every model directory under --models/probe/<family>: build it under zero.Init, probe it on
-     random batches dealt round-robin across ranks, write <out>/probe_<family>.json (rank 0)
+  1. for every model directory under --models/probe/<family>: build it under zero.Init, probe it (with the
+     probe's activation checkpointing) on random batches dealt round-robin across ranks, check that no
+     weight stays gathered afterwards, write <out>/probe_<family>.json (rank 0)
   2. --models/split: a model whose routers send low token ids to experts {0, 1} and high ids to {2, 3};
      rank 0 probes and trains on low ids only, rank 1 on high ids only, so the ranks' tokens reach
      disjoint experts. Probe, plan (rank 0, broadcast), expert-level LoRA, a few ZeRO-3 steps, export
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from aletheia_ds.arch import describe  # noqa: E402
 from aletheia_ds.checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic  # noqa: E402
 from aletheia_ds.config import load_config  # noqa: E402
-from aletheia_ds.dist import DistContext, distributed, print0  # noqa: E402
+from aletheia_ds.dist import DistContext, distributed, gathered_parameters, print0  # noqa: E402
 from aletheia_ds.lora import attach  # noqa: E402
 from aletheia_ds.model import load_model  # noqa: E402
 from aletheia_ds.plan import make_plan  # noqa: E402
@@ -67,9 +68,13 @@ def build(ctx: DistContext, cfg, path: Path, leaf: bool):
 
 
 def probe(ctx: DistContext, model, layout, batches):
+    """The probe with its own activation checkpointing: afterwards no weight may stay gathered."""
     with ctx.probe_session(model) as forward:
-        return run_probe(model, layout, batches, forward, rank=ctx.rank, world_size=ctx.world_size,
-                         all_reduce_sum=ctx.all_reduce_sum)
+        report = run_probe(model, layout, batches, forward, rank=ctx.rank, world_size=ctx.world_size,
+                           all_reduce_sum=ctx.all_reduce_sum, checkpointing=True)
+    left = gathered_parameters(model)
+    assert not left, f"rank {ctx.rank}: {len(left)} parameters still gathered after the probe: {left[:5]}"
+    return report
 
 
 def main() -> None:

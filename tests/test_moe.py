@@ -62,6 +62,20 @@ def test_expert_probe_under_reentrant_checkpointing_matches():
     assert_experts_match(probe(model, layout, batches), reference)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_expert_probe_with_its_own_checkpointing_matches(family):
+    """Experts are measured once (in the first run, not again in the recompute), as brute force says."""
+    model = tiny_model(family)
+    model.requires_grad_(False)
+    layout = describe(model)
+    batches = random_batches(2, 2, 10, seed=3)
+    reference = brute_force_moe(model, layout, batches)
+    report = run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, checkpointing=True)
+    assert_experts_match(report, reference)
+    plain = probe(model, layout, batches)
+    assert [e.tokens for e in report.experts] == [e.tokens for e in plain.experts]  # routing load counted once
+
+
 def test_probe_json_carries_experts_and_routers(tmp_path):
     model = tiny_model("qwen2_moe")
     model.requires_grad_(False)

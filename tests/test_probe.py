@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from aletheia_ds.arch import describe
+from aletheia_ds.arch import describe, get_submodule
 from aletheia_ds.probe.hooks import weight_grad_sq_norm
 from aletheia_ds.probe.report import ProbeReport
 from aletheia_ds.probe.run import run_probe
@@ -80,6 +80,49 @@ def test_probe_under_reentrant_checkpointing_matches():
     assert calls == [False, True] * len(batches)
     assert_scores_equal(report, reference)
     assert model.training and not any(m.training is False for m in model.modules())  # train mode restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_probe_with_its_own_checkpointing_matches(family):
+    """run_probe(checkpointing=True): non-reentrant, each layer run twice, same scores as brute force."""
+    model = tiny_model(family)
+    model.requires_grad_(False)
+    layout = describe(model)
+    batches = random_batches(2, 2, 10, seed=3)
+    reference = brute_force_scores(model, layout, batches)
+    layer = get_submodule(model, layout.layers_path)[1]
+    calls = []
+    handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    report = run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, checkpointing=True)
+    handle.remove()
+    assert len(calls) == 2 * len(batches)  # a forward and its recompute per batch
+    assert not getattr(model, "is_gradient_checkpointing", False)  # switched off again
+    assert_scores_equal(report, reference)
+
+
+def test_checkpointed_hooks_hold_one_layers_activations_at_a_time():
+    from aletheia_ds.probe.hooks import CheckpointPhase, GradNormHooks
+
+    model = tiny_model("qwen2")
+    model.requires_grad_(False)
+    layout = describe(model)
+    modules = {f"{layer}:{t.key}": m for layer, t, m in layout.iter_modules(model)}
+    per_layer = len(layout.layer_targets[0])
+    for checkpointing, bound in ((True, per_layer), (False, None)):
+        phase = CheckpointPhase()
+        hooks = GradNormHooks(modules, phase=phase)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=phase.checkpoint_kwargs())
+        model.train()
+        batch = random_batches(1, 2, 10, seed=4)[0]
+        with hooks.attached(model.get_input_embeddings()):
+            model(**batch, use_cache=False).loss.backward()
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+            assert 0 < hooks.max_pending <= bound and not hooks.pending
+        else:
+            assert hooks.max_pending == 0  # the plain path keeps activations in the hooks' closures
+        assert int(hooks.calls.sum()) == len(modules)
 
 
 @pytest.mark.parametrize("tokens,d_in,d_out", [(5, 64, 64), (300, 8, 6), (17, 40, 3)])

@@ -179,8 +179,9 @@ def all_gather_bytes_per_step(config: dict, lowest: int | None, world: int, dtyp
     embed = vocab * hidden if vocab * hidden > persistence_threshold else 0
     head = 0 if config.get("tie_word_embeddings") else embed
     forward = layers * layer + embed + head
-    span = 0 if lowest is None else (layers - lowest) * layer
-    backward = span * (1 if reuse or not checkpointing else 2) + head
+    if lowest is None:  # nothing adapted: no backward
+        return forward * dtype_bytes * (world - 1) / world
+    backward = (layers - lowest) * layer * (1 if reuse or not checkpointing else 2) + head
     return (forward + backward) * dtype_bytes * (world - 1) / world
 
 

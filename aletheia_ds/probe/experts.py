@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arch import Layout, MoeBlock
-from .hooks import compute_dtype_for, drop_padding_here, flat_tokens, weight_grad_sq_norm
+from .hooks import CheckpointPhase, compute_dtype_for, drop_padding_here, flat_tokens, weight_grad_sq_norm
 from .report import ExpertScore
 
 
@@ -40,7 +40,9 @@ class ExpertProbe:
     `token_mask` and `batch_weight` are set per batch by the caller (run_probe), as for GradNormHooks.
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, compute_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, layout: Layout, compute_dtype: torch.dtype | None = None,
+                 phase: CheckpointPhase | None = None):
+        self.phase = phase
         self.entries: list[tuple[int, MoeBlock, nn.Module]] = list(layout.iter_moe(model))
         self.compute_dtype = compute_dtype
         self.max_experts = max((b.num_experts for _, b, _ in self.entries), default=0)
@@ -56,6 +58,11 @@ class ExpertProbe:
         """Length of the flat tensor that `local()` returns (and that ranks all-reduce)."""
         n = len(self.entries)
         return n * self.max_experts * self.max_banks + n * self.max_experts + n
+
+    def _measures(self) -> bool:
+        """A checkpointed recompute repeats the first run's routing and products: measured once, in the first
+        run (whose graph the gradients flow through); experts' activations are kept as without checkpointing."""
+        return self.phase is None or self.phase.state != "recompute"
 
     def _buffers(self, device: torch.device) -> None:
         if self.sq_norms is None:
@@ -108,7 +115,7 @@ class ExpertProbe:
 
         def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
             final = torch.zeros_like(hidden_states)
-            measuring = torch.is_grad_enabled() and hidden_states.requires_grad
+            measuring = torch.is_grad_enabled() and hidden_states.requires_grad and self._measures()
             if measuring:
                 self._buffers(hidden_states.device)
             real = self._real_tokens(hidden_states.shape[0], hidden_states.device) if measuring else None
@@ -144,7 +151,7 @@ class ExpertProbe:
             in_shape = x.shape
             tokens = x.reshape(-1, x.shape[-1])
             final = torch.zeros_like(tokens)
-            measuring = torch.is_grad_enabled() and tokens.requires_grad
+            measuring = torch.is_grad_enabled() and tokens.requires_grad and self._measures()
             if measuring:
                 self._buffers(tokens.device)
             real = self._real_tokens(tokens.shape[0], tokens.device) if measuring else None
@@ -184,7 +191,8 @@ class ExpertProbe:
     def _router_hook(self, layer_slot: int) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output) -> None:
             logits = output[0] if isinstance(output, (tuple, list)) else output
-            if not torch.is_grad_enabled() or not isinstance(logits, torch.Tensor) or not logits.requires_grad:
+            if not torch.is_grad_enabled() or not isinstance(logits, torch.Tensor) or not logits.requires_grad \
+                    or not self._measures():
                 return
             self._buffers(logits.device)
             x = flat_tokens(inputs[0].detach(), self.token_mask, self.compute_dtype)

@@ -62,6 +62,30 @@ def flat_tokens(t: torch.Tensor, token_mask: torch.Tensor | None, compute_dtype:
     return t.to(compute_dtype_for(t, compute_dtype))
 
 
+class CheckpointPhase:
+    """Which run of a non-reentrant checkpointed forward is under way: the first one ("first", activations
+    not kept) or its recompute during backward ("recompute"); None outside checkpointed regions.
+
+    `checkpoint_kwargs()` go to `model.gradient_checkpointing_enable`: torch's `context_fn` enters one of
+    these phases around each run, which lets the hooks keep one layer's activations at a time while ZeRO-3
+    releases each layer's gathered weights after its backward (with reentrant checkpointing it does not).
+    """
+
+    def __init__(self) -> None:
+        self.state: str | None = None
+
+    @contextlib.contextmanager
+    def _entered(self, state: str) -> Iterator[None]:
+        previous, self.state = self.state, state
+        try:
+            yield
+        finally:
+            self.state = previous
+
+    def checkpoint_kwargs(self) -> dict:
+        return {"use_reentrant": False, "context_fn": lambda: (self._entered("first"), self._entered("recompute"))}
+
+
 class GradNormHooks:
     """Accumulates, per named linear, sum over batches of ||dL_b/dW||_F^2 (times a batch weight).
 
@@ -70,8 +94,14 @@ class GradNormHooks:
     checkpointed forward (run under no_grad, recomputed in backward) is measured on its recompute.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], compute_dtype: torch.dtype | None = None):
+    def __init__(self, modules: dict[str, nn.Module], compute_dtype: torch.dtype | None = None,
+                 phase: CheckpointPhase | None = None):
         self.modules = modules
+        self.phase = phase or CheckpointPhase()
+        # checkpointed modules: the output gradient (from the first run's graph) and the input (from the
+        # recompute) arrive in either order during their layer's backward; the second one to come measures
+        self.pending: dict[int, dict] = {}
+        self.max_pending = 0
         self.names = list(modules)
         self.compute_dtype = compute_dtype
         self.sq_norms: torch.Tensor | None = None
@@ -86,6 +116,12 @@ class GradNormHooks:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return
+            if self.phase.state == "recompute":
+                return  # the input was taken by the pre-hook
+            if self.phase.state == "first":
+                weight = self.batch_weight
+                output.register_hook(lambda g: self._arrive(index, g=self._flat(g.detach()), weight=weight))
+                return
             x = self._flat(inputs[0].detach())
             weight = self.batch_weight
 
@@ -93,13 +129,33 @@ class GradNormHooks:
                 nonlocal x
                 sq = weight_grad_sq_norm(x, self._flat(g.detach()))
                 x = None  # free the activation as soon as its norm is taken
-                if self.sq_norms is None:
-                    self.sq_norms = torch.zeros(len(self.names), dtype=torch.float64, device=sq.device)
-                self.sq_norms[index] += weight * sq
-                self.calls[index] += 1
+                self._add(index, weight, sq)
 
             output.register_hook(grad_hook)
         return hook
+
+    def _recompute_pre_hook(self, index: int) -> Callable:
+        """The recompute may stop inside the layer's last linear, once it has what backward needs (torch's
+        early stop, which ZeRO-3's weight release relies on): take the input before the module runs."""
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            if self.phase.state == "recompute" and torch.is_grad_enabled() and isinstance(inputs[0], torch.Tensor) \
+                    and inputs[0].requires_grad:
+                self._arrive(index, x=self._flat(inputs[0].detach()))
+        return hook
+
+    def _add(self, index: int, weight: float, sq: torch.Tensor) -> None:
+        if self.sq_norms is None:
+            self.sq_norms = torch.zeros(len(self.names), dtype=torch.float64, device=sq.device)
+        self.sq_norms[index] += weight * sq
+        self.calls[index] += 1
+
+    def _arrive(self, index: int, **parts) -> None:
+        entry = self.pending.setdefault(index, {})
+        entry.update(parts)
+        self.max_pending = max(self.max_pending, len(self.pending))
+        if "x" in entry and "g" in entry:
+            del self.pending[index]
+            self._add(index, entry["weight"], weight_grad_sq_norm(entry["x"], entry["g"]))
 
     @contextlib.contextmanager
     def attached(self, input_embeddings: nn.Module | None = None) -> Iterator["GradNormHooks"]:
@@ -109,6 +165,7 @@ class GradNormHooks:
         outputs would carry no gradient at all.
         """
         handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self.modules.values())]
+        handles += [m.register_forward_pre_hook(self._recompute_pre_hook(i)) for i, m in enumerate(self.modules.values())]
         if input_embeddings is not None:
             handles.append(input_embeddings.register_forward_hook(
                 lambda _m, _i, out: out.requires_grad_(True) if torch.is_grad_enabled() else out))

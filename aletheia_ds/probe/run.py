@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..arch import Layout, get_submodule
 from ..data import shard_indices
 from .experts import ExpertProbe
-from .hooks import GradNormHooks
+from .hooks import CheckpointPhase, GradNormHooks
 from .report import ProbeReport
 
 Batch = dict[str, torch.Tensor]
@@ -25,15 +25,22 @@ Batch = dict[str, torch.Tensor]
 def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor],
               *, model_name: str = "", rank: int = 0, world_size: int = 1,
               all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-              compute_dtype: torch.dtype | None = None) -> ProbeReport:
-    """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss."""
+              compute_dtype: torch.dtype | None = None, checkpointing: bool = False) -> ProbeReport:
+    """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss.
+
+    `checkpointing`: non-reentrant activation checkpointing of the decoder layers for the probe, so that one
+    layer's activations (and under ZeRO-3 one layer's gathered weights) are alive at a time.
+    """
     if not batches:
         raise ValueError("probe needs at least one batch")
     entries = [(layer, target.key, module) for layer, target, module in layout.iter_modules(model)]
     keys = [(layer, key) for layer, key, _ in entries]
     modules = {f"{layer}:{key}": module for layer, key, module in entries}
-    hooks = GradNormHooks(modules, compute_dtype=compute_dtype)
-    experts = ExpertProbe(model, layout, compute_dtype=compute_dtype)  # no-op for dense models
+    phase = CheckpointPhase()
+    hooks = GradNormHooks(modules, compute_dtype=compute_dtype, phase=phase)
+    experts = ExpertProbe(model, layout, compute_dtype=compute_dtype, phase=phase)  # no-op for dense models
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=phase.checkpoint_kwargs())
     was_training = model.training
     model.eval()  # dropout off: the score is a property of the model and the data, not of a dropout draw
     # ...but a decoder layer checkpoints only in training mode (transformers' GradientCheckpointingLayer
@@ -52,9 +59,14 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
             hooks.batch_weight = experts.batch_weight = weight
             loss = forward(batch)
             loss.backward()
+            if hooks.pending:
+                raise RuntimeError(f"probe: no recompute reached modules {sorted(hooks.pending)} "
+                                   "(a checkpointed layer whose forward was not run again in backward)")
             if weight:
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     model.train(was_training)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
     local = hooks.sq_norms if hooks.sq_norms is not None else torch.zeros(len(modules), dtype=torch.float64)
     device = local.device
     # one all-reduce for everything: module norms, expert norms/loads/router norms, tokens

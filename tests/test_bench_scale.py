@@ -1,0 +1,60 @@
+"""tools/bench_scale.py end to end on 2 CPU ranks (the real job per arm), and its all-gather accounting."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from launch import ROOT, cpu_env
+
+pytestmark = pytest.mark.distributed
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
+    out = tmp_path / "scale"
+    cmd = [sys.executable, "tools/bench_scale.py", "--shape", "tiny", "--gpus", "2", "--cpu", "--out", str(out),
+           "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len", "64", "--arms", "uniform", "budget",
+           "--link-rate", "--link-mb", "1", "--set", "plan.budget=0.7"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "scale.json").read_text())
+    arms = {a["arm"]: a for a in result["arms"]}
+    assert set(arms) == {"uniform", "budget"} and not result["failed"]
+    for name, arm in arms.items():
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert arm["steps"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+        # the median of the steps after the warm-up, all ranks' tokens shared by 2 GPUs
+        assert arm["tokens_per_s_per_gpu"] == pytest.approx(statistics.median(r["tokens_per_s"] for r in rows[1:]) / 2)
+        plan = json.loads((out / name / "plan.json").read_text())
+        assert arm["lowest_adapted_layer"] == plan["lowest_adapted_layer"] and arm["adapters"] == len(plan["modules"])
+        assert arm["base_held_fraction_by_rank"] == [0.5, 0.5]  # zero.Init: half the base weights per rank
+        assert (out / name / "adapter" / "adapter_model.safetensors").is_file()
+    assert arms["uniform"]["layers_adapted"] == 6 and "probe" in arms["uniform"]["seconds"]
+    assert "probe" not in arms["budget"]["seconds"]  # the budget arm reused the first arm's probe.json
+    assert "| budget (budget) |" in (out / "scale.md").read_text()
+
+
+def test_all_gather_volume_counts_the_partitioned_weights():
+    from bench_scale import SHAPES, all_gather_bytes_per_step
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(SHAPES["tiny"])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    model = AutoModelForCausalLM.from_config(config)
+    threshold = 10_000
+    partitioned = sum(p.numel() for p in model.parameters() if p.numel() > threshold)
+    layers = model.model.layers
+    per_layer = sum(p.numel() for p in layers[0].parameters() if p.numel() > threshold)
+    head = model.lm_head.weight.numel()
+    cfg = config.to_dict()
+    # forward only (nothing adapted), one rank of two receives half of every gathered weight
+    assert all_gather_bytes_per_step(cfg, None, 2, 2, threshold, True, reuse=True) == partitioned * 2 / 2
+    # layers 4 and 5 adapted: their weights and the head are gathered again in backward (and a third time
+    # for the recompute when the gathered copy is not kept)
+    reused = all_gather_bytes_per_step(cfg, 4, 2, 2, threshold, True, reuse=True)
+    assert reused == (partitioned + 2 * per_layer + head) * 2 / 2
+    assert all_gather_bytes_per_step(cfg, 4, 2, 2, threshold, True, reuse=False) == reused + 2 * per_layer * 2 / 2
+    assert all_gather_bytes_per_step(cfg, 4, 4, 2, threshold, True, reuse=True) == reused * 2 * 3 / 4
