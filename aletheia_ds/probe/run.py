@@ -25,8 +25,12 @@ Batch = dict[str, torch.Tensor]
 def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor],
               *, model_name: str = "", rank: int = 0, world_size: int = 1,
               all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-              compute_dtype: torch.dtype | None = None) -> ProbeReport:
-    """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss."""
+              compute_dtype: torch.dtype | None = None,
+              on_batch: Callable[[int], None] | None = None) -> ProbeReport:
+    """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss.
+
+    `on_batch(tokens)` is called after each pass of this rank (tokens 0 for a surplus pass): progress display.
+    """
     if not batches:
         raise ValueError("probe needs at least one batch")
     entries = [(layer, target.key, module) for layer, target, module in layout.iter_modules(model)]
@@ -47,8 +51,12 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
             hooks.batch_weight = experts.batch_weight = weight
             loss = forward(batch)
             loss.backward()
+            batch_tokens = 0
             if weight:
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                tokens += batch_tokens
+            if on_batch is not None:
+                on_batch(batch_tokens)
     model.train(was_training)
     local = hooks.sq_norms if hooks.sq_norms is not None else torch.zeros(len(modules), dtype=torch.float64)
     device = local.device
