@@ -182,11 +182,11 @@ def plot_plan(plan: Plan, report: ProbeReport | None, out: Path) -> Path:
                  f"{plan.score_captured:.0%} of the probe energy{predicted}".replace("; ", "\n", 1), fontsize=9)
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color="tab:orange", label="adapted (ranks written)"),
-                       Patch(color="lightgray", label="frozen"),
-                       Patch(color="tab:blue", alpha=0.15, label="frozen prefix (no_grad)")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.13 if n < 16 else -0.06), ncol=3, fontsize=8)
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color="tab:orange", label="adapted (ranks written)"),
+                        Patch(color="lightgray", label="frozen"),
+                        Patch(color="tab:blue", alpha=0.15, label="frozen prefix (no_grad)")],
+               loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     return _save(fig, out)
 
 

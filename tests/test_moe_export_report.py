@@ -1,5 +1,5 @@
-"""`aletheia-ds export --merge` on MoE models: expert adapters on fused banks (PEFT target_parameters) merge into
-the banks; the merged checkpoint, reloaded with plain transformers, gives base+adapter's logits."""
+"""MoE models: `aletheia-ds export --merge` folds expert adapters on fused banks (PEFT target_parameters) into the
+banks, and the merged checkpoint gives base+adapter's logits; the report draws expert heat maps."""
 
 import pytest
 import torch
@@ -56,3 +56,23 @@ def test_megablocks_expert_adapter_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^--adapter: .* per-expert LoRA of megablocks banks") as info:
         export_merged(str(tmp_path / "model"), str(tmp_path / "adapter"), str(tmp_path / "out"))
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_report_of_a_moe_run_has_expert_heat_maps(tmp_path):
+    from aletheia_ds.checkpoint import write_json_atomic
+    from aletheia_ds.report import write_run_report
+
+    model = tiny_model("qwen2_moe")
+    model.requires_grad_(False)
+    report = run_probe(model, describe(model), random_batches(2, 2, 12, seed=1),
+                       lambda b: model(**b, use_cache=False).loss, model_name="tiny-qwen2-moe")
+    plan = make_plan(report, PlanSection(top_pct=50, expert_rule="top_k", expert_top_k=2))
+    write_json_atomic(tmp_path / "probe.json", report.to_json())
+    write_json_atomic(tmp_path / "plan.json", plan.to_json())
+    written = write_run_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert tmp_path / "experts.png" in written and "](experts.png)" in md
+    assert f"{len(report.experts)} experts in {len({e.layer for e in report.experts})} MoE layers; " \
+           f"{sum(e.tokens for e in report.experts)} routed tokens" in md
+    for layer, experts in plan.experts_by_layer().items():
+        assert f"2 experts r{experts[0].r}" in md
