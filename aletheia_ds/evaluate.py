@@ -66,7 +66,7 @@ def exact_match(model, tokenizer, rows: Sequence[tuple[str, str]], max_new_token
         got = greedy_completion(model, tokenizer, prompt, max_new_tokens, device)
         hits += got.strip() == completion.strip()
         if len(samples) < 3:
-            samples.append({"prompt": prompt, "reference": completion, "generated": got})
+            samples.append({"prompt": prompt, "reference": completion, "generated": got[:200]})
     return {"exact_match": hits / len(rows) if rows else float("nan"), "rows": len(rows), "matches": hits,
             "samples": samples}
 
