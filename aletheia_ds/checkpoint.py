@@ -139,7 +139,7 @@ LATEST = "latest"
 RESUME_MAY_CHANGE = {
     "train.output_dir", "train.resume", "train.log_every", "train.save_every", "train.keep_last",
     "train.nan_policy", "train.max_nan_skips", "train.gradient_checkpointing", "probe.gradient_checkpointing",
-    "train.frozen_prefix", "train.prefix_cache",
+    "train.frozen_prefix", "train.prefix_cache", "train.eval_every", "train.report_to", "train.quiet",
     "ray",  # where and how the job runs; ray.num_workers is the world size, checked on its own
 }
 # paths: compared by what they hold (model, data and plan fingerprints, the effective DeepSpeed config)

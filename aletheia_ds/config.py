@@ -206,7 +206,8 @@ class TrainSection(Section):
     weight_decay: float = Field(0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)")
     warmup_steps: Optional[int] = Field(None, description="default: warmup_ratio x total steps")
     warmup_ratio: float = Field(0.03, description="share of steps spent warming up")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="learning-rate schedule after warm-up (transformers.get_scheduler)")
     max_grad_norm: float = Field(1.0, description="gradient clipping (0: off)")
     seed: int = Field(42, description="data order and dropout seed")
     gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
@@ -215,6 +216,13 @@ class TrainSection(Section):
     prefix_cache: bool = Field(False, description="keep the frozen prefix's output per example (CPU memory) and skip "
                                "the prefix in later epochs; needs no dropout there and ZeRO stage 0-2")
     log_every: int = Field(1, description="steps between metrics lines")
+    eval_every: int = Field(0, description="steps between held-out evaluations logged to metrics.jsonl as eval_loss "
+                            "(0: only before and after training, in eval.json)")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="metrics backends besides metrics.jsonl (always written), rank 0 only: "
+        "tensorboard (output_dir/tensorboard), wandb (offline unless WANDB_MODE is set), mlflow (output_dir/mlruns "
+        "unless MLFLOW_TRACKING_URI is set)")
+    quiet: bool = Field(False, description="no progress bars: plain periodic lines (for logs)")
     save_every: int = Field(0, description="steps between resumable checkpoints (0: only at the end)")
     keep_last: int = Field(2, description="checkpoints kept")
     resume: Optional[str] = Field(None, description="auto (the latest checkpoint in output_dir, if any) | PATH "
@@ -223,7 +231,12 @@ class TrainSection(Section):
         "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update")
     max_nan_skips: int = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
 
-    @field_validator("save_every", "max_nan_skips")
+    @field_validator("report_to")
+    @classmethod
+    def _report_to(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))  # each backend once
+
+    @field_validator("save_every", "max_nan_skips", "eval_every")
     @classmethod
     def _non_negative(cls, v: int) -> int:
         if v < 0:
@@ -596,3 +609,41 @@ def defaults_yaml() -> str:
             comment = f"  # {sub.description}" if sub.description else ""
             lines.append(f"  {name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}{comment}")
     return "\n".join(lines) + "\n"
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader writes it: `int | null`, `cosine | linear`, `list[str]`."""
+    from typing import Union, get_args, get_origin
+
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " \\| ".join(str(a) for a in get_args(annotation))
+    if origin is Union:
+        return " \\| ".join("null" if a is type(None) else _type_name(a) for a in get_args(annotation))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(annotation))}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_reference_markdown() -> str:
+    """docs/CONFIG.md: every section's keys with type, default and meaning (`aletheia-ds defaults --markdown`)."""
+    lines = ["# Configuration reference", "",
+             "Generated from the config dataclasses (`aletheia_ds/config.py`) by "
+             "`aletheia-ds defaults --markdown > docs/CONFIG.md`; a test keeps it in step.", "",
+             "A run reads a YAML file of these sections (`--config FILE`); any key can be overridden on the command "
+             "line as `section.key=value` or `--section.key value`. `aletheia-ds defaults` prints the defaults as "
+             "YAML.", ""]
+    for section, field in RunConfig.model_fields.items():
+        model = field.annotation
+        lines += [f"## {section}", ""]
+        doc = (model.__dict__.get("__doc__") or "").strip()
+        if doc:
+            lines += [" ".join(doc.split()), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, sub in model.model_fields.items():
+            default = sub.get_default(call_default_factory=True)
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            meaning = (sub.description or "").replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | {_type_name(sub.annotation)} | `{shown}` | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

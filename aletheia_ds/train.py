@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -34,32 +33,14 @@ from .config import ConfigError, RunConfig, TrainingError, load_config
 from .dist import DistContext, distributed, held_parameter_elements, print0, resolve_dtype
 from .evaluate import held_out_loss
 from .lora import attach
+from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, load_model
 from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
 from .prefix import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
 from .probe.report import ProbeReport
 from .probe.run import run_probe
-
-
-class MetricsLog:
-    """metrics.jsonl on rank 0; a no-op sink elsewhere."""
-
-    def __init__(self, path: Path, enabled: bool, append: bool = False):
-        self.path = path
-        self.handle = None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.handle = path.open("a" if append else "w", encoding="utf-8")
-
-    def write(self, **row: Any) -> None:
-        if self.handle is not None:
-            self.handle.write(json.dumps(row) + "\n")
-            self.handle.flush()
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
+from .progress import Progress
 
 
 class Reporter:
@@ -87,30 +68,6 @@ class Reporter:
 
     def finished(self, results: dict) -> None:
         """The adapter and eval.json are written."""
-
-
-class Progress:
-    """tqdm bar on an interactive rank 0; plain lines (about ten per run) in logs."""
-
-    def __init__(self, total: int, enabled: bool):
-        import sys
-
-        from tqdm import tqdm
-
-        self.total = total
-        self.lines = enabled and not sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc="train", dynamic_ncols=True, disable=not enabled or self.lines)
-        self.every = max(1, total // 10)
-
-    def update(self, step: int, loss: float, lr: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}")
-        self.bar.n = step
-        self.bar.refresh()
-        if self.lines and (step % self.every == 0 or step == self.total):
-            print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}", flush=True)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 class NonFiniteGuard:
@@ -254,10 +211,14 @@ class Run:
             if checkpointing is None:
                 checkpointing = cfg.train.gradient_checkpointing
             self.ctx.reset_peak_memory()
+            passes = len(data_mod.shard_indices(len(batches), self.ctx.rank, self.ctx.world_size))
+            progress = Progress("probe", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
             with self.ctx.probe_session(self.model) as forward:
                 report = run_probe(self.model, self.layout, batches, forward, model_name=cfg.model.path,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                   all_reduce_sum=self.ctx.all_reduce_sum, checkpointing=checkpointing)
+                                   all_reduce_sum=self.ctx.all_reduce_sum, checkpointing=checkpointing,
+                                   on_batch=lambda tokens: progress.update(progress.done + 1, tokens))
+            progress.close()
             report.validate()
             self.results["seconds"]["probe"] = report.seconds
             self.results["peak_memory_gib"]["probe"] = self.ctx.peak_memory_gib()
@@ -371,9 +332,10 @@ class Run:
             self.results["eval_loss_before"] = self.evaluate()
             print0(f"held-out loss before training: {self.results['eval_loss_before']:.4f}")
         self.last_checkpoint = resume.path if resume else None
-        metrics = MetricsLog(self.out / "metrics.jsonl", ctx.is_main, append=resume is not None)
+        metrics = open_metrics(self.out, cfg.train.report_to, ctx.is_main, append=resume is not None,
+                               config=cfg.model_dump())
         self.engine.train()
-        progress = Progress(total_steps, ctx.is_main)
+        progress = Progress("train", total_steps, ctx.is_main, cfg.train.quiet, start=start_step)
         ctx.reset_peak_memory()
         loop_started = time.perf_counter()
         for step in range(start_step, total_steps):
@@ -402,18 +364,24 @@ class Run:
                 row = dict(step=step + 1, loss=finite(step_loss), lr=lr, tokens_per_s=float(totals[2]) / seconds,
                            grad_norm=finite(grad_norm), step_seconds=seconds, epoch=schedule.epoch_of(step + 1),
                            **({"skipped": True} if skipped else {}))
-                metrics.write(**row)
-            progress.update(step + 1, step_loss, lr)
+                metrics.write(row)
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
+                eval_loss = self.evaluate()
+                metrics.write({"step": step + 1, "eval_loss": eval_loss})
+                row = {**(row or {"step": step + 1}), "eval_loss": eval_loss}
+            progress.update(step + 1, int(totals[2]), step_loss, lr=lr)
             saved = None
             if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == total_steps:
                 saved = self.save(step + 1, total_steps, plan, guard)
             if row is not None or saved is not None:
                 self.reporter.step(row or {"step": step + 1}, saved)
         progress.close()
-        metrics.close()
         self.results["seconds"]["train"] = time.perf_counter() - loop_started  # checkpoints included
         self.results["peak_memory_gib"]["train"] = ctx.peak_memory_gib()
         self.results["eval_loss_after"] = self.evaluate()
+        if cfg.train.eval_every:
+            metrics.write({"step": total_steps, "eval_loss": self.results["eval_loss_after"]})
+        metrics.close()
         self.results["steps"] = total_steps
         self.results["skipped_steps"] = guard.skips
         if self.prefix_cache is not None:
@@ -495,6 +463,7 @@ def _versions() -> dict:
 def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
     """The whole job on this rank; `reporter` receives its progress (launch/ray_train.py: Ray Train)."""
     cfg.require_paths()
+    check_backends(cfg.train.report_to)
     with distributed(cfg) as ctx:
         resume = find_resume(ctx, cfg)
         run = Run.setup(ctx, cfg, reporter)
@@ -517,3 +486,9 @@ def cli(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2 if isinstance(err, ConfigError) else 3
     return 0
+
+
+if __name__ == "__main__":  # `deepspeed --module aletheia_ds.train --config ...` (an installed package, no checkout)
+    import sys
+
+    sys.exit(cli())

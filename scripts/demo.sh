@@ -19,4 +19,4 @@ aletheia-ds report --run "$out"
 aletheia-ds eval --model examples/tiny/model --tokenizer examples/tiny/tokenizer --adapter "$out/adapter" \
   --data examples/tiny/eval.jsonl --seq-len 64 --batch-size 8 --batches 8 \
   --verify-logits "$out/sample_logits.safetensors"
-echo "adapter: $out/adapter  (probe.json, plan.json, metrics.jsonl, eval.json, probe.png, loss.png in $out)"
+echo "adapter: $out/adapter  (probe.json, plan.json, metrics.jsonl, eval.json and report.md with its plots in $out)"

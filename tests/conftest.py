@@ -27,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_shared_memory():
+    """DeepSpeed's CPU accelerator leaves a /dev/shm buffer per rank of every run (about 70 MB each); remove the
+    loopback runs' buffers that appeared during the test, so a whole suite does not fill /dev/shm."""
+    shm = Path("/dev/shm")
+    pattern = "deepspeed_allreduce_buffer_*_127.0.0.1_*"
+    before = set(shm.glob(pattern)) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for path in set(shm.glob(pattern)) - before:
+            path.unlink(missing_ok=True)

@@ -25,11 +25,13 @@ Batch = dict[str, torch.Tensor]
 def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor],
               *, model_name: str = "", rank: int = 0, world_size: int = 1,
               all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-              compute_dtype: torch.dtype | None = None, checkpointing: bool = False) -> ProbeReport:
+              compute_dtype: torch.dtype | None = None, checkpointing: bool = False,
+              on_batch: Callable[[int], None] | None = None) -> ProbeReport:
     """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss.
 
     `checkpointing`: non-reentrant activation checkpointing of the decoder layers for the probe, so that one
     layer's activations (and under ZeRO-3 one layer's gathered weights) are alive at a time.
+    `on_batch(tokens)` is called after each pass of this rank (tokens 0 for a surplus pass): progress display.
     """
     if not batches:
         raise ValueError("probe needs at least one batch")
@@ -62,8 +64,12 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
             if hooks.pending:
                 raise RuntimeError(f"probe: no recompute reached modules {sorted(hooks.pending)} "
                                    "(a checkpointed layer whose forward was not run again in backward)")
+            batch_tokens = 0
             if weight:
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                tokens += batch_tokens
+            if on_batch is not None:
+                on_batch(batch_tokens)
     model.train(was_training)
     if checkpointing:
         model.gradient_checkpointing_disable()
