@@ -35,6 +35,14 @@ def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     assert arms["uniform"]["layers_adapted"] == 6 and "probe" in arms["uniform"]["seconds"]
     assert "probe" not in arms["budget"]["seconds"]  # the budget arm reused the first arm's probe.json
     assert "| budget (budget) |" in (out / "scale.md").read_text()
+    # a later call into the same directory adds an arm, reusing the probe; the earlier arms stay
+    proc = subprocess.run(cmd[:cmd.index("--arms")] + ["--arms", "paper"], cwd=ROOT, env=cpu_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "scale.json").read_text())
+    assert [a["arm"] for a in result["arms"]] == ["uniform", "budget", "paper"]
+    assert "probe" not in result["arms"][2]["seconds"]
+    assert json.loads((out / "paper" / "probe.json").read_text()) == json.loads((out / "uniform" / "probe.json").read_text())
 
 
 def test_all_gather_volume_counts_the_partitioned_weights():

@@ -5,7 +5,9 @@ on a random-weight model of the named shape, built under zero.Init (never whole 
   uniform   PEFT LoRA r16 on every target linear of every layer
   paper     the paper's rule: top 50% of layers by probe score, attention r16 / MLP r64
   budget    this project's budgeted plan (plan.rule=budget, whole layers), frozen-prefix execution
-The first arm runs the sharded probe; the others reuse its probe.json (same scores, same data). Per arm:
+The first arm runs the sharded probe; the others reuse its probe.json (same scores, same data). Arms can be
+run in separate calls into the same --out (`--arms uniform`, then `--arms budget paper`): earlier arms stay in
+the table and their probe.json is reused. Per arm:
 median tokens/s per GPU over the steps after --warmup, model FLOPs utilisation (aletheia_ds.cost.
 lora_step_flops_per_token over --peak-tflops), peak GPU memory per rank of the probe and of training, probe,
 build and export seconds. `--link-rate` first times NCCL all-gathers on the same GPUs, and each arm gets the
@@ -192,7 +194,7 @@ def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)  # all ranks' tokens / step time
     results = json.loads((run_dir / "eval.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
-    probe = json.loads((Path(args.out) / args.arms[0] / "probe.json").read_text())
+    probe = json.loads((run_dir / "probe.json").read_text())
     shapes = probe["layout"]["module_shapes"]
     modules = plan["modules"]
     adapters = [(m["layer"], m["r"], *shapes[m["key"]]) for m in modules]
@@ -266,7 +268,7 @@ def markdown(meta: dict, arms: list[dict]) -> str:
     if any("all_gather_gb_per_step" in a for a in arms):
         lines += ["", "| arm | all-gather GB per step per GPU | at the link rate, s | share of the step |",
                   "|---|---|---|---|"]
-        for a in arms:
+        for a in (a for a in arms if "all_gather_gb_per_step" in a):
             lines.append(f"| {a['arm']} | {a['all_gather_gb_per_step']:.1f} | "
                          f"{a['all_gather_seconds_at_link_rate']:.2f} | "
                          f"{a['all_gather_seconds_at_link_rate'] / a['step_seconds']:.0%} |")
@@ -308,6 +310,7 @@ def main() -> None:
     parser.add_argument("--link-rate", action="store_true", help="time NCCL all-gathers first")
     parser.add_argument("--link-only", action="store_true", help="only time the all-gathers (link.json)")
     parser.add_argument("--link-json", help="a link.json measured before (e.g. while nothing else ran)")
+    parser.add_argument("--probe-report", help="a probe.json to reuse for every arm (default: probe in the first)")
     parser.add_argument("--link-mb", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per arm")
     parser.add_argument("--cpu", action="store_true")
@@ -340,13 +343,19 @@ def main() -> None:
         print(f"all-gather: {link['received_gb_per_s']:.0f} GB/s received per rank", flush=True)
         if args.link_only:
             return
-    summaries, failed = [], []
-    for index, arm in enumerate(args.arms):
+    # arms run before into the same --out (e.g. one per 10-minute call) stay in the table; a probe.json there
+    # (or --probe-report) is reused instead of probing again
+    earlier = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
+    summaries = [a for a in earlier.get("arms", []) if a["arm"] not in args.arms]
+    failed = []
+    probe_report = Path(args.probe_report) if args.probe_report else \
+        next((out / a["arm"] / "probe.json" for a in summaries if (out / a["arm"] / "probe.json").is_file()), None)
+    for arm in args.arms:
         run_dir = out / arm
         run_dir.mkdir(exist_ok=True)
         overrides = [f"train.output_dir={run_dir}", *ARMS[arm], *args.set]
-        if index:
-            overrides.append(f"probe.report={out / args.arms[0] / 'probe.json'}")
+        if probe_report is not None:
+            overrides.append(f"probe.report={probe_report}")
         started = time.perf_counter()
         try:
             run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(config_path), *overrides]),
@@ -354,9 +363,10 @@ def main() -> None:
         except (SystemExit, subprocess.TimeoutExpired) as err:  # the other arms still run and are reported
             print(err, flush=True)
             failed.append({"arm": arm, "error": str(err).splitlines()[0]})
-            if index == 0:
+            if probe_report is None:
                 break  # the other arms need its probe.json
             continue
+        probe_report = probe_report or run_dir / "probe.json"
         summary = summarize(arm, run_dir, config, args, link, ds)
         summary["wall_seconds"] = time.perf_counter() - started
         summaries.append(summary)
