@@ -47,6 +47,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary directory beside `path` to fill; once the block ends it gets the usual permissions and
+    replaces `path` (an existing one is swapped out, then removed). On an error it is removed and `path` is
+    left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode(True))  # mkdtemp makes 0700
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -83,20 +100,12 @@ def export_adapter(ctx, peft_model: nn.Module, out_dir: str | Path) -> Path | No
     empty = [name for name, t in state.items() if t.numel() == 0]
     if empty:
         raise RuntimeError(f"adapter export: {len(empty)} LoRA tensors are empty after gathering (first: {empty[0]})")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        from .expert_lora import save_expert_adapter
+    from .expert_lora import save_expert_adapter
 
+    with atomic_dir(out_dir) as tmp:
+        peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         save_expert_adapter(peft_model, tmp, state)  # per-expert LoRA of megablocks banks, beside PEFT's files
-        os.chmod(tmp, _umask_mode(True))
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:

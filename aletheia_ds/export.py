@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .checkpoint import _umask_mode, replace_dir
+from .checkpoint import atomic_dir
 from .config import ConfigError, ModelSection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,21 +65,10 @@ def export_merged(model: str, adapter: str, out: str, tokenizer: Optional[str] =
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     merged.config.use_cache = True  # training turned the KV cache off; serving wants it
     merged.to(DTYPES[dtype])
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(out) as tmp:  # an existing (empty, or --overwrite) directory is replaced whole
         merged.save_pretrained(str(tmp), safe_serialization=True)
-        tok_dir = tokenizer or model
         if tokenizer or any((Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
             from .data import load_tokenizer
 
-            load_tokenizer(tok_dir).save_pretrained(str(tmp))
-        os.chmod(tmp, _umask_mode(True))
-        if target.exists() and not any(target.iterdir()):
-            target.rmdir()  # an empty directory made for us: replaced, not swapped
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+            load_tokenizer(tokenizer or model).save_pretrained(str(tmp))
+    return Path(out)

@@ -184,12 +184,6 @@ class Run:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    def _gradient_checkpointing(self, enabled: bool, reentrant: bool) -> None:
-        if enabled:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        elif getattr(self.model, "is_gradient_checkpointing", False):
-            self.model.gradient_checkpointing_disable()
-
     # ---------------------------------------------------------------- probe
     def probe(self, out_path: Optional[Path] = None) -> ProbeReport:
         cfg = self.cfg
@@ -298,7 +292,8 @@ class Run:
     def train(self, plan: Plan, resume: Optional[Checkpoint] = None) -> None:
         cfg, ctx = self.cfg, self.ctx
         self.model = attach(self.model, plan, cfg.lora)
-        self._gradient_checkpointing(cfg.train.gradient_checkpointing, reentrant=False)
+        if cfg.train.gradient_checkpointing:  # the probe switched its own checkpointing off again
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.train.frozen_prefix:
             FrozenPrefix(self.model, self.layout.layers_path, plan.lowest_adapted_layer).apply()
         if cfg.train.compile:

@@ -19,8 +19,8 @@ from test_probe import assert_scores_equal, brute_force_scores
 MOE_FAMILIES = list(MOE)
 
 
-def probe(model, layout, batches):
-    return run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss)
+def probe(model, layout, batches, checkpointing: bool = False):
+    return run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, checkpointing=checkpointing)
 
 
 # ---------------------------------------------------------------- probe
@@ -70,7 +70,7 @@ def test_expert_probe_with_its_own_checkpointing_matches(family):
     layout = describe(model)
     batches = random_batches(2, 2, 10, seed=3)
     reference = brute_force_moe(model, layout, batches)
-    report = run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, checkpointing=True)
+    report = probe(model, layout, batches, checkpointing=True)
     assert_experts_match(report, reference)
     plain = probe(model, layout, batches)
     assert [e.tokens for e in report.experts] == [e.tokens for e in plain.experts]  # routing load counted once

@@ -29,8 +29,8 @@ def brute_force_scores(model, layout, batches) -> dict[tuple[int, str], float]:
     return {key: math.sqrt(total / len(batches)) for key, total in sums.items()}
 
 
-def hook_scores(model, layout, batches) -> ProbeReport:
-    return run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss)
+def hook_scores(model, layout, batches, checkpointing: bool = False) -> ProbeReport:
+    return run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, checkpointing=checkpointing)
 
 
 def assert_scores_equal(report: ProbeReport, reference: dict, rtol: float = 1e-4) -> None:
@@ -95,7 +95,7 @@ def test_probe_with_its_own_checkpointing_matches(family):
     inner = next(m for layer, _, m in layout.iter_modules(model) if layer == 1)  # see the test above
     calls = []
     handle = inner.register_forward_pre_hook(lambda *_: calls.append(1))
-    report = run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, checkpointing=True)
+    report = hook_scores(model, layout, batches, checkpointing=True)
     handle.remove()
     assert len(calls) == 2 * len(batches)  # a forward and its recompute per batch
     assert not getattr(model, "is_gradient_checkpointing", False)  # switched off again

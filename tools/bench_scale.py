@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from aletheia_ds.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
 from aletheia_ds.cost import lora_step_flops_per_token  # noqa: E402
+from aletheia_ds.dist import free_port  # noqa: E402
 
 SHAPES = {
     "qwen2-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
@@ -54,12 +54,6 @@ ARMS = {
     "budget": ["plan.rule=budget", "plan.attention_r=16", "plan.mlp_r=64"],
 }
 H200_BF16_DENSE_TFLOPS = 989.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_model(shape: dict, layers: int | None, directory: Path) -> dict:
