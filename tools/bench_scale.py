@@ -328,7 +328,8 @@ def main() -> None:
     env = child_env(args)
     ds_path = Path(args.ds_config).resolve()
     ds = json.loads(ds_path.read_text())
-    link = json.loads(Path(args.link_json).read_text()) if args.link_json else None
+    link_json = Path(args.link_json) if args.link_json else out / "link.json"  # one measured before into --out
+    link = json.loads(link_json.read_text()) if link_json.is_file() else None
     if args.link_rate or args.link_only:
         run_logged(launcher(args, str(Path(__file__).resolve()), ["--link-worker", str(out / "link.json"),
                                                                  "--link-mb", str(args.link_mb)]),
