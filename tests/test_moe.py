@@ -64,7 +64,7 @@ def test_expert_probe_under_reentrant_checkpointing_matches():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_expert_probe_with_its_own_checkpointing_matches(family):
-    """Experts are measured once (in the first run, not again in the recompute), as brute force says."""
+    """Experts are measured once per pass (hook in the first run, input from the recompute), as brute force says."""
     model = tiny_model(family)
     model.requires_grad_(False)
     layout = describe(model)
@@ -74,6 +74,34 @@ def test_expert_probe_with_its_own_checkpointing_matches(family):
     assert_experts_match(report, reference)
     plain = probe(model, layout, batches)
     assert [e.tokens for e in report.experts] == [e.tokens for e in plain.experts]  # routing load counted once
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_checkpointed_expert_probe_holds_one_layers_expert_inputs_at_a_time(family):
+    """The first run keeps no expert input; the recompute supplies them during that layer's backward."""
+    from aletheia_ds.probe.experts import ExpertProbe
+    from aletheia_ds.probe.hooks import CheckpointPhase
+
+    model = tiny_model(family)
+    model.requires_grad_(False)
+    layout = describe(model)
+    per_layer = max(b.num_experts * len(b.banks) + 1 for b in layout.moe.values())  # banks of every expert + router
+    batch = random_batches(1, 2, 10, seed=4)[0]
+    held = {}
+    for checkpointing in (True, False):
+        phase = CheckpointPhase()
+        experts = ExpertProbe(model, layout, phase=phase)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=phase.checkpoint_kwargs())
+        model.train()
+        with experts.attached():
+            embeds = model.get_input_embeddings()(batch["input_ids"]).requires_grad_(True)
+            model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                  use_cache=False).loss.backward()
+        model.gradient_checkpointing_disable()
+        assert not experts.pending and float(experts.sq_norms.sum()) > 0 and float(experts.router_sq.min()) > 0
+        held[checkpointing] = experts.max_pending
+    assert 0 < held[True] <= per_layer < held[False]  # plain: every MoE layer's inputs until its backward
 
 
 def test_probe_json_carries_experts_and_routers(tmp_path):

@@ -7,6 +7,8 @@ is replaced by the per-expert loop that transformers ships as its eager referenc
 expert e -> first bank -> gate/activation -> last bank -> routing weight -> sum over the top-k). Inside
 that loop every bank of every expert is an ordinary linear map x_e -> y_e, so the rule of hooks.py
 applies unchanged: keep x_e, receive g_e = dL/dy_e in backward, add ||g_e^T x_e||_F^2, free x_e.
+Under the probe's own checkpointing (hooks.CheckpointPhase) the first run only registers the hook on y_e
+and the recompute, during the layer's backward, supplies x_e: one layer's expert inputs are held at a time.
 The original forward is put back afterwards; the weights are only read, never given `.grad`.
 
 The router's first output is its logits x W_r^T (HF TopKRouter; megablocks' router.layer is a Linear),
@@ -52,6 +54,9 @@ class ExpertProbe:
         self.sq_norms: torch.Tensor | None = None  # (moe layers, experts, banks)
         self.tokens: torch.Tensor | None = None  # (moe layers, experts)
         self.router_sq: torch.Tensor | None = None  # (moe layers,)
+        # (bank slot | router slot) -> the input x and/or the output gradient g, whichever came first
+        self.pending: dict[tuple, dict] = {}
+        self.max_pending = 0
 
     @property
     def size(self) -> int:
@@ -59,10 +64,17 @@ class ExpertProbe:
         n = len(self.entries)
         return n * self.max_experts * self.max_banks + n * self.max_experts + n
 
-    def _measures(self) -> bool:
-        """A checkpointed recompute repeats the first run's routing and products: measured once, in the first
-        run (whose graph the gradients flow through); experts' activations are kept as without checkpointing."""
-        return self.phase is None or self.phase.state != "recompute"
+    def _state(self) -> str | None:
+        return None if self.phase is None else self.phase.state
+
+    def _takes_inputs(self) -> bool:
+        """Plain runs and checkpointed recomputes supply x; a checkpointed first run keeps nothing."""
+        return self._state() != "first"
+
+    def _watches_outputs(self) -> bool:
+        """Plain runs and checkpointed first runs (whose graph the gradients flow through) hook y; routing load
+        is counted there too, so a recompute does not count it twice."""
+        return self._state() != "recompute"
 
     def _buffers(self, device: torch.device) -> None:
         if self.sq_norms is None:
@@ -77,29 +89,39 @@ class ExpertProbe:
         return None
 
     # ------------------------------------------------------------ measuring one expert
-    def _measure(self, slot: tuple[int, int, int], x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None):
-        """Register the backward hook for one bank of one expert: x (tokens_e, in) -> y (tokens_e, out)."""
-        x = x.detach()
-        if keep is not None and not drop_padding_here(x):
-            keep = None  # pad rows carry zero gradient: masking them only saves work (see hooks.py)
-        if keep is not None:
-            x = x[keep]
-        dtype = compute_dtype_for(x, self.compute_dtype)
-        x = x.to(dtype)
-        weight = self.batch_weight
+    def _rows(self, t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        t = t.detach()
+        if keep is not None and drop_padding_here(t):
+            t = t[keep]  # pad rows carry zero gradient: masking them only saves work (see hooks.py)
+        return t.to(compute_dtype_for(t, self.compute_dtype))
 
-        def grad_hook(g: torch.Tensor) -> None:
-            nonlocal x
-            g = g.detach()
-            if keep is not None:
-                g = g[keep]
-            sq = weight_grad_sq_norm(x, g.to(dtype))
-            x = None  # free the activation as soon as its norm is taken
-            self.sq_norms[slot] += weight * sq
+    def _take(self, key: tuple, x: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """The input of one bank of one expert (key ("bank", layer slot, expert, bank)) or of a router
+        (("router", layer slot)); taken before the product runs, as a recompute may stop inside it."""
+        if self._takes_inputs():
+            self._arrive(key, x=self._rows(x, keep))
 
-        y.register_hook(grad_hook)
+    def _watch(self, key: tuple, y: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Hook the output of the product `key` names: its gradient arrives in backward."""
+        if self._watches_outputs():
+            weight = self.batch_weight
+            y.register_hook(lambda g: self._arrive(key, g=self._rows(g, keep), weight=weight))
+
+    def _arrive(self, key: tuple, **parts) -> None:
+        entry = self.pending.setdefault(key, {})
+        entry.update(parts)
+        self.max_pending = max(self.max_pending, len(self.pending))
+        if "x" in entry and "g" in entry:
+            del self.pending[key]  # the activation is freed as soon as its norm is taken
+            sq = entry["weight"] * weight_grad_sq_norm(entry["x"], entry["g"].to(entry["x"].dtype))
+            if key[0] == "router":
+                self.router_sq[key[1]] += sq
+            else:
+                self.sq_norms[key[1:]] += sq
 
     def _count(self, layer_slot: int, expert: int, token_idx: torch.Tensor, keep: torch.Tensor | None) -> None:
+        if not self._watches_outputs():
+            return
         count = token_idx.numel() if keep is None else keep.sum()
         self.tokens[layer_slot, expert] += self.batch_weight * count
 
@@ -115,7 +137,7 @@ class ExpertProbe:
 
         def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
             final = torch.zeros_like(hidden_states)
-            measuring = torch.is_grad_enabled() and hidden_states.requires_grad and self._measures()
+            measuring = torch.is_grad_enabled() and hidden_states.requires_grad
             if measuring:
                 self._buffers(hidden_states.device)
             real = self._real_tokens(hidden_states.shape[0], hidden_states.device) if measuring else None
@@ -125,15 +147,20 @@ class ExpertProbe:
                 if token_idx.numel() == 0:
                     continue
                 x = hidden_states[token_idx]
+                keep = None if real is None else real[token_idx]
+                key_first, key_down = ("bank", layer_slot, expert, slot_first), ("bank", layer_slot, expert, slot_down)
+                if measuring:
+                    self._take(key_first, x, keep)
                 first_bias = getattr(experts, f"{first}_bias")[expert] if has_bias else None
                 up = _bank_linear(x, first_bank[expert], first_bias, transposed)
                 act = experts._apply_gate(up) if has_gate else experts.act_fn(up)
+                if measuring:
+                    self._watch(key_first, up, keep)
+                    self._take(key_down, act, keep)
                 down_bias = experts.down_proj_bias[expert] if has_bias else None
                 out = _bank_linear(act, down_bank[expert], down_bias, transposed)
                 if measuring:
-                    keep = None if real is None else real[token_idx]
-                    self._measure((layer_slot, expert, slot_first), x, up, keep)
-                    self._measure((layer_slot, expert, slot_down), act, out, keep)
+                    self._watch(key_down, out, keep)
                     self._count(layer_slot, expert, token_idx, keep)
                 out = out * top_k_weights[token_idx, k_pos, None]
                 final.index_add_(0, token_idx, out.to(final.dtype))
@@ -151,7 +178,7 @@ class ExpertProbe:
             in_shape = x.shape
             tokens = x.reshape(-1, x.shape[-1])
             final = torch.zeros_like(tokens)
-            measuring = torch.is_grad_enabled() and tokens.requires_grad and self._measures()
+            measuring = torch.is_grad_enabled() and tokens.requires_grad
             if measuring:
                 self._buffers(tokens.device)
             real = self._real_tokens(tokens.shape[0], tokens.device) if measuring else None
@@ -166,19 +193,26 @@ class ExpertProbe:
                 if token_idx.numel() == 0:
                     continue
                 xe = tokens[token_idx]
+                keep = None if real is None else real[token_idx]
+                key = {bank: ("bank", layer_slot, expert, banks.index(bank)) for bank in banks}
+                if measuring:
+                    self._take(key["w1"], xe, keep)
+                    if glu:
+                        self._take(key["v1"], xe, keep)
                 h1 = xe @ w1[expert].t()
                 act = args.activation_fn(h1)
                 hv = None
                 if glu:
                     hv = xe @ v1[expert].t()
                     act = act * hv
+                if measuring:
+                    self._watch(key["w1"], h1, keep)
+                    if glu:
+                        self._watch(key["v1"], hv, keep)
+                    self._take(key["w2"], act, keep)
                 out = act @ w2[expert]
                 if measuring:
-                    keep = None if real is None else real[token_idx]
-                    self._measure((layer_slot, expert, banks.index("w1")), xe, h1, keep)
-                    if glu:
-                        self._measure((layer_slot, expert, banks.index("v1")), xe, hv, keep)
-                    self._measure((layer_slot, expert, banks.index("w2")), act, out, keep)
+                    self._watch(key["w2"], out, keep)
                     self._count(layer_slot, expert, token_idx, keep)
                 final.index_add_(0, token_idx, (out * weights[token_idx, k_pos, None]).to(final.dtype))
             final = final.view(in_shape)
@@ -188,24 +222,25 @@ class ExpertProbe:
 
         return forward
 
-    def _router_hook(self, layer_slot: int) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output) -> None:
+    def _router_hooks(self, layer_slot: int) -> tuple[Callable, Callable]:
+        """(pre-hook taking the router's input, hook watching its logits); tokens flattened, pads dropped."""
+        key = ("router", layer_slot)
+
+        def take(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad and self._takes_inputs():
+                self._buffers(x.device)
+                self._arrive(key, x=flat_tokens(x.detach(), self.token_mask, self.compute_dtype))
+
+        def watch(module: nn.Module, inputs: tuple, output) -> None:
             logits = output[0] if isinstance(output, (tuple, list)) else output
-            if not torch.is_grad_enabled() or not isinstance(logits, torch.Tensor) or not logits.requires_grad \
-                    or not self._measures():
-                return
-            self._buffers(logits.device)
-            x = flat_tokens(inputs[0].detach(), self.token_mask, self.compute_dtype)
-            weight = self.batch_weight
-
-            def grad_hook(g: torch.Tensor) -> None:
-                nonlocal x
-                sq = weight_grad_sq_norm(x, flat_tokens(g.detach(), self.token_mask, x.dtype))
-                x = None
-                self.router_sq[layer_slot] += weight * sq
-
-            logits.register_hook(grad_hook)
-        return hook
+            if torch.is_grad_enabled() and isinstance(logits, torch.Tensor) and logits.requires_grad \
+                    and self._watches_outputs():
+                self._buffers(logits.device)
+                weight = self.batch_weight
+                logits.register_hook(lambda g: self._arrive(
+                    key, g=flat_tokens(g.detach(), self.token_mask, self.compute_dtype), weight=weight))
+        return take, watch
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["ExpertProbe"]:
@@ -217,7 +252,9 @@ class ExpertProbe:
                 make = self._megablocks_forward if block.style == "megablocks" else self._hf_forward
                 swapped.append((experts, experts.__dict__.get("forward")))
                 experts.forward = make(slot, block, experts)
-                handles.append(layer.get_submodule(block.router_path).register_forward_hook(self._router_hook(slot)))
+                router = layer.get_submodule(block.router_path)
+                take, watch = self._router_hooks(slot)
+                handles += [router.register_forward_pre_hook(take), router.register_forward_hook(watch)]
             yield self
         finally:
             for experts, previous in swapped:

@@ -61,9 +61,10 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
             hooks.batch_weight = experts.batch_weight = weight
             loss = forward(batch)
             loss.backward()
-            if hooks.pending:
-                raise RuntimeError(f"probe: no recompute reached modules {sorted(hooks.pending)} "
-                                   "(a checkpointed layer whose forward was not run again in backward)")
+            if hooks.pending or experts.pending:
+                raise RuntimeError(f"probe: no recompute reached modules {sorted(hooks.pending)} / experts "
+                                   f"{sorted(experts.pending)[:8]} (a checkpointed layer whose forward was not "
+                                   "run again in backward, or an output that got no gradient)")
             batch_tokens = 0
             if weight:
                 batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
