@@ -336,20 +336,20 @@ class Run:
         for step in range(start_step, total_steps):
             started = time.perf_counter()
             lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
-            loss_sum, counts = 0.0, torch.zeros(2, dtype=torch.float64)  # micro-batches, tokens
+            losses, tokens = [], 0  # losses stay on the device: one host sync per step, not per micro-batch
             for indices in schedule.micro_batches(step, ctx.rank):
                 batch = data_mod.collate([rows[i] for i in indices], self.pad_id)
                 loss = self._forward_loss(batch, indices)
                 # a non-finite loss can still give finite gradients; NaN gradients make DeepSpeed's all-reduced
-                # norm check skip the update on every rank (a select, not a branch: no host sync per micro-batch)
-                # (the factor is a constant: a where() between loss and loss*nan would give NaN gradients always)
+                # norm check skip the update on every rank. A constant factor, not a branch (a host sync) and
+                # not where(loss, loss * nan), whose backward is NaN even when the loss is finite
                 loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
                 self.engine.backward(loss)
                 self.engine.step()
-                loss_sum = loss_sum + loss.detach().double()
-                counts += torch.tensor([1.0, float(batch["attention_mask"].sum())], dtype=torch.float64)
-            totals = ctx.all_reduce_sum(torch.cat([torch.as_tensor(loss_sum, dtype=torch.float64).reshape(1).cpu(),
-                                                   counts]))
+                losses.append(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            totals = ctx.all_reduce_sum(torch.tensor(
+                [float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64))
             seconds = time.perf_counter() - started
             step_loss = float(totals[0] / totals[1])
             grad_norm = self.engine.get_global_grad_norm()

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arch import Layout, MoeBlock
-from .hooks import CheckpointPhase, compute_dtype_for, drop_padding_here, flat_tokens, weight_grad_sq_norm
+from .hooks import CheckpointPhase, Rendezvous, compute_dtype_for, drop_padding_here, flat_tokens, weight_grad_sq_norm
 from .report import ExpertScore
 
 
@@ -36,7 +36,7 @@ def _bank_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out if bias is None else out + bias
 
 
-class ExpertProbe:
+class ExpertProbe(Rendezvous):
     """Accumulates per (MoE layer, expert, bank) sum over batches of ||dL_b/dW_e||_F^2, tokens and router norms.
 
     `token_mask` and `batch_weight` are set per batch by the caller (run_probe), as for GradNormHooks.
@@ -44,6 +44,7 @@ class ExpertProbe:
 
     def __init__(self, model: nn.Module, layout: Layout, compute_dtype: torch.dtype | None = None,
                  phase: CheckpointPhase | None = None):
+        super().__init__()  # keys: ("bank", layer slot, expert, bank) and ("router", layer slot)
         self.phase = phase
         self.entries: list[tuple[int, MoeBlock, nn.Module]] = list(layout.iter_moe(model))
         self.compute_dtype = compute_dtype
@@ -54,9 +55,6 @@ class ExpertProbe:
         self.sq_norms: torch.Tensor | None = None  # (moe layers, experts, banks)
         self.tokens: torch.Tensor | None = None  # (moe layers, experts)
         self.router_sq: torch.Tensor | None = None  # (moe layers,)
-        # (bank slot | router slot) -> the input x and/or the output gradient g, whichever came first
-        self.pending: dict[tuple, dict] = {}
-        self.max_pending = 0
 
     @property
     def size(self) -> int:
@@ -108,11 +106,8 @@ class ExpertProbe:
             y.register_hook(lambda g: self._arrive(key, g=self._rows(g, keep), weight=weight))
 
     def _arrive(self, key: tuple, **parts) -> None:
-        entry = self.pending.setdefault(key, {})
-        entry.update(parts)
-        self.max_pending = max(self.max_pending, len(self.pending))
-        if "x" in entry and "g" in entry:
-            del self.pending[key]  # the activation is freed as soon as its norm is taken
+        entry = self.arrive(key, **parts)  # the activation is freed as soon as its norm is taken
+        if entry is not None:
             sq = entry["weight"] * weight_grad_sq_norm(entry["x"], entry["g"].to(entry["x"].dtype))
             if key[0] == "router":
                 self.router_sq[key[1]] += sq

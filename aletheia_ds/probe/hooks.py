@@ -86,7 +86,25 @@ class CheckpointPhase:
         return {"use_reentrant": False, "context_fn": lambda: (self._entered("first"), self._entered("recompute"))}
 
 
-class GradNormHooks:
+class Rendezvous:
+    """Where a product's input x and its output gradient g meet when they come from different runs (under
+    CheckpointPhase: g from the first run's graph, x from the recompute), in either order."""
+
+    def __init__(self) -> None:
+        self.pending: dict = {}
+        self.max_pending = 0
+
+    def arrive(self, key, **parts) -> dict | None:
+        """Add parts to key's entry; once it holds both "x" and "g" it is removed and returned."""
+        entry = self.pending.setdefault(key, {})
+        entry.update(parts)
+        self.max_pending = max(self.max_pending, len(self.pending))
+        if "x" in entry and "g" in entry:
+            return self.pending.pop(key)
+        return None
+
+
+class GradNormHooks(Rendezvous):
     """Accumulates, per named linear, sum over batches of ||dL_b/dW||_F^2 (times a batch weight).
 
     `token_mask` (set per batch) drops padded positions before the products: they carry no gradient,
@@ -97,11 +115,8 @@ class GradNormHooks:
     def __init__(self, modules: dict[str, nn.Module], compute_dtype: torch.dtype | None = None,
                  phase: CheckpointPhase | None = None):
         self.modules = modules
+        super().__init__()  # checkpointed modules: input and output gradient meet during the layer's backward
         self.phase = phase or CheckpointPhase()
-        # checkpointed modules: the output gradient (from the first run's graph) and the input (from the
-        # recompute) arrive in either order during their layer's backward; the second one to come measures
-        self.pending: dict[int, dict] = {}
-        self.max_pending = 0
         self.names = list(modules)
         self.compute_dtype = compute_dtype
         self.sq_norms: torch.Tensor | None = None
@@ -150,11 +165,8 @@ class GradNormHooks:
         self.calls[index] += 1
 
     def _arrive(self, index: int, **parts) -> None:
-        entry = self.pending.setdefault(index, {})
-        entry.update(parts)
-        self.max_pending = max(self.max_pending, len(self.pending))
-        if "x" in entry and "g" in entry:
-            del self.pending[index]
+        entry = self.arrive(index, **parts)
+        if entry is not None:
             self._add(index, entry["weight"], weight_grad_sq_norm(entry["x"], entry["g"]))
 
     @contextlib.contextmanager
