@@ -100,7 +100,7 @@ def export_adapter(ctx, peft_model: nn.Module, out_dir: str | Path) -> Path | No
     empty = [name for name, t in state.items() if t.numel() == 0]
     if empty:
         raise RuntimeError(f"adapter export: {len(empty)} LoRA tensors are empty after gathering (first: {empty[0]})")
-    from .expert_lora import save_expert_adapter
+    from .adapters.experts import save_expert_adapter
 
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)

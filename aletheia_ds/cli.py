@@ -172,7 +172,7 @@ def _eval(args) -> None:
 
 
 def _export(args) -> None:
-    from .export import export_merged
+    from .merge import export_merged
 
     if not args.merge:
         raise ConfigError("export: pass --merge (the adapter directory is already the unmerged export, loadable "
@@ -183,7 +183,7 @@ def _export(args) -> None:
 
 
 def _report(args) -> None:
-    from .report import write_run_report
+    from .run_report import write_run_report
 
     run = args.run_dir or args.run
     if not run:

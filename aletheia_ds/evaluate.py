@@ -127,7 +127,7 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
     from peft import PeftModel
 
     tuned = PeftModel.from_pretrained(base, adapter).to(device).eval()
-    from .expert_lora import load_expert_adapter
+    from .adapters.experts import load_expert_adapter
 
     load_expert_adapter(tuned, adapter)  # per-expert LoRA of megablocks banks, when the adapter has one
     empty = [n for n, p in tuned.named_parameters() if "lora_" in n and p.numel() == 0]

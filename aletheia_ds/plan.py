@@ -77,7 +77,7 @@ class Plan:
                       {m.layer for m in self.routers})
 
     def to_json(self) -> dict:
-        from .lora import lora_config_fields  # the exact PEFT fields this plan attaches with
+        from .adapters.attach import lora_config_fields  # the exact PEFT fields this plan attaches with
 
         return {"model": self.model, "rule": self.rule, "settings": self.settings, "num_layers": self.num_layers,
                 "layers_path": self.layers_path, "layers": self.layers,

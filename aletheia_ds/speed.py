@@ -18,9 +18,9 @@ import torch.nn as nn
 
 from .arch import Layout
 from .cost import AdapterShape, CostModel, measurement_plans
-from .lora import attach
+from .adapters.attach import attach
 from .plan import Plan, PlannedModule
-from .prefix import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
+from .execution import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
 
 
 def plan_from_adapters(layout: Layout, adapters: Sequence[tuple[int, str, int]], rule: str = "custom") -> Plan:

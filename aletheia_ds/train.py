@@ -32,12 +32,12 @@ from .checkpoint import (Checkpoint, export_adapter, find_resume, restore_checkp
 from .config import ConfigError, RunConfig, TrainingError, load_config
 from .dist import DistContext, distributed, held_parameter_elements, print0, resolve_dtype
 from .evaluate import held_out_loss
-from .lora import attach
+from .adapters.attach import attach
 from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, load_model
 from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
-from .prefix import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
+from .execution import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 from .progress import Progress
@@ -236,7 +236,7 @@ class Run:
                     CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
                 plan = make_plan(report, cfg.plan, cost)
             write_json_atomic(self.out / "plan.json", plan.to_json())
-            from .report import plot_experts, plot_probe
+            from .run_report import plot_experts, plot_probe
 
             plot_probe(report, plan, self.out / "probe.png")
             plot_experts(report, self.out / "experts.png")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from aletheia_ds.ray_shell import cli  # noqa: E402
+from aletheia_ds.launchers.ray import cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -29,7 +29,7 @@ from aletheia_ds.arch import describe  # noqa: E402
 from aletheia_ds.checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic  # noqa: E402
 from aletheia_ds.config import load_config  # noqa: E402
 from aletheia_ds.dist import DistContext, distributed, gathered_parameters, print0  # noqa: E402
-from aletheia_ds.lora import attach  # noqa: E402
+from aletheia_ds.adapters.attach import attach  # noqa: E402
 from aletheia_ds.model import load_model  # noqa: E402
 from aletheia_ds.plan import make_plan  # noqa: E402
 from aletheia_ds.probe.run import run_probe  # noqa: E402

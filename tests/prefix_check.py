@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from aletheia_ds.arch import describe  # noqa: E402
 from aletheia_ds.config import PlanSection, load_config  # noqa: E402
 from aletheia_ds.dist import distributed  # noqa: E402
-from aletheia_ds.lora import attach  # noqa: E402
+from aletheia_ds.adapters.attach import attach  # noqa: E402
 from aletheia_ds.model import load_model  # noqa: E402
 from aletheia_ds.plan import make_plan  # noqa: E402
-from aletheia_ds.prefix import FrozenPrefix, base_model  # noqa: E402
+from aletheia_ds.execution import FrozenPrefix, base_model  # noqa: E402
 from families import random_batches  # noqa: E402
 from test_plan_lora import fake_report  # noqa: E402
 

@@ -8,9 +8,9 @@ import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.config import PlanSection
-from aletheia_ds.lora import attach
+from aletheia_ds.adapters.attach import attach
 from aletheia_ds.plan import make_plan
-from aletheia_ds.prefix import FrozenPrefix, base_model, compile_adapted_layers
+from aletheia_ds.execution import FrozenPrefix, base_model, compile_adapted_layers
 from families import random_batches, tiny_model
 from test_plan_lora import fake_report
 

@@ -7,7 +7,7 @@ A tiny Llama whose MLPs are megablocks `dMoE(mlp_type="glu", mlp_impl="grouped")
   - the probe's per-expert loop reproduces dMoE's own forward, and its scores equal brute-force autograd
     on the fused banks: to 1e-4 in float32 (the loop alone: grouped_gemm is bf16-only) and to bf16 precision
     against megablocks' own grouped-GEMM backward;
-  - a plan's experts get per-expert LoRA (aletheia_ds/expert_lora.py), training changes exactly them, and the
+  - a plan's experts get per-expert LoRA (aletheia_ds/adapters/experts.py), training changes exactly them, and the
     adapter saved beside PEFT's reloads (PeftModel.from_pretrained + load_expert_adapter) to the same logits.
 """
 
@@ -110,8 +110,8 @@ def test_expert_lora_trains_only_planned_experts_and_reloads(tmp_path):
     from aletheia_ds.checkpoint import export_adapter
     from aletheia_ds.config import PlanSection
     from aletheia_ds.dist import DistContext
-    from aletheia_ds.expert_lora import load_expert_adapter
-    from aletheia_ds.lora import attach, expert_deltas
+    from aletheia_ds.adapters.experts import load_expert_adapter
+    from aletheia_ds.adapters.attach import attach, expert_deltas
     from aletheia_ds.plan import make_plan
     from aletheia_ds.probe.run import run_probe
 

@@ -8,7 +8,7 @@ import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.lora import adapter_modules, attach, expert_deltas, lora_config_fields, verify_adapters
+from aletheia_ds.adapters.attach import adapter_modules, attach, expert_deltas, lora_config_fields, verify_adapters
 from aletheia_ds.plan import Plan, make_plan
 from aletheia_ds.probe.report import ExpertScore, LayerScore, ProbeReport
 from aletheia_ds.probe.run import run_probe
@@ -114,7 +114,7 @@ def test_probe_json_carries_experts_and_routers(tmp_path):
     assert blob["layout"]["moe"]["0"]["banks"][0][:2] == ["gate_up_proj", "mlp.experts.gate_up_proj"]
     again = ProbeReport.from_json(blob)
     assert again.experts == report.experts and again.routers == report.routers
-    from aletheia_ds.report import plot_experts
+    from aletheia_ds.run_report import plot_experts
 
     assert plot_experts(again, tmp_path / "experts.png").stat().st_size > 0
 
@@ -315,8 +315,8 @@ def test_cost_model_counts_expert_adapters_by_their_tokens():
 
 # ---------------------------------------------------------------- per-expert LoRA on 2-D (megablocks-layout) banks
 def test_expert_lora_parametrization_adds_each_planned_experts_delta_and_round_trips(tmp_path):
-    """aletheia_ds.expert_lora on a bank laid out as megablocks keeps it: (E*F, H), expert e owns rows e*F.."""
-    from aletheia_ds.expert_lora import (CONFIG_FILE, add_expert_lora, expert_lora_deltas, load_expert_adapter,
+    """aletheia_ds.adapters.experts on a bank laid out as megablocks keeps it: (E*F, H), expert e owns rows e*F.."""
+    from aletheia_ds.adapters.experts import (CONFIG_FILE, add_expert_lora, expert_lora_deltas, load_expert_adapter,
                                          save_expert_adapter)
 
     num_experts, ffn, hidden = 4, 6, 5

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from aletheia_ds.arch import describe
-from aletheia_ds.lora import adapter_modules, expert_deltas
+from aletheia_ds.adapters.attach import adapter_modules, expert_deltas
 from aletheia_ds.plan import Plan
 from aletheia_ds.probe.report import ProbeReport
 from families import MOE, ListExpertsMoe, random_batches, routed_experts, split_routing_model, tiny_model

@@ -6,8 +6,8 @@ import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.export import export_merged
-from aletheia_ds.lora import attach
+from aletheia_ds.merge import export_merged
+from aletheia_ds.adapters.attach import attach
 from aletheia_ds.plan import make_plan
 from aletheia_ds.probe.run import run_probe
 from families import random_batches, tiny_model
@@ -60,7 +60,7 @@ def test_megablocks_expert_adapter_is_refused_in_one_line(tmp_path):
 
 def test_report_of_a_moe_run_has_expert_heat_maps(tmp_path):
     from aletheia_ds.checkpoint import write_json_atomic
-    from aletheia_ds.report import write_run_report
+    from aletheia_ds.run_report import write_run_report
 
     model = tiny_model("qwen2_moe")
     model.requires_grad_(False)

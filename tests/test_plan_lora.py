@@ -8,7 +8,7 @@ import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.lora import adapter_modules, attach, build_lora_config, lora_config_fields, verify_adapters
+from aletheia_ds.adapters.attach import adapter_modules, attach, build_lora_config, lora_config_fields, verify_adapters
 from aletheia_ds.plan import Plan, make_plan, select_top_pct
 from aletheia_ds.probe.report import LayerScore, ProbeReport
 from families import FAMILIES, tiny_model

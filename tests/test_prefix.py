@@ -7,9 +7,9 @@ import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.config import PlanSection
-from aletheia_ds.lora import attach
+from aletheia_ds.adapters.attach import attach
 from aletheia_ds.plan import make_plan
-from aletheia_ds.prefix import FrozenPrefix, base_model
+from aletheia_ds.execution import FrozenPrefix, base_model
 from families import random_batches, tiny_model
 from test_plan_lora import fake_report
 
@@ -159,7 +159,7 @@ def test_frozen_prefix_under_deepspeed(tmp_path, zero):
 
 def test_prefix_cache_replays_exactly_and_skips_the_prefix():
     from aletheia_ds.data import Example, collate
-    from aletheia_ds.prefix import PrefixCache
+    from aletheia_ds.execution import PrefixCache
 
     model, layout, plan = prepared("llama", 3, False, standard_recipe=False)
     FrozenPrefix(model, layout.layers_path, plan.lowest_adapted_layer).apply()
@@ -191,7 +191,7 @@ def test_prefix_cache_replays_exactly_and_skips_the_prefix():
 
 
 def test_prefix_cache_refuses_dropout_in_the_prefix():
-    from aletheia_ds.prefix import PrefixCache
+    from aletheia_ds.execution import PrefixCache
 
     model = tiny_model("gpt_neox", num_hidden_layers=4, hidden_dropout=0.1)
     layout = describe(model)

@@ -19,9 +19,9 @@ import torch
 import yaml
 
 from aletheia_ds.evaluate import evaluate_adapter
-from aletheia_ds.lora import adapter_modules
+from aletheia_ds.adapters.attach import adapter_modules
 from aletheia_ds.plan import Plan
-from aletheia_ds.ray_shell import digest
+from aletheia_ds.launchers.ray import digest
 from launch import ROOT, cpu_env, free_port, read_jsonl, save_tiny_llama, single_process_probe, tiny_run_config
 from ray_cluster import local_ray
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from aletheia_ds.config import ConfigError, load_config
-from aletheia_ds.ray_shell import for_ray, missing_resources
+from aletheia_ds.launchers.ray import for_ray, missing_resources
 
 
 def test_missing_resources_names_what_is_short():

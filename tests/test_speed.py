@@ -3,7 +3,7 @@
 import torch
 
 from aletheia_ds.arch import describe
-from aletheia_ds.lora import adapter_modules
+from aletheia_ds.adapters.attach import adapter_modules
 from aletheia_ds.speed import calibrate, random_batch, shapes_to_plan, time_plan
 from aletheia_ds.cost import measurement_plans
 from families import tiny_model

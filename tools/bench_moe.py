@@ -4,7 +4,7 @@ Uniform expert LoRA vs an expert-aware plan on a MoE model of a real shape (fewe
   uniform       LoRA r16 on every attention linear and on every expert of every layer (PEFT target_parameters)
   expert_aware  probe -> plan with the package defaults (top_pct 50 of layers; in each chosen layer the fewest
                 experts covering 80% of its expert gradient energy; attention r16, experts r16)
-Each variant: a fresh model (same seed), adapters attached by aletheia_ds.lora.attach, AdamW on the adapters,
+Each variant: a fresh model (same seed), adapters attached by aletheia_ds.adapters.attach.attach, AdamW on the adapters,
 `--warmup` untimed steps, then `--steps` timed steps (forward + backward + optimizer step, synchronised).
 Reports the median step time, tokens/s and peak GPU memory, one JSON row per variant (also written to --out).
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from aletheia_ds.arch import describe  # noqa: E402
 from aletheia_ds.config import PlanSection  # noqa: E402
-from aletheia_ds.lora import attach  # noqa: E402
+from aletheia_ds.adapters.attach import attach  # noqa: E402
 from aletheia_ds.plan import make_plan  # noqa: E402
 from aletheia_ds.probe.run import run_probe  # noqa: E402
 

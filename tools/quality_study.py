@@ -14,8 +14,8 @@ Does gradient-guided layer selection keep quality? A controlled study on one GPU
               attention r16 / MLP r64); the budgeted plan (rule budget, cost model from aletheia_ds.cost,
               calibrated on this device by aletheia_ds.speed); random layers with the budgeted plan's
               layer count, modules and ranks; the upper half of the layers. Adapters attached and
-              verified by aletheia_ds.lora.attach; layers below the lowest adapted one run under
-              no_grad (aletheia_ds.prefix.FrozenPrefix)
+              verified by aletheia_ds.adapters.attach.attach; layers below the lowest adapted one run under
+              no_grad (aletheia_ds.execution.FrozenPrefix)
 7. measure    held-out task loss, exact match (greedy decoding, the final answer compared), forgetting
               (rise of held-out corpus loss over the base model's), training and probe time; mean +- std
               over seeds; results.json, table.md and chart.png in --out
@@ -63,9 +63,9 @@ from aletheia_ds.config import ConfigError, LoraSection, PlanSection  # noqa: E4
 from aletheia_ds.cost import CostModel  # noqa: E402
 from aletheia_ds.data import Example, StepSchedule, collate, fixed_batches, load_examples  # noqa: E402
 from aletheia_ds.evaluate import held_out_loss, predicted_tokens  # noqa: E402
-from aletheia_ds.lora import attach  # noqa: E402
+from aletheia_ds.adapters.attach import attach  # noqa: E402
 from aletheia_ds.plan import Plan, captured, make_plan  # noqa: E402
-from aletheia_ds.prefix import FrozenPrefix  # noqa: E402
+from aletheia_ds.execution import FrozenPrefix  # noqa: E402
 from aletheia_ds.probe.report import ProbeReport  # noqa: E402
 from aletheia_ds.probe.run import run_probe  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from .config import ConfigError, RunConfig, TrainingError, load_config
+from ..config import ConfigError, RunConfig, TrainingError, load_config
 
 # config keys holding local paths: the driver makes them absolute, the workers run in other directories
 PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval"),
@@ -209,7 +209,7 @@ class RayReporter:
 
         import ray
 
-        from .dist import held_parameter_elements
+        from ..dist import held_parameter_elements
 
         held, total = held_parameter_elements(model)
         train_ctx = ray.train.get_context()
@@ -224,7 +224,7 @@ class RayReporter:
     def planned(self, report, plan) -> None:
         import ray.train
 
-        from .checkpoint import write_json_atomic
+        from ..checkpoint import write_json_atomic
 
         # a resumed run (report None) trains the checkpoint's plan: no probe this time
         self.note.update(plan_sha256=digest(plan.to_json()), plan_layers=plan.layers, resumed=report is None,
@@ -255,7 +255,7 @@ def worker_loop(config: dict) -> None:
     """One Ray Train worker: the same job as one rank of `deepspeed launch/train.py`."""
     import ray.train
 
-    from .train import main
+    from ..train import main
 
     cfg = RunConfig.model_validate(config["config"])
     checkpoint = ray.train.get_checkpoint()  # after a failure: the newest checkpoint this run reported

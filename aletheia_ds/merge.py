@@ -41,7 +41,7 @@ def check_export_args(model: str, adapter: str, out: str, overwrite: bool) -> No
     if (Path(adapter) / "expert_adapter.json").is_file():
         raise ConfigError(f"--adapter: {adapter!r} holds per-expert LoRA of megablocks banks "
                           "(expert_adapter.safetensors), which cannot be merged into a transformers checkpoint; serve "
-                          "the base model with the adapter loaded (aletheia_ds.expert_lora.load_expert_adapter)")
+                          "the base model with the adapter loaded (aletheia_ds.adapters.experts.load_expert_adapter)")
     target = Path(out).resolve()
     if target in (Path(model).resolve(), Path(adapter).resolve()):
         raise ConfigError(f"--out: {out!r} is the model or adapter directory; choose a new directory")

@@ -14,7 +14,7 @@ both its gradients (B_e^T g x^T and g (A_e x)^T) are exactly zero, so AdamW, wei
 leave them at zero for the whole run: the trained and saved adapter is plain PEFT (it loads with
 PeftModel.from_pretrained) and carries non-zero weights for the planned experts only, which
 `expert_deltas` reads back. megablocks banks are not 3-D parameters; they get this package's own
-per-expert LoRA (aletheia_ds/expert_lora.py).
+per-expert LoRA (aletheia_ds/adapters/experts.py).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from .config import ConfigError, LoraSection
-from .plan import Plan, PlannedModule
+from ..config import ConfigError, LoraSection
+from ..plan import Plan, PlannedModule
 
 
 def _pattern(values: dict[str, float], default: float) -> dict[str, float]:
@@ -55,7 +55,7 @@ def parameter_ranks(plan: Plan) -> dict[str, tuple[int, float]]:
     for layer, experts in plan.experts_by_layer().items():
         block = plan.moe[layer]
         if block.style != "hf":
-            continue  # megablocks banks: aletheia_ds/expert_lora.py
+            continue  # megablocks banks: aletheia_ds/adapters/experts.py
         for bank in block.banks:
             targets[f"{plan.layers_path}.{layer}.{bank.path}"] = (experts[0].r, experts[0].alpha)
     for m in plan.routers:
@@ -119,7 +119,7 @@ def build_lora_config(plan: Plan, section: LoraSection | None = None):
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """One clear line when the plan names an expert, bank or MoE layer this model does not have."""
-    from .arch import find_moe_block, get_submodule
+    from ..arch import find_moe_block, get_submodule
 
     if not plan.moe:
         return
@@ -158,7 +158,7 @@ def attach(model: nn.Module, plan: Plan, section: LoraSection | None = None):
             peft_model = get_peft_model(model, build_lora_config(plan, section))
         keep_planned_experts_only(peft_model, plan)
         if any(block.style == "megablocks" for block in plan.moe.values()):
-            from .expert_lora import attach_expert_lora
+            from .experts import attach_expert_lora
 
             attach_expert_lora(peft_model, plan)
     verify_adapters(peft_model, plan)
@@ -219,7 +219,7 @@ def expert_deltas(peft_model: nn.Module, adapter: str = "default") -> dict[str, 
 
 
 def _megablocks_deltas(peft_model: nn.Module) -> dict[str, list[float]]:
-    from .expert_lora import expert_lora_deltas
+    from .experts import expert_lora_deltas
 
     return expert_lora_deltas(peft_model)
 
@@ -290,6 +290,6 @@ def _expert_problems(peft_model: nn.Module, plan: Plan, adapter: str) -> list[st
             live = {e for e in range(block.num_experts) if a[e].abs().sum() > 0 or b[:, :, e].abs().sum() > 0}
             if live != planned:
                 problems.append(f"{name} has adapters on experts {sorted(live)}, the plan on {sorted(planned)}")
-    from .expert_lora import expert_lora_problems
+    from .experts import expert_lora_problems
 
     return problems + expert_lora_problems(peft_model, plan)

@@ -12,14 +12,14 @@ Unplanned experts have no adapter parameters at all. Initialisation follows PEFT
 B zero), so the adapted model starts equal to the base.
 
 Saved as two files in the adapter directory (PEFT's own files hold the other adapters):
-    expert_adapter.json          {"format": "aletheia_ds.expert_lora", "version": 1, "banks": [
+    expert_adapter.json          {"format": "aletheia_ds.adapters.experts", "version": 1, "banks": [
                                     {"parameter": "model.layers.3.mlp.experts.mlp.w1", "num_experts": 8,
                                      "experts": [1, 5], "r": 16, "alpha": 32.0, "in_features": H,
                                      "out_features": F, "transposed": false}, ...]}
     expert_adapter.safetensors   "<parameter>.lora_A" (n, r, in) and "<parameter>.lora_B" (n, out, r),
                                  row i belonging to experts[i]
 Loader (after PEFT has loaded the rest, or on a bare model):
-    from aletheia_ds.expert_lora import load_expert_adapter
+    from aletheia_ds.adapters.experts import load_expert_adapter
     model = PeftModel.from_pretrained(base, adapter_dir); load_expert_adapter(model, adapter_dir)
 """
 
@@ -33,9 +33,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from .config import ConfigError
+from ..config import ConfigError
 
-FORMAT = "aletheia_ds.expert_lora"
+FORMAT = "aletheia_ds.adapters.experts"
 CONFIG_FILE = "expert_adapter.json"
 WEIGHTS_FILE = "expert_adapter.safetensors"
 

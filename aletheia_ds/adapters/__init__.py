@@ -1,0 +1,1 @@
+"""LoRA adapters from a Plan: PEFT config, attach + verify, per-expert LoRA, export."""

@@ -1,0 +1,1 @@
+"""Launchers around train.main: Ray Train (ray.py)."""
