@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -111,21 +110,14 @@ def _plan(args) -> None:
 def launcher_command(args, overrides: list[str]) -> list[str]:
     """The `deepspeed` command that runs launch/train.py (the module aletheia_ds.train when installed without a
     checkout) on --num-gpus ranks or over --hostfile."""
-    runner = [shutil.which("deepspeed") or sys.executable] + ([] if shutil.which("deepspeed") else
-                                                             ["-m", "deepspeed.launcher.runner"])
-    cmd = list(runner)
-    if args.hostfile:
-        cmd += ["--hostfile", args.hostfile]
-    if args.num_gpus:
-        cmd += ["--num_gpus", str(args.num_gpus)]
-    if args.master_addr:
-        cmd += ["--master_addr", args.master_addr]
-    if args.master_port:
-        cmd += ["--master_port", str(args.master_port)]
+    from .launchers.deepspeed import deepspeed_command
+
     script = ROOT / "launch" / "train.py"
-    cmd += [str(script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script)] \
-        if script.is_file() else ["--module", "aletheia_ds.train"]
-    return cmd + ["--config", args.config] + overrides
+    target = (str(script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script)
+              if script.is_file() else "aletheia_ds.train")
+    return deepspeed_command(target, ["--config", args.config, *overrides], num_gpus=args.num_gpus,
+                             hostfile=args.hostfile, master_addr=args.master_addr, master_port=args.master_port,
+                             module=not script.is_file())
 
 
 def _train(args, rest: list[str]) -> None:

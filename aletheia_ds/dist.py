@@ -10,7 +10,6 @@ import contextlib
 import copy
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, RunConfig
+from .launchers.deepspeed import free_port
 
 _RANK = int(os.environ.get("RANK", "0"))
 
@@ -31,13 +31,6 @@ def print0(*args, **kwargs) -> None:
     """Print on global rank 0 only."""
     if _RANK == 0:
         print(*args, **kwargs, flush=True)
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (for MASTER_PORT and test clusters)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_single_process_env() -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aletheia_ds.dist import free_port  # noqa: F401 (tests import it from here)
+from aletheia_ds.launchers.deepspeed import free_port  # noqa: F401 (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 

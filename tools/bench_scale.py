@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from aletheia_ds.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
 from aletheia_ds.cost import lora_step_flops_per_token  # noqa: E402
-from aletheia_ds.dist import free_port  # noqa: E402
+from aletheia_ds.launchers.deepspeed import free_port  # noqa: E402
 
 SHAPES = {
     "qwen2-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
