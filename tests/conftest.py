@@ -1,21 +1,26 @@
 import os
-import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+TESTS = Path(__file__).resolve().parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# worker scripts started as ranks import helpers.* as the tests do; rank_env puts the checkout itself in front
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+
+# after the environment: huggingface_hub and DeepSpeed read it when first imported
+import torch  # noqa: E402
+
+from aletheia_ds.arch import Layout, describe  # noqa: E402
+from helpers.families import random_batches, tiny_model  # noqa: E402
+from helpers.ranks import ROOT  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -27,6 +32,23 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+class TinyFrozen(NamedTuple):
+    model: torch.nn.Module
+    layout: Layout
+    batches: list[dict]
+
+
+@pytest.fixture
+def tiny_frozen():
+    """`tiny_frozen(family, batches=(count, batch_size, seq_len), seed=3, **config_overrides)`: a tiny model of
+    `family` with every weight frozen, as the probe and LoRA find the base, its layout, and random batches."""
+    def build(family: str, batches: tuple[int, int, int] = (2, 2, 10), seed: int = 3, **overrides) -> TinyFrozen:
+        model = tiny_model(family, **overrides)
+        model.requires_grad_(False)
+        return TinyFrozen(model, describe(model), random_batches(*batches, seed=seed))
+    return build
 
 
 @pytest.fixture(autouse=True)

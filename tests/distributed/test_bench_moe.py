@@ -4,13 +4,14 @@ import json
 import subprocess
 import sys
 
-from launch import ROOT, cpu_env
+from aletheia_ds.launchers.deepspeed import rank_env
+from helpers.ranks import ROOT
 
 
 def test_bench_moe_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_moe.py"), "--smoke", "--out", str(out)], cwd=ROOT,
-                          env=cpu_env(), capture_output=True, text=True, timeout=300)
+                          env=rank_env(cpu=True), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     uniform, aware = json.loads(out.read_text())
     assert (uniform["variant"], aware["variant"]) == ("uniform", "expert_aware")

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from launch import ROOT, cpu_env
+from aletheia_ds.launchers.deepspeed import rank_env
+from helpers.ranks import ROOT
 
 pytestmark = pytest.mark.distributed
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
@@ -18,7 +18,7 @@ def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     cmd = [sys.executable, "tools/bench_scale.py", "--shape", "tiny", "--gpus", "2", "--cpu", "--out", str(out),
            "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len", "64", "--arms", "uniform", "budget",
            "--link-rate", "--link-mb", "1", "--set", "plan.budget=0.7"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())
     arms = {a["arm"]: a for a in result["arms"]}
@@ -36,7 +36,7 @@ def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     assert "probe" not in arms["budget"]["seconds"]  # the budget arm reused the first arm's probe.json
     assert "| budget (budget) |" in (out / "scale.md").read_text()
     # a later call into the same directory adds an arm, reusing the probe; the earlier arms stay
-    proc = subprocess.run(cmd[:cmd.index("--arms")] + ["--arms", "paper"], cwd=ROOT, env=cpu_env(),
+    proc = subprocess.run(cmd[:cmd.index("--arms")] + ["--arms", "paper"], cwd=ROOT, env=rank_env(cpu=True),
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())

@@ -4,12 +4,13 @@ import json
 import subprocess
 import sys
 
-from launch import ROOT, cpu_env
+from aletheia_ds.launchers.deepspeed import rank_env
+from helpers.ranks import ROOT
 
 
 def test_bench_speed_smoke(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_speed.py"), "--smoke", "--moe-shape", "smoke",
-                           "--out", str(tmp_path)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True,
+                           "--out", str(tmp_path)], cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     blob = json.loads((tmp_path / "bench_speed.json").read_text())

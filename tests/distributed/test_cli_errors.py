@@ -6,11 +6,13 @@ import sys
 
 import pytest
 
-from launch import ROOT, cpu_env, save_tiny_llama
+from aletheia_ds.launchers.deepspeed import rank_env
+from helpers.ranks import ROOT, save_tiny_llama
 
 
 def run(args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=rank_env(cpu=True), capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.fixture(scope="module")

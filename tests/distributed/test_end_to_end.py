@@ -8,7 +8,7 @@ import torch
 from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.adapters.attach import adapter_modules
 from aletheia_ds.plan import Plan
-from launch import ROOT, read_jsonl, run_train, save_tiny_llama, single_process_probe, tiny_run_config
+from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, single_process_probe, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 

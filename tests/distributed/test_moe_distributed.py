@@ -18,10 +18,11 @@ import torch
 from aletheia_ds.arch import describe
 from aletheia_ds.adapters.attach import adapter_modules, expert_deltas
 from aletheia_ds.plan import Plan
+from aletheia_ds.launchers.deepspeed import local_command, rank_env
 from aletheia_ds.probe.report import ProbeReport
-from families import MOE, ListExpertsMoe, random_batches, routed_experts, split_routing_model, tiny_model
-from launch import ROOT, cpu_env, deepspeed_cmd
-from moe_reference import assert_experts_match, brute_force_moe
+from helpers.families import MOE, ListExpertsMoe, random_batches, routed_experts, split_routing_model, tiny_model
+from helpers.moe_reference import assert_experts_match, brute_force_moe
+from helpers.ranks import ROOT
 
 pytestmark = pytest.mark.distributed
 
@@ -31,8 +32,8 @@ TIMEOUT_S = 420
 
 def launch_worker(models, out, *flags, timeout=TIMEOUT_S) -> tuple[int | None, str]:
     """Run the worker on 2 ranks in its own process group; (None, output) when it outlives `timeout`."""
-    cmd = deepspeed_cmd(WORKER, ["--models", str(models), "--out", str(out), *flags], 2)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = local_command(WORKER, ["--models", str(models), "--out", str(out), *flags], 2)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_env(cpu=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -140,7 +141,7 @@ def test_whole_job_on_a_deepseek_style_model(tmp_path):
     """launch/train.py end to end (one process, ZeRO-3): dense first layer, shared experts, expert plan, export,
     plain-PEFT reload with the same logits, expert heat map."""
     from aletheia_ds.evaluate import evaluate_adapter
-    from launch import run_train, tiny_run_config
+    from helpers.ranks import run_train, tiny_run_config
 
     model_dir = tmp_path / "model"
     tiny_model("deepseek_v3", vocab_size=512).save_pretrained(str(model_dir))

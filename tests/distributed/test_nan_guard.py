@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from aletheia_ds.data import StepSchedule, load_examples, load_tokenizer
-from launch import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
+from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 

@@ -22,8 +22,9 @@ from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.adapters.attach import adapter_modules
 from aletheia_ds.plan import Plan
 from aletheia_ds.launchers.ray import digest
-from launch import ROOT, cpu_env, free_port, read_jsonl, save_tiny_llama, single_process_probe, tiny_run_config
-from ray_cluster import local_ray
+from aletheia_ds.launchers.deepspeed import free_port, rank_env
+from helpers.ranks import ROOT, read_jsonl, save_tiny_llama, single_process_probe, tiny_run_config
+from helpers.ray_cluster import local_ray
 
 pytestmark = pytest.mark.ray
 
@@ -183,7 +184,8 @@ def test_cluster_too_small_is_one_line_not_a_hang(cluster, model_dir, tmp_path):
     # straight to the cluster's address: GPUs this cluster does not have
     config = ray_config(model_dir, tmp_path, use_gpu=True, address=cluster.gcs_address)
     proc = subprocess.run([sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
-                          cwd=ROOT, env=cpu_env(**{k: v for k, v in cluster.env.items() if k.startswith("RAY_")}),
+                          cwd=ROOT,
+                          env=rank_env(cpu=True, **{k: v for k, v in cluster.env.items() if k.startswith("RAY_")}),
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -195,7 +197,7 @@ def test_unreachable_address_is_one_line(model_dir, tmp_path):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     config = ray_config(model_dir, tmp_path, address=address)
     proc = subprocess.run([sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
-                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+                          cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: ray.address: cannot reach a Ray cluster at {address} (Connection refused); start one with "

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from launch import ROOT, cpu_env, free_port, read_jsonl, save_tiny_llama, tiny_run_config
+from aletheia_ds.launchers.deepspeed import free_port, rank_env
+from helpers.ranks import ROOT, read_jsonl, save_tiny_llama, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 
@@ -19,7 +20,7 @@ TOKENIZER = ROOT / "examples/tiny/tokenizer"
 
 
 def cli(args, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, "-m", "aletheia_ds.cli", *args], cwd=cwd, env=cpu_env(),
+    return subprocess.run([sys.executable, "-m", "aletheia_ds.cli", *args], cwd=cwd, env=rank_env(cpu=True),
                           capture_output=True, text=True, timeout=timeout)
 
 

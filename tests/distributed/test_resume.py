@@ -25,7 +25,8 @@ from aletheia_ds.checkpoint import Checkpoint, find_resume, resolve_checkpoint
 from aletheia_ds.config import ConfigError, load_config, validate_tree
 from aletheia_ds.dist import DistContext, build_ds_config
 from aletheia_ds.plan import Plan
-from launch import ROOT, cpu_env, read_jsonl, run_train, save_tiny_llama, tiny_run_config, train_cmd
+from aletheia_ds.launchers.deepspeed import rank_env
+from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config, train_cmd
 
 pytestmark = pytest.mark.distributed
 
@@ -113,7 +114,8 @@ def test_rank_killed_at_a_random_step_resumes_exactly(workdir, reference):
     out = workdir / "killed"
     cfg = job(workdir, "killed")
     log = (workdir / "killed.log").open("w")
-    launcher = subprocess.Popen(train_cmd(cfg, workdir), cwd=ROOT, env=cpu_env(), stdout=log, stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen(train_cmd(cfg, workdir), cwd=ROOT, env=rank_env(cpu=True), stdout=log,
+                                stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and launcher.poll() is None and logged_steps(out) < kill_at:
         time.sleep(0.05)
@@ -136,7 +138,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(workdir, referen
     cfg = job(workdir, out.name)
     crash_step = 2 * SAVE_EVERY
     proc = run_train(cfg, workdir, script="tests/crash_in_checkpoint.py", check=False,
-                     env=cpu_env(CRASH_STEP=str(crash_step), CRASH_POINT=point, CRASH_RANK="1"))
+                     env=rank_env(cpu=True, CRASH_STEP=str(crash_step), CRASH_POINT=point, CRASH_RANK="1"))
     assert proc.returncode != 0 and "SIGKILLs itself" in proc.stdout, proc.stdout[-3000:]
     root = out / "checkpoints"
     assert latest_step(out) == SAVE_EVERY  # `latest` still names the previous, complete checkpoint

@@ -1,37 +1,16 @@
-"""Start real DeepSpeed ranks (CPU, gloo, loopback) for the distributed tests."""
+"""Start real DeepSpeed ranks (CPU, gloo, loopback) for the distributed tests, through the package's own command
+and environment builders (aletheia_ds/launchers/deepspeed.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from aletheia_ds.launchers.deepspeed import free_port  # noqa: F401 (tests import it from here)
+from aletheia_ds.launchers.deepspeed import local_command, rank_env
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_env(**extra) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env.update(extra)
-    return env
-
-
-def gpu_env(**extra) -> dict:
-    """Like cpu_env but leaves DeepSpeed to find the GPU."""
-    env = cpu_env(**extra)
-    env.pop("DS_ACCELERATOR", None)
-    env.pop("GLOO_SOCKET_IFNAME", None)
-    return env
-
-
-def deepspeed_cmd(script: str, args: list[str], nprocs: int) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), script, *args]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_cmd(config: dict, tmp: Path, nprocs: int = 2, extra: list[str] | None = None,
@@ -44,7 +23,7 @@ def train_cmd(config: dict, tmp: Path, nprocs: int = 2, extra: list[str] | None 
     args = ["--config", str(path), *(extra or [])]
     if nprocs == 0:
         return [sys.executable, str(ROOT / script), *args]
-    return deepspeed_cmd(str(ROOT / script), args, nprocs)
+    return local_command(str(ROOT / script), args, nprocs)
 
 
 def run_train(config: dict, tmp: Path, nprocs: int = 2, timeout: int = 300, extra: list[str] | None = None,
@@ -52,7 +31,7 @@ def run_train(config: dict, tmp: Path, nprocs: int = 2, timeout: int = 300, extr
               ) -> subprocess.CompletedProcess:
     """Run launch/train.py (or a wrapper `script`) with `config` on `nprocs` ranks; fail loudly if `check`."""
     cmd = train_cmd(config, tmp, nprocs, extra, script)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or rank_env(cpu=True), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from launch import ROOT, free_port
+from aletheia_ds.launchers.deepspeed import free_port
+from helpers.ranks import ROOT
 
 VENV_BIN = str(Path(sys.executable).parent)
 # what the workers need, passed the way a user passes it: the job's runtime_env

@@ -8,7 +8,8 @@ import pytest
 
 from aletheia_ds.cli import EXAMPLES, build_parser, main
 from aletheia_ds.config import RunConfig, config_reference_markdown
-from launch import ROOT, cpu_env
+from aletheia_ds.launchers.deepspeed import rank_env
+from helpers.ranks import ROOT
 
 
 def test_committed_config_reference_equals_the_generated_one():
@@ -61,7 +62,7 @@ def test_train_prints_the_deepspeed_command(tmp_path, capsys):
      "error: --adapter: 'no/adapter' has no adapter_config.json"),
 ])
 def test_bad_input_is_one_error_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "aletheia_ds.cli", *args], cwd=ROOT, env=cpu_env(),
+    proc = subprocess.run([sys.executable, "-m", "aletheia_ds.cli", *args], cwd=ROOT, env=rank_env(cpu=True),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

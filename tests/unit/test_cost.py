@@ -1,37 +1,11 @@
 """Cost model: prediction structure, calibration recovers known coefficients, budgeted selection."""
 
-import math
-
 import pytest
 
 from aletheia_ds.config import ConfigError, PlanSection
 from aletheia_ds.cost import CostModel, measurement_plans, select_within_budget
 from aletheia_ds.plan import make_plan
-from aletheia_ds.probe.report import LayerScore, ProbeReport
-
-SHAPES = {"q_proj": [64, 64], "k_proj": [64, 32], "v_proj": [64, 32], "o_proj": [64, 64],
-          "gate_proj": [64, 128], "up_proj": [64, 128], "down_proj": [128, 64]}
-KINDS = {k: ("attention" if k[0] in "qkvo" else "mlp") for k in SHAPES}
-
-
-def report_with(layer_scores, layers=None) -> ProbeReport:
-    layers = layers or len(layer_scores)
-    out = []
-    for i, score in enumerate(layer_scores):
-        per = score / math.sqrt(len(SHAPES))
-        out.append(LayerScore(i, score, {k: per for k in SHAPES}))
-    layout = {"layers_path": "model.layers", "module_kinds": KINDS, "module_paths": {k: f"x.{k}" for k in SHAPES},
-              "module_shapes": SHAPES, "layer_params": [1000] * layers, "hidden_size": 64, "vocab_size": 256}
-    return ProbeReport(model="m", num_layers=layers, tokens=512, seconds=0.1, batches=2, layers=out, layout=layout,
-                       batch_size=4, seq_len=64)
-
-
-def known_model(**kw) -> CostModel:
-    args = dict(base_s=0.05, depth_s=0.004, adapter_fixed_s=0.0003, adapter_width_s=1e-7, layer_weights=[1.0] * 8,
-                module_shapes=SHAPES)
-    args.update(kw)
-    return CostModel(**args)
-
+from helpers.reports import SHAPES, known_model, report_with
 
 def test_depth_is_paid_down_to_the_lowest_adapted_layer_only():
     cost = known_model()

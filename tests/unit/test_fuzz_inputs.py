@@ -113,7 +113,7 @@ def test_parquet_nulls_name_the_row(tok, tmp_path):
 def test_sequence_longer_than_the_model_allows_is_refused(tmp_path):
     from aletheia_ds.config import ModelSection
     from aletheia_ds.model import check_sequence_lengths
-    from launch import save_tiny_llama
+    from helpers.ranks import save_tiny_llama
 
     model = ModelSection(path=str(save_tiny_llama(tmp_path / "m", family="gpt_neox")))
     check_sequence_lengths(model, {"data.seq_len": 128})

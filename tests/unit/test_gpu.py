@@ -11,8 +11,8 @@ from aletheia_ds.config import PlanSection
 from aletheia_ds.adapters.attach import attach
 from aletheia_ds.plan import make_plan
 from aletheia_ds.execution import FrozenPrefix, base_model, compile_adapted_layers
-from families import random_batches, tiny_model
-from test_plan_lora import fake_report
+from helpers.families import random_batches, tiny_model
+from helpers.reports import fake_report
 
 pytestmark = pytest.mark.gpu
 
@@ -40,13 +40,14 @@ def test_compiled_adapted_span_matches_eager():
 
 def test_training_path_on_one_gpu_zero2_bf16_compiled(tmp_path):
     from aletheia_ds.evaluate import evaluate_adapter
-    from launch import ROOT, gpu_env, run_train, save_tiny_llama, tiny_run_config
+    from aletheia_ds.launchers.deepspeed import rank_env
+    from helpers.ranks import ROOT, run_train, save_tiny_llama, tiny_run_config
 
     model_dir = save_tiny_llama(tmp_path / "model", layers=6)
     out = tmp_path / "run"
     cfg = tiny_run_config(model_dir, out, train={"gradient_checkpointing": True, "compile": True, "max_steps": 8},
                           deepspeed={"config": str(ROOT / "ds_configs/zero2.json")}, plan={"rule": "budget", "budget": 0.7})
-    run_train(cfg, tmp_path, nprocs=0, timeout=600, env=gpu_env())
+    run_train(cfg, tmp_path, nprocs=0, timeout=600, env=rank_env(cpu=False))
     plan = json.loads((out / "plan.json").read_text())
     assert plan["rule"] == "budget" and plan["predicted"]["fraction_of_uniform"] <= 0.7
     result = evaluate_adapter(model=str(model_dir), adapter=str(out / "adapter"), data=cfg["data"]["eval"],

@@ -47,7 +47,7 @@ def megablocks_llama(seed: int = 0, dtype=torch.bfloat16):
 
 
 def cuda_batches(count=2, seed=1):
-    from families import random_batches
+    from helpers.families import random_batches
 
     return [{k: v.cuda() for k, v in b.items()} for b in random_batches(count, 2, 16, seed=seed)]
 
@@ -68,7 +68,7 @@ def test_probe_loop_reproduces_dmoe_and_equals_brute_force():
     from aletheia_ds.arch import describe
     from aletheia_ds.probe.experts import ExpertProbe
     from aletheia_ds.probe.run import run_probe
-    from moe_reference import assert_experts_match
+    from helpers.moe_reference import assert_experts_match
 
     model = megablocks_llama()
     layout = describe(model)
@@ -90,14 +90,14 @@ def test_probe_loop_reproduces_dmoe_and_equals_brute_force():
     # 3. bf16: hooks == megablocks' own grouped-GEMM backward, to bf16 precision
     model16 = megablocks_llama()
     report16 = run_probe(model16, layout, batches, lambda b: model16(**b).loss)
-    from moe_reference import brute_force_moe
+    from helpers.moe_reference import brute_force_moe
 
     assert_experts_match(report16, brute_force_moe(model16, layout, batches), rtol=5e-2, check_tokens=False)
 
 
 def brute_force_in_loop(model, layout, batches):
     from aletheia_ds.probe.experts import ExpertProbe
-    from moe_reference import brute_force_moe
+    from helpers.moe_reference import brute_force_moe
 
     with ExpertProbe(model, layout).attached():  # megablocks' grouped GEMM is bf16-only: autograd through the loop
         return brute_force_moe(model, layout, batches)

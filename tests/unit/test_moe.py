@@ -12,9 +12,9 @@ from aletheia_ds.adapters.attach import adapter_modules, attach, expert_deltas, 
 from aletheia_ds.plan import Plan, make_plan
 from aletheia_ds.probe.report import ExpertScore, LayerScore, ProbeReport
 from aletheia_ds.probe.run import run_probe
-from families import MOE, random_batches, tiny_model, with_list_experts
-from moe_reference import assert_experts_match, brute_force_moe
-from test_probe import assert_scores_equal, brute_force_scores
+from helpers.families import MOE, random_batches, tiny_model, with_list_experts
+from helpers.moe_reference import assert_experts_match, brute_force_moe
+from helpers.probe_reference import assert_scores_equal, brute_force_scores
 
 MOE_FAMILIES = list(MOE)
 

@@ -10,7 +10,7 @@ from aletheia_ds.merge import export_merged
 from aletheia_ds.adapters.attach import attach
 from aletheia_ds.plan import make_plan
 from aletheia_ds.probe.run import run_probe
-from families import random_batches, tiny_model
+from helpers.families import random_batches, tiny_model
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

@@ -1,7 +1,6 @@
 """Planning rules, plan.json round trip, and LoRA attachment verified module by module."""
 
 import json
-import math
 
 import pytest
 import torch
@@ -10,18 +9,8 @@ from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, PlanSection
 from aletheia_ds.adapters.attach import adapter_modules, attach, build_lora_config, lora_config_fields, verify_adapters
 from aletheia_ds.plan import Plan, make_plan, select_top_pct
-from aletheia_ds.probe.report import LayerScore, ProbeReport
-from families import FAMILIES, tiny_model
-
-
-def fake_report(layout, layer_scores, model="m") -> ProbeReport:
-    layers = []
-    for index, score in enumerate(layer_scores):
-        keys = [t.key for t in layout.layer_targets[index]]
-        per = score / math.sqrt(len(keys))
-        layers.append(LayerScore(index, score, {k: per for k in keys}))
-    return ProbeReport(model=model, num_layers=len(layers), tokens=10, seconds=0.1, batches=1, layers=layers,
-                       layout=layout.to_json())
+from helpers.families import FAMILIES, tiny_model
+from helpers.reports import fake_report
 
 
 def test_top_pct_keeps_highest_layers_with_ceil_and_ties_to_lower_index():

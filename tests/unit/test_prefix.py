@@ -10,8 +10,8 @@ from aletheia_ds.config import PlanSection
 from aletheia_ds.adapters.attach import attach
 from aletheia_ds.plan import make_plan
 from aletheia_ds.execution import FrozenPrefix, base_model
-from families import random_batches, tiny_model
-from test_plan_lora import fake_report
+from helpers.families import random_batches, tiny_model
+from helpers.reports import fake_report
 
 
 class SavedByLayer:
@@ -137,13 +137,15 @@ def test_frozen_prefix_under_deepspeed(tmp_path, zero):
     import json
     import subprocess
 
-    from launch import ROOT, cpu_env, deepspeed_cmd, save_tiny_llama
+    from aletheia_ds.launchers.deepspeed import local_command, rank_env
+
+    from helpers.ranks import ROOT, save_tiny_llama
 
     model_dir = save_tiny_llama(tmp_path / "model", layers=5)
     out = tmp_path / "result.json"
-    cmd = deepspeed_cmd(str(ROOT / "tests/prefix_check.py"), [str(out), str(ROOT / f"ds_configs/{zero}.json"),
+    cmd = local_command(str(ROOT / "tests/prefix_check.py"), [str(out), str(ROOT / f"ds_configs/{zero}.json"),
                                                               str(model_dir)], 2)
-    proc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     plain, fast, lowest = result["plain"], result["frozen_prefix"], result["lowest"]

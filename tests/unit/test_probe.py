@@ -1,7 +1,5 @@
 """The hook probe equals brute-force autograd (weights unfrozen, .grad read) for every family."""
 
-import math
-
 import pytest
 import torch
 
@@ -9,38 +7,12 @@ from aletheia_ds.arch import describe
 from aletheia_ds.probe.hooks import weight_grad_sq_norm
 from aletheia_ds.probe.report import ProbeReport
 from aletheia_ds.probe.run import run_probe
-from families import FAMILIES, random_batches, tiny_model
-
-
-def brute_force_scores(model, layout, batches) -> dict[tuple[int, str], float]:
-    """Reference: unfreeze every target weight, backprop each batch's mean token loss, read .grad."""
-    modules = {(layer, t.key): m for layer, t, m in layout.iter_modules(model)}
-    for m in modules.values():
-        m.weight.requires_grad_(True)
-    sums = {key: 0.0 for key in modules}
-    for batch in batches:
-        model.zero_grad(set_to_none=True)
-        model(**batch, use_cache=False).loss.backward()
-        for key, m in modules.items():
-            sums[key] += float(m.weight.grad.double().pow(2).sum())
-    for m in modules.values():
-        m.weight.requires_grad_(False)
-        m.weight.grad = None
-    return {key: math.sqrt(total / len(batches)) for key, total in sums.items()}
+from helpers.families import FAMILIES, random_batches, tiny_model
+from helpers.probe_reference import assert_scores_equal, brute_force_scores
 
 
 def hook_scores(model, layout, batches, checkpointing: bool = False) -> ProbeReport:
     return run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, checkpointing=checkpointing)
-
-
-def assert_scores_equal(report: ProbeReport, reference: dict, rtol: float = 1e-4) -> None:
-    for layer in report.layers:
-        for key, score in layer.modules.items():
-            ref = reference[(layer.index, key)]
-            assert ref > 0, f"reference gradient of {layer.index}:{key} is zero"
-            assert abs(score - ref) <= rtol * ref, f"layer {layer.index} {key}: hook {score} vs autograd {ref}"
-        expected_layer = math.sqrt(sum(reference[(layer.index, k)] ** 2 for k in layer.modules))
-        assert abs(layer.score - expected_layer) <= rtol * expected_layer
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -12,16 +12,15 @@ import re
 import subprocess
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import torch
 
 from aletheia_ds.config import PlanSection
 from aletheia_ds.plan import make_plan
-from test_cost import known_model, report_with
+from helpers.ranks import ROOT
+from helpers.reports import known_model, report_with
 
-ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("quality_study", ROOT / "tools/quality_study.py")
 qs = importlib.util.module_from_spec(spec)
 sys.modules["quality_study"] = qs  # dataclasses look their module up while the file executes

@@ -6,7 +6,7 @@ from aletheia_ds.arch import describe
 from aletheia_ds.adapters.attach import adapter_modules
 from aletheia_ds.speed import calibrate, random_batch, shapes_to_plan, time_plan
 from aletheia_ds.cost import measurement_plans
-from families import tiny_model
+from helpers.families import tiny_model
 
 
 def test_time_plan_leaves_the_base_model_untouched_and_calibration_fits():

@@ -34,7 +34,7 @@ from aletheia_ds.model import load_model  # noqa: E402
 from aletheia_ds.plan import make_plan  # noqa: E402
 from aletheia_ds.probe.run import run_probe  # noqa: E402
 from aletheia_ds.train import param_groups  # noqa: E402
-from families import ListExpertsMoe, random_batches, token_batches, with_list_experts  # noqa: E402
+from helpers.families import ListExpertsMoe, random_batches, token_batches, with_list_experts  # noqa: E402
 
 # the data both sides use (the test builds the same batches for its single-process reference)
 PROBE_BATCHES = dict(count=4, batch_size=2, seq_len=12, seed=11)

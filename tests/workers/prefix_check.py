@@ -20,8 +20,8 @@ from aletheia_ds.adapters.attach import attach  # noqa: E402
 from aletheia_ds.model import load_model  # noqa: E402
 from aletheia_ds.plan import make_plan  # noqa: E402
 from aletheia_ds.execution import FrozenPrefix, base_model  # noqa: E402
-from families import random_batches  # noqa: E402
-from test_plan_lora import fake_report  # noqa: E402
+from helpers.families import random_batches  # noqa: E402
+from helpers.reports import fake_report  # noqa: E402
 
 
 def main(out: str, ds_config: str, model_dir: str) -> None:
