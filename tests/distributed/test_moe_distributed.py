@@ -1,7 +1,7 @@
 """MoE under real DeepSpeed ZeRO-3 on 2 CPU ranks (every parameter partitioned).
 
-One launch of tests/moe_zero3_worker.py (about half a minute) serves the first three tests: per-expert probes of
-five MoE families equal brute-force autograd on one process; on a model whose two ranks route their tokens
+One launch of tests/workers/moe_zero3_worker.py (about half a minute) serves the first three tests: per-expert
+probes of five MoE families equal brute-force autograd on one process; on a model whose two ranks route their tokens
 to disjoint experts, the probe still equals one process, training touches exactly the planned experts and
 the exported adapter reloads with plain PEFT; transformers-4-style blocks (only experts that receive tokens
 run) complete because the MoE blocks are ZeRO-3 leaves. A hang fails the run at its timeout.
@@ -26,7 +26,7 @@ from helpers.ranks import ROOT
 
 pytestmark = pytest.mark.distributed
 
-WORKER = str(ROOT / "tests/moe_zero3_worker.py")
+WORKER = str(ROOT / "tests/workers/moe_zero3_worker.py")
 TIMEOUT_S = 420
 
 
@@ -122,7 +122,7 @@ def test_list_expert_blocks_routing_apart_complete_as_zero3_leaves(zero3_run):
     _, output = zero3_run
     assert "rank 0 list-experts forward done; experts run: [0, 1]" in output
     assert "rank 1 list-experts forward done; experts run: [2, 3]" in output
-    assert ListExpertsMoe.__name__ in (ROOT / "tests/moe_zero3_worker.py").read_text()
+    assert ListExpertsMoe.__name__ in (ROOT / "tests/workers/moe_zero3_worker.py").read_text()
 
 
 @pytest.mark.slow

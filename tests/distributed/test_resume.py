@@ -137,7 +137,7 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(workdir, referen
     out = workdir / f"crash-{point}"
     cfg = job(workdir, out.name)
     crash_step = 2 * SAVE_EVERY
-    proc = run_train(cfg, workdir, script="tests/crash_in_checkpoint.py", check=False,
+    proc = run_train(cfg, workdir, script="tests/workers/crash_in_checkpoint.py", check=False,
                      env=rank_env(cpu=True, CRASH_STEP=str(crash_step), CRASH_POINT=point, CRASH_RANK="1"))
     assert proc.returncode != 0 and "SIGKILLs itself" in proc.stdout, proc.stdout[-3000:]
     root = out / "checkpoints"

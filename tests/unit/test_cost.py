@@ -7,6 +7,7 @@ from aletheia_ds.cost import CostModel, measurement_plans, select_within_budget
 from aletheia_ds.plan import make_plan
 from helpers.reports import SHAPES, known_model, report_with
 
+
 def test_depth_is_paid_down_to_the_lowest_adapted_layer_only():
     cost = known_model()
     one_top = [(7, 16, 64, 64)]

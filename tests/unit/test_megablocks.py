@@ -1,6 +1,6 @@
 """megablocks dMoE layers (GPU only): per-expert probe, expert plan and per-expert LoRA on the fused w1/v1/w2 banks.
 
-    pytest -q -m gpu tests/test_megablocks.py
+    pytest -q -m gpu tests/unit/test_megablocks.py
 
 A tiny Llama whose MLPs are megablocks `dMoE(mlp_type="glu", mlp_impl="grouped")` (grouped_gemm, bf16 only;
 `mlp_impl="sparse"` refuses triton >= 3.2). Checks:

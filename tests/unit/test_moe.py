@@ -358,7 +358,8 @@ class _MegablocksLayoutExperts(torch.nn.Module):
     """What the probe reads of megablocks' ParallelDroplessMLP (GLU): `mlp.w1/v1/w2` (E*F, H), `args`, `bias`.
 
     Its own forward is an independent dense formula (every token through its top-k experts by einsum), the
-    reference the probe's per-expert loop must reproduce; real megablocks runs in tests/test_megablocks.py (GPU).
+    reference the probe's per-expert loop must reproduce; real megablocks runs in tests/unit/test_megablocks.py
+    (GPU).
     """
 
     def __init__(self, experts=4, ffn=6, hidden=8):

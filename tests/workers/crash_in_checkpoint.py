@@ -1,7 +1,7 @@
-"""CRASH_STEP=4 CRASH_POINT=shard CRASH_RANK=1 deepspeed --num_gpus 2 tests/crash_in_checkpoint.py --config C.yaml
+"""CRASH_STEP=4 CRASH_POINT=shard CRASH_RANK=1 deepspeed --num_gpus 2 tests/workers/crash_in_checkpoint.py --config C.yaml
 
-Fault injection for tests/test_resume.py: launch/train.py, except that one rank SIGKILLs itself while the
-checkpoint of step CRASH_STEP is being written. Nothing in the package knows about this; the wrapper only
+Fault injection for tests/distributed/test_resume.py: launch/train.py, except that one rank SIGKILLs itself while
+the checkpoint of step CRASH_STEP is being written. Nothing in the package knows about this; the wrapper only
 replaces, in this process, the function that is running at the chosen point of the write:
 
   shard   CRASH_RANK dies in the middle of writing one of DeepSpeed's shard files (half of it on disk)
@@ -15,12 +15,10 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from aletheia_ds import checkpoint  # noqa: E402
-from aletheia_ds.train import cli  # noqa: E402
+from aletheia_ds import checkpoint
+from aletheia_ds.train import cli
 
 STEP_DIR = checkpoint.step_name(int(os.environ["CRASH_STEP"]))
 POINT = os.environ["CRASH_POINT"]

@@ -1,6 +1,7 @@
-"""DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_addr 127.0.0.1 tests/moe_zero3_worker.py --models DIR --out DIR
+"""PYTHONPATH=.:tests DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_addr 127.0.0.1 tests/workers/moe_zero3_worker.py \
+    --models DIR --out DIR
 
-One ZeRO-3 job per rank for tests/test_moe_distributed.py:
+One ZeRO-3 job per rank for tests/distributed/test_moe_distributed.py:
   1. for every model directory under --models/probe/<family>: build it under zero.Init, probe it (with the
      probe's activation checkpointing) on random batches dealt round-robin across ranks, check that no
      weight stays gathered afterwards, write <out>/probe_<family>.json (rank 0)
@@ -16,25 +17,22 @@ happens without them); --only-list runs step 3 alone.
 
 import argparse
 import time
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from aletheia_ds.arch import describe
+from aletheia_ds.checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic
+from aletheia_ds.config import load_config
+from aletheia_ds.dist import DistContext, distributed, gathered_parameters, print0
+from aletheia_ds.adapters.attach import attach
+from aletheia_ds.model import load_model
+from aletheia_ds.plan import make_plan
+from aletheia_ds.probe.run import run_probe
+from aletheia_ds.train import param_groups
+from helpers.families import ListExpertsMoe, random_batches, token_batches, with_list_experts
 
-from aletheia_ds.arch import describe  # noqa: E402
-from aletheia_ds.checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic  # noqa: E402
-from aletheia_ds.config import load_config  # noqa: E402
-from aletheia_ds.dist import DistContext, distributed, gathered_parameters, print0  # noqa: E402
-from aletheia_ds.adapters.attach import attach  # noqa: E402
-from aletheia_ds.model import load_model  # noqa: E402
-from aletheia_ds.plan import make_plan  # noqa: E402
-from aletheia_ds.probe.run import run_probe  # noqa: E402
-from aletheia_ds.train import param_groups  # noqa: E402
-from helpers.families import ListExpertsMoe, random_batches, token_batches, with_list_experts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # the data both sides use (the test builds the same batches for its single-process reference)
 PROBE_BATCHES = dict(count=4, batch_size=2, seq_len=12, seed=11)

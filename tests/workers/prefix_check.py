@@ -1,4 +1,4 @@
-"""deepspeed --num_gpus 2 tests/prefix_check.py OUT.json ZERO_CONFIG  (DS_ACCELERATOR=cpu)
+"""PYTHONPATH=.:tests DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/workers/prefix_check.py OUT.json ZERO_CONFIG MODEL_DIR
 
 Under a real DeepSpeed engine: one step's loss and full LoRA gradients with the frozen prefix on and
 off, and which decoder layers autograd saved tensors in. Written by rank 0 as JSON for the test.
@@ -10,18 +10,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from aletheia_ds.arch import describe  # noqa: E402
-from aletheia_ds.config import PlanSection, load_config  # noqa: E402
-from aletheia_ds.dist import distributed  # noqa: E402
-from aletheia_ds.adapters.attach import attach  # noqa: E402
-from aletheia_ds.model import load_model  # noqa: E402
-from aletheia_ds.plan import make_plan  # noqa: E402
-from aletheia_ds.execution import FrozenPrefix, base_model  # noqa: E402
-from helpers.families import random_batches  # noqa: E402
-from helpers.reports import fake_report  # noqa: E402
+from aletheia_ds.arch import describe
+from aletheia_ds.config import PlanSection, load_config
+from aletheia_ds.dist import distributed
+from aletheia_ds.adapters.attach import attach
+from aletheia_ds.model import load_model
+from aletheia_ds.plan import make_plan
+from aletheia_ds.execution import FrozenPrefix, base_model
+from helpers.families import random_batches
+from helpers.reports import fake_report
 
 
 def main(out: str, ds_config: str, model_dir: str) -> None:
