@@ -4,8 +4,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from aletheia_ds.launchers.deepspeed import rank_env
 from helpers.ranks import ROOT
+
+pytestmark = pytest.mark.distributed
 
 
 def test_bench_moe_smoke(tmp_path):

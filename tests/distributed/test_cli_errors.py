@@ -9,6 +9,8 @@ import pytest
 from aletheia_ds.launchers.deepspeed import rank_env
 from helpers.ranks import ROOT, save_tiny_llama
 
+pytestmark = pytest.mark.distributed
+
 
 def run(args, cwd):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=rank_env(cpu=True), capture_output=True, text=True,
@@ -94,3 +96,25 @@ def test_probe_and_plan_cli(tmp_path, model_dir):
     assert set(plan["lora_config"]) >= {"layers_to_transform", "rank_pattern", "alpha_pattern", "target_modules"}
     proc = run(["-m", "aletheia_ds.cli", "plan", "--probe", "probe.json", "--top-pct", "150"], tmp_path)
     assert proc.returncode == 2 and "plan.top_pct: must be in (0, 100], got 150" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--config", "launch/configs/tiny_cpu.yaml", "--hostfile", "nope.txt", "--dry-run"],
+     "error: --hostfile: 'nope.txt' does not exist"),
+    (["train", "--config", "launch/configs/tiny_cpu.yaml", "--num-gpus", "2", "--dry-run", "train.lrr=1"],
+     "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    (["train", "--config", "launch/configs/tiny_cpu.yaml", "--dry-run", "train.report_to=[nope]"],
+     "train.report_to.0: Input should be 'tensorboard', 'wandb' or 'mlflow'"),
+    (["report", "no/such/run"], "error: report: run directory 'no/such/run' does not exist"),
+    (["eval", "--model", "examples/tiny/model", "--data", "missing.jsonl"], "error: --data: 'missing.jsonl' does not exist"),
+    (["export", "--model", "examples/tiny/model", "--adapter", "no/adapter", "--out", "x", "--merge"],
+     "error: --adapter: 'no/adapter' has no adapter_config.json"),
+])
+def test_bad_input_is_one_error_line(args, message):
+    proc = subprocess.run([sys.executable, "-m", "aletheia_ds.cli", *args], cwd=ROOT, env=rank_env(cpu=True),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (ROOT / "x").exists()

@@ -144,6 +144,7 @@ def test_estimate_counts_more_work_for_uniform_lora_than_for_the_upper_half():
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_smoke_study_end_to_end(tmp_path):
     """The whole study on CPU: every arm trained, evaluated and summarized; table, chart and JSON written."""
     out = tmp_path / "quality"
