@@ -72,7 +72,7 @@ def load_reference_model(path):
 
 @pytest.mark.parametrize("family", list(MOE))
 def test_two_zero3_ranks_probe_experts_like_brute_force_on_one_process(zero3_run, models, family):
-    from moe_zero3_worker import PROBE_BATCHES
+    from workers.moe_zero3_worker import PROBE_BATCHES
 
     out, _ = zero3_run
     report = ProbeReport.load(out / f"probe_{family}.json")
@@ -84,7 +84,7 @@ def test_two_zero3_ranks_probe_experts_like_brute_force_on_one_process(zero3_run
 def test_ranks_routing_to_disjoint_experts_probe_train_and_export_exactly(zero3_run, models):
     from peft import PeftModel
 
-    from moe_zero3_worker import SPLIT_HIGH, SPLIT_LOW, split_probe_batches, split_train_batches
+    from workers.moe_zero3_worker import SPLIT_HIGH, SPLIT_LOW, split_probe_batches, split_train_batches
 
     out, output = zero3_run
     model = load_reference_model(models / "split")
