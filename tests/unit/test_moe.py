@@ -25,12 +25,9 @@ def probe(model, layout, batches, checkpointing: bool = False):
 
 # ---------------------------------------------------------------- probe
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_expert_probe_equals_brute_force(family):
-    model = tiny_model(family)
-    model.requires_grad_(False)
-    layout = describe(model)
+def test_expert_probe_equals_brute_force(family, tiny_frozen):
+    model, layout, batches = tiny_frozen(family, batches=(3, 2, 12), seed=1)
     assert layout.moe, "no MoE layer found"
-    batches = random_batches(3, 2, 12, seed=1)
     report = probe(model, layout, batches)
     # no weight gradient, nothing unfrozen, the experts' own forward back in place
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
@@ -51,11 +48,8 @@ def test_expert_probe_equals_brute_force(family):
         assert x.score == pytest.approx(math.sqrt(energy), rel=1e-12)
 
 
-def test_expert_probe_under_reentrant_checkpointing_matches():
-    model = tiny_model("mixtral")
-    model.requires_grad_(False)
-    layout = describe(model)
-    batches = random_batches(2, 2, 10, seed=3)
+def test_expert_probe_under_reentrant_checkpointing_matches(tiny_frozen):
+    model, layout, batches = tiny_frozen("mixtral", batches=(2, 2, 10), seed=3)
     reference = brute_force_moe(model, layout, batches)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -63,12 +57,9 @@ def test_expert_probe_under_reentrant_checkpointing_matches():
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_expert_probe_with_its_own_checkpointing_matches(family):
+def test_expert_probe_with_its_own_checkpointing_matches(family, tiny_frozen):
     """Experts are measured once per pass (hook in the first run, input from the recompute), as brute force says."""
-    model = tiny_model(family)
-    model.requires_grad_(False)
-    layout = describe(model)
-    batches = random_batches(2, 2, 10, seed=3)
+    model, layout, batches = tiny_frozen(family, batches=(2, 2, 10), seed=3)
     reference = brute_force_moe(model, layout, batches)
     report = probe(model, layout, batches, checkpointing=True)
     assert_experts_match(report, reference)
@@ -77,16 +68,13 @@ def test_expert_probe_with_its_own_checkpointing_matches(family):
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
-def test_checkpointed_expert_probe_holds_one_layers_expert_inputs_at_a_time(family):
+def test_checkpointed_expert_probe_holds_one_layers_expert_inputs_at_a_time(family, tiny_frozen):
     """The first run keeps no expert input; the recompute supplies them during that layer's backward."""
     from aletheia_ds.probe.experts import ExpertProbe
     from aletheia_ds.probe.hooks import CheckpointPhase
 
-    model = tiny_model(family)
-    model.requires_grad_(False)
-    layout = describe(model)
+    model, layout, (batch,) = tiny_frozen(family, batches=(1, 2, 10), seed=4)
     per_layer = max(b.num_experts * len(b.banks) + 1 for b in layout.moe.values())  # banks of every expert + router
-    batch = random_batches(1, 2, 10, seed=4)[0]
     held = {}
     for checkpointing in (True, False):
         phase = CheckpointPhase()
@@ -104,10 +92,9 @@ def test_checkpointed_expert_probe_holds_one_layers_expert_inputs_at_a_time(fami
     assert 0 < held[True] <= per_layer < held[False]  # plain: every MoE layer's inputs until its backward
 
 
-def test_probe_json_carries_experts_and_routers(tmp_path):
-    model = tiny_model("qwen2_moe")
-    model.requires_grad_(False)
-    report = probe(model, describe(model), random_batches(2, 2, 8, seed=4))
+def test_probe_json_carries_experts_and_routers(tmp_path, tiny_frozen):
+    model, layout, batches = tiny_frozen("qwen2_moe", batches=(2, 2, 8), seed=4)
+    report = probe(model, layout, batches)
     blob = json.loads(json.dumps(report.to_json()))
     assert {"layer", "expert", "score", "tokens"} <= set(blob["experts"][0])
     assert set(blob["routers"]) == {"0", "1", "2", "3"}

@@ -58,14 +58,12 @@ def test_megablocks_expert_adapter_is_refused_in_one_line(tmp_path):
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
-def test_report_of_a_moe_run_has_expert_heat_maps(tmp_path):
+def test_report_of_a_moe_run_has_expert_heat_maps(tmp_path, tiny_frozen):
     from aletheia_ds.checkpoint import write_json_atomic
     from aletheia_ds.run_report import write_run_report
 
-    model = tiny_model("qwen2_moe")
-    model.requires_grad_(False)
-    report = run_probe(model, describe(model), random_batches(2, 2, 12, seed=1),
-                       lambda b: model(**b, use_cache=False).loss, model_name="tiny-qwen2-moe")
+    model, layout, batches = tiny_frozen("qwen2_moe", batches=(2, 2, 12), seed=1)
+    report = run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, model_name="tiny-qwen2-moe")
     plan = make_plan(report, PlanSection(top_pct=50, expert_rule="top_k", expert_top_k=2))
     write_json_atomic(tmp_path / "probe.json", report.to_json())
     write_json_atomic(tmp_path / "plan.json", plan.to_json())

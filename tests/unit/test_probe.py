@@ -16,11 +16,8 @@ def hook_scores(model, layout, batches, checkpointing: bool = False) -> ProbeRep
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_probe_equals_brute_force(family):
-    model = tiny_model(family)
-    model.requires_grad_(False)
-    layout = describe(model)
-    batches = random_batches(3, 2, 12, seed=1)
+def test_probe_equals_brute_force(family, tiny_frozen):
+    model, layout, batches = tiny_frozen(family, batches=(3, 2, 12), seed=1)
     report = hook_scores(model, layout, batches)
     # the probe never creates a weight gradient and leaves everything frozen
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
@@ -35,11 +32,8 @@ def test_gpt_neox_fused_modules_are_targets():
     assert layout.kinds()["query_key_value"] == "attention" and layout.kinds()["dense_4h_to_h"] == "mlp"
 
 
-def test_probe_under_reentrant_checkpointing_matches():
-    model = tiny_model("llama")
-    model.requires_grad_(False)
-    layout = describe(model)
-    batches = random_batches(2, 2, 10, seed=3)
+def test_probe_under_reentrant_checkpointing_matches(tiny_frozen):
+    model, layout, batches = tiny_frozen("llama", batches=(2, 2, 10), seed=3)
     reference = brute_force_scores(model, layout, batches)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -57,12 +51,9 @@ def test_probe_under_reentrant_checkpointing_matches():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_probe_with_its_own_checkpointing_matches(family):
+def test_probe_with_its_own_checkpointing_matches(family, tiny_frozen):
     """run_probe(checkpointing=True): non-reentrant, each layer run twice, same scores as brute force."""
-    model = tiny_model(family)
-    model.requires_grad_(False)
-    layout = describe(model)
-    batches = random_batches(2, 2, 10, seed=3)
+    model, layout, batches = tiny_frozen(family, batches=(2, 2, 10), seed=3)
     reference = brute_force_scores(model, layout, batches)
     inner = next(m for layer, _, m in layout.iter_modules(model) if layer == 1)  # see the test above
     calls = []
@@ -74,12 +65,10 @@ def test_probe_with_its_own_checkpointing_matches(family):
     assert_scores_equal(report, reference)
 
 
-def test_checkpointed_hooks_hold_one_layers_activations_at_a_time():
+def test_checkpointed_hooks_hold_one_layers_activations_at_a_time(tiny_frozen):
     from aletheia_ds.probe.hooks import CheckpointPhase, GradNormHooks
 
-    model = tiny_model("qwen2")
-    model.requires_grad_(False)
-    layout = describe(model)
+    model, layout, _ = tiny_frozen("qwen2")
     modules = {f"{layer}:{t.key}": m for layer, t, m in layout.iter_modules(model)}
     per_layer = len(layout.layer_targets[0])
     for checkpointing, bound in ((True, per_layer), (False, None)):
@@ -108,12 +97,9 @@ def test_weight_grad_norm_both_routes(tokens, d_in, d_out):
     assert torch.allclose(weight_grad_sq_norm(x, dy), expected, rtol=1e-10)
 
 
-def test_probe_sharded_batches_reduce_to_the_same_scores():
+def test_probe_sharded_batches_reduce_to_the_same_scores(tiny_frozen):
     """Two simulated ranks (round-robin shards, padded passes weighted 0) + a sum equal one process."""
-    model = tiny_model("qwen2")
-    model.requires_grad_(False)
-    layout = describe(model)
-    batches = random_batches(3, 2, 8, seed=5)
+    model, layout, batches = tiny_frozen("qwen2", batches=(3, 2, 8), seed=5)
     single = hook_scores(model, layout, batches)
     partial = []
 
