@@ -439,3 +439,28 @@ def pilot_plan(report: ProbeReport, layer_change: list[float], settings: PlanSec
     total = sum(energy) or 1.0
     notes = {"cut": cut, "budget_cut": budget_cut, "score": "pilot", "energy_below_cut": sum(energy[:cut]) / total}
     return _cut_plan(report, "pilot", cut, modules_for_cut(cut), settings, cost, notes)
+
+
+def transfer_plan(plan: Plan, report: ProbeReport, settings: PlanSection | None = None) -> Plan:
+    """The same plan shape on another model (`report`: its probe, or any report with its layout): target layer i
+    is adapted when the source layer at the same relative depth, floor(i x L_source / L_target), is, with that
+    layer's rank and alpha per module kind. So the share of layers below the cut, the gaps and the ranks carry
+    over from, say, a study base of 12 layers to an 80-layer model whose speed is then measured."""
+    settings = settings or PlanSection()
+    source: dict[tuple[int, str], tuple[int, float]] = {}
+    for m in plan.modules:
+        best = source.get((m.layer, m.kind))
+        if best is None or m.r > best[0]:
+            source[(m.layer, m.kind)] = (m.r, m.alpha)
+    modules = []
+    for target in range(report.num_layers):
+        origin = target * plan.num_layers // report.num_layers
+        for m in modules_for_layers(report, [target], settings):
+            if (origin, m.kind) in source:
+                r, alpha = source[(origin, m.kind)]
+                modules.append(PlannedModule(m.layer, m.key, m.path, m.kind, r, alpha))
+    if not modules:
+        raise ConfigError(f"transfer: the plan adapts no module kind the target model has ({sorted(source)[:3]})")
+    return Plan(rule=f"{plan.rule} (transferred from {plan.num_layers} layers)", num_layers=report.num_layers,
+                layers_path=report.layout["layers_path"], layers=sorted({m.layer for m in modules}), modules=modules,
+                score_captured=captured(report, modules), settings=dict(plan.settings), model=report.model).check()

@@ -218,3 +218,19 @@ def test_pilot_plan_keeps_the_part_above_the_cut_and_the_guard_follows_what_the_
     assert bottom_heavy.lowest_adapted_layer == 0
     with pytest.raises(ConfigError, match="pilot: 3 layer changes for a model of 8 layers"):
         pilot_plan(report, [1.0] * 3, settings, cost)
+
+
+def test_transfer_keeps_the_share_below_the_cut_the_gaps_and_the_ranks():
+    from aletheia_ds.plan import transfer_plan
+
+    small = fake_report([1] * 8)
+    plan = make_plan(small, PlanSection(rule="cut", budget=0.6), known_cost(8))
+    large = fake_report([1] * 80)
+    moved = transfer_plan(plan, large)
+    assert moved.lowest_adapted_layer == plan.lowest_adapted_layer * 10 and moved.layers == list(range(
+        moved.lowest_adapted_layer, 80))
+    source = {m.layer: m.r for m in plan.modules}
+    assert all(m.r == source[m.layer // 10] for m in moved.modules)
+    gappy = make_plan(fake_report([5, 1, 5, 1]), PlanSection(rule="top_pct", top_pct=50), known_cost(4))
+    assert gappy.layers == [0, 2]
+    assert transfer_plan(gappy, fake_report([1] * 8)).layers == [0, 1, 4, 5]
