@@ -13,7 +13,7 @@ from aletheia_ds.plan import Plan, make_plan, pilot_plan, rank_levels, span_rank
 from aletheia_ds.probe.hooks import sketch_matrix
 from aletheia_ds.probe.report import LayerScore, ProbeReport
 from aletheia_ds.probe.run import LOWRANK_R, run_probe
-from families import FAMILIES, random_batches, tiny_model
+from helpers.families import FAMILIES, random_batches, tiny_model
 
 SHAPES = {"q_proj": [64, 64], "k_proj": [64, 32], "v_proj": [64, 32], "o_proj": [64, 64],
           "gate_proj": [64, 128], "up_proj": [64, 128], "down_proj": [128, 64]}
