@@ -326,7 +326,8 @@ class Run:
         elif prefix_cache and self.ctx.zero3:
             raise ConfigError("train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
                               "layers while gathering parameters collectively); use ZeRO stage 0-2")
-        # adapter dtype left to PEFT: the DeepSpeed engine casts the trainable parameters itself
+        # adapter dtype left to PEFT: the DeepSpeed engine casts the trainable parameters itself; checkpointing
+        # set again here because the probe switched its own off
         return ExecutionOptions(lora=self.cfg.lora, checkpointing=train.gradient_checkpointing,
                                 frozen_prefix=train.frozen_prefix, prefix_cache=prefix_cache,
                                 compile_layers=train.compile)
