@@ -1,4 +1,11 @@
-"""Frozen-prefix execution: where backward can stop, make sure it does.
+"""Execution of a plan: the adapters attached and the model made to run them cheaply, in one place.
+
+`prepared(model, plan, layout, options)` attaches the plan's adapters and applies what `ExecutionOptions`
+asks for (adapter dtype, checkpointing of the adapted span, frozen prefix, prefix cache, compiled span);
+on exit the base model is as it was. The training run (train.py, under DeepSpeed), the timing harness
+(speed.py) and single-device studies with a plain torch optimizer all prepare a model through it.
+
+Frozen prefix: where backward can stop, make sure it does.
 
 Layers below the lowest adapted layer hold no trainable parameter, so their activations are never
 needed for a gradient. They run under `no_grad` (nothing saved, no autograd node), without gradient
@@ -10,16 +17,55 @@ adapted span. Loss and LoRA gradients are exactly those of the plain path (tests
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
+
+from .adapters.attach import attach
+from .arch import Layout
+from .config import LoraSection
+from .plan import Plan
 
 
 def base_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a PeftModel (or the model itself)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
+
+
+class PatchedForward:
+    """`module.forward` replaced by `wrap(module.forward)` as an instance attribute until `restore()`.
+
+    An instance attribute shadows the class's forward, so restoring means deleting it again; a forward
+    patched earlier (e.g. the frozen prefix's under the prefix cache's) is put back instead. Patches are
+    restored in the reverse order of applying them.
+    """
+
+    def __init__(self, module: nn.Module, wrap: Callable[[Callable], Callable]):
+        self.module = module
+        self._earlier_patch = module.__dict__.get("forward")  # None: the class's forward
+        module.forward = wrap(module.forward)
+
+    def restore(self) -> None:
+        if self._earlier_patch is None:
+            self.module.__dict__.pop("forward", None)
+        else:
+            self.module.forward = self._earlier_patch
+
+    def __enter__(self) -> "PatchedForward":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.restore()
+
+
+def patched_forward(module: nn.Module, wrap: Callable[[Callable], Callable]) -> PatchedForward:
+    """Replace `module.forward` by `wrap(module.forward)`; the returned patch restores it (or use it in `with`)."""
+    return PatchedForward(module, wrap)
 
 
 class FrozenPrefix:
@@ -29,7 +75,7 @@ class FrozenPrefix:
         self.model = base_model(model)
         self.layers = self.model.get_submodule(layers_path)
         self.lowest = lowest_adapted_layer
-        self._saved: list[tuple[nn.Module, object, bool]] = []
+        self._saved: list[tuple[PatchedForward, bool]] = []
 
     def apply(self) -> "FrozenPrefix":
         embeddings = self.model.get_input_embeddings()
@@ -42,21 +88,16 @@ class FrozenPrefix:
             if any(p.requires_grad for p in layer.parameters()):
                 raise ValueError(f"frozen prefix: layer {index} below the lowest adapted layer {self.lowest} "
                                  "has trainable parameters")
-            # an instance attribute shadows the class's forward; None marks "there was none" for remove()
-            self._saved.append((layer, layer.__dict__.get("forward"), getattr(layer, "gradient_checkpointing", False)))
-            layer.forward = _no_grad(layer.forward)
+            self._saved.append((patched_forward(layer, _no_grad), getattr(layer, "gradient_checkpointing", False)))
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = False  # nothing to recompute below the cut
         return self
 
     def remove(self) -> None:
-        for layer, forward, checkpointing in self._saved:
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
-            if hasattr(layer, "gradient_checkpointing"):
-                layer.gradient_checkpointing = checkpointing
+        for patch, checkpointing in self._saved:
+            patch.restore()
+            if hasattr(patch.module, "gradient_checkpointing"):
+                patch.module.gradient_checkpointing = checkpointing
         self._saved = []
 
 
@@ -82,6 +123,10 @@ def compile_adapted_layers(model: nn.Module, layers_path: str, lowest: int) -> N
         layers[index].compile()
 
 
+class PrefixCacheError(ValueError):
+    """The prefix cache cannot serve this model and plan (the message says why)."""
+
+
 class PrefixCache:
     """Multi-epoch shortcut: keep each example's hidden states at the cut, skip the prefix when replaying.
 
@@ -98,11 +143,11 @@ class PrefixCache:
         self.layers = base_model(model).get_submodule(layers_path)
         self.lowest = lowest_adapted_layer
         if self.lowest == 0:
-            raise ValueError("prefix cache: the plan adapts layer 0, there is no frozen prefix to cache")
+            raise PrefixCacheError("prefix cache: the plan adapts layer 0, there is no frozen prefix to cache")
         dropouts = [name for index in range(self.lowest) for name, m in self.layers[index].named_modules()
                     if isinstance(m, nn.Dropout) and m.p > 0]
         if dropouts:
-            raise ValueError(f"prefix cache: dropout is active in the frozen prefix ({dropouts[0]}); "
+            raise PrefixCacheError(f"prefix cache: dropout is active in the frozen prefix ({dropouts[0]}); "
                              "its output changes every epoch")
         self.store: dict[int, torch.Tensor] = {}
         self.stored_bytes = 0
@@ -111,13 +156,10 @@ class PrefixCache:
         self._lengths: list[int] = []
         self._replay = False
         self._handles: list = []
-        self._forwards: list[tuple[nn.Module, object]] = []
+        self._patches: list[PatchedForward] = []
 
     def apply(self) -> "PrefixCache":
-        for index in range(self.lowest):
-            layer = self.layers[index]
-            self._forwards.append((layer, layer.__dict__.get("forward")))
-            layer.forward = self._skippable(layer.forward)
+        self._patches = [patched_forward(self.layers[index], self._skippable) for index in range(self.lowest)]
         self._handles.append(self.layers[self.lowest - 1].register_forward_hook(self._fill))
         self._handles.append(self.layers[self.lowest].register_forward_pre_hook(self._substitute, with_kwargs=True))
         return self
@@ -125,12 +167,14 @@ class PrefixCache:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for layer, forward in self._forwards:
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
-        self._handles, self._forwards = [], []
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._handles, self._patches = [], []
+
+    def summary(self) -> dict[str, int]:
+        """What the run's results record of the cache (eval.json "prefix_cache")."""
+        return {"examples": len(self.store), "bytes": self.stored_bytes, "replayed_micro_batches": self.hits,
+                "computed_micro_batches": self.misses}
 
     def begin(self, indices: list[int] | None, attention_mask: torch.Tensor | None = None) -> bool:
         """Name the next forward's examples; returns True when it will replay from the cache."""
@@ -179,3 +223,97 @@ class PrefixCache:
         if args:
             return (stored, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": stored}
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How a plan's adapters run. The defaults are this project's path: frozen prefix on, nothing else."""
+
+    lora: LoraSection = field(default_factory=LoraSection)  # dropout, and the adapters' init seed
+    adapter_dtype: Optional[torch.dtype] = None  # e.g. bf16, as DeepSpeed's bf16 engine computes them; None: PEFT's
+    checkpointing: bool = False  # non-reentrant; the frozen prefix turns it off below the cut
+    frozen_prefix: bool = True
+    # HF Trainer's recipe with checkpointing (the embedding output requires grad, so backward runs through
+    # every layer): the "standard" path the benchmarks compare against
+    input_require_grads: bool = False
+    prefix_cache: bool = False  # PrefixCache: the caller names each micro-batch's examples with begin()
+    compile_layers: bool = False  # regional torch.compile of the adapted span
+
+
+@dataclass
+class PreparedModel:
+    """A base model with a plan's adapters attached and run as its ExecutionOptions ask."""
+
+    peft_model: nn.Module
+    layers_path: str
+    options: ExecutionOptions
+    frozen_prefix: Optional[FrozenPrefix] = None
+    prefix_cache: Optional[PrefixCache] = None
+
+    @classmethod
+    def apply(cls, model: nn.Module, plan: Plan, layout: Layout, options: ExecutionOptions) -> "PreparedModel":
+        """Attach and prepare; the caller owns `undo()` (`prepared(...)` does it on exit). A failure part-way
+        undoes what was already applied."""
+        prepared_model = cls(attach(model, plan, options.lora), layout.layers_path, options)
+        try:
+            prepared_model._prepare(plan.lowest_adapted_layer)
+        except BaseException:
+            prepared_model.undo()
+            raise
+        return prepared_model
+
+    @property
+    def base(self) -> nn.Module:
+        return base_model(self.peft_model)
+
+    def _prepare(self, lowest_adapted_layer: int) -> None:
+        options, base = self.options, self.base
+        if options.adapter_dtype is not None:
+            for name, p in self.peft_model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(options.adapter_dtype)
+        if options.checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if options.input_require_grads:
+            base.enable_input_require_grads()
+        if options.frozen_prefix:
+            self.frozen_prefix = FrozenPrefix(self.peft_model, self.layers_path, lowest_adapted_layer).apply()
+        if options.compile_layers:
+            compile_adapted_layers(base, self.layers_path, lowest_adapted_layer)
+        if options.prefix_cache:
+            self.prefix_cache = PrefixCache(self.peft_model, self.layers_path, lowest_adapted_layer).apply()
+
+    def undo(self) -> None:
+        """Everything `apply` did, in reverse: the adapters are removed (PEFT unload, no merge) and the base
+        model runs its plain path again."""
+        base = self.base
+        if self.prefix_cache is not None:
+            self.prefix_cache.remove()
+        if self.frozen_prefix is not None:
+            self.frozen_prefix.remove()
+        if self.options.checkpointing:
+            base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()
+        if self.options.compile_layers:
+            for layer in base.get_submodule(self.layers_path):
+                layer._compiled_call_impl = None  # drop the compiled wrapper (nn.Module.compile sets it)
+        device = next(base.parameters()).device
+        self.peft_model.unload()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the next configuration's peak memory starts from the base model alone
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, plan: Plan, layout: Layout,
+             options: Optional[ExecutionOptions] = None) -> Iterator[PreparedModel]:
+    """`model` with `plan`'s adapters, run as `options` asks, for any loop on one device (a plain torch
+    optimizer over the trainable parameters of `.peft_model`); on exit `model` is the plain base model again.
+
+        with prepared(model, plan, layout, ExecutionOptions(checkpointing=True)) as run:
+            loss = run.peft_model(**batch, use_cache=False).loss
+    """
+    prepared_model = PreparedModel.apply(model, plan, layout, options or ExecutionOptions())
+    try:
+        yield prepared_model
+    finally:
+        prepared_model.undo()

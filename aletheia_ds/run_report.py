@@ -15,13 +15,58 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .plan import Plan
 from .probe.report import ProbeReport
 
 NORM = r"$\|\partial L / \partial W\|_F$"
+
+
+@dataclass
+class RunResults:
+    """What a training run measured: its eval.json, which tests and tools read by these keys.
+
+    Times and memory peaks are per phase ("build", "probe", "train", "export"); a phase that did not run
+    (the probe of a resumed run or of a reused probe.json) has no entry.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)  # "train" includes the checkpoints written
+    peak_memory_gib: dict[str, Optional[list[float]]] = field(default_factory=dict)  # per rank; None on CPU
+    base_parameters_total: int = 0
+    # zero.Init evidence: the base parameter elements each rank holds after the build, and its host memory peak
+    base_parameters_held_by_rank: list[int] = field(default_factory=list)
+    peak_host_rss_gib_by_rank: list[float] = field(default_factory=list)
+    eval_loss_before: Optional[float] = None  # a resumed run carries the first run's
+    eval_loss_after: Optional[float] = None
+    steps: Optional[int] = None
+    skipped_steps: Optional[int] = None  # train.nan_policy=skip, resumptions included
+    prefix_cache: Optional[dict[str, int]] = None  # PrefixCache.summary(), when train.prefix_cache was on
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"seconds": dict(self.seconds), "peak_memory_gib": dict(self.peak_memory_gib),
+               "base_parameters": {"total": self.base_parameters_total,
+                                   "held_by_rank": list(self.base_parameters_held_by_rank)},
+               "peak_host_rss_gib_by_rank": list(self.peak_host_rss_gib_by_rank),
+               "eval_loss_before": self.eval_loss_before, "eval_loss_after": self.eval_loss_after,
+               "steps": self.steps, "skipped_steps": self.skipped_steps}
+        if self.prefix_cache is not None:
+            out["prefix_cache"] = dict(self.prefix_cache)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunResults":
+        """An eval.json as written by `to_json`; keys an older or unfinished run lacks keep their defaults."""
+        base = data.get("base_parameters") or {}
+        return cls(seconds=dict(data.get("seconds") or {}), peak_memory_gib=dict(data.get("peak_memory_gib") or {}),
+                   base_parameters_total=int(base.get("total", 0)),
+                   base_parameters_held_by_rank=list(base.get("held_by_rank", [])),
+                   peak_host_rss_gib_by_rank=list(data.get("peak_host_rss_gib_by_rank") or []),
+                   eval_loss_before=data.get("eval_loss_before"), eval_loss_after=data.get("eval_loss_after"),
+                   steps=data.get("steps"), skipped_steps=data.get("skipped_steps"),
+                   prefix_cache=data.get("prefix_cache"))
 
 
 def _pyplot():
@@ -198,19 +243,19 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def loss_points(metrics_path: Path, results: Optional[dict] = None) -> tuple[list[dict], list[tuple[int, float]]]:
+def loss_points(metrics_path: Path, results: Optional[RunResults] = None) -> tuple[list[dict], list[tuple[int, float]]]:
     """Training rows and held-out (step, loss) points: before training (step 0), during, after."""
     train, evals = read_metrics(metrics_path) if metrics_path.is_file() else ([], [])
     points = {r["step"]: r["eval_loss"] for r in evals}
-    results = results or {}
-    if results.get("eval_loss_before") is not None:
-        points.setdefault(0, results["eval_loss_before"])
-    if results.get("eval_loss_after") is not None and results.get("steps"):
-        points.setdefault(int(results["steps"]), results["eval_loss_after"])
+    results = results or RunResults()
+    if results.eval_loss_before is not None:
+        points.setdefault(0, results.eval_loss_before)
+    if results.eval_loss_after is not None and results.steps:
+        points.setdefault(int(results.steps), results.eval_loss_after)
     return train, sorted((s, v) for s, v in points.items() if v is not None and math.isfinite(v))
 
 
-def plot_loss(metrics_path: Path, out: Path, results: Optional[dict] = None) -> Path | None:
+def plot_loss(metrics_path: Path, out: Path, results: Optional[RunResults] = None) -> Path | None:
     train, held_out = loss_points(metrics_path, results)
     if not train and not held_out:
         return None
@@ -278,7 +323,7 @@ def _read_json(path: Path) -> Optional[dict]:
     return read_json_object(path, path.name) if path.is_file() else None
 
 
-def render_markdown(run_dir: Path, report: ProbeReport, plan: Optional[Plan], results: Optional[dict],
+def render_markdown(run_dir: Path, report: ProbeReport, plan: Optional[Plan], results: Optional[RunResults],
                     metrics_path: Path, bench: Optional[dict], images: dict[str, Path], out_dir: Path) -> str:
     def image(key: str, alt: str) -> list[str]:
         if key not in images:
@@ -291,12 +336,13 @@ def render_markdown(run_dir: Path, report: ProbeReport, plan: Optional[Plan], re
     if results:
         md += ["## Result", "", "| held-out loss before | after | perplexity before | after | steps | skipped steps |",
                "|---|---|---|---|---|---|"]
-        before, after = results.get("eval_loss_before"), results.get("eval_loss_after")
+        before, after = results.eval_loss_before, results.eval_loss_after
         from .evaluate import perplexity
 
         ppl = lambda v: _fmt(perplexity(v), ".3f") if v is not None else "–"  # noqa: E731
-        md += [f"| {_fmt(before)} | {_fmt(after)} | {ppl(before)} | {ppl(after)} | {results.get('steps', '–')} | "
-               f"{results.get('skipped_steps', 0)} |", ""]
+        steps = results.steps if results.steps is not None else "–"
+        md += [f"| {_fmt(before)} | {_fmt(after)} | {ppl(before)} | {ppl(after)} | {steps} | "
+               f"{results.skipped_steps or 0} |", ""]
     md += ["## Probe", "",
            f"{report.batches} batches of {report.batch_size} x up to {report.seq_len} tokens ({report.tokens} tokens) "
            f"on {report.world_size} rank(s), {report.seconds:.2f} s. Module score = RMS over batches of "
@@ -378,7 +424,8 @@ def write_run_report(run_dir: Path, out_dir: Optional[Path] = None, fmt: str = "
     # read everything first: a broken input is refused before any file is written
     report = ProbeReport.load(run_dir / "probe.json")
     plan = Plan.load(run_dir / "plan.json") if (run_dir / "plan.json").is_file() else None
-    results = _read_json(run_dir / "eval.json")
+    eval_json = _read_json(run_dir / "eval.json")
+    results = RunResults.from_json(eval_json) if eval_json else None  # `{}`: no results, as no file
     bench = _read_json(run_dir / "bench_speed.json")
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.is_file():

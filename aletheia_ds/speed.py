@@ -18,9 +18,8 @@ import torch.nn as nn
 
 from .arch import Layout
 from .cost import AdapterShape, CostModel, measurement_plans
-from .adapters.attach import attach
 from .plan import Plan, PlannedModule
-from .execution import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
+from .execution import ExecutionOptions, prepared
 
 
 def plan_from_adapters(layout: Layout, adapters: Sequence[tuple[int, str, int]], rule: str = "custom") -> Plan:
@@ -67,24 +66,12 @@ def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, step
     `prefix_cache`: the steady state of later epochs (the batch's prefix output stored once, then replayed).
     """
     device = next(model.parameters()).device
-    peft_model = attach(model, plan)
-    prefix = cache = None
-    base = base_model(peft_model)
-    try:
-        if adapter_dtype is not None:  # e.g. bf16, as DeepSpeed's bf16 engine computes them
-            for name, p in peft_model.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.to(adapter_dtype)
-        if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if not frozen_prefix:
-                base.enable_input_require_grads()
-        if frozen_prefix:
-            prefix = FrozenPrefix(peft_model, layout.layers_path, plan.lowest_adapted_layer).apply()
-        if compile_layers:
-            compile_adapted_layers(base, layout.layers_path, plan.lowest_adapted_layer)
-        if prefix_cache:
-            cache = PrefixCache(peft_model, layout.layers_path, plan.lowest_adapted_layer).apply()
+    options = ExecutionOptions(adapter_dtype=adapter_dtype, checkpointing=checkpointing, frozen_prefix=frozen_prefix,
+                               input_require_grads=checkpointing and not frozen_prefix, prefix_cache=prefix_cache,
+                               compile_layers=compile_layers)
+    with prepared(model, plan, layout, options) as execution:
+        peft_model, cache = execution.peft_model, execution.prefix_cache
+        if cache is not None:
             rows = list(range(batch["input_ids"].shape[0]))
             with torch.no_grad():
                 cache.begin(rows, batch["attention_mask"])
@@ -114,21 +101,6 @@ def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, step
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         median = statistics.median(times)
         return StepTiming(median, times, tokens / median, peak, loss)
-    finally:
-        if cache is not None:
-            cache.remove()
-        if prefix is not None:
-            prefix.remove()
-        if checkpointing:
-            base.gradient_checkpointing_disable()
-        base.disable_input_require_grads()
-        if compile_layers:
-            layers = base.get_submodule(layout.layers_path)
-            for layer in layers:
-                layer._compiled_call_impl = None  # drop the compiled wrapper (nn.Module.compile sets it)
-        peft_model.unload()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def calibrate(model: nn.Module, layout: Layout, batch: dict, *, checkpointing: bool = False, steps: int = 5,

@@ -9,8 +9,11 @@
         else:
             report = run.probe()           # one forward + backward per probe batch, norms all-reduced
             plan = run.plan(report)        # rank 0 plans, every rank receives the same plan
-        run.train(plan, resume)            # adapters attached and verified, DeepSpeed engine, loop, checkpoints
-        run.export()                       # PEFT adapter gathered from ZeRO-3 partitions, rank 0 writes
+        run.prepare_training(plan, resume) # adapters attached and verified, frozen prefix..., DeepSpeed engine
+        for step in run.remaining_steps():
+            run.train_step(step)           # micro-batches, non-finite guard, metrics, evaluation, checkpoints
+        run.finish()                       # held-out loss after training, run results
+        run.export()                       # PEFT adapter gathered from ZeRO-3 partitions, rank 0 writes eval.json
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ from .checkpoint import (Checkpoint, export_adapter, find_resume, restore_checkp
 from .config import ConfigError, RunConfig, TrainingError, load_config
 from .dist import DistContext, distributed, held_parameter_elements, print0, resolve_dtype
 from .evaluate import held_out_loss
-from .adapters.attach import attach
 from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, load_model
 from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
-from .execution import FrozenPrefix, PrefixCache, base_model, compile_adapted_layers
+from .execution import ExecutionOptions, PreparedModel, PrefixCache, PrefixCacheError
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 from .progress import Progress
+from .run_report import RunResults
 
 
 class Reporter:
@@ -128,6 +131,22 @@ def scheduler_factory(cfg: RunConfig, total_steps: int):
 
 
 @dataclass
+class TrainingState:
+    """What the step loop carries from one step to the next (built by Run.prepare_training)."""
+
+    plan: Plan
+    rows: list  # training examples, packed when data.packing
+    schedule: data_mod.StepSchedule
+    total_steps: int
+    start_step: int  # 0, or the step of the checkpoint resumed from
+    scheduler: Any
+    guard: NonFiniteGuard
+    metrics: Any
+    progress: Progress
+    loop_started: float  # time.perf_counter() when the first step began
+
+
+@dataclass
 class Run:
     ctx: DistContext
     cfg: RunConfig
@@ -138,8 +157,9 @@ class Run:
     layout: Layout
     out: Path
     engine: Any = None
-    prefix_cache: Optional[PrefixCache] = None
-    results: dict = field(default_factory=dict)
+    execution: Optional[PreparedModel] = None
+    training: Optional[TrainingState] = None
+    results: RunResults = field(default_factory=RunResults)
     last_checkpoint: Optional[Path] = None
     _fingerprints: Optional[dict] = None
     reporter: Reporter = field(default_factory=Reporter)
@@ -173,16 +193,20 @@ class Run:
         reporter.started(ctx, model)
         run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, reporter=reporter)
         held, total = held_parameter_elements(model)
-        run.results["seconds"] = {"build": build_seconds}
-        run.results["peak_memory_gib"] = {"build": ctx.peak_memory_gib()}
-        # zero.Init evidence: the base weights each rank holds after the build, and its host memory peak
-        run.results["base_parameters"] = {"total": total, "held_by_rank": ctx.all_gather_object(held)}
-        run.results["peak_host_rss_gib_by_rank"] = ctx.all_gather_object(peak_host_rss_gib())
+        run.results.seconds["build"] = build_seconds
+        run.results.peak_memory_gib["build"] = ctx.peak_memory_gib()
+        run.results.base_parameters_total = total
+        run.results.base_parameters_held_by_rank = ctx.all_gather_object(held)
+        run.results.peak_host_rss_gib_by_rank = ctx.all_gather_object(peak_host_rss_gib())
         return run
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    @property
+    def prefix_cache(self) -> Optional[PrefixCache]:
+        return self.execution.prefix_cache if self.execution is not None else None
 
     # ---------------------------------------------------------------- probe
     def probe(self, out_path: Optional[Path] = None) -> ProbeReport:
@@ -215,8 +239,8 @@ class Run:
                                    on_batch=lambda tokens: progress.update(progress.done + 1, tokens))
             progress.close()
             report.validate()
-            self.results["seconds"]["probe"] = report.seconds
-            self.results["peak_memory_gib"]["probe"] = self.ctx.peak_memory_gib()
+            self.results.seconds["probe"] = report.seconds
+            self.results.peak_memory_gib["probe"] = self.ctx.peak_memory_gib()
             print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
         if self.ctx.is_main:
             write_json_atomic(out_path or self.out / "probe.json", report.to_json())
@@ -290,28 +314,37 @@ class Run:
         self.engine.train()
         return loss
 
-    def train(self, plan: Plan, resume: Optional[Checkpoint] = None) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        self.model = attach(self.model, plan, cfg.lora)
-        if cfg.train.gradient_checkpointing:  # the probe switched its own checkpointing off again
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.train.frozen_prefix:
-            FrozenPrefix(self.model, self.layout.layers_path, plan.lowest_adapted_layer).apply()
-        if cfg.train.compile:
-            if ctx.zero3:
-                raise ConfigError("train.compile: not supported under ZeRO-3 (its parameter hooks break the "
-                                  "compiled graphs); use ds_configs/zero2.json or set train.compile=false")
-            compile_adapted_layers(base_model(self.model), self.layout.layers_path, plan.lowest_adapted_layer)
-        if cfg.train.prefix_cache and plan.lowest_adapted_layer == 0:
+    def _execution_options(self, plan: Plan) -> ExecutionOptions:
+        """The train.* execution knobs for this plan; what DeepSpeed cannot run is refused here."""
+        train = self.cfg.train
+        if train.compile and self.ctx.zero3:
+            raise ConfigError("train.compile: not supported under ZeRO-3 (its parameter hooks break the "
+                              "compiled graphs); use ds_configs/zero2.json or set train.compile=false")
+        prefix_cache = train.prefix_cache
+        if prefix_cache and plan.lowest_adapted_layer == 0:
             print0("prefix cache: off, the plan adapts layer 0 (there is no frozen prefix)")
-        elif cfg.train.prefix_cache:
-            if ctx.zero3:
-                raise ConfigError("train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
-                                  "layers while gathering parameters collectively); use ZeRO stage 0-2")
-            try:
-                self.prefix_cache = PrefixCache(self.model, self.layout.layers_path, plan.lowest_adapted_layer).apply()
-            except ValueError as err:
-                raise ConfigError(f"train.prefix_cache: {err}") from None
+            prefix_cache = False
+        elif prefix_cache and self.ctx.zero3:
+            raise ConfigError("train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
+                              "layers while gathering parameters collectively); use ZeRO stage 0-2")
+        # adapter dtype left to PEFT: the DeepSpeed engine casts the trainable parameters itself; checkpointing
+        # set again here because the probe switched its own off
+        return ExecutionOptions(lora=self.cfg.lora, checkpointing=train.gradient_checkpointing,
+                                frozen_prefix=train.frozen_prefix, prefix_cache=prefix_cache,
+                                compile_layers=train.compile)
+
+    def prepare_training(self, plan: Plan, resume: Optional[Checkpoint] = None) -> None:
+        """Adapters attached and verified and the model prepared (checkpointing, frozen prefix, compile, prefix
+        cache), then the DeepSpeed engine around it; the checkpoint's state restored, or the held-out loss
+        before training measured."""
+        cfg, ctx = self.cfg, self.ctx
+        options = self._execution_options(plan)  # before attaching: a refused option costs no work
+        try:
+            # kept for the rest of the process, never undone: the DeepSpeed engine takes the adapted model over
+            self.execution = PreparedModel.apply(self.model, plan, self.layout, options)
+        except PrefixCacheError as err:
+            raise ConfigError(f"train.prefix_cache: {err}") from None
+        self.model = self.execution.peft_model
         rows = data_mod.pack(self.train_examples, cfg.data.seq_len) if cfg.data.packing else self.train_examples
         schedule = data_mod.StepSchedule(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                          ctx.world_size, cfg.train.seed)
@@ -325,75 +358,88 @@ class Run:
                                loss_scaling=bool(ctx.ds_config.get("fp16", {}).get("enabled")))
         start_step = self._resume(resume, total_steps, guard) if resume else 0
         if resume is None:
-            self.results["eval_loss_before"] = self.evaluate()
-            print0(f"held-out loss before training: {self.results['eval_loss_before']:.4f}")
+            self.results.eval_loss_before = self.evaluate()
+            print0(f"held-out loss before training: {self.results.eval_loss_before:.4f}")
         self.last_checkpoint = resume.path if resume else None
         metrics = open_metrics(self.out, cfg.train.report_to, ctx.is_main, append=resume is not None,
                                config=cfg.model_dump())
         self.engine.train()
         progress = Progress("train", total_steps, ctx.is_main, cfg.train.quiet, start=start_step)
         ctx.reset_peak_memory()
-        loop_started = time.perf_counter()
-        for step in range(start_step, total_steps):
-            started = time.perf_counter()
-            lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
-            losses, tokens = [], 0  # losses stay on the device: one host sync per step, not per micro-batch
-            for indices in schedule.micro_batches(step, ctx.rank):
-                batch = data_mod.collate([rows[i] for i in indices], self.pad_id)
-                loss = self._forward_loss(batch, indices)
-                # a non-finite loss can still give finite gradients; NaN gradients make DeepSpeed's all-reduced
-                # norm check skip the update on every rank. A constant factor, not a branch (a host sync) and
-                # not where(loss, loss * nan), whose backward is NaN even when the loss is finite
-                loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
-                self.engine.backward(loss)
-                self.engine.step()
-                losses.append(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
-            totals = ctx.all_reduce_sum(torch.tensor(
-                [float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64))
-            seconds = time.perf_counter() - started
-            step_loss = float(totals[0] / totals[1])
-            grad_norm = self.engine.get_global_grad_norm()
-            grad_norm = None if grad_norm is None else float(grad_norm)
-            skipped = guard.check(step + 1, step_loss, grad_norm, self.engine.was_step_applied(), self.last_checkpoint)
-            row = None
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or skipped:
-                finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
-                row = dict(step=step + 1, loss=finite(step_loss), lr=lr, tokens_per_s=float(totals[2]) / seconds,
-                           grad_norm=finite(grad_norm), step_seconds=seconds, epoch=schedule.epoch_of(step + 1),
-                           **({"skipped": True} if skipped else {}))
-                metrics.write(row)
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
-                eval_loss = self.evaluate()
-                metrics.write({"step": step + 1, "eval_loss": eval_loss})
-                row = {**(row or {"step": step + 1}), "eval_loss": eval_loss}
-            progress.update(step + 1, int(totals[2]), step_loss, lr=lr)
-            saved = None
-            if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == total_steps:
-                saved = self.save(step + 1, total_steps, plan, guard)
-            if row is not None or saved is not None:
-                self.reporter.step(row or {"step": step + 1}, saved)
-        progress.close()
-        self.results["seconds"]["train"] = time.perf_counter() - loop_started  # checkpoints included
-        self.results["peak_memory_gib"]["train"] = ctx.peak_memory_gib()
-        self.results["eval_loss_after"] = self.evaluate()
+        self.training = TrainingState(plan, rows, schedule, total_steps, start_step, scheduler, guard, metrics,
+                                      progress, loop_started=time.perf_counter())
+
+    def remaining_steps(self) -> range:
+        """The 0-based steps still to run: all of them, or those after the checkpoint resumed from."""
+        return range(self.training.start_step, self.training.total_steps)
+
+    def train_step(self, step: int) -> None:
+        """Optimizer step `step` (0-based): its micro-batches on this rank, the non-finite guard, then the
+        metrics row, evaluation and checkpoint when they fall on this step."""
+        cfg, ctx, training = self.cfg, self.ctx, self.training
+        total_steps, guard = training.total_steps, training.guard
+        started = time.perf_counter()
+        lr = training.scheduler.get_last_lr()[0] if training.scheduler is not None else cfg.train.lr
+        losses, tokens = [], 0  # losses stay on the device: one host sync per step, not per micro-batch
+        for indices in training.schedule.micro_batches(step, ctx.rank):
+            batch = data_mod.collate([training.rows[i] for i in indices], self.pad_id)
+            loss = self._forward_loss(batch, indices)
+            # a non-finite loss can still give finite gradients; NaN gradients make DeepSpeed's all-reduced
+            # norm check skip the update on every rank. A constant factor, not a branch (a host sync) and
+            # not where(loss, loss * nan), whose backward is NaN even when the loss is finite
+            loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        totals = ctx.all_reduce_sum(torch.tensor(
+            [float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64))
+        seconds = time.perf_counter() - started
+        step_loss = float(totals[0] / totals[1])
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        skipped = guard.check(step + 1, step_loss, grad_norm, self.engine.was_step_applied(), self.last_checkpoint)
+        row = None
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or skipped:
+            finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
+            row = dict(step=step + 1, loss=finite(step_loss), lr=lr, tokens_per_s=float(totals[2]) / seconds,
+                       grad_norm=finite(grad_norm), step_seconds=seconds, epoch=training.schedule.epoch_of(step + 1),
+                       **({"skipped": True} if skipped else {}))
+            training.metrics.write(row)
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
+            eval_loss = self.evaluate()
+            training.metrics.write({"step": step + 1, "eval_loss": eval_loss})
+            row = {**(row or {"step": step + 1}), "eval_loss": eval_loss}
+        training.progress.update(step + 1, int(totals[2]), step_loss, lr=lr)
+        saved = None
+        if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == total_steps:
+            saved = self.save(step + 1, total_steps, training.plan, guard)
+        if row is not None or saved is not None:
+            self.reporter.step(row or {"step": step + 1}, saved)
+
+    def finish(self) -> None:
+        """After the last step: training time and memory peak, the held-out loss after training, the results."""
+        cfg, ctx, training = self.cfg, self.ctx, self.training
+        training.progress.close()
+        self.results.seconds["train"] = time.perf_counter() - training.loop_started  # checkpoints included
+        self.results.peak_memory_gib["train"] = ctx.peak_memory_gib()
+        self.results.eval_loss_after = self.evaluate()
         if cfg.train.eval_every:
-            metrics.write({"step": total_steps, "eval_loss": self.results["eval_loss_after"]})
-        metrics.close()
-        self.results["steps"] = total_steps
-        self.results["skipped_steps"] = guard.skips
+            training.metrics.write({"step": training.total_steps, "eval_loss": self.results.eval_loss_after})
+        training.metrics.close()
+        self.results.steps = training.total_steps
+        self.results.skipped_steps = training.guard.skips
         if self.prefix_cache is not None:
             cache = self.prefix_cache
-            self.results["prefix_cache"] = {"examples": len(cache.store), "bytes": cache.stored_bytes,
-                                            "replayed_micro_batches": cache.hits, "computed_micro_batches": cache.misses}
+            self.results.prefix_cache = cache.summary()
             print0(f"prefix cache: {len(cache.store)} examples, {cache.stored_bytes / 2**20:.1f} MiB on rank 0; "
                    f"{cache.hits} micro-batches replayed, {cache.misses} computed")
-        print0(f"held-out loss after training:  {self.results['eval_loss_after']:.4f}")
+        print0(f"held-out loss after training:  {self.results.eval_loss_after:.4f}")
 
     def save(self, step: int, total_steps: int, plan: Plan, guard: NonFiniteGuard) -> Path:
         """A resumable checkpoint of this step (every rank takes part)."""
         state = {"total_steps": total_steps, "world_size": self.ctx.world_size, "zero_stage": self.ctx.zero_stage,
-                 "nan_skips": guard.skips, "eval_loss_before": self.results.get("eval_loss_before"),
+                 "nan_skips": guard.skips, "eval_loss_before": self.results.eval_loss_before,
                  "config": self.cfg.model_dump(), "deepspeed": self.ctx.ds_config, "plan": plan.to_json(),
                  "fingerprints": self.fingerprints(), "versions": _versions()}
         keep_last = None if self.reporter.keeps_checkpoints else self.cfg.train.keep_last
@@ -408,7 +454,7 @@ class Run:
             raise ConfigError(f"train.resume: {checkpoint.path} belongs to a run of {saved_total} steps, this "
                               f"one has {total_steps}; set train.max_steps={saved_total}")
         restore_checkpoint(self.ctx, self.engine, self.model, checkpoint, self.out)
-        self.results["eval_loss_before"] = checkpoint.state.get("eval_loss_before")
+        self.results.eval_loss_before = checkpoint.state.get("eval_loss_before")
         guard.skips = int(checkpoint.state.get("nan_skips", 0))
         print0(f"resume: {checkpoint.path}, step {checkpoint.step} of {total_steps}")
         return checkpoint.step
@@ -432,12 +478,12 @@ class Run:
     def export(self) -> Optional[Path]:
         started = time.perf_counter()
         path = export_adapter(self.ctx, self.model, self.out / "adapter")
-        self.results["seconds"]["export"] = time.perf_counter() - started
+        self.results.seconds["export"] = time.perf_counter() - started
         self.sample_logits()
         if self.ctx.is_main:
-            write_json_atomic(self.out / "eval.json", self.results)
+            write_json_atomic(self.out / "eval.json", self.results.to_json())
             print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
-        self.reporter.finished(self.results)
+        self.reporter.finished(self.results.to_json())
         return path
 
 
@@ -458,7 +504,7 @@ def _versions() -> dict:
             "peft": peft.__version__}
 
 
-def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
+def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> RunResults:
     """The whole job on this rank; `reporter` receives its progress (launch/ray_train.py: Ray Train)."""
     cfg.require_paths()
     check_backends(cfg.train.report_to)
@@ -466,7 +512,10 @@ def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> dict:
         resume = find_resume(ctx, cfg)
         run = Run.setup(ctx, cfg, reporter)
         plan = run.resume_plan(resume) if resume else run.plan(run.probe())
-        run.train(plan, resume)
+        run.prepare_training(plan, resume)
+        for step in run.remaining_steps():
+            run.train_step(step)
+        run.finish()
         run.export()
         return run.results
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..arch import Layout, MoeBlock
+from ..execution import PatchedForward, patched_forward
 from .hooks import CheckpointPhase, Rendezvous, compute_dtype_for, drop_padding_here, flat_tokens, weight_grad_sq_norm
 from .report import ExpertScore
 
@@ -239,23 +240,21 @@ class ExpertProbe(Rendezvous):
 
     @contextlib.contextmanager
     def attached(self) -> Iterator["ExpertProbe"]:
-        swapped: list[tuple[nn.Module, object]] = []
+        swapped: list[PatchedForward] = []
         handles = []
         try:
             for slot, (_, block, layer) in enumerate(self.entries):
                 experts = layer.get_submodule(block.experts_path)
                 make = self._megablocks_forward if block.style == "megablocks" else self._hf_forward
-                swapped.append((experts, experts.__dict__.get("forward")))
-                experts.forward = make(slot, block, experts)
+                # the per-expert loop replaces the fused forward outright; it calls the banks itself
+                swapped.append(patched_forward(experts, lambda _fused_forward: make(slot, block, experts)))
                 router = layer.get_submodule(block.router_path)
                 take, watch = self._router_hooks(slot)
                 handles += [router.register_forward_pre_hook(take), router.register_forward_hook(watch)]
             yield self
         finally:
-            for experts, previous in swapped:
-                del experts.forward
-                if previous is not None:
-                    experts.forward = previous
+            for patch in reversed(swapped):
+                patch.restore()
             for handle in handles:
                 handle.remove()
 
