@@ -1,7 +1,7 @@
 """aletheia-ds probe|plan|train|eval|export|bench|report|defaults
 
-  aletheia-ds probe [--config CONFIG.yaml] --model DIR --data FILE --out probe.json [--probe-batches 8 ...] [section.key=value ...]
-  aletheia-ds plan [--config CONFIG.yaml] --probe probe.json --out plan.json [--top-pct 50 ...] [section.key=value ...]
+  aletheia-ds probe [--config FILE] --model DIR --data FILE --out probe.json [--probe-batches 8 ...] [section.key=value ...]
+  aletheia-ds plan [--config FILE] --probe probe.json --out plan.json [--top-pct 50 ...] [section.key=value ...]
   aletheia-ds train --config CONFIG.yaml [--num-gpus N | --hostfile FILE] [--dry-run] [section.key=value ...]
   aletheia-ds eval --model DIR [--adapter DIR] --data FILE [--forgetting-data FILE] [--out eval.json]
   aletheia-ds export --model DIR --adapter DIR --out DIR --merge
@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-from .config import (ConfigError, PlanSection, TrainingError, config_field, config_reference_markdown, defaults_yaml,
-                     load_config)
+from .config import (ConfigError, PlanSection, RunConfig, TrainingError, config_field, config_reference_markdown,
+                     defaults_yaml, load_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ writes probe.json: per layer and module ||dL/dW||_F (see `aletheia-ds report`)."
     "plan": """example:
   aletheia-ds plan --probe runs/x/probe.json --out runs/x/plan.json --top-pct 50 --attention-r 16 --mlp-r 64
   aletheia-ds plan --probe runs/x/probe.json --out runs/x/plan.json --rule budget --budget 0.6 --cost cost.json
-  aletheia-ds plan --config launch/configs/tiny_cpu.yaml --probe runs/x/probe.json plan.rule=upper   (the run's plan)""",
+  aletheia-ds plan --config launch/configs/tiny_cpu.yaml --probe runs/x/probe.json plan.rule=upper   (as the run)""",
     "train": """examples:
   aletheia-ds train --config launch/configs/qwen2_7b_zero3.yaml --num-gpus 8 plan.top_pct=25 train.lr=1e-4
       runs: deepspeed --num_gpus 8 launch/train.py --config launch/configs/qwen2_7b_zero3.yaml plan.top_pct=25 ...
@@ -70,8 +70,7 @@ For the full speed comparison (uniform vs paper vs budget rows): python tools/be
 PROBE_FLAGS = {"--model": "model.path", "--tokenizer": "model.tokenizer", "--data": "data.train",
                "--probe-batches": "probe.batches", "--batch-size": "probe.batch_size", "--seq-len": "data.seq_len",
                "--dtype": "model.dtype", "--random-init": "model.random_init",
-               "--checkpointing": "probe.gradient_checkpointing", "--deepspeed": "deepspeed.config",
-               "--quiet": "train.quiet"}
+               "--checkpointing": "probe.gradient_checkpointing", "--quiet": "train.quiet"}
 # probe without --config: one process without DeepSpeed, every example probed (a config file says its own)
 PROBE_STANDALONE = {"data": {"eval_fraction": 0}, "deepspeed": {"config": ""}}
 # plan flags: one per plan.* knob (`--top-pct` is plan.top_pct) but plan.plan, which reuses a plan instead
@@ -126,7 +125,7 @@ def run_overrides(args: argparse.Namespace, rest: list[str]) -> list[str]:
                          for key, value in vars(args).items() if "." in key]
 
 
-def run_config(args: argparse.Namespace, rest: list[str], base: Optional[dict] = None):
+def run_config(args: argparse.Namespace, rest: list[str], base: Optional[dict] = None) -> RunConfig:
     argv = (["--config", args.config] if args.config else []) + run_overrides(args, rest)
     return load_config(argv, base=base)
 
@@ -268,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run YAML: probe as that run would; flags and section.key=value override it")
     p.add_argument("--out", default="probe.json")
     for flag, key in PROBE_FLAGS.items():
-        config_flag(p, flag, key, help="DeepSpeed JSON (e.g. ds_configs/zero3.json) when run under a launcher; "
-                    "default: none, unless --config names one" if key == "deepspeed.config" else None)
+        config_flag(p, flag, key)
+    config_flag(p, "--deepspeed", "deepspeed.config", help="DeepSpeed JSON (e.g. ds_configs/zero3.json) when run "
+                "under a launcher; default: none, unless --config names one")
     p.set_defaults(func=_probe, takes_rest=True)
 
     p = command("plan", "probe.json -> plan.json (layers, ranks, the exact LoraConfig)")

@@ -137,7 +137,8 @@ class TrainSection(Section):
     micro_batch_size: OneOrMore = Field(4, description="examples per rank per forward")
     grad_accum: OneOrMore = Field(1, description="micro-batches per optimizer step")
     lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
-    weight_decay: FiniteNonNegative = Field(0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)")
+    weight_decay: FiniteNonNegative = Field(
+        0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)")
     warmup_steps: Optional[int] = Field(None, ge=0, description="default: warmup_ratio x total steps")
     warmup_ratio: Share = Field(0.03, description="share of steps spent warming up")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
@@ -150,8 +151,8 @@ class TrainSection(Section):
     prefix_cache: bool = Field(False, description="keep the frozen prefix's output per example (CPU memory) and skip "
                                "the prefix in later epochs; needs no dropout there and ZeRO stage 0-2")
     log_every: OneOrMore = Field(1, description="steps between metrics lines")
-    eval_every: ZeroOrMore = Field(0, description="steps between held-out evaluations logged to metrics.jsonl as eval_loss "
-                            "(0: only before and after training, in eval.json)")
+    eval_every: ZeroOrMore = Field(0, description="steps between held-out evaluations logged to metrics.jsonl as "
+                                   "eval_loss (0: only before and after training, in eval.json)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="metrics backends besides metrics.jsonl (always written), rank 0 only: "
         "tensorboard (output_dir/tensorboard), wandb (offline unless WANDB_MODE is set), mlflow (output_dir/mlruns "
