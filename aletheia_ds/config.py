@@ -347,20 +347,21 @@ def _number(bound: float) -> str:
     return f"{bound:g}"
 
 
-def allowed_range(field: FieldInfo) -> str:
+_BOUND_WORDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _allowed_range(field: FieldInfo) -> str:
     """A bounded knob's allowed values as its error says them: `in (0, 100]`, `>= 1`, `a finite number > 0`."""
-    bounds = {name: getattr(m, name) for m in field.metadata for name in ("gt", "ge", "lt", "le")
+    bounds = {name: getattr(m, name) for m in field.metadata for name in _BOUND_WORDS
               if getattr(m, name, None) is not None}
-    finite = any(getattr(m, "allow_inf_nan", True) is False for m in field.metadata)
-    low = next(((sign, bounds[name]) for name, sign in (("gt", "("), ("ge", "[")) if name in bounds), None)
-    high = next(((sign, bounds[name]) for name, sign in (("lt", ")"), ("le", "]")) if name in bounds), None)
+    low = next((name for name in ("gt", "ge") if name in bounds), None)
+    high = next((name for name in ("lt", "le") if name in bounds), None)
     if low and high:
-        text = f"in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
-    elif low or high:
-        (sign, bound), words = (low, {"(": ">", "[": ">="}) if low else (high, {")": "<", "]": "<="})
-        text = f"{words[sign]} {_number(bound)}"
+        text = (f"in {'(' if low == 'gt' else '['}{_number(bounds[low])}, "
+                f"{_number(bounds[high])}{')' if high == 'lt' else ']'}")
     else:
-        text = ""
+        text = " ".join(f"{_BOUND_WORDS[name]} {_number(bounds[name])}" for name in (low, high) if name)
+    finite = any(getattr(m, "allow_inf_nan", True) is False for m in field.metadata)
     return f"a finite number {text}".strip() if finite else text
 
 
@@ -370,7 +371,7 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 def _range_error(field: FieldInfo, got: Any) -> str:
     wording = next((m for m in field.metadata if isinstance(m, Wording)), Wording())
     note = f" ({wording.note})" if wording.note else ""
-    return f"{wording.subject} must be {allowed_range(field)}{note}, got {got!r:.80}".lstrip()
+    return f"{wording.subject} must be {_allowed_range(field)}{note}, got {got!r:.80}".lstrip()
 
 
 def _flatten_error(err: ValidationError, where: str, model: type[BaseModel] | None = None,
