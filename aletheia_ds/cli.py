@@ -1,13 +1,14 @@
 """aletheia-ds probe|plan|train|eval|export|bench|report|defaults
 
-  aletheia-ds probe --model DIR --data FILE --out probe.json [--probe-batches 8 --batch-size 4 --seq-len 1024]
-  aletheia-ds plan --probe probe.json --out plan.json [--top-pct 50 --attention-r 16 --mlp-r 64]
+  aletheia-ds probe [--config FILE] --model DIR --data FILE --out probe.json [--probe-batches 8 ...] [section.key=value ...]
+  aletheia-ds plan [--config FILE] --probe probe.json --out plan.json [--top-pct 50 ...] [section.key=value ...]
   aletheia-ds train --config CONFIG.yaml [--num-gpus N | --hostfile FILE] [--dry-run] [section.key=value ...]
   aletheia-ds eval --model DIR [--adapter DIR] --data FILE [--forgetting-data FILE] [--out eval.json]
   aletheia-ds export --model DIR --adapter DIR --out DIR --merge
   aletheia-ds bench --model DIR --out cost.json
   aletheia-ds report RUN_DIR [--out DIR] [--format md|html]
   aletheia-ds defaults [--markdown]
+probe, plan and train read the run config (`aletheia-ds defaults`): their flags are short names for its knobs.
 Every subcommand exits 2 with one line on stderr for bad input (3 when training stops on a non-finite loss).
 """
 
@@ -19,8 +20,10 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-from .config import ConfigError, TrainingError, config_reference_markdown, defaults_yaml, load_config
+from .config import (ConfigError, PlanSection, RunConfig, TrainingError, config_field, config_reference_markdown,
+                     defaults_yaml, load_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +34,8 @@ EXAMPLES = {
 writes probe.json: per layer and module ||dL/dW||_F (see `aletheia-ds report`).""",
     "plan": """example:
   aletheia-ds plan --probe runs/x/probe.json --out runs/x/plan.json --top-pct 50 --attention-r 16 --mlp-r 64
-  aletheia-ds plan --probe runs/x/probe.json --out runs/x/plan.json --rule budget --budget 0.6 --cost cost.json""",
+  aletheia-ds plan --probe runs/x/probe.json --out runs/x/plan.json --rule budget --budget 0.6 --cost cost.json
+  aletheia-ds plan --config launch/configs/tiny_cpu.yaml --probe runs/x/probe.json plan.rule=upper   (as the run)""",
     "train": """examples:
   aletheia-ds train --config launch/configs/qwen2_7b_zero3.yaml --num-gpus 8 plan.top_pct=25 train.lr=1e-4
       runs: deepspeed --num_gpus 8 launch/train.py --config launch/configs/qwen2_7b_zero3.yaml plan.top_pct=25 ...
@@ -62,20 +66,77 @@ For the full speed comparison (uniform vs paper vs budget rows): python tools/be
 }
 
 
-def _probe(args) -> None:
+# probe flags -> the knobs they set (the flag names predate the config sections)
+PROBE_FLAGS = {"--model": "model.path", "--tokenizer": "model.tokenizer", "--data": "data.train",
+               "--probe-batches": "probe.batches", "--batch-size": "probe.batch_size", "--seq-len": "data.seq_len",
+               "--dtype": "model.dtype", "--random-init": "model.random_init",
+               "--checkpointing": "probe.gradient_checkpointing", "--quiet": "train.quiet"}
+# probe without --config: one process without DeepSpeed, every example probed (a config file says its own)
+PROBE_STANDALONE = {"data": {"eval_fraction": 0}, "deepspeed": {"config": ""}}
+# plan flags: one per plan.* knob (`--top-pct` is plan.top_pct) but plan.plan, which reuses a plan instead
+PLAN_FLAGS = {f"--{name.replace('_', '-')}": f"plan.{name}" for name in PlanSection.model_fields if name != "plan"}
+
+
+def _flag_type(annotation: Any) -> tuple[type, Optional[list]]:
+    """(argparse type, choices) of a scalar knob; Optional[X] reads as X."""
+    if get_origin(annotation) is Union:
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        return str, list(get_args(annotation))
+    if annotation in (bool, int, float, str):
+        return annotation, None
+    raise TypeError(f"no flag for a knob of type {annotation}; use section.key=value")
+
+
+def config_flag(parser: argparse.ArgumentParser, flag: str, key: str, *, dest: Optional[str] = None,
+                help: Optional[str] = None) -> None:
+    """`flag` generated from the config knob `key`: its type, choices, default and description.
+
+    Without `dest` the flag is an override of the knob (`--top-pct 25` is `plan.top_pct=25`; left out, the config
+    file's value or the default stands), and the config loader checks its value as it checks any override. With
+    `dest` it is a plain argument of a command that reads no run config (eval, bench), the knob's default its default.
+    """
+    field = config_field(key)
+    kind, choices = _flag_type(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    shown = json.dumps(default) if isinstance(default, bool) else default  # true/false, as a config file says it
+    text = help or (field.description or "") + ("" if default in (None, "") else f"; default {shown}")
+    options: dict[str, Any] = {"dest": dest or key, "default": default if dest else argparse.SUPPRESS}
+    if kind is bool:
+        options["action"] = argparse.BooleanOptionalAction
+    elif dest:
+        options.update(type=kind, choices=choices)
+    elif choices:
+        options["choices"] = choices
+    else:
+        # the override keeps the text as typed (`got 150`, not `got 150.0`); a string is quoted so that YAML
+        # keeps it one (a path named `null` or `1e3`)
+        options.update(type=json.dumps if kind is str else None,
+                       metavar=flag.lstrip("-").upper().replace("-", "_") if kind is str else kind.__name__.upper())
+    if not dest:
+        text += f" [{key}]"
+    parser.add_argument(flag, help=text.replace("%", "%%"), **options)
+
+
+def run_overrides(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """The command line's `section.key=value` overrides: those written so, then the generated flags given (their
+    dests are the knobs' dotted names)."""
+    return list(rest) + [f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+                         for key, value in vars(args).items() if "." in key]
+
+
+def run_config(args: argparse.Namespace, rest: list[str], base: Optional[dict] = None) -> RunConfig:
+    argv = (["--config", args.config] if args.config else []) + run_overrides(args, rest)
+    return load_config(argv, base=base)
+
+
+def _probe(args, rest: list[str]) -> None:
     from .dist import distributed
     from .train import Run
 
-    overrides = [f"model.path={args.model}", f"data.train={args.data}", f"probe.batches={args.probe_batches}",
-                 f"probe.batch_size={args.batch_size}", f"data.seq_len={args.seq_len}", "data.eval_fraction=0",
-                 f"model.dtype={args.dtype}", f"model.random_init={str(args.random_init).lower()}",
-                 f"deepspeed.config={args.deepspeed or ''}", f"probe.gradient_checkpointing={str(args.checkpointing).lower()}",
-                 f"train.quiet={str(args.quiet).lower()}"]
-    if args.tokenizer:
-        overrides.append(f"model.tokenizer={args.tokenizer}")
-    cfg = load_config(overrides)
+    cfg = run_config(args, rest, base=PROBE_STANDALONE)
     cfg.require_paths()
-    with distributed(cfg, use_deepspeed=bool(args.deepspeed)) as ctx:
+    with distributed(cfg, use_deepspeed=bool(cfg.deepspeed.config)) as ctx:
         run = Run.setup(ctx, cfg)
         report = run.probe(Path(args.out))
     if ctx.is_main:
@@ -83,24 +144,20 @@ def _probe(args) -> None:
         print(f"wrote {args.out}: top layers " + ", ".join(f"{x.index} ({x.score:.3g})" for x in ranked))
 
 
-def _plan(args) -> None:
+def _plan(args, rest: list[str]) -> None:
     from .checkpoint import write_json_atomic
-    from .config import validate_tree
+    from .cost import CostModel
     from .plan import make_plan
     from .probe.report import ProbeReport
 
-    report = ProbeReport.load(args.probe)
-    settings = {"cost": None, "rule": args.rule, "top_pct": args.top_pct, "budget": args.budget, "attention_r": args.attention_r,
-                "mlp_r": args.mlp_r, "attention_alpha": args.attention_alpha, "mlp_alpha": args.mlp_alpha,
-                "expert_rule": args.expert_rule, "expert_top_k": args.expert_top_k,
-                "expert_energy": args.expert_energy, "expert_r": args.expert_r, "shared_experts": args.shared_experts,
-                "moe_attention": not args.no_moe_attention, "routers": args.routers}
-    section = validate_tree({"plan": settings}, "plan options").plan
-    from .cost import CostModel
-
-    cost_model = CostModel.load(args.cost).check_matches(report, args.cost) if args.cost else \
-        CostModel.analytic(report, checkpointing=args.checkpointing)
-    plan = make_plan(report, section, cost_model)
+    cfg = run_config(args, rest)
+    if not cfg.probe.report:
+        raise ConfigError("plan: give the probe.json to plan from: --probe FILE (or probe.report in --config)")
+    report = ProbeReport.load(cfg.probe.report)
+    cost = cfg.plan.cost
+    cost_model = CostModel.load(cost).check_matches(report, cost) if cost else \
+        CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
+    plan = make_plan(report, cfg.plan, cost_model)
     write_json_atomic(args.out, plan.to_json())
     experts = f" + {len(plan.experts)} experts" if plan.experts else ""
     print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
@@ -127,7 +184,7 @@ def _train(args, rest: list[str]) -> None:
         raise ConfigError(f"--hostfile: {args.hostfile!r} does not exist")
     if args.num_gpus is not None and args.num_gpus < 1:
         raise ConfigError(f"--num-gpus: must be >= 1, got {args.num_gpus}")
-    overrides = list(rest) + (["train.quiet=true"] if args.quiet else [])
+    overrides = run_overrides(args, rest)
     argv = (["--config", args.config] if args.config else []) + overrides
     cfg = load_config(argv)  # bad input: one line here, before any rank starts
     cfg.require_paths()
@@ -207,41 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
 
     p = command("probe", "per-layer gradient scores -> probe.json")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
-    p.add_argument("--data", required=True, help="JSONL / parquet / datasets directory")
+    p.add_argument("--config", help="run YAML: probe as that run would; flags and section.key=value override it")
     p.add_argument("--out", default="probe.json")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    p.add_argument("--probe-batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=4, help="examples per probe batch")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per example")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--random-init", action="store_true", help="config-only model directory: random weights")
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing during the probe")
-    p.add_argument("--deepspeed", help="DeepSpeed JSON (e.g. ds_configs/zero3.json) when run under a launcher")
-    p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines")
-    p.set_defaults(func=_probe)
+    for flag, key in PROBE_FLAGS.items():
+        config_flag(p, flag, key)
+    config_flag(p, "--deepspeed", "deepspeed.config", help="DeepSpeed JSON (e.g. ds_configs/zero3.json) when run "
+                "under a launcher; default: none, unless --config names one")
+    p.set_defaults(func=_probe, takes_rest=True)
 
     p = command("plan", "probe.json -> plan.json (layers, ranks, the exact LoraConfig)")
-    p.add_argument("--probe", required=True)
+    p.add_argument("--config", help="run YAML: plan as that run would; flags and section.key=value override it")
     p.add_argument("--out", default="plan.json")
-    p.add_argument("--rule", default="top_pct", choices=["top_pct", "budget", "upper", "all"])
-    p.add_argument("--top-pct", type=float, default=50.0)
-    p.add_argument("--budget", type=float, default=0.6, help="rule budget: step time as a fraction of uniform LoRA's")
-    p.add_argument("--attention-r", type=int, default=16)
-    p.add_argument("--mlp-r", type=int, default=64)
-    p.add_argument("--attention-alpha", type=float)
-    p.add_argument("--mlp-alpha", type=float)
-    p.add_argument("--cost", help="cost.json from `aletheia-ds bench` (default: an analytic cost model)")
-    p.add_argument("--expert-rule", default="energy", choices=["energy", "top_k", "load", "all", "none"],
-                   help="MoE: experts adapted in each chosen layer")
-    p.add_argument("--expert-top-k", type=int, default=2)
-    p.add_argument("--expert-energy", type=float, default=0.8)
-    p.add_argument("--expert-r", type=int, default=16)
-    p.add_argument("--shared-experts", default="with_layer", choices=["with_layer", "all_moe_layers", "none"])
-    p.add_argument("--no-moe-attention", action="store_true", help="MoE layers: adapt experts only, not attention")
-    p.add_argument("--routers", default="frozen", choices=["frozen", "lora"])
-    p.add_argument("--checkpointing", action="store_true", help="plan for a run with gradient checkpointing")
-    p.set_defaults(func=_plan)
+    config_flag(p, "--probe", "probe.report", help="the probe.json to plan from")
+    for flag, key in PLAN_FLAGS.items():
+        config_flag(p, flag, key)
+    config_flag(p, "--checkpointing", "train.gradient_checkpointing",
+                help="plan for a run with gradient checkpointing (the analytic cost model)")
+    p.set_defaults(func=_plan, takes_rest=True)
 
     p = command("train", "the whole job (probe -> plan -> train -> adapter), through the DeepSpeed launcher")
     p.add_argument("--config", help="run YAML (launch/configs/*.yaml); then section.key=value overrides")
@@ -250,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-addr", help="passed to the launcher (e.g. 127.0.0.1 on one CPU machine)")
     p.add_argument("--master-port", type=int, help="passed to the launcher")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the command; run nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bars: plain periodic lines (train.quiet=true)")
+    config_flag(p, "--quiet", "train.quiet")
     p.set_defaults(func=_train, takes_rest=True)
 
     p = command("eval", "held-out loss, perplexity, exact match and forgetting of base and base+adapter")
@@ -259,13 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="held-out file")
     p.add_argument("--forgetting-data", help="a second file (general text): adapter loss - base loss there")
     p.add_argument("--tokenizer")
-    p.add_argument("--seq-len", type=int, default=1024)
+    config_flag(p, "--seq-len", "data.seq_len", dest="seq_len")
     p.add_argument("--batches", type=int, default=8, help="held-out batches scored (per file)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--exact-match-rows", type=int, default=32,
                    help="prompt/completion rows whose greedy completion is compared (0: skip)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for exact match")
-    p.add_argument("--random-init", action="store_true")
+    config_flag(p, "--random-init", "model.random_init", dest="random_init")
     p.add_argument("--verify-logits", help="sample_logits.safetensors written by a training run")
     p.add_argument("--out", help="also write the result here (JSON)")
     p.set_defaults(func=_eval)
@@ -284,10 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--out", default="cost.json")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=1024)
+    config_flag(p, "--seq-len", "data.seq_len", dest="seq_len")
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--random-init", action="store_true")
-    p.add_argument("--checkpointing", action="store_true")
+    config_flag(p, "--random-init", "model.random_init", dest="random_init")
+    config_flag(p, "--checkpointing", "train.gradient_checkpointing", dest="checkpointing")
     p.set_defaults(func=_bench)
 
     p = command("report", "report.md (or .html) with plots of a run directory")

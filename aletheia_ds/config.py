@@ -7,13 +7,14 @@ Errors are one line that names the knob: `ConfigError("plan.top_pct must be in (
 from __future__ import annotations
 
 import difflib
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -25,15 +26,36 @@ class TrainingError(RuntimeError):
     good checkpoint."""
 
 
-def check_seed(v: int) -> int:
-    # torch generators take 64-bit seeds and the data order mixes the seed with the epoch number
-    if not 0 <= v < 2**32:
-        raise ValueError(f"must be in [0, 2**32), got {v}")
-    return v
+@dataclass(frozen=True)
+class Wording:
+    """Words a knob's range error adds to its bounds: `rank must be > 0`, `must be >= 1 (or unset for all rows)`."""
+
+    subject: str = ""
+    note: str = ""
+
+
+# kinds of knob: pydantic checks the bounds, and `_range_error` says them back in the knob's error
+OneOrMore = Annotated[int, Field(ge=1)]
+ZeroOrMore = Annotated[int, Field(ge=0)]  # 0: off
+Rank = Annotated[int, Field(gt=0), Wording(subject="rank")]
+Alpha = Annotated[Optional[float], Field(gt=0), Wording(subject="alpha")]  # unset: 2 x the rank
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Share = Annotated[float, Field(ge=0, lt=1)]  # a part set aside, never the whole
+FiniteNonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# torch generators take 64-bit seeds and the data order mixes the seed with the epoch number
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            # the same one line whether the section comes from a file or from code (tools, tests); pydantic calls
+            # this for nested sections too, and `_flatten_error` passes their line on
+            raise _flatten_error(err, "", type(self), _section_name(type(self))) from None
 
 
 class ModelSection(Section):
@@ -49,57 +71,23 @@ class ModelSection(Section):
 class DataSection(Section):
     train: str = Field("", description="JSONL ({text} | {prompt,completion} | {messages}), parquet, or a datasets dir")
     eval: Optional[str] = Field(None, description="held-out file; default: the last eval_fraction of train")
-    eval_fraction: float = Field(0.05, description="share of train held out when data.eval is unset")
-    eval_batches: int = Field(8, description="held-out batches scored before and after training (0: skip)")
-    seq_len: int = Field(1024, description="tokens per example (truncated on the right)")
+    eval_fraction: Share = Field(0.05, description="share of train held out when data.eval is unset")
+    eval_batches: ZeroOrMore = Field(8, description="held-out batches scored before and after training (0: skip)")
+    seq_len: int = Field(1024, ge=2, description="tokens per example (truncated on the right)")
     packing: bool = Field(False, description="concatenate examples into full seq_len rows")
-    max_examples: Optional[int] = Field(None, description="use only the first N examples of train")
-
-    @field_validator("seq_len")
-    @classmethod
-    def _seq_len(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(f"must be >= 2, got {v}")
-        return v
-
-    @field_validator("eval_fraction")
-    @classmethod
-    def _fraction(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"must be in [0, 1), got {v}")
-        return v
-
-    @field_validator("max_examples")
-    @classmethod
-    def _max_examples(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v < 1:
-            raise ValueError(f"must be >= 1 (or unset for all rows), got {v}")
-        return v
-
-    @field_validator("eval_batches")
-    @classmethod
-    def _eval_batches(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
+    max_examples: Annotated[Optional[int], Wording(note="or unset for all rows")] = Field(
+        None, ge=1, description="use only the first N examples of train")
 
 
 class ProbeSection(Section):
-    batches: int = Field(8, description="probe batches (examples in file order)")
-    batch_size: int = Field(4, description="examples per probe batch")
+    batches: OneOrMore = Field(8, description="probe batches (examples in file order)")
+    batch_size: OneOrMore = Field(4, description="examples per probe batch")
     seq_len: Optional[int] = Field(None, description="defaults to data.seq_len")
     gradient_checkpointing: Optional[bool] = Field(None, description="defaults to train.gradient_checkpointing")
     report: Optional[str] = Field(None, description="reuse this probe.json instead of probing")
     sketch_dim: int = Field(32, ge=0, le=1024, description="columns of the random sketch that separates each "
                             "module's gradient signal from batch noise (plan.score signal/lowrank/relative); 0: raw "
                             "norms only")
-
-    @field_validator("batches", "batch_size")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
 
 
 class PlanSection(Section):
@@ -110,22 +98,22 @@ class PlanSection(Section):
     score: Literal["raw", "signal", "lowrank", "relative"] = Field(
         "raw", description="probe score the rules rank by: raw ||dL/dW||; signal: its batch-noise-free part; lowrank: "
         "the signal a rank-16 adapter can capture; relative: signal / ||W|| (all but raw need probe.sketch_dim > 0)")
-    min_r: int = Field(16, gt=0, description="rule cut: rank of the lowest-scoring layers of the adapted span")
-    max_r: int = Field(64, gt=0, description="rule cut: rank of the highest-scoring layers (powers of two between "
+    min_r: Rank = Field(16, description="rule cut: rank of the lowest-scoring layers of the adapted span")
+    max_r: Rank = Field(64, description="rule cut: rank of the highest-scoring layers (powers of two between "
                        "min_r and max_r go to the layers in between, by score)")
     rank_scaling: Literal["standard", "rslora"] = Field(
         "rslora", description="rule cut: alpha = 2r (standard) or 2 sqrt(min_r r) (rank-stabilised: the update's "
         "scale does not grow with r, so ranks of one plan are comparable)")
-    guard: float = Field(1.0, gt=0, le=1, description="rule cut: the cut moves down (past the budget) while more than "
+    guard: Fraction = Field(1.0, description="rule cut: the cut moves down (past the budget) while more than "
                          "this share of the score energy lies below it; 1: no guard")
-    top_pct: float = Field(50.0, description="percent of layers kept by score (rule top_pct)")
-    budget: float = Field(0.6, description="target step time as a fraction of uniform LoRA's (rule budget)")
+    top_pct: float = Field(50.0, gt=0, le=100, description="percent of layers kept by score (rule top_pct)")
+    budget: Fraction = Field(0.6, description="target step time as a fraction of uniform LoRA's (rules budget, cut)")
     granularity: Literal["layer", "module"] = Field(
         "layer", description="rule budget picks whole layers (every target module) or single modules")
-    attention_r: int = Field(16, description="LoRA rank on attention linears")
-    mlp_r: int = Field(64, description="LoRA rank on MLP linears")
-    attention_alpha: Optional[float] = Field(None, description="default 2 x attention_r")
-    mlp_alpha: Optional[float] = Field(None, description="default 2 x mlp_r")
+    attention_r: Rank = Field(16, description="LoRA rank on attention linears")
+    mlp_r: Rank = Field(64, description="LoRA rank on MLP linears")
+    attention_alpha: Alpha = Field(None, description="default 2 x attention_r")
+    mlp_alpha: Alpha = Field(None, description="default 2 x mlp_r")
     plan: Optional[str] = Field(None, description="reuse this plan.json instead of planning")
     cost: Optional[str] = Field(None, description="cost.json from `aletheia-ds bench` (default: analytic FLOP model)")
     # mixture-of-experts layers: layers are chosen by the rule above (expert energy counts in a layer's score),
@@ -134,11 +122,11 @@ class PlanSection(Section):
         "energy", description="experts adapted in each chosen MoE layer: energy: the fewest covering expert_energy "
         "of the layer's expert gradient energy; top_k: the expert_top_k highest scores; load: the expert_top_k "
         "with the most routed tokens; all: every expert; none: no expert adapters")
-    expert_energy: float = Field(0.8, description="share of a layer's expert gradient energy to cover (expert_rule "
+    expert_energy: Fraction = Field(0.8, description="share of a layer's expert gradient energy to cover (expert_rule "
                                  "energy)")
-    expert_top_k: int = Field(2, description="experts per chosen MoE layer (expert_rule top_k and load)")
-    expert_r: int = Field(16, description="LoRA rank on each chosen expert's fused banks (gate_up_proj, down_proj)")
-    expert_alpha: Optional[float] = Field(None, description="default 2 x expert_r")
+    expert_top_k: OneOrMore = Field(2, description="experts per chosen MoE layer (expert_rule top_k and load)")
+    expert_r: Rank = Field(16, description="LoRA rank on each chosen expert's fused banks (gate_up_proj, down_proj)")
+    expert_alpha: Alpha = Field(None, description="default 2 x expert_r")
     moe_attention: bool = Field(True, description="adapt the attention linears of chosen MoE layers (as in dense "
                                 "layers); false: experts only there")
     shared_experts: Literal["with_layer", "all_moe_layers", "none"] = Field(
@@ -147,169 +135,62 @@ class PlanSection(Section):
     routers: Literal["frozen", "lora"] = Field(
         "frozen", description="frozen: routing stays as probed; lora: LoRA (router_r) on the router weight of chosen "
         "MoE layers")
-    router_r: int = Field(4, description="LoRA rank on router weights (routers=lora)")
-
-    @field_validator("top_pct")
-    @classmethod
-    def _top_pct(cls, v: float) -> float:
-        if not 0.0 < v <= 100.0:
-            raise ValueError(f"must be in (0, 100], got {v}")
-        return v
-
-    @field_validator("budget")
-    @classmethod
-    def _budget(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("expert_energy")
-    @classmethod
-    def _expert_energy(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("expert_top_k")
-    @classmethod
-    def _expert_top_k(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
-    @field_validator("attention_r", "mlp_r", "expert_r", "router_r")
-    @classmethod
-    def _rank(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"rank must be > 0, got {v}")
-        return v
-
-    @field_validator("attention_alpha", "mlp_alpha", "expert_alpha")
-    @classmethod
-    def _alpha(cls, v: Optional[float]) -> Optional[float]:
-        if v is not None and v <= 0:
-            raise ValueError(f"alpha must be > 0, got {v}")
-        return v
+    router_r: Rank = Field(4, description="LoRA rank on router weights (routers=lora)")
 
 
 class LoraSection(Section):
     target_modules: Optional[list[str]] = Field(
         None, description="restrict to these module keys (e.g. [q_proj, v_proj]); default: every attention/MLP linear")
-    dropout: float = Field(0.0, description="lora_dropout")
-    init_seed: int = Field(0, description="seed for the adapter's initial weights (same on every rank)")
-
-    @field_validator("init_seed")
-    @classmethod
-    def _seed(cls, v: int) -> int:
-        return check_seed(v)
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"must be in [0, 1), got {v}")
-        return v
+    dropout: Share = Field(0.0, description="lora_dropout")
+    init_seed: Seed = Field(0, description="seed for the adapter's initial weights (same on every rank)")
 
 
 class TrainSection(Section):
     output_dir: str = Field("runs/default", description="probe.json, plan.json, metrics.jsonl, adapter/ land here")
-    max_steps: Optional[int] = Field(None, description="optimizer steps; default: epochs over the data")
-    epochs: float = Field(1.0, description="passes over the training data when max_steps is unset")
-    micro_batch_size: int = Field(4, description="examples per rank per forward")
-    grad_accum: int = Field(1, description="micro-batches per optimizer step")
-    lr: float = Field(2e-4, description="peak learning rate")
-    weight_decay: float = Field(0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)")
-    warmup_steps: Optional[int] = Field(None, description="default: warmup_ratio x total steps")
-    warmup_ratio: float = Field(0.03, description="share of steps spent warming up")
+    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; default: epochs over the data")
+    epochs: FiniteNonNegative = Field(1.0, description="passes over the training data when max_steps is unset")
+    micro_batch_size: OneOrMore = Field(4, description="examples per rank per forward")
+    grad_accum: OneOrMore = Field(1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
+    weight_decay: FiniteNonNegative = Field(
+        0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)")
+    warmup_steps: Optional[int] = Field(None, ge=0, description="default: warmup_ratio x total steps")
+    warmup_ratio: Share = Field(0.03, description="share of steps spent warming up")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="learning-rate schedule after warm-up (transformers.get_scheduler)")
-    max_grad_norm: float = Field(1.0, description="gradient clipping (0: off)")
-    seed: int = Field(42, description="data order and dropout seed")
+    max_grad_norm: FiniteNonNegative = Field(1.0, description="gradient clipping (0: off)")
+    seed: Seed = Field(42, description="data order and dropout seed")
     gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
     frozen_prefix: bool = Field(True, description="run layers below the lowest adapted layer under no_grad")
     compile: bool = Field(False, description="torch.compile the adapted layers (ZeRO stage 0-2)")
     prefix_cache: bool = Field(False, description="keep the frozen prefix's output per example (CPU memory) and skip "
                                "the prefix in later epochs; needs no dropout there and ZeRO stage 0-2")
-    log_every: int = Field(1, description="steps between metrics lines")
-    eval_every: int = Field(0, description="steps between held-out evaluations logged to metrics.jsonl as eval_loss "
-                            "(0: only before and after training, in eval.json)")
+    log_every: OneOrMore = Field(1, description="steps between metrics lines")
+    eval_every: ZeroOrMore = Field(0, description="steps between held-out evaluations logged to metrics.jsonl as "
+                                   "eval_loss (0: only before and after training, in eval.json)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="metrics backends besides metrics.jsonl (always written), rank 0 only: "
         "tensorboard (output_dir/tensorboard), wandb (offline unless WANDB_MODE is set), mlflow (output_dir/mlruns "
         "unless MLFLOW_TRACKING_URI is set)")
     quiet: bool = Field(False, description="no progress bars: plain periodic lines (for logs)")
-    save_every: int = Field(0, description="steps between resumable checkpoints (0: only at the end)")
-    keep_last: int = Field(2, description="checkpoints kept")
+    save_every: ZeroOrMore = Field(0, description="steps between resumable checkpoints (0: only at the end)")
+    keep_last: OneOrMore = Field(2, description="checkpoints kept")
     resume: Optional[str] = Field(None, description="auto (the latest checkpoint in output_dir, if any) | PATH "
                                   "(a checkpoints/ directory or one step-N checkpoint)")
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update")
-    max_nan_skips: int = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
+    max_nan_skips: ZeroOrMore = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
 
     @field_validator("report_to")
     @classmethod
     def _report_to(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))  # each backend once
 
-    @field_validator("save_every", "max_nan_skips", "eval_every")
-    @classmethod
-    def _non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int) -> int:
-        return check_seed(v)
-
     @field_validator("resume")
     @classmethod
     def _resume(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and not v.strip():
             raise ValueError("must be 'auto' or a checkpoint path, got an empty string")
-        return v
-
-    @field_validator("epochs", "weight_decay", "max_grad_norm")
-    @classmethod
-    def _finite_non_negative(cls, v: float) -> float:
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"must be a finite number >= 0, got {v}")
-        return v
-
-    @field_validator("warmup_ratio")
-    @classmethod
-    def _ratio(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"must be in [0, 1), got {v}")
-        return v
-
-    @field_validator("warmup_steps")
-    @classmethod
-    def _warmup(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
-
-    @field_validator("micro_batch_size", "grad_accum", "log_every", "keep_last")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
-    @field_validator("max_steps")
-    @classmethod
-    def _steps(cls, v: Optional[int]) -> Optional[int]:
-        if v is not None and v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        if not (math.isfinite(v) and v > 0):
-            raise ValueError(f"must be a finite number > 0, got {v}")
         return v
 
 
@@ -324,7 +205,7 @@ class RaySection(Section):
     address: Optional[str] = Field(
         None, description="Ray cluster: the head's host:port (6379 unless changed) or auto; default: RAY_ADDRESS "
         "as `ray job submit` sets it, else a new local Ray")
-    num_workers: int = Field(1, description="training workers (processes), one per GPU when use_gpu")
+    num_workers: OneOrMore = Field(1, description="training workers (processes), one per GPU when use_gpu")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false: CPU workers and gloo")
     resources_per_worker: Optional[dict[str, float]] = Field(
         None, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}; default: Ray's (1 CPU, or 1 GPU "
@@ -339,16 +220,10 @@ class RaySection(Section):
     check_resources: bool = Field(True, description="refuse at once when the cluster cannot ever fit the workers "
                                   "(false for autoscaling clusters that grow on demand)")
 
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
     @field_validator("max_failures")
     @classmethod
     def _failures(cls, v: int) -> int:
+        # not a range: -1 is a sentinel, and ">= -1" would hide that
         if v < -1:
             raise ValueError(f"must be >= 0, or -1 for no limit, got {v}")
         return v
@@ -451,6 +326,10 @@ ALIASES = {
 }
 
 
+def _at(where: str, text: str) -> str:
+    return f"{where}: {text}" if where else text
+
+
 def _unknown_key_error(key: str, where: str) -> ConfigError:
     known = _known_keys(RunConfig)
     section, _, leaf = key.rpartition(".")
@@ -459,20 +338,77 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
         difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or \
         difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-    return ConfigError(f"{where}: unknown config key {key!r}{hint}")
+    return ConfigError(_at(where, f"unknown config key {key!r}{hint}"))
 
 
-def _flatten_error(err: ValidationError, where: str) -> ConfigError:
+def _section_name(section: type[BaseModel]) -> str:
+    return next((name for name, field in RunConfig.model_fields.items() if field.annotation is section), "")
+
+
+def config_field(key: str, model: type[BaseModel] | None = None) -> FieldInfo | None:
+    """The field behind a dotted knob name (`plan.top_pct`), or None where the name goes past the sections."""
+    model, field = model or RunConfig, None
+    for part in key.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        model = field.annotation
+    return field
+
+
+def _number(bound: float) -> str:
+    if isinstance(bound, int) and bound >= 2**16 and bound & (bound - 1) == 0:
+        return f"2**{bound.bit_length() - 1}"
+    return f"{bound:g}"
+
+
+_BOUND_WORDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _allowed_range(field: FieldInfo) -> str:
+    """A bounded knob's allowed values as its error says them: `in (0, 100]`, `>= 1`, `a finite number > 0`."""
+    bounds = {name: getattr(m, name) for m in field.metadata for name in _BOUND_WORDS
+              if getattr(m, name, None) is not None}
+    low = next((name for name in ("gt", "ge") if name in bounds), None)
+    high = next((name for name in ("lt", "le") if name in bounds), None)
+    if low and high:
+        text = (f"in {'(' if low == 'gt' else '['}{_number(bounds[low])}, "
+                f"{_number(bounds[high])}{')' if high == 'lt' else ']'}")
+    else:
+        text = " ".join(f"{_BOUND_WORDS[name]} {_number(bounds[name])}" for name in (low, high) if name)
+    finite = any(getattr(m, "allow_inf_nan", True) is False for m in field.metadata)
+    return f"a finite number {text}".strip() if finite else text
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
+
+
+def _range_error(field: FieldInfo, got: Any) -> str:
+    wording = next((m for m in field.metadata if isinstance(m, Wording)), Wording())
+    note = f" ({wording.note})" if wording.note else ""
+    return f"{wording.subject} must be {_allowed_range(field)}{note}, got {got!r:.80}".lstrip()
+
+
+def _flatten_error(err: ValidationError, where: str, model: type[BaseModel] | None = None,
+                   prefix: str = "") -> ConfigError:
+    """pydantic's first error as one line naming the knob; `model` is the class validated (default RunConfig),
+    `prefix` its section name."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a nested section's own __init__ has said it already
+        return ConfigError(_at(where, str(cause)))
+    key = ".".join(str(p) for p in (prefix, *first["loc"]) if p != "")
     if first["type"] == "extra_forbidden":
         return _unknown_key_error(key, where)
-    msg = first["msg"].removeprefix("Value error, ")
+    field = config_field(".".join(str(p) for p in first["loc"]), model)
     got = first.get("input")
+    if first["type"] in _RANGE_ERRORS and field is not None:
+        return ConfigError(_at(where, f"{key}: {_range_error(field, got)}"))
+    msg = first["msg"].removeprefix("Value error, ")
     got_text = "" if isinstance(got, dict) or "got" in msg else f" (got {got!r:.80})"
     if msg.startswith(f"{key}."):  # a check across a section's keys names its knob itself
-        return ConfigError(f"{where}: {msg}")
-    return ConfigError(f"{where}: {key}: {msg}{got_text}")
+        return ConfigError(_at(where, msg))
+    return ConfigError(_at(where, f"{key}: {msg}{got_text}"))
 
 
 def _set_dotted(tree: dict, key: str, value: Any, where: str) -> None:
@@ -591,6 +527,29 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict:
     if not isinstance(blob, dict):
         raise ConfigError(f"{path}: not a {what} (top level is {type(blob).__name__})")
     return blob
+
+
+Artefact = TypeVar("Artefact", bound="ArtefactSchema")
+
+
+class ArtefactSchema(BaseModel):
+    """The JSON form of an artefact (probe.json, plan.json, cost.json), checked before it becomes its dataclass:
+    a file that does not fit is one line naming the file, the field, and the command that writes it anew."""
+
+    what: ClassVar[str]  # "plan"
+    written_by: ClassVar[str]  # "aletheia-ds plan"
+
+    @classmethod
+    def parse(cls: type[Artefact], blob: Any, where: str) -> Artefact:
+        try:
+            return cls.model_validate(blob)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "top level"
+            got = first.get("input")
+            got_text = "" if isinstance(got, (dict, list)) else f", got {got!r:.60}"
+            raise ConfigError(f"{where}: not a {cls.what} ({field}: {first['msg']}{got_text}); regenerate it with "
+                              f"`{cls.written_by}`") from None
 
 
 def read_yaml(path: str | os.PathLike) -> Any:

@@ -18,15 +18,36 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Annotated, ClassVar, Iterable, Sequence
 
-from .config import ConfigError, PlanSection, read_json_object
+from pydantic import Field
+
+from .config import ArtefactSchema, ConfigError, PlanSection, read_json_object
 from .probe.report import ProbeReport
 
 # one adapted module as the cost model sees it: (layer, rank, d_in, d_out)
 AdapterShape = tuple[int, int, int, int]
 
 UNIFORM_RANK = 16  # the baseline: PEFT LoRA r16 on every target module of every layer
+
+
+class CostJson(ArtefactSchema):
+    """cost.json as `CostModel.to_json` writes it."""
+
+    what: ClassVar[str] = "cost model"
+    written_by: ClassVar[str] = "aletheia-ds bench"
+
+    base_s: float
+    depth_s: float
+    adapter_fixed_s: float
+    adapter_width_s: float
+    layer_weights: list[float]
+    module_shapes: dict[str, Annotated[list[int], Field(min_length=2, max_length=2)]]  # [d_in, d_out]
+    checkpointing: bool = False
+    calibrated: bool = False
+    tokens_per_step: int = 0
+    source: str = "analytic"
+    fit_residuals: list[float] = []
 
 
 @dataclass
@@ -142,10 +163,7 @@ class CostModel:
 
     @classmethod
     def from_json(cls, blob: dict, where: str = "cost.json") -> "CostModel":
-        try:
-            return cls(**{k: blob[k] for k in cls.__dataclass_fields__ if k in blob})
-        except TypeError as err:
-            raise ConfigError(f"{where}: not a cost model ({err}); regenerate it with `aletheia-ds bench`") from None
+        return cls(**CostJson.parse(blob, where).model_dump())
 
     def save(self, path: str | Path) -> None:
         from .checkpoint import write_json_atomic

@@ -23,9 +23,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel
 
 from .arch import MoeBlock, moe_from_json
-from .config import ConfigError, PlanSection, read_json_object
+from .config import ArtefactSchema, ConfigError, PlanSection, read_json_object
 from .cost import UNIFORM_RANK, CostModel
 from .probe.report import ProbeReport
 
@@ -47,6 +50,54 @@ class PlannedExpert:
     r: int
     alpha: float
     token_share: float = 0.0  # tokens routed to it / probe tokens: the share of a step's tokens it sees (cost model)
+
+
+class _PlannedModuleJson(BaseModel):
+    layer: int
+    key: str
+    path: str
+    kind: str
+    r: int
+    alpha: float
+
+
+class _PlannedExpertJson(BaseModel):
+    layer: int
+    expert: int
+    r: int
+    alpha: float
+    token_share: float = 0.0
+
+
+class _MoeBlockJson(BaseModel):
+    style: str
+    path: str
+    experts_path: str
+    router_path: str
+    num_experts: int
+    top_k: int = 0
+    banks: list[tuple[str, str, int, int]]  # name, path, in_features, out_features
+    block_class: str = ""
+
+
+class PlanJson(ArtefactSchema):
+    """plan.json as `Plan.to_json` writes it (lowest_adapted_layer and lora_config are derived, so not read back)."""
+
+    what: ClassVar[str] = "plan"
+    written_by: ClassVar[str] = "aletheia-ds plan"
+
+    rule: str
+    num_layers: int
+    layers_path: str
+    layers: list[int]
+    modules: list[_PlannedModuleJson] = []
+    score_captured: float = math.nan
+    settings: dict = {}
+    predicted: dict = {}
+    model: str = ""
+    experts: list[_PlannedExpertJson] = []
+    routers: list[_PlannedModuleJson] = []
+    moe: dict[int, _MoeBlockJson] = {}
 
 
 @dataclass
@@ -94,21 +145,13 @@ class Plan:
 
     @classmethod
     def from_json(cls, blob: dict, where: str = "plan.json") -> "Plan":
-        try:
-            modules, routers = ([PlannedModule(int(m["layer"]), str(m["key"]), str(m["path"]), str(m["kind"]),
-                                               int(m["r"]), float(m["alpha"])) for m in blob.get(name, [])]
-                                for name in ("modules", "routers"))
-            experts = [PlannedExpert(int(e["layer"]), int(e["expert"]), int(e["r"]), float(e["alpha"]),
-                                     float(e.get("token_share", 0.0))) for e in blob.get("experts", [])]
-            plan = cls(rule=str(blob["rule"]), num_layers=int(blob["num_layers"]), layers_path=str(blob["layers_path"]),
-                       layers=sorted(int(x) for x in blob["layers"]), modules=modules,
-                       score_captured=float(blob.get("score_captured", float("nan"))),
-                       settings=dict(blob.get("settings", {})), predicted=dict(blob.get("predicted", {})),
-                       model=str(blob.get("model", "")), experts=experts, routers=routers,
-                       moe=moe_from_json({"moe": blob.get("moe", {})}))
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ConfigError(f"{where}: not a plan ({type(err).__name__}: {err}); regenerate it with "
-                              "`aletheia-ds plan`") from None
+        parsed = PlanJson.parse(blob, where)
+        plan = cls(rule=parsed.rule, num_layers=parsed.num_layers, layers_path=parsed.layers_path,
+                   layers=sorted(parsed.layers), modules=[PlannedModule(**m.model_dump()) for m in parsed.modules],
+                   score_captured=parsed.score_captured, settings=parsed.settings, predicted=parsed.predicted,
+                   model=parsed.model, experts=[PlannedExpert(**e.model_dump()) for e in parsed.experts],
+                   routers=[PlannedModule(**m.model_dump()) for m in parsed.routers],
+                   moe=moe_from_json({"moe": {k: block.model_dump() for k, block in parsed.moe.items()}}))
         return plan.check(where)
 
     def check(self, where: str = "plan") -> "Plan":

@@ -18,8 +18,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from ..config import ConfigError, read_json_object
+from pydantic import BaseModel
+
+from ..config import ArtefactSchema, ConfigError, read_json_object
 
 
 SCORE_KINDS = ("raw", "signal", "lowrank", "relative")
@@ -42,6 +45,43 @@ class ExpertScore:
     score: float
     tokens: int  # real (non-pad) tokens routed to this expert over all probe batches
     banks: dict[str, float] = field(default_factory=dict)  # per fused bank: "gate_up_proj", "down_proj"
+
+
+class _LayerScoreJson(BaseModel):
+    index: int
+    score: float
+    modules: dict[str, float]
+    signal: dict[str, float] = {}
+    lowrank: dict[str, float] = {}
+    weight_norm: dict[str, float] = {}
+
+
+class _ExpertScoreJson(BaseModel):
+    layer: int
+    expert: int
+    score: float
+    tokens: int
+    banks: dict[str, float] = {}
+
+
+class ProbeJson(ArtefactSchema):
+    """probe.json as `ProbeReport.to_json` writes it; keys added since the first version have defaults."""
+
+    what: ClassVar[str] = "probe report"
+    written_by: ClassVar[str] = "aletheia-ds probe"
+
+    model: str = ""
+    num_layers: int
+    tokens: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+    layers: list[_LayerScoreJson]
+    layout: dict = {}
+    experts: list[_ExpertScoreJson] = []
+    routers: dict[int, float] = {}
+    world_size: int = 1
+    batch_size: int = 0
+    seq_len: int = 0
 
 
 @dataclass
@@ -142,23 +182,10 @@ class ProbeReport:
 
     @classmethod
     def from_json(cls, blob: dict, where: str = "probe.json") -> "ProbeReport":
-        try:
-            layers = [LayerScore(int(x["index"]), float(x["score"]), {str(k): float(v) for k, v in x["modules"].items()},
-                                 *({str(k): float(v) for k, v in x.get(name, {}).items()}
-                                   for name in ("signal", "lowrank", "weight_norm")))
-                      for x in blob["layers"]]
-            report = cls(model=str(blob.get("model", "")), num_layers=int(blob["num_layers"]),
-                         tokens=int(blob.get("tokens", 0)), seconds=float(blob.get("seconds", 0.0)),
-                         batches=int(blob.get("batches", 0)), layers=layers, layout=dict(blob.get("layout", {})),
-                         experts=[ExpertScore(int(e["layer"]), int(e["expert"]), float(e["score"]), int(e["tokens"]),
-                                              {str(k): float(v) for k, v in e.get("banks", {}).items()})
-                                  for e in blob.get("experts", [])],
-                         routers={int(k): float(v) for k, v in blob.get("routers", {}).items()},
-                         world_size=int(blob.get("world_size", 1)), batch_size=int(blob.get("batch_size", 0)),
-                         seq_len=int(blob.get("seq_len", 0)))
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ConfigError(f"{where}: not a probe report ({type(err).__name__}: {err}); "
-                              "regenerate it with `aletheia-ds probe`") from None
+        parsed = ProbeJson.parse(blob, where)
+        report = cls(**parsed.model_dump(exclude={"layers", "experts"}),
+                     layers=[LayerScore(**x.model_dump()) for x in parsed.layers],
+                     experts=[ExpertScore(**e.model_dump()) for e in parsed.experts])
         if report.num_layers != len(report.layers):
             raise ConfigError(f"{where}: num_layers={report.num_layers} but {len(report.layers)} layer entries")
         if not report.layout.get("module_kinds"):
