@@ -90,6 +90,9 @@ class ProbeSection(Section):
     seq_len: Optional[int] = Field(None, description="defaults to data.seq_len")
     gradient_checkpointing: Optional[bool] = Field(None, description="defaults to train.gradient_checkpointing")
     report: Optional[str] = Field(None, description="reuse this probe.json instead of probing")
+    sketch_dim: int = Field(32, ge=0, le=1024, description="columns of the random sketch that separates each "
+                            "module's gradient signal from batch noise (plan.score signal/lowrank/relative); 0: raw "
+                            "norms only")
 
     @field_validator("batches", "batch_size")
     @classmethod
@@ -100,9 +103,21 @@ class ProbeSection(Section):
 
 
 class PlanSection(Section):
-    rule: Literal["top_pct", "budget", "upper", "all"] = Field(
-        "top_pct", description="top_pct: the paper's rule; budget: cost-aware; upper: the upper top_pct% of layers; "
-        "all: LoRA on every layer")
+    rule: Literal["top_pct", "budget", "cut", "upper", "all"] = Field(
+        "top_pct", description="top_pct: the paper's rule; budget: cost-aware, the most probe score within the "
+        "budget; cut: cut-first coverage, every layer from the lowest cut that meets the budget up, ranks by score; "
+        "upper: the upper top_pct% of layers; all: LoRA on every layer")
+    score: Literal["raw", "signal", "lowrank", "relative"] = Field(
+        "raw", description="probe score the rules rank by: raw ||dL/dW||; signal: its batch-noise-free part; lowrank: "
+        "the signal a rank-16 adapter can capture; relative: signal / ||W|| (all but raw need probe.sketch_dim > 0)")
+    min_r: int = Field(16, gt=0, description="rule cut: rank of the lowest-scoring layers of the adapted span")
+    max_r: int = Field(64, gt=0, description="rule cut: rank of the highest-scoring layers (powers of two between "
+                       "min_r and max_r go to the layers in between, by score)")
+    rank_scaling: Literal["standard", "rslora"] = Field(
+        "rslora", description="rule cut: alpha = 2r (standard) or 2 sqrt(min_r r) (rank-stabilised: the update's "
+        "scale does not grow with r, so ranks of one plan are comparable)")
+    guard: float = Field(1.0, gt=0, le=1, description="rule cut: the cut moves down (past the budget) while more than "
+                         "this share of the score energy lies below it; 1: no guard")
     top_pct: float = Field(50.0, description="percent of layers kept by score (rule top_pct)")
     budget: float = Field(0.6, description="target step time as a fraction of uniform LoRA's (rule budget)")
     granularity: Literal["layer", "module"] = Field(

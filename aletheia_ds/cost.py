@@ -217,10 +217,10 @@ def _items(report: ProbeReport, settings: PlanSection, cost: CostModel) -> list[
 
     kinds = report.layout["module_kinds"]
     items = []
-    for layer in report.layers:
-        for key, score in layer.modules.items():
+    for index, modules in enumerate(report.module_scores(settings.score)):
+        for key, score in modules.items():
             r, _ = rank_for(kinds[key], settings)
-            items.append(_Item(layer.index, key, score * score, cost.adapter_seconds(r, *cost.module_shapes[key])))
+            items.append(_Item(index, key, score * score, cost.adapter_seconds(r, *cost.module_shapes[key])))
     return items
 
 

@@ -4,8 +4,12 @@ Rules:
   top_pct  the paper's: keep the top `top_pct`% of layers by score (at least one; ties to the lower index)
   all      uniform LoRA on every layer (the baseline)
   budget   cost-aware: the most probe score within a predicted step-time budget (see cost.py)
+  cut      cut-first coverage: the lowest cut whose plan meets the budget, every layer above it adapted, ranks
+           min_r..max_r by score, rank-stabilised scaling; a guard cuts deeper when much score lies below
   upper    the upper `top_pct`% of layers, ignoring the probe (a fixed baseline for comparisons)
-Ranks are asymmetric by module kind (attention vs MLP); alpha defaults to 2 x r.
+Ranks are asymmetric by module kind (attention vs MLP); alpha defaults to 2 x r. `plan.score` picks which
+probe score the rules rank by (raw, signal, lowrank, relative: probe/report.py). `pilot_plan` places the cut
+from what a uniform pilot learned instead of from the probe.
 
 Mixture-of-experts layers: a layer's score includes its experts' gradient energy, so the rule above picks
 layers as for dense models. Inside each chosen MoE layer, `expert_rule` picks experts (top-k by score, the
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from .arch import MoeBlock, moe_from_json
 from .config import ConfigError, PlanSection, read_json_object
+from .cost import UNIFORM_RANK, CostModel
 from .probe.report import ProbeReport
 
 
@@ -161,12 +166,13 @@ def rank_for(kind: str, settings: PlanSection) -> tuple[int, float]:
     return r, float(alpha if alpha is not None else 2 * r)
 
 
-def select_top_pct(report: ProbeReport, top_pct: float) -> list[int]:
+def select_top_pct(report: ProbeReport, top_pct: float, score: str = "raw") -> list[int]:
     """The paper's rule: the ceil(top_pct% of layers) highest-scoring layers, ties to the lower index."""
     if not 0 < top_pct <= 100:
         raise ConfigError(f"plan.top_pct must be in (0, 100], got {top_pct}")
     count = max(1, math.ceil(report.num_layers * top_pct / 100 - 1e-9))
-    ranked = sorted(range(report.num_layers), key=lambda i: (-report.layers[i].score, i))
+    energy = report.layer_energy(score)
+    ranked = sorted(range(report.num_layers), key=lambda i: (-energy[i], i))
     return sorted(ranked[:count])
 
 
@@ -272,7 +278,7 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model=None) -> Pl
     if settings.rule == "all":
         layers = list(range(report.num_layers))
     elif settings.rule == "top_pct":
-        layers = select_top_pct(report, settings.top_pct)
+        layers = select_top_pct(report, settings.top_pct, settings.score)
     elif settings.rule == "budget":
         from .cost import select_within_budget  # the cost-aware rule lives beside the cost model
 
@@ -282,11 +288,17 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model=None) -> Pl
             plan = add_moe(plan, report, settings)
             plan.predicted = (cost_model or _analytic(report)).describe(plan)
         return plan.check()
+    elif settings.rule == "cut":
+        plan = select_cut(report, settings, cost_model or _analytic(report))
+        if report.experts:
+            plan = add_moe(plan, report, settings)
+            plan.predicted = (cost_model or _analytic(report)).describe(plan)
+        return plan.check()
     elif settings.rule == "upper":
         layers = list(range(report.num_layers - max(1, math.ceil(report.num_layers * settings.top_pct / 100 - 1e-9)),
                             report.num_layers))
     else:
-        raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget, upper or all")
+        raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget, cut, upper or all")
     modules = modules_for_layers(report, layers, settings)
     plan = Plan(rule=settings.rule, num_layers=report.num_layers, layers_path=report.layout["layers_path"],
                 layers=layers, modules=modules, score_captured=captured(report, modules),
@@ -301,3 +313,154 @@ def _analytic(report: ProbeReport):
     from .cost import CostModel
 
     return CostModel.analytic(report)
+
+
+# ---------------------------------------------------------------- cut-first coverage
+# Backward runs from the top down to the lowest adapted layer whatever lies in between, so a gap in the
+# adapted span saves only its adapters' small cost; what buys speed is the cut. The cut rules place the cut
+# first (the cost model: the lowest cut whose plan meets the step-time budget, i.e. the most layers that fit)
+# and adapt every layer at or above it; the probe only sets ranks inside the span and, through the guard,
+# refuses a cut that leaves too much of the score below it (Aletheia's observation that adaptation need is
+# uneven, applied to ranks instead of to which layers are skipped; LISA / layer-freezing work such as
+# Egeria and FreezeOut for freezing a contiguous bottom block).
+
+def rank_levels(min_r: int, max_r: int) -> list[int]:
+    """min_r, 2 min_r, 4 min_r, ... up to max_r (max_r always included)."""
+    if min_r > max_r:
+        raise ConfigError(f"plan.min_r={min_r} is above plan.max_r={max_r}; give min_r <= max_r")
+    levels = [min_r]
+    while levels[-1] * 2 <= max_r:
+        levels.append(levels[-1] * 2)
+    if levels[-1] != max_r:
+        levels.append(max_r)
+    return levels
+
+
+def span_ranks(energy: list[float], span: range, levels: list[int]) -> dict[int, int]:
+    """Layers of `span` split into len(levels) groups of (nearly) equal size by score; the lowest-scoring
+    group gets levels[0], the highest levels[-1]. Ties go to the lower layer index first."""
+    ordered = sorted(span, key=lambda i: (energy[i], -i))
+    groups = min(len(levels), len(ordered))
+    ranks = {}
+    for position, layer in enumerate(ordered):
+        group = position * groups // len(ordered)
+        ranks[layer] = levels[group + len(levels) - groups]
+    return ranks
+
+
+def scaled_alpha(r: int, settings: PlanSection) -> float:
+    """rslora: alpha = 2 sqrt(min_r r), so the LoRA scale alpha/r = 2 sqrt(min_r / r) (Kalajdzievski 2023): the
+    update's size does not grow with r, and min_r keeps the usual alpha = 2r. Plain PEFT loads it as is."""
+    if settings.rank_scaling == "rslora":
+        return 2.0 * math.sqrt(settings.min_r * r)
+    return 2.0 * r
+
+
+def _span_modules(report: ProbeReport, cut: int, ranks: dict[int, int], settings: PlanSection) -> list[PlannedModule]:
+    modules = modules_for_layers(report, list(range(cut, report.num_layers)), settings)
+    return [PlannedModule(m.layer, m.key, m.path, m.kind, ranks[m.layer], scaled_alpha(ranks[m.layer], settings))
+            for m in modules]
+
+
+def lowest_cut_within(cost: CostModel, target_s: float, modules_for_cut) -> int | None:
+    """The lowest cut c whose plan `modules_for_cut(c)` is predicted at or under `target_s`; None if none is.
+    Every cut is priced (ranks change with the span, so the predicted time need not be monotone in c)."""
+    for cut in range(cost.num_layers):
+        modules = modules_for_cut(cut)
+        adapters = [(m.layer, m.r, *cost.module_shapes[m.key]) for m in modules]
+        if adapters and cost.predict(adapters) <= target_s:
+            return cut
+    return None
+
+
+def guarded_cut(cut: int, energy: list[float], guard: float) -> int:
+    """Move the cut down until at most `guard` of the score energy lies below it."""
+    total = sum(energy) or 1.0
+    while cut > 0 and sum(energy[:cut]) / total > guard + 1e-12:
+        cut -= 1
+    return cut
+
+
+def _cut_plan(report: ProbeReport, rule: str, cut: int, modules: list[PlannedModule], settings: PlanSection,
+              cost: CostModel, notes: dict) -> Plan:
+    plan = Plan(rule=rule, num_layers=report.num_layers, layers_path=report.layout["layers_path"],
+                layers=sorted({m.layer for m in modules}), modules=modules, score_captured=captured(report, modules),
+                settings=settings.model_dump(exclude={"plan"}), model=report.model)
+    plan.predicted = {**cost.describe(plan), **notes}
+    return plan
+
+
+def select_cut(report: ProbeReport, settings: PlanSection, cost: CostModel) -> Plan:
+    """Cut-first coverage: the lowest cut whose plan meets plan.budget x uniform r16's predicted step time,
+    every layer at or above it adapted, ranks in [min_r, max_r] by plan.score; then the guard."""
+    energy = report.layer_energy(settings.score)
+    levels = rank_levels(settings.min_r, settings.max_r)
+    target = settings.budget * cost.uniform_seconds()
+
+    def modules_for_cut(cut: int) -> list[PlannedModule]:
+        return _span_modules(report, cut, span_ranks(energy, range(cut, report.num_layers), levels), settings)
+
+    cut = lowest_cut_within(cost, target, modules_for_cut)
+    if cut is None:
+        cheapest = cost.predict([(m.layer, m.r, *cost.module_shapes[m.key])
+                                 for m in modules_for_cut(report.num_layers - 1)])
+        raise ConfigError(f"plan.budget={settings.budget} is below the cheapest cut plan (the top layer alone: "
+                          f"{cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); raise "
+                          "plan.budget or lower plan.min_r")
+    budget_cut = cut
+    cut = guarded_cut(cut, energy, settings.guard)
+    total = sum(energy) or 1.0
+    notes = {"cut": cut, "budget_cut": budget_cut, "score": settings.score,
+             "energy_below_cut": sum(energy[:cut]) / total}
+    return _cut_plan(report, "cut", cut, modules_for_cut(cut), settings, cost, notes)
+
+
+def pilot_plan(report: ProbeReport, layer_change: list[float], settings: PlanSection, cost: CostModel) -> Plan:
+    """After a uniform pilot (r16 on every module): the part of it at or above the cut, which is the lowest
+    cut meeting plan.budget, moved down by the guard when more than plan.guard of what the pilot learned
+    (`layer_change[i]`: size of layer i's adapter updates, e.g. sqrt(sum over its modules of ||s B A||_F^2))
+    lies below it. Adapters below the cut keep what they learned, frozen: the caller freezes them, and the
+    frozen prefix then applies. Overall speedup after a pilot share p: 1 / (p + (1 - p) / S)."""
+    if len(layer_change) != report.num_layers:
+        raise ConfigError(f"pilot: {len(layer_change)} layer changes for a model of {report.num_layers} layers")
+    energy = [float(c) ** 2 for c in layer_change]
+    target = settings.budget * cost.uniform_seconds()
+    ranks = {layer: UNIFORM_RANK for layer in range(report.num_layers)}
+
+    def modules_for_cut(cut: int) -> list[PlannedModule]:
+        modules = modules_for_layers(report, list(range(cut, report.num_layers)), settings)
+        return [PlannedModule(m.layer, m.key, m.path, m.kind, ranks[m.layer], 2.0 * UNIFORM_RANK) for m in modules]
+
+    cut = lowest_cut_within(cost, target, modules_for_cut)
+    if cut is None:
+        cut = report.num_layers - 1
+    budget_cut = cut
+    cut = guarded_cut(cut, energy, settings.guard)
+    total = sum(energy) or 1.0
+    notes = {"cut": cut, "budget_cut": budget_cut, "score": "pilot", "energy_below_cut": sum(energy[:cut]) / total}
+    return _cut_plan(report, "pilot", cut, modules_for_cut(cut), settings, cost, notes)
+
+
+def transfer_plan(plan: Plan, report: ProbeReport, settings: PlanSection | None = None) -> Plan:
+    """The same plan shape on another model (`report`: its probe, or any report with its layout): target layer i
+    is adapted when the source layer at the same relative depth, floor(i x L_source / L_target), is, with that
+    layer's rank and alpha per module kind. So the share of layers below the cut, the gaps and the ranks carry
+    over from, say, a study base of 12 layers to an 80-layer model whose speed is then measured."""
+    settings = settings or PlanSection()
+    source: dict[tuple[int, str], tuple[int, float]] = {}
+    for m in plan.modules:
+        best = source.get((m.layer, m.kind))
+        if best is None or m.r > best[0]:
+            source[(m.layer, m.kind)] = (m.r, m.alpha)
+    modules = []
+    for target in range(report.num_layers):
+        origin = target * plan.num_layers // report.num_layers
+        for m in modules_for_layers(report, [target], settings):
+            if (origin, m.kind) in source:
+                r, alpha = source[(origin, m.kind)]
+                modules.append(PlannedModule(m.layer, m.key, m.path, m.kind, r, alpha))
+    if not modules:
+        raise ConfigError(f"transfer: the plan adapts no module kind the target model has ({sorted(source)[:3]})")
+    return Plan(rule=f"{plan.rule} (transferred from {plan.num_layers} layers)", num_layers=report.num_layers,
+                layers_path=report.layout["layers_path"], layers=sorted({m.layer for m in modules}), modules=modules,
+                score_captured=captured(report, modules), settings=dict(plan.settings), model=report.model).check()

@@ -211,6 +211,7 @@ class Run:
                 report = run_probe(self.model, self.layout, batches, forward, model_name=cfg.model.path,
                                    rank=self.ctx.rank, world_size=self.ctx.world_size,
                                    all_reduce_sum=self.ctx.all_reduce_sum, checkpointing=checkpointing,
+                                   sketch_dim=cfg.probe.sketch_dim,
                                    on_batch=lambda tokens: progress.update(progress.done + 1, tokens))
             progress.close()
             report.validate()

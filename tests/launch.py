@@ -101,6 +101,7 @@ def single_process_probe(model_dir: Path, cfg: dict):
     from transformers import AutoModelForCausalLM
 
     from aletheia_ds.arch import describe
+    from aletheia_ds.config import ProbeSection
     from aletheia_ds.data import fixed_batches, load_examples, load_tokenizer
     from aletheia_ds.probe.run import run_probe
 
@@ -109,4 +110,5 @@ def single_process_probe(model_dir: Path, cfg: dict):
     batches = fixed_batches(examples, cfg["probe"]["batch_size"], cfg["probe"]["batches"], tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     model.requires_grad_(False)
-    return run_probe(model, describe(model), batches, lambda b: model(**b, use_cache=False).loss)
+    sketch_dim = cfg.get("probe", {}).get("sketch_dim", ProbeSection().sketch_dim)
+    return run_probe(model, describe(model), batches, lambda b: model(**b, use_cache=False).loss, sketch_dim=sketch_dim)

@@ -33,6 +33,9 @@ def test_probe_plan_train_export(tmp_path, variant):
         assert got["score"] == pytest.approx(want.score, rel=1e-5)
         for key, value in want.modules.items():
             assert got["modules"][key] == pytest.approx(value, rel=1e-5)
+        for kind in ("signal", "lowrank", "weight_norm"):  # sketches and weight norms sum over ranks like norms
+            for key, value in getattr(want, kind).items():
+                assert got[kind][key] == pytest.approx(value, rel=1e-4, abs=1e-7), (kind, key)
 
     # 2. plan: the top half of the layers by probe score, asymmetric ranks
     plan = Plan.load(out / "plan.json")

@@ -5,6 +5,16 @@ hook on y receives g during backward, and the squared norm is computed there and
 gets `.grad` and no full-size gradient is kept: the product is formed in row blocks, or through the
 token Gram matrices when there are fewer tokens than weight entries:
     ||g^T x||_F^2 = sum_{s,t} (g_s . g_t)(x_s . x_t)
+
+Signal and noise (`sketch_dim` k > 0). Raw ||G_b||^2 mixes the gradient every batch agrees on with batch
+noise, and noise dominates where scores are largest for reasons unrelated to adaptation. Each batch's
+G_b = g^T x is sketched as s_b = G_b Omega = g^T (x Omega), Omega (d_in x k) Gaussian with variance 1/k and
+the same on every rank (seeded by d_in), so E[<s_b, s_b'>] = <G_b, G_b'>. Summed over batches,
+    ||mean_b G_b||^2 ~ (||sum_b s_b||^2 - sum_b ||s_b||^2) / (B (B - 1))
+uses only the cross-batch products: the noise of each batch drops out (the unbiased estimator of the squared
+norm of the mean). The sketch of the mean also gives its spectrum, i.e. the share of the signal a rank-r
+adapter can capture (randomised range finding, Halko et al. 2011). Cost: two (tokens x k) products per module
+and batch, d_out x k floats per module kept.
 """
 
 from __future__ import annotations
@@ -16,6 +26,19 @@ import torch
 import torch.nn as nn
 
 BLOCK_ELEMENTS = 1 << 24  # ~64 MB of float32 per block of the product / Gram matrix
+SKETCH_SEED = 20_260_415  # Omega must be identical on every rank and in every run
+
+
+def sketch_matrix(d_in: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Omega (d_in x k), entries N(0, 1/k), a function of (d_in, k) alone: every rank draws the same one."""
+    generator = torch.Generator().manual_seed(SKETCH_SEED + 7919 * d_in + k)
+    return (torch.randn(d_in, k, generator=generator, dtype=torch.float32) / k ** 0.5).to(device)
+
+
+def sketch_product(x: torch.Tensor, g: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """s = g^T (x Omega) in float32, for x: (tokens, in), g: (tokens, out)."""
+    projected = x @ omega.to(x.dtype)
+    return (g.T @ projected.to(g.dtype)).float()
 
 
 def weight_grad_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -113,8 +136,12 @@ class GradNormHooks(Rendezvous):
     """
 
     def __init__(self, modules: dict[str, nn.Module], compute_dtype: torch.dtype | None = None,
-                 phase: CheckpointPhase | None = None):
+                 phase: CheckpointPhase | None = None, sketch_dim: int = 0):
         self.modules = modules
+        self.sketch_dim = sketch_dim
+        self.sketch_sums: list[torch.Tensor | None] = [None] * len(modules)  # sum_b s_b per module
+        self.sketch_sq: torch.Tensor | None = None  # sum_b ||s_b||^2 per module
+        self._omegas: dict[tuple, torch.Tensor] = {}
         super().__init__()  # checkpointed modules: input and output gradient meet during the layer's backward
         self.phase = phase or CheckpointPhase()
         self.names = list(modules)
@@ -142,9 +169,8 @@ class GradNormHooks(Rendezvous):
 
             def grad_hook(g: torch.Tensor) -> None:
                 nonlocal x
-                sq = weight_grad_sq_norm(x, self._flat(g.detach()))
+                self._measure(index, weight, x, self._flat(g.detach()))
                 x = None  # free the activation as soon as its norm is taken
-                self._add(index, weight, sq)
 
             output.register_hook(grad_hook)
         return hook
@@ -158,16 +184,40 @@ class GradNormHooks(Rendezvous):
                 self._arrive(index, x=self._flat(inputs[0].detach()))
         return hook
 
-    def _add(self, index: int, weight: float, sq: torch.Tensor) -> None:
+    def _measure(self, index: int, weight: float, x: torch.Tensor, g: torch.Tensor) -> None:
+        sq = weight_grad_sq_norm(x, g)
         if self.sq_norms is None:
             self.sq_norms = torch.zeros(len(self.names), dtype=torch.float64, device=sq.device)
+            self.sketch_sq = torch.zeros(len(self.names), dtype=torch.float64, device=sq.device)
         self.sq_norms[index] += weight * sq
         self.calls[index] += 1
+        if self.sketch_dim and weight:
+            sketch = sketch_product(x, g, self._omega(x.shape[1], x.device))
+            total = self.sketch_sums[index]
+            self.sketch_sums[index] = sketch if total is None else total + sketch
+            self.sketch_sq[index] += sketch.double().square().sum()
+
+    def _omega(self, d_in: int, device: torch.device) -> torch.Tensor:
+        key = (d_in, str(device))
+        if key not in self._omegas:
+            self._omegas[key] = sketch_matrix(d_in, self.sketch_dim, device)
+        return self._omegas[key]
+
+    def sketches(self, device: torch.device) -> torch.Tensor:
+        """Every module's sum of sketches, flattened and concatenated in module order (zeros where a module saw
+        no batch), then the per-module sums of squared sketch norms: one tensor for one all-reduce."""
+        parts = []
+        for index, module in enumerate(self.modules.values()):
+            total = self.sketch_sums[index]
+            parts.append(total.reshape(-1).double() if total is not None else
+                         torch.zeros(module.out_features * self.sketch_dim, dtype=torch.float64, device=device))
+        sq = self.sketch_sq if self.sketch_sq is not None else torch.zeros(len(self.names), dtype=torch.float64)
+        return torch.cat([p.to(device) for p in parts] + [sq.to(device)])
 
     def _arrive(self, index: int, **parts) -> None:
         entry = self.arrive(index, **parts)
         if entry is not None:
-            self._add(index, entry["weight"], weight_grad_sq_norm(entry["x"], entry["g"]))
+            self._measure(index, entry["weight"], entry["x"], entry["g"])
 
     @contextlib.contextmanager
     def attached(self, input_embeddings: nn.Module | None = None) -> Iterator["GradNormHooks"]:

@@ -5,6 +5,12 @@ Score definition (fixed so results compare across tools):
   expert score = the same for expert e's slices of its layer's fused banks: sqrt(sum over banks of bank score^2)
   router score = the same for the router weight of a MoE layer (reported, not part of the layer score)
   layer score  = sqrt(sum over the layer's modules of module score^2 + sum over its experts of expert score^2)
+
+With probe.sketch_dim > 0 every module also has (probe/hooks.py, probe/run.py sketch_stats):
+  signal   sqrt of the unbiased estimate of ||mean_b dL_b/dW||_F^2: what the batches agree on, noise removed
+  lowrank  signal x sqrt(share of the mean gradient's sketched energy in its top 16 singular values)
+  weight   ||W||_F, so that relative = signal / weight compares layers of different scale
+`module_scores(kind)` gives any of raw | signal | lowrank | relative per layer; plan.score picks one.
 """
 
 from __future__ import annotations
@@ -16,11 +22,17 @@ from pathlib import Path
 from ..config import ConfigError, read_json_object
 
 
+SCORE_KINDS = ("raw", "signal", "lowrank", "relative")
+
+
 @dataclass
 class LayerScore:
     index: int
     score: float
     modules: dict[str, float]
+    signal: dict[str, float] = field(default_factory=dict)
+    lowrank: dict[str, float] = field(default_factory=dict)
+    weight_norm: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +77,40 @@ class ProbeReport:
             layer.score = math.sqrt(energy)
         return self
 
+    def add_sketch_stats(self, stats: dict[tuple[int, str], dict]) -> "ProbeReport":
+        for (index, key), values in stats.items():
+            layer = self.layers[index]
+            layer.signal[key], layer.lowrank[key] = values["signal"], values["lowrank"]
+            layer.weight_norm[key] = values["weight"]
+        return self
+
+    @property
+    def has_sketch(self) -> bool:
+        return all(layer.signal for layer in self.layers)
+
+    def module_scores(self, kind: str = "raw") -> list[dict[str, float]]:
+        """Per layer, {module key: score} of one kind (SCORE_KINDS). Experts keep their raw score in every kind
+        (they are not sketched); a rule adds them to their layer as today."""
+        if kind not in SCORE_KINDS:
+            raise ConfigError(f"plan.score: unknown score {kind!r}; use one of {', '.join(SCORE_KINDS)}")
+        if kind == "raw":
+            return [dict(layer.modules) for layer in self.layers]
+        if not self.has_sketch:
+            raise ConfigError(f"plan.score={kind} needs a probe report with signal scores (probe.sketch_dim > 0); "
+                              "this one has raw scores only: probe again, or use plan.score=raw")
+        if kind == "relative":
+            return [{k: v / layer.weight_norm[k] if layer.weight_norm.get(k) else 0.0 for k, v in layer.signal.items()}
+                    for layer in self.layers]
+        return [dict(getattr(layer, kind)) for layer in self.layers]
+
+    def layer_energy(self, kind: str = "raw") -> list[float]:
+        """Per layer: sum of squared module scores of `kind` plus its experts' squared (raw) scores."""
+        experts: dict[int, float] = {}
+        for e in self.experts:
+            experts[e.layer] = experts.get(e.layer, 0.0) + e.score * e.score
+        return [sum(s * s for s in modules.values()) + experts.get(index, 0.0)
+                for index, modules in enumerate(self.module_scores(kind))]
+
     def layer_experts(self, layer: int) -> list[ExpertScore]:
         return sorted((e for e in self.experts if e.layer == layer), key=lambda e: e.expert)
 
@@ -97,7 +143,9 @@ class ProbeReport:
     @classmethod
     def from_json(cls, blob: dict, where: str = "probe.json") -> "ProbeReport":
         try:
-            layers = [LayerScore(int(x["index"]), float(x["score"]), {str(k): float(v) for k, v in x["modules"].items()})
+            layers = [LayerScore(int(x["index"]), float(x["score"]), {str(k): float(v) for k, v in x["modules"].items()},
+                                 *({str(k): float(v) for k, v in x.get(name, {}).items()}
+                                   for name in ("signal", "lowrank", "weight_norm")))
                       for x in blob["layers"]]
             report = cls(model=str(blob.get("model", "")), num_layers=int(blob["num_layers"]),
                          tokens=int(blob.get("tokens", 0)), seconds=float(blob.get("seconds", 0.0)),

@@ -26,12 +26,14 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
               *, model_name: str = "", rank: int = 0, world_size: int = 1,
               all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
               compute_dtype: torch.dtype | None = None, checkpointing: bool = False,
-              on_batch: Callable[[int], None] | None = None) -> ProbeReport:
+              on_batch: Callable[[int], None] | None = None, sketch_dim: int = 0) -> ProbeReport:
     """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss.
 
     `checkpointing`: non-reentrant activation checkpointing of the decoder layers for the probe, so that one
     layer's activations (and under ZeRO-3 one layer's gathered weights) are alive at a time.
     `on_batch(tokens)` is called after each pass of this rank (tokens 0 for a surplus pass): progress display.
+    `sketch_dim` > 0: also the signal/noise split, low-rank share and weight norms of every module
+    (probe/hooks.py explains the sketch; ProbeReport.add_sketch_stats the scores).
     """
     if not batches:
         raise ValueError("probe needs at least one batch")
@@ -39,7 +41,7 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
     keys = [(layer, key) for layer, key, _ in entries]
     modules = {f"{layer}:{key}": module for layer, key, module in entries}
     phase = CheckpointPhase()
-    hooks = GradNormHooks(modules, compute_dtype=compute_dtype, phase=phase)
+    hooks = GradNormHooks(modules, compute_dtype=compute_dtype, phase=phase, sketch_dim=sketch_dim)
     experts = ExpertProbe(model, layout, compute_dtype=compute_dtype, phase=phase)  # no-op for dense models
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=phase.checkpoint_kwargs())
@@ -88,4 +90,48 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
                                        seq_len=max(int(b["input_ids"].shape[1]) for b in batches))
     if experts.entries:
         report.add_experts(*experts.scores(totals[len(keys):-1], len(batches)))
+    if sketch_dim:
+        sketches = all_reduce_sum(hooks.sketches(device))
+        weights = all_reduce_sum(local_weight_sq_norms(list(modules.values()), rank, device))
+        report.add_sketch_stats(sketch_stats(keys, list(modules.values()), sketches, weights, len(batches),
+                                             sketch_dim))
     return report
+
+
+def local_weight_sq_norms(modules: list[nn.Module], rank: int, device: torch.device) -> torch.Tensor:
+    """This rank's share of each module's ||W||_F^2: its ZeRO-3 partition (`ds_tensor`; the padding is zero),
+    or the whole weight on rank 0 when weights are not partitioned, so that the sum over ranks is ||W||^2."""
+    out = torch.zeros(len(modules), dtype=torch.float64, device=device)
+    for index, module in enumerate(modules):
+        weight = module.weight
+        held = getattr(weight, "ds_tensor", None)
+        if held is not None:
+            out[index] = held.detach().double().square().sum().to(device)
+        elif rank == 0:
+            out[index] = weight.detach().double().square().sum().to(device)
+    return out
+
+
+LOWRANK_R = 16  # the rank whose capturable share `lowrank` reports (the uniform baseline's)
+
+
+def sketch_stats(keys: list[tuple[int, str]], modules: list[nn.Module], sketches: torch.Tensor,
+                 weight_sq: torch.Tensor, batches: int, k: int) -> dict[tuple[int, str], dict]:
+    """Per module: signal = sqrt of the unbiased ||mean_b G_b||^2 (clamped at 0), lowrank = signal x the share of
+    the mean sketch's energy in its top LOWRANK_R singular values, weight = ||W||_F."""
+    stats, offset = {}, 0
+    tail = sketches[-len(keys):]
+    for index, (key, module) in enumerate(zip(keys, modules)):
+        size = module.out_features * k
+        total = sketches[offset:offset + size].reshape(module.out_features, k)
+        offset += size
+        total_sq, per_batch_sq = float(total.square().sum()), float(tail[index])
+        if batches > 1:
+            signal_sq = max(0.0, (total_sq - per_batch_sq) / (batches * (batches - 1)))
+        else:
+            signal_sq = total_sq  # one batch: no noise estimate, the whole gradient counts
+        singular = torch.linalg.svdvals(total.float().cpu()).double().square()
+        share = float(singular[:LOWRANK_R].sum() / singular.sum()) if float(singular.sum()) > 0 else 0.0
+        stats[key] = {"signal": signal_sq ** 0.5, "lowrank": (signal_sq * share) ** 0.5,
+                      "weight": float(weight_sq[index]) ** 0.5}
+    return stats
