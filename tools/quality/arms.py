@@ -298,6 +298,7 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
             _freeze_below(model, chosen.lowest_adapted_layer, plan.layers_path)
             prefix = FrozenPrefix(model, plan.layers_path, chosen.lowest_adapted_layer).apply()
             extra = {"pilot_step": step, "pilot_layer_change": change, "pilot_plan": plan_summary(chosen),
+                     "pilot_plan_json": chosen.to_json(),
                      "pilot_fraction_after_cut": ctx.calibrated.describe(chosen)["fraction_of_uniform"]}
         model.train()
         for group in optimizer.param_groups:

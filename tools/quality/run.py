@@ -61,7 +61,7 @@ def study_key(s: Settings) -> str:
     fields = ("tasks", "data_seed", "train_per_task", "val_per_task", "eval_per_task", "em_per_task", "task_seq_len",
               "lora_steps", "lora_batch", "lora_warmup", "uniform_r", "attention_r", "mlp_r", "budget", "min_r",
               "max_r", "guard", "pilot_fraction", "plan_cost", "matched_to", "random_like", "probe_batches",
-              "probe_batch")
+              "probe_batch", "probe_sketch_dim")
     blob = json.dumps({f: getattr(s, f) for f in fields}, sort_keys=True)
     return s.tasks.replace(",", "+") + "-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
 
@@ -175,7 +175,7 @@ def prepare_base(s: Settings, base: str, notes: list[str]) -> None:
     layout, pad = describe(model), tokenizer.pad_token_id
     batches = fixed_batches(data.train, s.probe_batch, s.probe_batches, pad)
     report = run_probe(model, layout, batches, lambda b: model(**to_device(b, device)).loss,
-                       model_name=f"quality base {base}")
+                       model_name=f"quality base {base}", sketch_dim=s.probe_sketch_dim)
     batch = collate(data.train[:s.lora_batch], pad)
     with autocast(device):  # float32 adapters under bf16 autocast, as the runs execute them
         calibrated = calibrate(model, layout, batch, steps=max(1, s.timing_steps // 2), warmup=2,

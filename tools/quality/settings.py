@@ -68,6 +68,7 @@ class Settings:
     margin: float = field(default=0.01, metadata=_help("equivalence margin: relative task loss"))
     probe_batches: int = 8
     probe_batch: int = 16
+    probe_sketch_dim: int = field(default=32, metadata=_help("random sketch width of the probe's signal scores"))
     eval_batch: int = 64
     em_batch: int = 128
     timing_steps: int = field(default=8, metadata=_help("timed steps per plan, alone on the device"))
@@ -92,9 +93,10 @@ class Settings:
 SMOKE = dict(cache="/tmp/quality_smoke_cache", bases="2x48,4x32", corpus_mb=1.0, tokenizer_mb=0.5, vocab_size=512,
              seq_len=64, pretrain_steps=30, pretrain_batch=16, pretrain_lr=3e-3, pretrain_warmup=3,
              pretrain_max_s=40.0, corpus_eval_windows=8, train_per_task=96, val_per_task=8, eval_per_task=8,
-             em_per_task=4, task_seq_len=128, lora_steps=6, lora_batch=8, lora_warmup=1, curve_points=2,
-             seeds="0,1", lrs="1e-3,3e-3", probe_batches=1, probe_batch=4, eval_batch=32, em_batch=32,
-             timing_steps=1, workers=2, device="cpu", threads=1, time_budget_s=170.0,
+             em_per_task=2, task_seq_len=128, lora_steps=4, lora_batch=8, lora_warmup=1, curve_points=2,
+             seeds="0,1", lrs="1e-3,3e-3", probe_batches=2, probe_batch=4, eval_batch=32, em_batch=32,
+             timing_steps=1, workers=2, device="cpu", threads=1, time_budget_s=900.0,
+             arms="uniform,matched,upper50,cut,pilot,random",
              speed_shapes="tiny:4+6", speed_batch=1, speed_seq_len=32, speed_steps=1)
 
 

@@ -1,7 +1,7 @@
 """Speed of the same plan shapes at scale: each study plan moved by relative depth onto a large shape, timed.
 
-Transfer: target layer j of L_t takes the modules and ranks of study layer floor(j * L / L_t), so the
-fraction of layers below the cut and the ranks are the study plan's. A shape is timed at one or two
+Transfer is plan.transfer_plan: target layer j of L_t takes the modules and ranks of study layer
+floor(j * L / L_t), so the fraction of layers below the cut, the gaps and the ranks are the study plan's. A shape is timed at one or two
 depths of its widths (`qwen2-72b:12+20`); with two, each plan's step time is projected linearly in the
 layer count to the shape's full depth (the per-layer cost is what depth changes), as docs/SCALE.md did.
 Timing is aletheia_ds.speed.time_plan (attach, frozen prefix, AdamW steps) on random weights, one GPU.
@@ -17,8 +17,9 @@ import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.checkpoint import write_json_atomic
-from aletheia_ds.plan import Plan
-from aletheia_ds.speed import plan_from_adapters, random_batch, time_plan
+from aletheia_ds.plan import Plan, transfer_plan
+from aletheia_ds.probe.report import LayerScore, ProbeReport
+from aletheia_ds.speed import random_batch, time_plan
 
 from tools.quality.settings import Settings
 
@@ -31,14 +32,12 @@ def shape_table() -> dict[str, dict]:
     return {**SPEED_SHAPES, **SCALE_SHAPES}
 
 
-def transfer(modules: list[list], study_layers: int, target_layers: int, layout) -> Plan:
-    """[[layer, key, r], ...] of a study plan -> the same shape on `target_layers` layers of `layout`."""
-    by_layer: dict[int, list[tuple[str, int]]] = {}
-    for layer, key, r in modules:
-        by_layer.setdefault(layer, []).append((key, r))
-    triples = [(j, key, r) for j in range(target_layers)
-               for key, r in by_layer.get(min(study_layers - 1, j * study_layers // target_layers), [])]
-    return plan_from_adapters(layout, triples, "transferred")
+def uniform_report(layout) -> ProbeReport:
+    """A report with the target's layout and equal scores: what plan.transfer_plan needs of the target."""
+    kinds = layout.to_json()["module_kinds"]
+    return ProbeReport(model="transfer target", num_layers=layout.num_layers, tokens=0, seconds=0.0, batches=1,
+                       layers=[LayerScore(i, 1.0, {k: 1.0 for k in kinds}) for i in range(layout.num_layers)],
+                       layout=layout.to_json())
 
 
 def project(measured: dict[int, float], full_layers: int) -> float:
@@ -50,34 +49,31 @@ def project(measured: dict[int, float], full_layers: int) -> float:
     return t0 + (t1 - t0) * (full_layers - l0) / (l1 - l0)
 
 
-def study_shapes(s: Settings, key: str) -> dict[str, dict]:
-    """base/arm -> {layers, modules} for every plan of the study (random: seed-first draw; pilot: its cut)."""
+def study_plans(s: Settings, key: str) -> dict[str, Plan]:
+    """base/arm -> plan for every plan of the study (random: the first seed's draw; pilot: its first run's cut)."""
     from aletheia_ds.cost import CostModel
-    from aletheia_ds.probe.report import ProbeReport
     from tools.quality.arms import random_layers_like, read_records
 
     cache = Path(s.cache)
-    shapes = {}
+    plans = {}
     records = read_records(cache, key)
     for base in s.names("bases"):
         path = cache / "bases" / base / f"plans-{key}.json"
         if not path.exists():
             continue
         prepared = json.loads(path.read_text())
-        layers = prepared["probe"]["num_layers"]
-        for arm, summary in prepared["plan_summaries"].items():
+        for arm, blob in prepared["plans"].items():
+            plan = Plan.from_json(blob)
             if arm == "random":
-                plan = random_layers_like(ProbeReport.from_json(prepared["probe"]),
-                                          Plan.from_json(prepared["plans"]["random"]), s.seed_list()[0],
+                plan = random_layers_like(ProbeReport.from_json(prepared["probe"]), plan, s.seed_list()[0],
                                           CostModel.from_json(prepared["cost"]))
-                summary = {"modules": [[m.layer, m.key, m.r] for m in plan.modules]}
             if arm == "pilot":
-                pilot = [r for r in records if r["base"] == base and r["arm"] == "pilot" and "pilot_plan" in r]
+                pilot = [r for r in records if r["base"] == base and r["arm"] == "pilot" and "pilot_plan_json" in r]
                 if not pilot:
                     continue
-                summary = pilot[0]["pilot_plan"]  # the cut of its first run; the pilot's own share is added later
-            shapes[f"{base}/{arm}"] = {"layers": layers, "modules": summary["modules"]}
-    return shapes
+                plan = Plan.from_json(pilot[0]["pilot_plan_json"])  # the pilot's own uniform share is added later
+            plans[f"{base}/{arm}"] = plan
+    return plans
 
 
 def stage_speed(s: Settings, key: str, log) -> dict:
@@ -85,8 +81,8 @@ def stage_speed(s: Settings, key: str, log) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() and s.device != "cpu" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = study_shapes(s, key)
-    if not shapes:
+    plans = study_plans(s, key)
+    if not plans:
         raise SystemExit("speed: no plans in --cache; run --stage arms first")
     table = shape_table()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "shapes": {}}
@@ -100,8 +96,9 @@ def stage_speed(s: Settings, key: str, log) -> dict:
             layout = describe(model)
             batch = random_batch(s.speed_batch, s.speed_seq_len, table[name]["vocab_size"])
             seen: dict[tuple, float] = {}
-            for label, shape in shapes.items():
-                plan = transfer(shape["modules"], shape["layers"], depth, layout)
+            target = uniform_report(layout)
+            for label, study_plan in plans.items():
+                plan = transfer_plan(study_plan, target)
                 signature = tuple((m.layer, m.key, m.r) for m in plan.modules)
                 if signature not in seen:  # e.g. uniform is the same plan for both bases
                     seen[signature] = time_plan(model, layout, plan, batch, steps=s.speed_steps, warmup=2).median_s
