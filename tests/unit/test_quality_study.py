@@ -1,9 +1,8 @@
-"""tools/quality_study.py: generated tasks checked by independent oracles, the ablation's plans, and the whole
-study end to end on CPU (--smoke) with its outputs and real learning."""
+"""tools/quality/: generated tasks checked by independent oracles, the stdlib task's module split, the ablation's
+plans, plan transfer and projection, the estimate, and the whole study end to end on CPU (--smoke)."""
 
 import ast
-import collections
-import importlib.util
+import gzip
 import json
 import operator
 import os
@@ -14,17 +13,13 @@ import sys
 from fractions import Fraction
 
 import pytest
-import torch
 
 from aletheia_ds.config import PlanSection
 from aletheia_ds.plan import make_plan
 from helpers.ranks import ROOT
 from helpers.reports import known_model, report_with
-
-spec = importlib.util.spec_from_file_location("quality_study", ROOT / "tools/quality_study.py")
-qs = importlib.util.module_from_spec(spec)
-sys.modules["quality_study"] = qs  # dataclasses look their module up while the file executes
-spec.loader.exec_module(qs)
+from tools.quality import arms, corpus, estimate, speed, tasks
+from tools.quality.settings import SMOKE, Settings
 
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
@@ -43,9 +38,9 @@ def evaluate_arithmetic(expression: str) -> Fraction:
 def test_arithmetic_answers_equal_their_expressions_and_use_the_question_numbers():
     rng = random.Random(0)
     for _ in range(300):
-        row = qs.arithmetic_problem(rng)
+        row = tasks.arithmetic_problem(rng)
         expression, _, rest = row["completion"].strip().partition(" = ")
-        answer = qs.arithmetic_answer(row["completion"])
+        answer = tasks.arithmetic_answer(row["completion"])
         assert evaluate_arithmetic(expression) == int(answer) >= 0
         assert rest.startswith(f"{answer}. ")
         numbers = [int(n) for n in re.findall(r"\d+", expression)]
@@ -72,23 +67,23 @@ ORACLES = {
 
 
 def test_function_bodies_do_what_their_docstrings_say():
-    assert set(ORACLES) == set(range(len(qs.FUNCTIONS)))
+    assert set(ORACLES) == set(range(len(tasks.FUNCTIONS)))
     rng = random.Random(1)
     for template, (oracle, inputs) in ORACLES.items():
         for _ in range(5):
-            row = qs.function_problem(rng, template)
+            row = tasks.function_problem(rng, template)
             namespace = {}
             exec(row["prompt"] + row["completion"] + "\n", namespace)
             function = next(v for k, v in namespace.items() if callable(v) and not k.startswith("__"))
             for value in inputs:
                 assert function(value) == oracle(row["fill"], value), (row["prompt"], row["completion"], value)
-            assert qs.function_answer(row["completion"]) == " ".join(row["completion"].split())
+            assert tasks.function_answer(row["completion"]) == " ".join(row["completion"].split())
 
 
 def test_json_completions_parse_to_the_key_value_lines():
     rng = random.Random(2)
     for _ in range(300):
-        row = qs.json_problem(rng)
+        row = tasks.json_problem(rng)
         lines = row["prompt"].split("\n")[1:-1]
         expected = {}
         for line in lines:
@@ -99,18 +94,18 @@ def test_json_completions_parse_to_the_key_value_lines():
 
 
 def test_answer_extraction_reads_the_final_answer_only():
-    assert qs.arithmetic_answer(" 3 + 4 = 7. The answer is 7. Then more") == "7"
-    assert qs.arithmetic_answer(" 3 + 4 = 7.") is None
-    assert qs.function_answer("    return  x * 2\n\ndef other():\n    return 1") == "return x * 2"
-    assert qs.json_answer(' {"b": 1, "a": true}\nmore') == qs.json_answer('{"a": true, "b": 1}')
-    assert qs.json_answer(' {"a": 1') is None
+    assert tasks.arithmetic_answer(" 3 + 4 = 7. The answer is 7. Then more") == "7"
+    assert tasks.arithmetic_answer(" 3 + 4 = 7.") is None
+    assert tasks.function_answer("    return  x * 2\n\ndef other():\n    return 1") == "return x * 2"
+    assert tasks.json_answer(' {"b": 1, "a": true}\nmore') == tasks.json_answer('{"a": true, "b": 1}')
+    assert tasks.json_answer(' {"a": 1') is None
 
 
 def test_task_rows_are_deterministic_and_distinct():
-    for task in qs.TASKS:
-        rows = qs.task_rows(task, 7, 400)
-        assert rows == qs.task_rows(task, 7, 400)
-        assert rows != qs.task_rows(task, 8, 400)
+    for task in [t for t in tasks.TASKS if t.make is not None]:
+        rows = tasks.task_rows(task, 7, 400)
+        assert rows == tasks.task_rows(task, 7, 400)
+        assert rows != tasks.task_rows(task, 8, 400)
         assert len({r["prompt"] for r in rows}) == 400  # held-out rows are never training rows
 
 
@@ -122,8 +117,8 @@ def test_random_layers_keep_the_budget_plans_count_modules_and_ranks():
                        for layer in budget.layers)
     drawn = set()
     for seed in range(12):
-        plan = qs.random_layers_like(report, budget, seed, cost)
-        assert plan == qs.random_layers_like(report, budget, seed, cost)  # seeded
+        plan = arms.random_layers_like(report, budget, seed, cost)
+        assert plan == arms.random_layers_like(report, budget, seed, cost)  # seeded
         assert len(plan.layers) == len(budget.layers) and len(plan.modules) == len(budget.modules)
         assert sorted(tuple(sorted((m.key, m.r, m.alpha) for m in plan.modules if m.layer == layer))
                       for layer in plan.layers) == per_layer
@@ -132,71 +127,84 @@ def test_random_layers_keep_the_budget_plans_count_modules_and_ranks():
     assert len(drawn) > 3  # really drawn, not the budgeted layers again
 
 
-def test_estimate_counts_more_work_for_uniform_lora_than_for_the_upper_half():
-    settings = qs.Settings(**qs.SMOKE)
-    result = qs.estimate(settings)
-    split = result["split_s"]
-    assert split["total"] == pytest.approx(sum(v for k, v in split.items() if k != "total"))
-    assert 0 < split["pretrain"] <= settings.pretrain_max_s
-    # every layer adapted and backward through all of them vs half the layers and a frozen prefix
-    assert result["lora_step_s"]["uniform"] > result["lora_step_s"]["upper"] > 0
-    assert qs.count_ops(lambda: torch.ones(3).add(1).mul(2)) == 3
+def test_stdlib_task_splits_by_module_and_reads_the_body_block():
+    assert {tasks.module_split(m) for m in ("json.decoder", "json.encoder", "json")} == {tasks.module_split("json")}
+    rows = tasks.split_rows(tasks.TASKS_BY_NAME["stdlib_body"], 0, {"train": 50, "validation": 5, "test": 5,
+                                                                    "decode": 5}, 20)
+    modules = {split: {r["prompt"].split("\n")[0] for r in rows[split]} for split in rows}
+    assert not modules["train"] & (modules["test"] | modules["decode"] | modules["validation"])
+    for row in rows["test"]:
+        assert row["prompt"].startswith("# module: ") and '"""' in row["prompt"]
+        ast.parse(row["prompt"] + row["completion"])  # a real function, body included
+    assert tasks.body_answer("    x = 1\n    return  x\n\ndef other():\n    pass") == "x = 1 return x"
+    assert tasks.body_answer("no indent") is None
+
+
+def test_man_pages_are_read_through_gzip_and_stripped(tmp_path):
+    page = '.\\" comment\n.TH LS 1\n.SH NAME\nls \\- list \\fBdirectory\\fR contents\n.PP\nMore text.\n'
+    (tmp_path / "ls.1.gz").write_bytes(gzip.compress(page.encode()))
+    text = corpus._read(tmp_path / "ls.1.gz", "man")
+    assert text.splitlines() == ["NAME", "ls  list directory contents", "More text."]
+
+
+def test_projection_is_linear_in_depth():
+    assert speed.project({12: 1.0, 20: 1.8}, 80) == pytest.approx(7.8)
+    assert speed.project({10: 1.0}, 80) == pytest.approx(8.0)
+    assert speed.pilot_ratio(0.5, 0.1) == pytest.approx(0.55)  # 1 / (p + (1 - p) / S) as a time ratio
+
+
+def test_estimate_fits_the_device_calls():
+    result = estimate.estimate(Settings())
+    assert result["stages_s"]["pretrain"] <= 540  # one 9-minute call for both bases
+    assert result["arms_calls_of_540_s"] <= 2.0  # two 9-minute calls with 8 workers
+    assert result["runs"] == 2 * 11 * (3 + 4)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_smoke_study_end_to_end(tmp_path):
-    """The whole study on CPU: every arm trained, evaluated and summarized; table, chart and JSON written."""
-    out = tmp_path / "quality"
+    """Every stage on CPU: bases, runs (tuned and final), speed of transferred plans, statistics and outputs."""
+    out, cache = tmp_path / "quality", tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/quality_study.py"), "--smoke", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, "-m", "tools.quality", "--smoke", "--out", str(out), "--cache", str(cache)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    # timing decides the calibrated plans (and a time cap could cut pretraining): show what this run did
     context = f"\nnotes: {results['notes']}\n{(out / 'table.md').read_text()}\n{proc.stdout[-2000:]}"
-    assert results["imported"] == []  # no deepspeed, no ray: the GPU machine has neither
+    smoke = Settings(**SMOKE)
+    assert set(results["bases"]) == set(smoke.names("bases"))
+    runs = json.loads((out / "runs.json").read_text())
+    per_base = len(smoke.names("arms")) * (len(smoke.lr_list()) + len(smoke.seed_list()) - 1)
+    assert len(runs) == 2 * per_base, context  # every tuning and final run, nothing skipped
+    for base, result in results["bases"].items():
+        assert result["pretrain"]["steps_done"] > 0
+        assert set(result["arms"]) == set(smoke.names("arms")), context
+        for name, arm in result["arms"].items():
+            assert arm["seeds"] == smoke.seed_list(), (base, name)
+            assert arm["lr"] in smoke.lr_list()
+            assert arm["task_loss"]["mean"] < result["base_eval"]["task_loss"], (base, name, context)
+            assert len(arm["curve_mean"]) == smoke.curve_points
+            if name != "matched":
+                tost = arm["vs_matched"]["task_loss"]["tost"]
+                assert tost["equivalent"] in (True, False) and 0 <= tost["p"] <= 1
+                assert arm["vs_matched"]["equal_wall_clock"]["seeds"] == smoke.seed_list()
+            assert arm["speed_ratio_at_scale"]["tiny"] > 0
+        assert result["arms"]["random"]["vs_reference"]["reference"] == smoke.random_like
+    for run in runs:
+        assert 0.0 <= run["exact_match"] <= 1.0
+        if run["arm"] == "pilot":
+            assert run["pilot_step"] >= 1 and "pilot_plan_json" in run
+    assert any(g["arm"] == "cut" for g in results["goals"]) and any(g["arm"] == "random" for g in results["goals"])
+    assert results["pareto"] and any(p["pareto"] for p in results["pareto"])
+    for chart in ("pareto.png", "curves.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    seeds = results["seeds_completed"]
-    assert 1 <= seeds <= 2
-    assert list(results["arms"]) == list(qs.ARMS)
-    base = results["base"]
-    assert base["corpus_loss"] < 0.95 * base["pretrain"]["loss_curve"][0][1], context  # pretraining learned
-    for name, arm in results["arms"].items():
-        assert [run["seed"] for run in arm["runs"]] == list(range(seeds)), name
-        for run in arm["runs"]:
-            assert 0.0 <= run["exact_match"] <= 1.0
-            assert run["forgetting"] == pytest.approx(run["corpus_loss"] - base["corpus_loss"])
-            assert run["trainable_params"] > 0 and run["step_seconds_median"] > 0
-            assert run["task_loss"] < base["task_loss"], (name, run["seed"], context)  # every arm learns
-        assert arm["summary"]["task_loss"]["n"] == seeds
-    for run in results["arms"]["uniform"]["runs"]:  # LoRA on the tasks lowers their held-out loss
-        assert run["task_loss"] < base["task_loss"] - 0.05, context
-    budget_runs, random_runs = results["arms"]["budget"]["runs"], results["arms"]["random"]["runs"]
-    for b, r in zip(budget_runs, random_runs):
-        assert len(r["plan"]["layers"]) == len(b["plan"]["layers"])
-        assert collections.Counter(k for _, k, _ in r["plan"]["modules"]) == \
-            collections.Counter(k for _, k, _ in b["plan"]["modules"])
-        assert r["trainable_params"] == b["trainable_params"]
-    raised = [n for n in results["notes"] if n.startswith("budget ")]
-    budget_used = float(raised[-1].rsplit(" ", 1)[-1]) if raised else 0.6
-    assert budget_runs[0]["plan"]["predicted_fraction_of_uniform"] <= budget_used + 1e-9, context
-    assert results["arms"]["uniform"]["runs"][0]["plan"]["adapters"] == 4 * 7  # every linear of every layer
-
-    goals = {g["goal"]: g["met"] for g in results["goals"]}
-    assert set(goals) >= {"budgeted task loss within 1% of uniform", "budgeted exact match within 1 point of uniform",
-                          "budgeted forgetting <= uniform's", "gradient-guided beats random layers at the same budget"}
-    assert all(isinstance(goals[g], bool) for g in goals if not g.startswith("(context)"))
+    # a second call resumes: nothing is run again, the report comes back the same from the records
     table = (out / "table.md").read_text()
-    for name in qs.ARMS:
-        assert f"| {name} |" in table
-    assert "Goals" in table and "base model (no LoRA)" in table
-    assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert next(line for line in table.splitlines() if line.startswith("| uniform |")) in proc.stdout
-
-    # the table and chart come back the same from results.json alone
-    (out / "table.md").unlink()
-    again = subprocess.run([sys.executable, str(ROOT / "tools/quality_study.py"), "--render",
-                            str(out / "results.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert (out / "table.md").read_text() == table
+    again = subprocess.run([sys.executable, "-m", "tools.quality", "--smoke", "--stage", "arms", "--cache", str(cache)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 tuning runs" in again.stdout and "all runs done" in again.stdout, again.stdout
+    report = subprocess.run([sys.executable, "-m", "tools.quality", "--smoke", "--stage", "report", "--out", str(out),
+                             "--cache", str(cache)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert (out / "table.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]  # all but the command line

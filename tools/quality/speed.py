@@ -1,0 +1,123 @@
+"""Speed of the same plan shapes at scale: each study plan moved by relative depth onto a large shape, timed.
+
+Transfer is plan.transfer_plan: target layer j of L_t takes the modules and ranks of study layer
+floor(j * L / L_t), so the fraction of layers below the cut, the gaps and the ranks are the study plan's. A shape is timed at one or two
+depths of its widths (`qwen2-72b:12+20`); with two, each plan's step time is projected linearly in the
+layer count to the shape's full depth (the per-layer cost is what depth changes), as docs/SCALE.md did.
+Timing is aletheia_ds.speed.time_plan (attach, frozen prefix, AdamW steps) on random weights, one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from aletheia_ds.arch import describe
+from aletheia_ds.checkpoint import write_json_atomic
+from aletheia_ds.plan import Plan, transfer_plan
+from aletheia_ds.probe.report import LayerScore, ProbeReport
+from aletheia_ds.speed import random_batch, time_plan
+
+from tools.quality.settings import Settings
+
+
+def shape_table() -> dict[str, dict]:
+    # the shapes the benchmarks time; one table once tools/_common.py holds it
+    from tools.bench_scale import SHAPES as SCALE_SHAPES
+    from tools.bench_speed import SHAPES as SPEED_SHAPES
+
+    return {**SPEED_SHAPES, **SCALE_SHAPES}
+
+
+def uniform_report(layout) -> ProbeReport:
+    """A report with the target's layout and equal scores: what plan.transfer_plan needs of the target."""
+    kinds = layout.to_json()["module_kinds"]
+    return ProbeReport(model="transfer target", num_layers=layout.num_layers, tokens=0, seconds=0.0, batches=1,
+                       layers=[LayerScore(i, 1.0, {k: 1.0 for k in kinds}) for i in range(layout.num_layers)],
+                       layout=layout.to_json())
+
+
+def project(measured: dict[int, float], full_layers: int) -> float:
+    """Step time at `full_layers` from the timed depths: linear in the layer count (one depth: scaled by it)."""
+    depths = sorted(measured)
+    if len(depths) == 1:
+        return measured[depths[0]] * full_layers / depths[0]
+    (l0, t0), (l1, t1) = (depths[0], measured[depths[0]]), (depths[-1], measured[depths[-1]])
+    return t0 + (t1 - t0) * (full_layers - l0) / (l1 - l0)
+
+
+def study_plans(s: Settings, key: str) -> dict[str, Plan]:
+    """base/arm -> plan for every plan of the study (random: the first seed's draw; pilot: its first run's cut)."""
+    from aletheia_ds.cost import CostModel
+    from tools.quality.arms import random_layers_like, read_records
+
+    cache = Path(s.cache)
+    plans = {}
+    records = read_records(cache, key)
+    for base in s.names("bases"):
+        path = cache / "bases" / base / f"plans-{key}.json"
+        if not path.exists():
+            continue
+        prepared = json.loads(path.read_text())
+        for arm, blob in prepared["plans"].items():
+            plan = Plan.from_json(blob)
+            if arm == "random":
+                plan = random_layers_like(ProbeReport.from_json(prepared["probe"]), plan, s.seed_list()[0],
+                                          CostModel.from_json(prepared["cost"]))
+            if arm == "pilot":
+                pilot = [r for r in records if r["base"] == base and r["arm"] == "pilot" and "pilot_plan_json" in r]
+                if not pilot:
+                    continue
+                plan = Plan.from_json(pilot[0]["pilot_plan_json"])  # the pilot's own uniform share is added later
+            plans[f"{base}/{arm}"] = plan
+    return plans
+
+
+def stage_speed(s: Settings, key: str, log) -> dict:
+    from tools.bench_speed import build
+
+    device = torch.device("cuda" if torch.cuda.is_available() and s.device != "cpu" else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    plans = study_plans(s, key)
+    if not plans:
+        raise SystemExit("speed: no plans in --cache; run --stage arms first")
+    table = shape_table()
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "shapes": {}}
+    for spec in s.names("speed_shapes"):
+        name, _, depths = spec.partition(":")
+        full = table[name]["num_hidden_layers"]
+        depths = [int(d) for d in depths.split("+")] if depths else [full]
+        measured: dict[str, dict[int, float]] = {}
+        for depth in depths:
+            model = build({**table[name], "num_hidden_layers": depth}, device, dtype)
+            layout = describe(model)
+            batch = random_batch(s.speed_batch, s.speed_seq_len, table[name]["vocab_size"])
+            seen: dict[tuple, float] = {}
+            target = uniform_report(layout)
+            for label, study_plan in plans.items():
+                plan = transfer_plan(study_plan, target)
+                signature = tuple((m.layer, m.key, m.r) for m in plan.modules)
+                if signature not in seen:  # e.g. uniform is the same plan for both bases
+                    seen[signature] = time_plan(model, layout, plan, batch, steps=s.speed_steps, warmup=2).median_s
+                measured.setdefault(label, {})[depth] = seen[signature]
+                log(f"  {name} x {depth} layers: {label:20s} {1000 * seen[signature]:8.1f} ms/step")
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        arms = {}
+        for label, by_depth in measured.items():
+            base = label.split("/")[0]
+            uniform = project(measured[f"{base}/uniform"], full)
+            step = project(by_depth, full)
+            arms[label] = {"measured_s": by_depth, "projected_s": step, "ratio_to_uniform": step / uniform}
+        result["shapes"][name] = {"full_layers": full, "depths": depths, "arms": arms}
+    write_json_atomic(Path(s.cache) / f"speed-{key}.json", result)
+    return result
+
+
+def pilot_ratio(after_cut_ratio: float, pilot_fraction: float) -> float:
+    """The pilot's whole-run step-time ratio: uniform for its first share, the cut plan after (1/(p + (1-p)/S))."""
+    return pilot_fraction + (1.0 - pilot_fraction) * after_cut_ratio if math.isfinite(after_cut_ratio) else math.nan
