@@ -54,6 +54,9 @@ class DataSection(Section):
     seq_len: int = Field(1024, description="tokens per example (truncated on the right)")
     packing: bool = Field(False, description="concatenate examples into full seq_len rows")
     max_examples: Optional[int] = Field(None, description="use only the first N examples of train")
+    cache_dir: Optional[str] = Field(None, description="tokenize once into this Arrow cache; ranks memory-map it")
+    cache_shared: bool = Field(False, description="cache_dir is one file system for all nodes: rank 0 alone tokenizes")
+    num_proc: int = Field(1, ge=1, description="tokenizer worker processes when filling data.cache_dir")
 
     @field_validator("seq_len")
     @classmethod
