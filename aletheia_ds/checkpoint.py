@@ -101,10 +101,12 @@ def export_adapter(ctx, peft_model: nn.Module, out_dir: str | Path) -> Path | No
     if empty:
         raise RuntimeError(f"adapter export: {len(empty)} LoRA tensors are empty after gathering (first: {empty[0]})")
     from .adapters.experts import save_expert_adapter
+    from .adapters.serving import write_serving_facts
 
     with atomic_dir(out_dir) as tmp:
         peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
         save_expert_adapter(peft_model, tmp, state)  # per-expert LoRA of megablocks banks, beside PEFT's files
+        write_serving_facts(tmp)  # max rank and targets, for vLLM's --max-lora-rank
     return Path(out_dir)
 
 

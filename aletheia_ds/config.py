@@ -77,6 +77,9 @@ class DataSection(Section):
     packing: bool = Field(False, description="concatenate examples into full seq_len rows")
     max_examples: Annotated[Optional[int], Wording(note="or unset for all rows")] = Field(
         None, ge=1, description="use only the first N examples of train")
+    cache_dir: Optional[str] = Field(None, description="tokenize once into this Arrow cache; ranks memory-map it")
+    cache_shared: bool = Field(False, description="cache_dir is one file system for all nodes: rank 0 alone tokenizes")
+    num_proc: OneOrMore = Field(1, description="tokenizer worker processes when filling data.cache_dir")
 
 
 class ProbeSection(Section):

@@ -2,25 +2,37 @@
 
     aletheia-ds export --model DIR --adapter RUN/adapter --out merged/ --merge
 
-The base is loaded in float32, the adapter with plain PEFT, `merge_and_unload` folds every LoRA delta into
-its weight (linears and, through PEFT's parameter wrappers, fused expert banks), and the result is cast to
-`dtype` and saved with `save_pretrained` (safetensors), with the tokenizer when one is found. Everything is
-written to a temporary directory beside `out` and renamed into place: a failure leaves nothing behind.
+Streams: the base checkpoint is read one safetensors shard at a time, in its own dtype; each tensor of the
+shard that an adapter touches gets its delta added (computed in float32 from the adapter's factors, then
+cast back), and the shard is written under the same name, with the index copied. Peak host memory is one
+shard plus the adapter (the deltas of one shard at a time); no GPU and no model instance with real weights.
+
+Deltas are worked out on the model's in-memory names (a weightless "meta" skeleton with the PEFT adapter
+loaded on it) and mapped to the checkpoint's names with transformers' own `revert_weight_conversion`: a
+fused expert bank (E, 2F, H) of a Mixtral/Qwen3-MoE model is stored per expert on disk, and its delta is
+split the same way. Kinds of delta:
+  - PEFT LoRA on linears:                      s * B A                         (s = alpha / r, or / sqrt(r))
+  - PEFT `target_parameters` on fused banks:    per expert s * B_e A_e          (PEFT's ParamWrapper layout)
+  - megablocks per-expert LoRA (expert_adapter.json): aletheia_ds.adapters.experts.ExpertLoRA on the 2-D bank
+Everything is written to a temporary directory beside `out` and renamed into place: a failure leaves nothing
+behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from .checkpoint import atomic_dir
-from .config import ConfigError, ModelSection
+from .config import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 
 
 def checkpoint_dtype(model_dir: str) -> str:
@@ -38,10 +50,6 @@ def check_export_args(model: str, adapter: str, out: str, overwrite: bool) -> No
         raise ConfigError(f"--model: {model!r} has no config.json")
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {adapter!r} has no adapter_config.json")
-    if (Path(adapter) / "expert_adapter.json").is_file():
-        raise ConfigError(f"--adapter: {adapter!r} holds per-expert LoRA of megablocks banks "
-                          "(expert_adapter.safetensors), which cannot be merged into a transformers checkpoint; serve "
-                          "the base model with the adapter loaded (aletheia_ds.adapters.experts.load_expert_adapter)")
     target = Path(out).resolve()
     if target in (Path(model).resolve(), Path(adapter).resolve()):
         raise ConfigError(f"--out: {out!r} is the model or adapter directory; choose a new directory")
@@ -49,24 +57,180 @@ def check_export_args(model: str, adapter: str, out: str, overwrite: bool) -> No
         raise ConfigError(f"--out: {out!r} exists and is not empty; choose a new directory or pass --overwrite")
 
 
+def shard_files(model_dir: str | Path) -> dict[str, list[str]]:
+    """{shard file name: [tensor names]} of a safetensors checkpoint (sharded with an index, or one file)."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"{index}: unreadable index ({type(err).__name__}: {err})") from None
+        shards: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            shards.setdefault(file, []).append(name)
+        return shards
+    if (model_dir / SINGLE_FILE).is_file():
+        with safe_open(str(model_dir / SINGLE_FILE), "pt") as handle:
+            return {SINGLE_FILE: list(handle.keys())}
+    raise ConfigError(f"--model: {str(model_dir)!r} has no {SINGLE_FILE} or {INDEX_FILE}; the merge streams "
+                      "safetensors shards (convert *.bin checkpoints with save_pretrained(safe_serialization=True))")
+
+
+# ------------------------------------------------------------------------------------------------- deltas
+DeltaFn = Callable[[], torch.Tensor]
+
+
+def _peft_deltas(model_dir: str, adapter: str) -> tuple[dict[str, DeltaFn], torch.nn.Module]:
+    """{in-memory parameter name: delta in float32} for every tensor the PEFT adapter adapts, and the
+    weightless skeleton (revert_weight_conversion reads the family's key mappings from it)."""
+    from peft import PeftModel
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    with torch.device("meta"):  # names and shapes only: no base weights are ever held
+        skeleton = AutoModelForCausalLM.from_config(config)
+    # the wrapped skeleton gives each adapted tensor's scaling and layout; its factors stay weightless (meta),
+    # so they are read from the adapter file by PEFT's saved names
+    peft_model = PeftModel.from_pretrained(skeleton, adapter, low_cpu_mem_usage=True)
+    name = peft_model.active_adapter
+    factors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    deltas: dict[str, DeltaFn] = {}
+    for module_name, layer in peft_model.base_model.model.named_modules():
+        if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
+            continue
+        a, b = (factors[f"base_model.model.{module_name}.lora_{part}.weight"] for part in "AB")
+        owner = _unwrapped(module_name)
+        if isinstance(layer, ParamWrapper):
+            deltas[f"{owner}.{layer.parameter_name}"] = lambda layer=layer, a=a, b=b: _bank_delta(layer, name, a, b)
+        else:
+            deltas[f"{owner}.weight"] = lambda layer=layer, a=a, b=b: _linear_delta(layer, name, a, b)
+    return deltas, skeleton
+
+
+def _unwrapped(name: str) -> str:
+    """A name inside the PEFT-wrapped model -> the plain model's name (PEFT nests the base as `base_layer`)."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def _linear_delta(layer, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    delta = b.float() @ a.float()
+    return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[name]
+
+
+def _bank_delta(layer, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PEFT's ParamWrapper.get_delta_weight without its cast onto the (here weightless) parameter."""
+    a, b = a.float(), b.float()
+    if layer.num_experts == 1:
+        return (b @ a) * layer.scaling[name]
+    a = a.reshape(layer.num_experts, -1, a.shape[-1])  # experts x rank x in
+    b = b.reshape(b.shape[0], -1, layer.num_experts)  # out x rank x experts
+    order = "e o i" if layer._did_swap_in_out_features else "e i o"
+    return torch.einsum(f"o r e, e r i -> {order}", b, a) * layer.scaling[name]
+
+
+def _expert_deltas(adapter: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """{bank parameter: weight -> merged weight} for megablocks per-expert LoRA (empty without one)."""
+    from safetensors.torch import load_file
+
+    from .adapters.experts import CONFIG_FILE, WEIGHTS_FILE, ExpertLoRA
+
+    path = Path(adapter) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        banks = json.loads(path.read_text(encoding="utf-8"))["banks"]
+        tensors = load_file(str(Path(adapter) / WEIGHTS_FILE))
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{path}: cannot read the expert adapter ({type(err).__name__}: {err})") from None
+    merges = {}
+    for spec in banks:
+        lora = ExpertLoRA(spec["num_experts"], spec["experts"], spec["r"], spec["alpha"], spec["in_features"],
+                          spec["out_features"], spec["transposed"])
+        with torch.no_grad():
+            lora.lora_A.copy_(tensors[f"{spec['parameter']}.lora_A"])
+            lora.lora_B.copy_(tensors[f"{spec['parameter']}.lora_B"])
+        merges[spec["parameter"]] = lambda weight, lora=lora: lora(weight.float())
+    return merges
+
+
+def _on_disk(skeleton, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In-memory names -> the checkpoint's names (fused expert banks split back per expert)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return dict(revert_weight_conversion(skeleton, dict(deltas)))
+
+
+def _key_map(skeleton, deltas: dict[str, DeltaFn]) -> dict[str, list[str]]:
+    """{in-memory name: [checkpoint names]}, found by reverting meta tensors of the parameters' shapes."""
+    shapes = {_unwrapped(name): p.shape for name, p in skeleton.named_parameters()}
+    return {name: list(_on_disk(skeleton, {name: torch.empty(shapes[name], device="meta")}))
+            for name in deltas}
+
+
+# ------------------------------------------------------------------------------------------------- merge
+def merged_shards(model: str, adapter: str, dtype: Optional[torch.dtype] = None
+                  ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(shard file name, its merged tensors) one shard at a time; every adapted tensor is visited once."""
+    from safetensors import safe_open
+
+    shards = shard_files(model)
+    peft, skeleton = _peft_deltas(model, adapter)
+    experts = _expert_deltas(adapter)
+    disk_names = _key_map(skeleton, peft)
+    owner_of = {disk: name for name, disks in disk_names.items() for disk in disks}
+    present = {name for names in shards.values() for name in names}
+    missing = sorted(set(owner_of) - present) + sorted(set(experts) - present)
+    if missing:
+        raise ConfigError(f"--adapter: adapts {missing[0]} ({len(missing)} tensors in all), which the base "
+                          f"checkpoint {model!r} does not hold; is it the adapter of this model?")
+    for file, names in sorted(shards.items()):
+        wanted = {owner_of[n] for n in names if n in owner_of}
+        # deltas of this shard's tensors only; a bank split across shards is recomputed in each
+        deltas = _on_disk(skeleton, {name: peft[name]() for name in sorted(wanted)}) if wanted else {}
+        tensors = {}
+        with safe_open(str(Path(model) / file), "pt") as handle:
+            for name in names:
+                weight = handle.get_tensor(name)
+                stored = dtype if dtype is not None and weight.is_floating_point() else weight.dtype
+                if name in deltas:
+                    weight = (weight.float() + deltas.pop(name).reshape(weight.shape)).to(stored)
+                elif name in experts:
+                    weight = experts[name](weight).to(stored)
+                tensors[name] = weight.to(stored).contiguous()
+        yield file, tensors
+        del tensors, deltas
+
+
 def export_merged(model: str, adapter: str, out: str, tokenizer: Optional[str] = None, dtype: str = "auto",
                   overwrite: bool = False) -> Path:
-    """base + adapter -> one merged model directory (config.json, model*.safetensors, tokenizer files)."""
-    from peft import PeftModel
-
-    from .model import load_model
+    """base + adapter -> one merged model directory (config.json, model*.safetensors, index, tokenizer files)."""
+    from safetensors.torch import save_file
 
     check_export_args(model, adapter, out, overwrite)
     dtype = checkpoint_dtype(model) if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-    base = load_model(ModelSection(path=model, dtype="float32"), torch.float32, torch.device("cpu"),
-                      contextlib.nullcontext)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.config.use_cache = True  # training turned the KV cache off; serving wants it
-    merged.to(DTYPES[dtype])
+    shard_files(model)  # a .bin-only base fails here, before anything is written
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    config["use_cache"] = True  # training turned the KV cache off; serving wants it
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)
     with atomic_dir(out) as tmp:  # an existing (empty, or --overwrite) directory is replaced whole
-        merged.save_pretrained(str(tmp), safe_serialization=True)
+        for file, tensors in merged_shards(model, adapter, DTYPES[dtype]):
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        if (Path(model) / INDEX_FILE).is_file():
+            index = json.loads((Path(model) / INDEX_FILE).read_text(encoding="utf-8"))
+            sizes = [f.stat().st_size for f in tmp.glob("*.safetensors")]
+            index.setdefault("metadata", {})["total_size"] = sum(sizes)
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if (Path(model) / "generation_config.json").is_file():
+            shutil.copy2(Path(model) / "generation_config.json", tmp / "generation_config.json")
         if tokenizer or any((Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
             from .data import load_tokenizer
 

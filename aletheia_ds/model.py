@@ -66,6 +66,43 @@ def fingerprint(section: ModelSection) -> dict:
     return {"config": config, "weight_files": [list(f) for f in files], "random_init": not files}
 
 
+def check_safetensors_shards(model_dir: str | Path) -> None:
+    """Every shard the index names is present and whole (its header's tensors end within the file).
+
+    A shard cut short by an interrupted copy otherwise fails deep inside from_pretrained, on one rank, with a
+    message about the safetensors header or an out-of-range read, possibly after minutes of loading.
+    """
+    import struct
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"model.path: {index} is unreadable ({type(err).__name__}: {err})") from None
+    else:
+        files = sorted(f.name for f in model_dir.glob("*.safetensors"))
+    for name in files:
+        shard = model_dir / name
+        if not shard.is_file():
+            raise ConfigError(f"model.path: {shard} is missing (named in {index.name}); copy the whole checkpoint")
+        size = shard.stat().st_size
+        try:
+            with shard.open("rb") as handle:
+                header_bytes = struct.unpack("<Q", handle.read(8))[0]
+                if 8 + header_bytes > size:
+                    raise ValueError("header past the end of the file")
+                header = json.loads(handle.read(header_bytes))
+            data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"model.path: {shard} is not a readable safetensors file ({err}); "
+                              "copy it again") from None
+        if 8 + header_bytes + data_end > size:
+            raise ConfigError(f"model.path: {shard} is truncated ({size} bytes, its header needs "
+                              f"{8 + header_bytes + data_end}); copy it again")
+
+
 def load_model(section: ModelSection, dtype: torch.dtype, device: torch.device, init_context, seed: int = 0,
                zero3: bool = False) -> nn.Module:
     """Local weights only (no hub); `model.random_init` allows a config-only directory (seeded weights)."""
@@ -81,6 +118,8 @@ def load_model(section: ModelSection, dtype: torch.dtype, device: torch.device, 
     if any(Path(section.path).glob("*.bin")) and not any(Path(section.path).glob("*.safetensors")):
         # pickled checkpoints run code on load; transformers refuses them with torch < 2.6 anyway
         kwargs["use_safetensors"] = False
+    if weights:
+        check_safetensors_shards(section.path)
     with init_context():
         try:
             if weights:

@@ -173,10 +173,18 @@ class Run:
                                            **({"probe.seq_len": cfg.probe.seq_len} if cfg.probe.seq_len else {})})
         tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
         log = print0
-        examples = data_mod.load_examples(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.max_examples, log)
+        load = data_mod.load_examples
+        if cfg.data.cache_dir:  # tokenize once per node (or per job), memory-map on every rank
+            from .data_cache import cached_examples
+
+            tokenizes = ctx.rank == 0 if cfg.data.cache_shared else ctx.local_rank == 0
+            load = lambda source, tok, seq_len, limit, log: cached_examples(  # noqa: E731
+                source, tok, seq_len, cfg.data.cache_dir, cfg.data.num_proc, tokenizes, ctx.barrier, limit,
+                cfg.data.packing, log)
+        examples = load(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.max_examples, log)
         if cfg.data.eval:
             train_examples = examples
-            eval_examples = data_mod.load_examples(cfg.data.eval, tokenizer, cfg.data.seq_len, None, log)
+            eval_examples = load(cfg.data.eval, tokenizer, cfg.data.seq_len, None, log)
         else:
             train_examples, eval_examples = data_mod.split_eval(examples, cfg.data.eval_fraction)
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)

@@ -1,0 +1,106 @@
+"""python tools/bench_load.py --model /data/qwen2.5-32b-random --gpus 2 --out docs/scale/load_qwen2.5-32b_2gpu
+
+The real job (`deepspeed launch/train.py`: load, probe, plan, a few steps, export) on a checkpoint read from
+disk (model.path -> a sharded safetensors folder, e.g. from tools/write_sharded_checkpoint.py; no
+random_init), and what loading it cost, from the job's own eval.json:
+  load seconds                      (seconds.build: from_pretrained under zero.Init, every rank)
+  peak host RSS per rank            (peak_host_rss_gib_by_rank, taken right after the load)
+  base weights held per rank        (base_parameters.held_by_rank: elements of the frozen base on that rank)
+and, for scale, the seconds to read the checkpoint's bytes once (`--read-once`: sequential reads of every
+shard; run it on a cold page cache for a fair number). Goal (issue 18): no rank above ~1/world_size of the
+model plus one shard; load within 2x of one read. Writes load.json and load.md in --out.
+
+  --cpu   smoke run on CPU ranks over gloo (tests/test_bench_load.py), float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from aletheia_ds.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from bench_scale import child_env, launcher, run_config, run_logged, write_data  # noqa: E402
+
+
+def read_once_seconds(model_dir: Path) -> tuple[float, int]:
+    """Seconds to read every safetensors file once, sequentially, in 64 MiB blocks; and the bytes read."""
+    started, total = time.perf_counter(), 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with path.open("rb", buffering=0) as handle:
+            while block := handle.read(64 * 2**20):
+                total += len(block)
+    return time.perf_counter() - started, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a sharded safetensors checkpoint folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--gpu-ids")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--probe-batches", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3_70b.json"))
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--read-once", action="store_true", help="also time one sequential read of the shards")
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra job overrides")
+    args = parser.parse_args()
+    if args.gpu_ids:
+        args.gpus = len(args.gpu_ids.split(","))
+    import yaml
+
+    out, model_dir = Path(args.out), Path(args.model).resolve()
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    tokens = (args.steps + args.probe_batches + 2) * args.gpus * args.micro_batch * args.seq_len
+    write_data(out / "data/train.jsonl", int(tokens * 1.2), seed=0)
+    write_data(out / "data/eval.jsonl", args.micro_batch * args.seq_len * args.gpus * 2, seed=1)
+    config = run_config(args, model_dir, out / "data")
+    config["model"]["random_init"] = False
+    config["train"]["output_dir"] = str(out / "run")
+    (out / "run.yaml").write_text(yaml.safe_dump(config))
+    read_seconds, read_bytes = read_once_seconds(model_dir) if args.read_once else (None, None)
+    started = time.perf_counter()
+    run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(out / "run.yaml"), *args.set]),
+               out / "log.txt", child_env(args), args.timeout)
+    results = json.loads((out / "run/eval.json").read_text())
+    shard_bytes = [p.stat().st_size for p in model_dir.glob("*.safetensors")]
+    held = results["base_parameters"]["held_by_rank"]
+    summary = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "model": str(model_dir), "ranks": args.gpus, "device": "cpu" if args.cpu else "gpu",
+        "checkpoint_bytes": sum(shard_bytes), "largest_shard_bytes": max(shard_bytes), "shards": len(shard_bytes),
+        "load_seconds": results["seconds"]["build"], "read_once_seconds": read_seconds, "read_bytes": read_bytes,
+        "peak_host_rss_gib_by_rank": results["peak_host_rss_gib_by_rank"],
+        "base_parameters_total": results["base_parameters"]["total"], "base_parameters_held_by_rank": held,
+        "held_fraction_by_rank": [h / results["base_parameters"]["total"] for h in held],
+        "job_wall_seconds": time.perf_counter() - started,
+    }
+    write_json_atomic(out / "load.json", summary)
+    gib = 2**30
+    lines = [f"`{summary['command']}`", "",
+             f"checkpoint: {summary['shards']} shards, {summary['checkpoint_bytes'] / gib:.1f} GiB "
+             f"(largest shard {summary['largest_shard_bytes'] / gib:.2f} GiB); {args.gpus} ranks", "",
+             "| rank | peak host RSS (GiB) | base weights held (share of the model) |", "|---|---|---|"]
+    lines += [f"| {rank} | {rss:.2f} | {share:.1%} |" for rank, (rss, share) in
+              enumerate(zip(summary["peak_host_rss_gib_by_rank"], summary["held_fraction_by_rank"]))]
+    lines += ["", f"load: {summary['load_seconds']:.1f} s" + (
+        f"; one sequential read of the shards: {read_seconds:.1f} s ({read_bytes / gib / read_seconds:.2f} GiB/s)"
+        if read_seconds else "")]
+    write_text_atomic(out / "load.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
