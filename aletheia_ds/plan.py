@@ -433,6 +433,17 @@ def _cut_plan(report: ProbeReport, rule: str, cut: int, modules: list[PlannedMod
     return plan
 
 
+def cut_plan(report: ProbeReport, cut: int, settings: PlanSection, cost: CostModel, notes: dict | None = None) -> Plan:
+    """The cut rule's plan for a given cut: every layer from `cut` up, ranks in [min_r, max_r] by plan.score."""
+    if not 0 <= cut < report.num_layers:
+        raise ConfigError(f"cut {cut} is outside the model's layers 0..{report.num_layers - 1}")
+    energy = report.layer_energy(settings.score)
+    ranks = span_ranks(energy, range(cut, report.num_layers), rank_levels(settings.min_r, settings.max_r))
+    total = sum(energy) or 1.0
+    notes = {"cut": cut, "score": settings.score, "energy_below_cut": sum(energy[:cut]) / total, **(notes or {})}
+    return _cut_plan(report, "cut", cut, _span_modules(report, cut, ranks, settings), settings, cost, notes)
+
+
 def select_cut(report: ProbeReport, settings: PlanSection, cost: CostModel) -> Plan:
     """Cut-first coverage: the lowest cut whose plan meets plan.budget x uniform r16's predicted step time,
     every layer at or above it adapted, ranks in [min_r, max_r] by plan.score; then the guard."""
@@ -450,12 +461,7 @@ def select_cut(report: ProbeReport, settings: PlanSection, cost: CostModel) -> P
         raise ConfigError(f"plan.budget={settings.budget} is below the cheapest cut plan (the top layer alone: "
                           f"{cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); raise "
                           "plan.budget or lower plan.min_r")
-    budget_cut = cut
-    cut = guarded_cut(cut, energy, settings.guard)
-    total = sum(energy) or 1.0
-    notes = {"cut": cut, "budget_cut": budget_cut, "score": settings.score,
-             "energy_below_cut": sum(energy[:cut]) / total}
-    return _cut_plan(report, "cut", cut, modules_for_cut(cut), settings, cost, notes)
+    return cut_plan(report, guarded_cut(cut, energy, settings.guard), settings, cost, {"budget_cut": cut})
 
 
 def pilot_plan(report: ProbeReport, layer_change: list[float], settings: PlanSection, cost: CostModel) -> Plan:
