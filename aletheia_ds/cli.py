@@ -20,7 +20,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainingError, config_reference_markdown, defaults_yaml, load_config
+from .config import ConfigError, TrainingError, config_reference_markdown, defaults_yaml, exit_code, load_config
+from .io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ For the full speed comparison (uniform vs paper vs budget rows): python tools/be
 
 
 def _probe(args) -> None:
-    from .dist import distributed
+    from .dist import distributed, print0
     from .train import Run
 
     overrides = [f"model.path={args.model}", f"data.train={args.data}", f"probe.batches={args.probe_batches}",
@@ -78,14 +79,14 @@ def _probe(args) -> None:
     with distributed(cfg, use_deepspeed=bool(args.deepspeed)) as ctx:
         run = Run.setup(ctx, cfg)
         report = run.probe(Path(args.out))
-    if ctx.is_main:
-        ranked = sorted(report.layers, key=lambda layer: -layer.score)[:5]
-        print(f"wrote {args.out}: top layers " + ", ".join(f"{x.index} ({x.score:.3g})" for x in ranked))
+    ranked = sorted(report.layers, key=lambda layer: -layer.score)[:5]
+    print0(f"wrote {args.out}: top layers " + ", ".join(f"{x.index} ({x.score:.3g})" for x in ranked))
 
 
 def _plan(args) -> None:
-    from .checkpoint import write_json_atomic
+    from .adapters.peft_config import save_plan
     from .config import validate_tree
+    from .cost import CostModel
     from .plan import make_plan
     from .probe.report import ProbeReport
 
@@ -96,12 +97,10 @@ def _plan(args) -> None:
                 "expert_energy": args.expert_energy, "expert_r": args.expert_r, "shared_experts": args.shared_experts,
                 "moe_attention": not args.no_moe_attention, "routers": args.routers}
     section = validate_tree({"plan": settings}, "plan options").plan
-    from .cost import CostModel
-
     cost_model = CostModel.load(args.cost).check_matches(report, args.cost) if args.cost else \
         CostModel.analytic(report, checkpointing=args.checkpointing)
     plan = make_plan(report, section, cost_model)
-    write_json_atomic(args.out, plan.to_json())
+    save_plan(plan, args.out)
     experts = f" + {len(plan.experts)} experts" if plan.experts else ""
     print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
           f"captures {plan.score_captured:.1%} of the probe's gradient energy")
@@ -157,8 +156,6 @@ def _eval(args) -> None:
                               forgetting_data=args.forgetting_data, exact_match_rows=args.exact_match_rows,
                               max_new_tokens=args.max_new_tokens)
     if args.out:
-        from .checkpoint import write_json_atomic
-
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2))
 
@@ -314,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.func(args)
     except (ConfigError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 3
+        return exit_code(err)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -23,6 +24,14 @@ class ConfigError(ValueError):
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or gradient norm); the message names the step and the last
     good checkpoint."""
+
+
+def exit_code(err: ConfigError | TrainingError, announce: bool = True) -> int:
+    """What every command line does with these errors: one `error: ...` line on stderr (when `announce`) and
+    exit status 2 for input the user can fix, 3 when training could not go on."""
+    if announce:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return 2 if isinstance(err, ConfigError) else 3
 
 
 def check_seed(v: int) -> int:
@@ -563,19 +572,6 @@ def validate_tree(tree: Any, where: str) -> RunConfig:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise _flatten_error(err, where) from None
-
-
-def read_json_object(path: str | os.PathLike, what: str) -> dict:
-    """A JSON file whose top level is an object (probe.json, plan.json, cost.json), or one clear error."""
-    import json
-
-    try:
-        blob = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read {what} ({type(err).__name__}: {str(err)[:200]})") from None
-    if not isinstance(blob, dict):
-        raise ConfigError(f"{path}: not a {what} (top level is {type(blob).__name__})")
-    return blob
 
 
 def read_yaml(path: str | os.PathLike) -> Any:

@@ -2,6 +2,9 @@
 
     aletheia-ds export --model DIR --adapter RUN/adapter --out merged/ --merge
 
+This is the export of a merged model; the adapter directory it reads is the adapter export of a training run
+(aletheia_ds/adapters/export.py).
+
 The base is loaded in float32, the adapter with plain PEFT, `merge_and_unload` folds every LoRA delta into
 its weight (linears and, through PEFT's parameter wrappers, fused expert banks), and the result is cast to
 `dtype` and saved with `save_pretrained` (safetensors), with the tokenizer when one is found. Everything is
@@ -17,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import atomic_dir
 from .config import ConfigError, ModelSection
+from .io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

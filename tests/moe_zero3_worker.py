@@ -26,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from aletheia_ds.arch import describe  # noqa: E402
-from aletheia_ds.checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic  # noqa: E402
+from aletheia_ds.adapters.export import export_adapter  # noqa: E402
+from aletheia_ds.adapters.peft_config import plan_json  # noqa: E402
+from aletheia_ds.io import save_safetensors_atomic, write_json_atomic  # noqa: E402
 from aletheia_ds.config import load_config  # noqa: E402
 from aletheia_ds.dist import DistContext, distributed, gathered_parameters, print0  # noqa: E402
 from aletheia_ds.adapters.attach import attach  # noqa: E402
@@ -150,7 +152,7 @@ def probe_and_train(ctx: DistContext, cfg, models: Path, out: Path, leaf: bool, 
         logits = engine(**batch, use_cache=False).logits
     if ctx.is_main:
         write_json_atomic(out / "probe_split.json", report.to_json())
-        write_json_atomic(out / "plan.json", plan.to_json())
+        write_json_atomic(out / "plan.json", plan_json(plan))
         save_safetensors_atomic(out / "logits.safetensors", {"logits": logits.float(), **batch})
     engine.destroy()
 

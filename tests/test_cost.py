@@ -5,8 +5,8 @@ import math
 import pytest
 
 from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.cost import CostModel, measurement_plans, select_within_budget
-from aletheia_ds.plan import make_plan
+from aletheia_ds.cost import CostModel, measurement_plans
+from aletheia_ds.plan import make_plan, select_within_budget
 from aletheia_ds.probe.report import LayerScore, ProbeReport
 
 SHAPES = {"q_proj": [64, 64], "k_proj": [64, 32], "v_proj": [64, 32], "o_proj": [64, 64],

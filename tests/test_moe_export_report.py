@@ -59,7 +59,7 @@ def test_megablocks_expert_adapter_is_refused_in_one_line(tmp_path):
 
 
 def test_report_of_a_moe_run_has_expert_heat_maps(tmp_path):
-    from aletheia_ds.checkpoint import write_json_atomic
+    from aletheia_ds.io import write_json_atomic
     from aletheia_ds.run_report import write_run_report
 
     model = tiny_model("qwen2_moe")

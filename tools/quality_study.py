@@ -58,7 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from aletheia_ds.arch import describe  # noqa: E402
-from aletheia_ds.checkpoint import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
+from aletheia_ds.io import atomic_path, write_json_atomic, write_text_atomic  # noqa: E402
 from aletheia_ds.config import ConfigError, LoraSection, PlanSection  # noqa: E402
 from aletheia_ds.cost import CostModel  # noqa: E402
 from aletheia_ds.data import Example, StepSchedule, collate, fixed_batches, load_examples  # noqa: E402

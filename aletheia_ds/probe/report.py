@@ -13,7 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, read_json_object
+from ..config import ConfigError
+from ..io import read_json_object
 
 
 @dataclass
