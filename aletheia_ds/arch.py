@@ -115,14 +115,6 @@ class Layout:
     def num_layers(self) -> int:
         return len(self.layer_targets)
 
-    @property
-    def layers_pattern(self) -> str:
-        """What PEFT's `layers_pattern` must be to read the decoder-layer index."""
-        return self.layers_path.rsplit(".", 1)[-1]
-
-    def module_name(self, layer: int, target: TargetModule) -> str:
-        return f"{self.layers_path}.{layer}.{target.path}"
-
     def kinds(self) -> dict[str, str]:
         return {t.key: t.kind for targets in self.layer_targets for t in targets}
 

@@ -1,126 +1,25 @@
-"""Adapter export (PEFT format), JSON artefacts and resumable checkpoints, written atomically.
+"""Resumable checkpoints: where a run finds the one it continues from, how it writes and restores one.
 
-Everything is written to a temporary path and renamed into place. Our own files are JSON and
-safetensors; the one pickle format is DeepSpeed's engine checkpoint, which dist.py loads with
-torch.load(weights_only=True).
+Every file is written atomically (aletheia_ds/io.py). Our own files are JSON and safetensors; the one pickle
+format is DeepSpeed's engine checkpoint, which dist.py loads with torch.load(weights_only=True).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
+from .adapters.export import export_adapter
 from .config import ConfigError
-
-
-def _umask_mode(directory: bool) -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; once the block ends it is fsynced, given the usual
-    permissions and renamed onto `path`. On an error it is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _umask_mode(False))  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """A temporary directory beside `path` to fill; once the block ends it gets the usual permissions and
-    replaces `path` (an existing one is swapped out, then removed). On an error it is removed and `path` is
-    left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, _umask_mode(True))  # mkdtemp makes 0700
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: str | Path, blob: Any) -> None:
-    write_text_atomic(path, json.dumps(blob, indent=2) + "\n")
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place; an existing one is swapped out, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if "lora_" in name]
-
-
-def export_adapter(ctx, peft_model: nn.Module, out_dir: str | Path) -> Path | None:
-    """Gather the LoRA weights (every rank takes part under ZeRO-3), write them from rank 0 in PEFT format."""
-    params = lora_parameters(peft_model)
-    state = {}
-    with ctx.gathered([p for _, p in params]):
-        if ctx.is_main:
-            state = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in params}
-    if not ctx.is_main:
-        return None
-    empty = [name for name, t in state.items() if t.numel() == 0]
-    if empty:
-        raise RuntimeError(f"adapter export: {len(empty)} LoRA tensors are empty after gathering (first: {empty[0]})")
-    from .adapters.experts import save_expert_adapter
-    from .adapters.serving import write_serving_facts
-
-    with atomic_dir(out_dir) as tmp:
-        peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        save_expert_adapter(peft_model, tmp, state)  # per-expert LoRA of megablocks banks, beside PEFT's files
-        write_serving_facts(tmp)  # max rank and targets, for vLLM's --max-lora-rank
-    return Path(out_dir)
-
-
-def save_safetensors_atomic(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-
-
-def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+from .dist import print0
+from .io import fsync_tree, load_safetensors, replace_dir, write_json_atomic, write_text_atomic
+from .plan import Plan
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,17 +73,6 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def fsync_tree(root: Path, recursive: bool = True) -> None:
-    """Flush the files and directories under `root` (and `root`) to disk, so that a rename that follows
-    cannot reach the disk before what it names."""
-    for path in (sorted(root.rglob("*"), reverse=True) if recursive else []) + [root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict) and tree:
         out: dict[str, Any] = {}
@@ -230,9 +118,7 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.state["step"])
 
-    def plan(self):
-        from .plan import Plan
-
+    def plan(self) -> Plan:
         return Plan.from_json(self.state["plan"], f"{self.path}/state.json (plan)")
 
     @classmethod
@@ -264,8 +150,6 @@ class Checkpoint:
                               "batch and the ZeRO partitioning)")
         plan_file = config.get("plan", {}).get("plan")
         if plan_file:
-            from .plan import Plan
-
             given, saved = Plan.load(plan_file), self.plan()
             if (given.layers, given.modules, given.experts) != (saved.layers, saved.modules, saved.experts):
                 raise ConfigError(f"plan.plan: {plan_file} adapts layers {given.layers} ({len(given.modules)} "
@@ -348,8 +232,6 @@ def find_resume(ctx, cfg) -> Optional[Checkpoint]:
     if found is not None:
         found.check_compatible(cfg.model_dump(), ctx.world_size, ctx.ds_config)
     elif cfg.train.resume:
-        from .dist import print0
-
         print0(f"resume: no checkpoint in {Path(cfg.train.output_dir) / 'checkpoints'} yet; starting fresh")
     return found
 

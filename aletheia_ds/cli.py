@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from .config import (ConfigError, PlanSection, RunConfig, TrainingError, config_field, config_reference_markdown,
-                     defaults_yaml, load_config)
+                     defaults_yaml, exit_code, load_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def run_config(args: argparse.Namespace, rest: list[str], base: Optional[dict] =
 
 
 def _probe(args, rest: list[str]) -> None:
-    from .dist import distributed
+    from .dist import distributed, print0
     from .train import Run
 
     cfg = run_config(args, rest, base=PROBE_STANDALONE)
@@ -139,13 +139,12 @@ def _probe(args, rest: list[str]) -> None:
     with distributed(cfg, use_deepspeed=bool(cfg.deepspeed.config)) as ctx:
         run = Run.setup(ctx, cfg)
         report = run.probe(Path(args.out))
-    if ctx.is_main:
-        ranked = sorted(report.layers, key=lambda layer: -layer.score)[:5]
-        print(f"wrote {args.out}: top layers " + ", ".join(f"{x.index} ({x.score:.3g})" for x in ranked))
+    ranked = sorted(report.layers, key=lambda layer: -layer.score)[:5]
+    print0(f"wrote {args.out}: top layers " + ", ".join(f"{x.index} ({x.score:.3g})" for x in ranked))
 
 
 def _plan(args, rest: list[str]) -> None:
-    from .checkpoint import write_json_atomic
+    from .adapters.peft_config import save_plan
     from .cost import CostModel
     from .plan import make_plan
     from .probe.report import ProbeReport
@@ -158,7 +157,7 @@ def _plan(args, rest: list[str]) -> None:
     cost_model = CostModel.load(cost).check_matches(report, cost) if cost else \
         CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
     plan = make_plan(report, cfg.plan, cost_model)
-    write_json_atomic(args.out, plan.to_json())
+    save_plan(plan, args.out)
     experts = f" + {len(plan.experts)} experts" if plan.experts else ""
     print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
           f"captures {plan.score_captured:.1%} of the probe's gradient energy")
@@ -214,7 +213,7 @@ def _eval(args) -> None:
                               forgetting_data=args.forgetting_data, exact_match_rows=args.exact_match_rows,
                               max_new_tokens=args.max_new_tokens)
     if args.out:
-        from .checkpoint import write_json_atomic
+        from .io import write_json_atomic
 
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2))
@@ -353,8 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             args.func(args)
     except (ConfigError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 3
+        return exit_code(err)
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
@@ -44,6 +45,37 @@ Share = Annotated[float, Field(ge=0, lt=1)]  # a part set aside, never the whole
 FiniteNonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 # torch generators take 64-bit seeds and the data order mixes the seed with the epoch number
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
+
+
+def exit_code(err: ConfigError | TrainingError, announce: bool = True) -> int:
+    """What every command line does with these errors: one `error: ...` line on stderr (when `announce`) and
+    exit status 2 for input the user can fix, 3 when training could not go on."""
+    if announce:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    return 2 if isinstance(err, ConfigError) else 3
+
+
+Artefact = TypeVar("Artefact", bound="ArtefactSchema")
+
+
+class ArtefactSchema(BaseModel):
+    """The JSON form of an artefact (probe.json, plan.json, cost.json), checked before it becomes its dataclass:
+    a file that does not fit is one line naming the file, the field, and the command that writes it anew."""
+
+    what: ClassVar[str]  # "plan"
+    written_by: ClassVar[str]  # "aletheia-ds plan"
+
+    @classmethod
+    def parse(cls: type[Artefact], blob: Any, where: str) -> Artefact:
+        try:
+            return cls.model_validate(blob)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "top level"
+            got = first.get("input")
+            got_text = "" if isinstance(got, (dict, list)) else f", got {got!r:.60}"
+            raise ConfigError(f"{where}: not a {cls.what} ({field}: {first['msg']}{got_text}); regenerate it with "
+                              f"`{cls.written_by}`") from None
 
 
 class Section(BaseModel):
@@ -517,42 +549,6 @@ def validate_tree(tree: Any, where: str) -> RunConfig:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
         raise _flatten_error(err, where) from None
-
-
-def read_json_object(path: str | os.PathLike, what: str) -> dict:
-    """A JSON file whose top level is an object (probe.json, plan.json, cost.json), or one clear error."""
-    import json
-
-    try:
-        blob = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as err:
-        raise ConfigError(f"{path}: cannot read {what} ({type(err).__name__}: {str(err)[:200]})") from None
-    if not isinstance(blob, dict):
-        raise ConfigError(f"{path}: not a {what} (top level is {type(blob).__name__})")
-    return blob
-
-
-Artefact = TypeVar("Artefact", bound="ArtefactSchema")
-
-
-class ArtefactSchema(BaseModel):
-    """The JSON form of an artefact (probe.json, plan.json, cost.json), checked before it becomes its dataclass:
-    a file that does not fit is one line naming the file, the field, and the command that writes it anew."""
-
-    what: ClassVar[str]  # "plan"
-    written_by: ClassVar[str]  # "aletheia-ds plan"
-
-    @classmethod
-    def parse(cls: type[Artefact], blob: Any, where: str) -> Artefact:
-        try:
-            return cls.model_validate(blob)
-        except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "top level"
-            got = first.get("input")
-            got_text = "" if isinstance(got, (dict, list)) else f", got {got!r:.60}"
-            raise ConfigError(f"{where}: not a {cls.what} ({field}: {first['msg']}{got_text}); regenerate it with "
-                              f"`{cls.written_by}`") from None
 
 
 def read_yaml(path: str | os.PathLike) -> Any:

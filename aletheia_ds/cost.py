@@ -1,4 +1,4 @@
-"""Pure cost model: predicted step time of a plan, its calibration, and the budgeted selection rule.
+"""Pure cost model: predicted step time of a plan and its calibration (the budget rule that uses it: plan.py).
 
 Where the time of a LoRA step goes (frozen base, adapters on some layers):
   base          embeddings + every layer's forward + LM head forward/backward + loss + optimizer fixed cost
@@ -15,14 +15,14 @@ with w_i = parameters of layer i / mean layer parameters. `analytic` fills the f
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, ClassVar, Iterable, Sequence
 
 from pydantic import Field
 
-from .config import ArtefactSchema, ConfigError, PlanSection, read_json_object
+from .config import ArtefactSchema, ConfigError
+from .io import read_json_object, write_json_atomic
 from .probe.report import ProbeReport
 
 # one adapted module as the cost model sees it: (layer, rank, d_in, d_out)
@@ -166,8 +166,6 @@ class CostModel:
         return cls(**CostJson.parse(blob, where).model_dump())
 
     def save(self, path: str | Path) -> None:
-        from .checkpoint import write_json_atomic
-
         write_json_atomic(path, self.to_json())
 
     @classmethod
@@ -213,91 +211,8 @@ def expert_adapters(plan) -> list[AdapterShape]:
     bank (one adapter module wraps the whole bank). PEFT forms the bank's delta B@A for every expert each
     step, a term this model does not count; tools/bench_moe.py measures it.
     """
-    adapters = []
-    for layer, experts in plan.experts_by_layer().items() if hasattr(plan, "experts_by_layer") else ():
-        share = sum(e.r * e.token_share for e in experts)
-        for bank in plan.moe[layer].banks:
-            adapters.append((layer, share, bank.in_features, bank.out_features))
-    return adapters
-
-
-# ---------------------------------------------------------------- budgeted selection
-@dataclass(frozen=True)
-class _Item:
-    layer: int
-    key: str
-    energy: float
-    seconds: float
-
-
-def _items(report: ProbeReport, settings: PlanSection, cost: CostModel) -> list[_Item]:
-    from .plan import rank_for
-
-    kinds = report.layout["module_kinds"]
-    items = []
-    for index, modules in enumerate(report.module_scores(settings.score)):
-        for key, score in modules.items():
-            r, _ = rank_for(kinds[key], settings)
-            items.append(_Item(index, key, score * score, cost.adapter_seconds(r, *cost.module_shapes[key])))
-    return items
-
-
-def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostModel | None):
-    """Most probe energy within `settings.budget` x the predicted step time of uniform r16 LoRA.
-
-    For every candidate lowest adapted layer c, the depth cost (backward, and recompute under
-    checkpointing, from the top down to c) is paid once; the rest of the budget is filled with layers
-    (plan.granularity=layer, the default) or single modules (=module) at or above c, by energy per second
-    (layer c, or its best module, is taken first, so c really is the lowest). The c with the most captured
-    energy wins; ties go to the cheaper plan.
-    """
-    from .plan import Plan, captured, modules_for_layers
-
-    cost = cost or CostModel.analytic(report)
-    target = settings.budget * cost.uniform_seconds()
-    items = _items(report, settings, cost)
-    if settings.granularity == "layer":
-        # whole layers (every target module of a chosen layer): a controlled study on a pretrained model found
-        # module-by-module picking drifts to many cheap attention-only adapters and loses task quality
-        per_layer: dict[int, list[_Item]] = {}
-        for item in items:
-            per_layer.setdefault(item.layer, []).append(item)
-        items = [_Item(layer, "*", sum(i.energy for i in group), sum(i.seconds for i in group))
-                 for layer, group in per_layer.items()]
-    best: tuple[float, float, list[_Item]] | None = None
-    cheapest = math.inf
-    for cut in range(report.num_layers):
-        fixed = cost.base_s + cost.depth_seconds(cut)
-        in_cut = sorted((i for i in items if i.layer == cut), key=lambda i: -i.energy / i.seconds)
-        if not in_cut:
-            continue
-        cheapest = min(cheapest, fixed + min(i.seconds for i in in_cut))
-        room = target - fixed - in_cut[0].seconds
-        if room < 0:
-            continue
-        chosen = [in_cut[0]]
-        for item in sorted((i for i in items if i.layer >= cut and i is not in_cut[0]),
-                           key=lambda i: -i.energy / i.seconds):
-            if item.seconds <= room:
-                chosen.append(item)
-                room -= item.seconds
-        energy = sum(i.energy for i in chosen)
-        spent = target - room
-        if best is None or energy > best[0] or (energy == best[0] and spent < best[1]):
-            best = (energy, spent, chosen)
-    if best is None:
-        raise ConfigError(f"plan.budget={settings.budget} is below the cheapest possible plan "
-                          f"({cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); "
-                          "raise plan.budget")
-    chosen_keys = {(i.layer, i.key) for i in best[2]}
-    layers = sorted({layer for layer, _ in chosen_keys})
-    modules = [m for m in modules_for_layers(report, layers, settings)
-               if (m.layer, m.key) in chosen_keys or (m.layer, "*") in chosen_keys]
-    plan = Plan(rule="budget", num_layers=report.num_layers, layers_path=report.layout["layers_path"], layers=layers,
-                modules=modules, score_captured=captured(report, modules),
-                settings=settings.model_dump(exclude={"plan"}), model=report.model)
-    plan.predicted = cost.describe(plan)
-    return plan.check()
+    return [(layer, sum(e.r * e.token_share for e in experts), bank.in_features, bank.out_features)
+            for layer, experts, bank, _ in (plan.expert_banks() if hasattr(plan, "expert_banks") else ())]
 
 
 def measurement_plans(num_layers: int, module_shapes: dict[str, list[int]]) -> dict[str, list[AdapterShape]]:

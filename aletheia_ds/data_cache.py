@@ -121,7 +121,6 @@ class TokenizedRows(Sequence[Example]):
 def tokenize_to_cache(source: str | Path, tokenizer, seq_len: int, cache_dir: Path, num_proc: int,
                       packing: bool = False, log: Callable[[str], None] = print) -> Path:
     """Tokenize `source` into <cache_dir>/<key>/ unless it is there already; returns that folder."""
-    import datasets
 
     target = cache_dir / cache_key(source, tokenizer, seq_len, packing)
     if (target / "dataset_info.json").is_file():

@@ -18,19 +18,31 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, RunConfig
+from .io import write_json_atomic
 from .launchers.deepspeed import free_port
 
 _RANK = int(os.environ.get("RANK", "0"))
-
-
-def rank() -> int:
-    return _RANK
 
 
 def print0(*args, **kwargs) -> None:
     """Print on global rank 0 only."""
     if _RANK == 0:
         print(*args, **kwargs, flush=True)
+
+
+def write_json0(path: str | Path, blob: Any) -> None:
+    """Write a JSON artefact atomically from global rank 0 only (every rank holds the same `blob`)."""
+    if _RANK == 0:
+        write_json_atomic(path, blob)
+
+
+def peak_host_rss_gib() -> float:
+    """This process's peak resident host memory so far, in GiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
 
 
 def _ensure_single_process_env() -> None:

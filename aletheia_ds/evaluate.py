@@ -84,9 +84,9 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
     import contextlib
     from pathlib import Path
 
-    from .checkpoint import load_safetensors
     from .config import ConfigError, ModelSection
     from .data import fixed_batches, load_examples, load_tokenizer
+    from .io import load_safetensors
     from .model import load_model
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():

@@ -16,6 +16,8 @@ split the same way. Kinds of delta:
   - megablocks per-expert LoRA (expert_adapter.json): aletheia_ds.adapters.experts.ExpertLoRA on the 2-D bank
 Everything is written to a temporary directory beside `out` and renamed into place: a failure leaves nothing
 behind.
+This is the export of a merged model; the adapter directory it reads is the adapter export of a training run
+(aletheia_ds/adapters/export.py).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .checkpoint import atomic_dir
 from .config import ConfigError
+from .io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX_FILE = "model.safetensors.index.json"

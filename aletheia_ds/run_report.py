@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .config import ConfigError
+from .io import atomic_path, read_json_object, write_text_atomic
 from .plan import Plan
 from .probe.report import ProbeReport
 
@@ -79,8 +81,6 @@ def _pyplot():
 
 
 def _save(fig, out: Path) -> Path:
-    from .checkpoint import atomic_path
-
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     _pyplot().close(fig)
@@ -318,8 +318,6 @@ def _fmt(value, spec: str = ".4f") -> str:
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    from .config import read_json_object
-
     return read_json_object(path, path.name) if path.is_file() else None
 
 
@@ -407,9 +405,6 @@ def render_markdown(run_dir: Path, report: ProbeReport, plan: Optional[Plan], re
 
 def write_run_report(run_dir: Path, out_dir: Optional[Path] = None, fmt: str = "md") -> list[Path]:
     """report.md (or report.html) and its PNGs for a run directory; returns the files written."""
-    from .checkpoint import write_text_atomic
-    from .config import ConfigError
-
     if not run_dir.is_dir():
         raise ConfigError(f"report: run directory {str(run_dir)!r} does not exist")
     if not (run_dir / "probe.json").is_file():

@@ -29,12 +29,16 @@ import torch
 import torch.nn as nn
 
 from . import data as data_mod
+from .adapters.export import export_adapter
+from .adapters.peft_config import plan_json
 from .arch import Layout, describe
-from .checkpoint import (Checkpoint, export_adapter, find_resume, restore_checkpoint, save_checkpoint,
-                         save_safetensors_atomic, write_json_atomic)
-from .config import ConfigError, RunConfig, TrainingError, load_config
-from .dist import DistContext, distributed, held_parameter_elements, print0, resolve_dtype
+from .checkpoint import Checkpoint, find_resume, restore_checkpoint, save_checkpoint
+from .config import ConfigError, RunConfig, TrainingError, exit_code, load_config
+from .cost import CostModel
+from .dist import (DistContext, distributed, held_parameter_elements, peak_host_rss_gib, print0, resolve_dtype,
+                   write_json0)
 from .evaluate import held_out_loss
+from .io import save_safetensors_atomic, write_json_atomic
 from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, load_model
 from .model import fingerprint as model_fingerprint
@@ -43,12 +47,12 @@ from .execution import ExecutionOptions, PreparedModel, PrefixCache, PrefixCache
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 from .progress import Progress
-from .run_report import RunResults
+from .run_report import RunResults, plot_experts, plot_probe
 
 
-class Reporter:
-    """Where the job's progress goes besides metrics.jsonl: a cluster's tracker (launch/ray_train.py sends it
-    to Ray Train). This one does nothing.
+class RunObserver:
+    """Hooks that follow the job's progress besides metrics.jsonl: a cluster's tracker (launch/ray_train.py
+    sends it to Ray Train through launchers/ray.py's RayObserver). This one does nothing.
 
     Every rank calls each method at the same points and the same number of times, so an implementation may
     synchronise the ranks (ray.train.report is a barrier).
@@ -162,11 +166,11 @@ class Run:
     results: RunResults = field(default_factory=RunResults)
     last_checkpoint: Optional[Path] = None
     _fingerprints: Optional[dict] = None
-    reporter: Reporter = field(default_factory=Reporter)
+    observer: RunObserver = field(default_factory=RunObserver)
 
     # ---------------------------------------------------------------- setup
     @classmethod
-    def setup(cls, ctx: DistContext, cfg: RunConfig, reporter: Optional[Reporter] = None) -> "Run":
+    def setup(cls, ctx: DistContext, cfg: RunConfig, observer: Optional[RunObserver] = None) -> "Run":
         torch.manual_seed(cfg.train.seed)
         out = Path(cfg.train.output_dir)
         check_sequence_lengths(cfg.model, {"data.seq_len": cfg.data.seq_len,
@@ -197,9 +201,9 @@ class Run:
                f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
                f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
                f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}")
-        reporter = reporter or Reporter()
-        reporter.started(ctx, model)
-        run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, reporter=reporter)
+        observer = observer or RunObserver()
+        observer.started(ctx, model)
+        run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, observer=observer)
         held, total = held_parameter_elements(model)
         run.results.seconds["build"] = build_seconds
         run.results.peak_memory_gib["build"] = ctx.peak_memory_gib()
@@ -250,8 +254,7 @@ class Run:
             self.results.seconds["probe"] = report.seconds
             self.results.peak_memory_gib["probe"] = self.ctx.peak_memory_gib()
             print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
-        if self.ctx.is_main:
-            write_json_atomic(out_path or self.out / "probe.json", report.to_json())
+        write_json0(out_path or self.out / "probe.json", report.to_json())
         return report
 
     # ---------------------------------------------------------------- plan
@@ -263,14 +266,10 @@ class Run:
                 plan = Plan.load(cfg.plan.plan)
                 print0(f"plan: reusing {cfg.plan.plan}")
             else:
-                from .cost import CostModel
-
                 cost = CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost) if cfg.plan.cost else \
                     CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
                 plan = make_plan(report, cfg.plan, cost)
-            write_json_atomic(self.out / "plan.json", plan.to_json())
-            from .run_report import plot_experts, plot_probe
-
+            write_json_atomic(self.out / "plan.json", plan_json(plan))
             plot_probe(report, plan, self.out / "probe.png")
             plot_experts(report, self.out / "experts.png")
         plan = self.ctx.broadcast_object(plan)
@@ -282,18 +281,18 @@ class Run:
         print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
                f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
                f"{predicted}")
-        self.reporter.planned(report, plan)
+        self.observer.planned(report, plan)
         return plan
 
     def resume_plan(self, checkpoint: Checkpoint) -> Plan:
         """The checkpoint's plan as it was: the engine state it holds fits these adapters only."""
         checkpoint.check_fingerprints(self.fingerprints())
         plan = checkpoint.plan()
-        if self.ctx.is_main and not (self.out / "plan.json").is_file():
-            write_json_atomic(self.out / "plan.json", plan.to_json())
+        if not (self.out / "plan.json").is_file():
+            write_json0(self.out / "plan.json", plan_json(plan))
         print0(f"plan ({plan.rule}): the checkpoint's, layers {plan.layers}; {len(plan.modules)} adapters "
                "(no probe on resume)")
-        self.reporter.planned(None, plan)
+        self.observer.planned(None, plan)
         return plan
 
     def fingerprints(self) -> dict:
@@ -423,7 +422,7 @@ class Run:
         if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == total_steps:
             saved = self.save(step + 1, total_steps, training.plan, guard)
         if row is not None or saved is not None:
-            self.reporter.step(row or {"step": step + 1}, saved)
+            self.observer.step(row or {"step": step + 1}, saved)
 
     def finish(self) -> None:
         """After the last step: training time and memory peak, the held-out loss after training, the results."""
@@ -448,9 +447,9 @@ class Run:
         """A resumable checkpoint of this step (every rank takes part)."""
         state = {"total_steps": total_steps, "world_size": self.ctx.world_size, "zero_stage": self.ctx.zero_stage,
                  "nan_skips": guard.skips, "eval_loss_before": self.results.eval_loss_before,
-                 "config": self.cfg.model_dump(), "deepspeed": self.ctx.ds_config, "plan": plan.to_json(),
+                 "config": self.cfg.model_dump(), "deepspeed": self.ctx.ds_config, "plan": plan_json(plan),
                  "fingerprints": self.fingerprints(), "versions": _versions()}
-        keep_last = None if self.reporter.keeps_checkpoints else self.cfg.train.keep_last
+        keep_last = None if self.observer.keeps_checkpoints else self.cfg.train.keep_last
         self.last_checkpoint = save_checkpoint(self.ctx, self.engine, self.model, self.out, step, state, keep_last)
         print0(f"checkpoint: {self.last_checkpoint}")
         return self.last_checkpoint
@@ -488,19 +487,10 @@ class Run:
         path = export_adapter(self.ctx, self.model, self.out / "adapter")
         self.results.seconds["export"] = time.perf_counter() - started
         self.sample_logits()
-        if self.ctx.is_main:
-            write_json_atomic(self.out / "eval.json", self.results.to_json())
-            print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
-        self.reporter.finished(self.results.to_json())
+        write_json0(self.out / "eval.json", self.results.to_json())
+        print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
+        self.observer.finished(self.results.to_json())
         return path
-
-
-def peak_host_rss_gib() -> float:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
 
 
 def _versions() -> dict:
@@ -512,13 +502,13 @@ def _versions() -> dict:
             "peft": peft.__version__}
 
 
-def main(cfg: RunConfig, reporter: Optional[Reporter] = None) -> RunResults:
-    """The whole job on this rank; `reporter` receives its progress (launch/ray_train.py: Ray Train)."""
+def main(cfg: RunConfig, observer: Optional[RunObserver] = None) -> RunResults:
+    """The whole job on this rank; `observer` follows its progress (launch/ray_train.py: Ray Train)."""
     cfg.require_paths()
     check_backends(cfg.train.report_to)
     with distributed(cfg) as ctx:
         resume = find_resume(ctx, cfg)
-        run = Run.setup(ctx, cfg, reporter)
+        run = Run.setup(ctx, cfg, observer)
         plan = run.resume_plan(resume) if resume else run.plan(run.probe())
         run.prepare_training(plan, resume)
         for step in run.remaining_steps():
@@ -537,9 +527,7 @@ def cli(argv: list[str] | None = None) -> int:
         main(cfg)
     except (ConfigError, TrainingError) as err:
         # every rank meets the same bad input or the same all-reduced loss; one line from rank 0
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 3
+        return exit_code(err, announce=os.environ.get("RANK", "0") == "0")
     return 0
 
 

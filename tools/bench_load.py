@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from aletheia_ds.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from aletheia_ds.io import write_json_atomic, write_text_atomic  # noqa: E402
 from bench_scale import child_env, launcher, run_config, run_logged, write_data  # noqa: E402
 
 

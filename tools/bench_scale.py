@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aletheia_ds.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
+from aletheia_ds.io import write_json_atomic, write_text_atomic  # noqa: E402
 from aletheia_ds.cost import lora_step_flops_per_token  # noqa: E402
 from aletheia_ds.launchers.deepspeed import free_port  # noqa: E402
 

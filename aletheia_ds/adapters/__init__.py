@@ -1,1 +1,2 @@
-"""LoRA adapters from a Plan: PEFT config, attach + verify, per-expert LoRA, export."""
+"""LoRA adapters from a Plan: peft_config (Plan -> LoraConfig, plan.json), attach (attach + verify), experts
+(per-expert LoRA of megablocks banks), export (the adapter files, PEFT format)."""

@@ -1,10 +1,7 @@
-"""Plan -> peft.LoraConfig; attach; verify that exactly the planned modules got adapters of the planned rank.
+"""Attach the planned adapters to a model and verify that exactly the planned modules got them, at the planned rank.
 
-PEFT matches `target_modules` by name suffix, `layers_to_transform` by a regex on the layer index, and
-silently ignores `rank_pattern` keys that match nothing. The fields below use layer-relative paths
-("self_attn.q_proj", never a bare "gate_proj" that would also hit "shared_expert.gate_proj") and an
-explicit `layers_pattern`; `verify_adapters` then checks the result module by module, by name built
-from the model's own layout, so a silent mismatch becomes an error.
+The LoraConfig comes from aletheia_ds/adapters/peft_config.py; `verify_adapters` checks the attached model
+module by module, by names built from the plan, so a silent PEFT mismatch becomes an error.
 
 Expert adapters (transformers' fused banks): PEFT's `target_parameters` puts one LoRA on a whole 3-D bank
 (E, out, in), its factors holding one rank-r block per expert: lora_A (E*r, in) viewed (E, r, in),
@@ -19,108 +16,20 @@ per-expert LoRA (aletheia_ds/adapters/experts.py).
 
 from __future__ import annotations
 
-import re
 import warnings
-from collections import Counter
 
 import torch
 import torch.nn as nn
 
+from ..arch import find_moe_block, get_submodule
 from ..config import ConfigError, LoraSection
-from ..plan import Plan, PlannedModule
-
-
-def _pattern(values: dict[str, float], default: float) -> dict[str, float]:
-    return {re.escape(path): value for path, value in sorted(values.items()) if value != default}
-
-
-def by_parameter(plan: Plan) -> list[PlannedModule]:
-    """Planned linears adapted through PEFT `target_parameters` ("<path>.weight") instead of `target_modules`.
-
-    In MoE models, PEFT rewrites `target_modules` entries ending in an expert projection name (`gate_proj`,
-    `up_proj`, `down_proj`, `w1`..`w3`, `gate`) into whole-model `target_parameters` (its conversion of
-    transformers-4 configs, peft/utils/transformers_weight_conversion.py), which would hit every expert bank
-    and drop the dense MLP and shared-expert linears we meant. Naming their weights as parameters keeps the
-    plan exact and the saved adapter loadable; the price is PEFT's parameter path (W + BA formed per step).
-    """
-    if not plan.moe:
-        return []
-    return [m for m in plan.modules if m.kind != "attention"]
-
-
-def parameter_ranks(plan: Plan) -> dict[str, tuple[int, float]]:
-    """{full parameter name: (r, alpha)} of every parameter PEFT wraps: hf fused banks of planned experts,
-    router weights, and (MoE models) MLP linear weights."""
-    targets = {f"{plan.layers_path}.{m.layer}.{m.path}.weight": (m.r, m.alpha) for m in by_parameter(plan)}
-    for layer, experts in plan.experts_by_layer().items():
-        block = plan.moe[layer]
-        if block.style != "hf":
-            continue  # megablocks banks: aletheia_ds/adapters/experts.py
-        for bank in block.banks:
-            targets[f"{plan.layers_path}.{layer}.{bank.path}"] = (experts[0].r, experts[0].alpha)
-    for m in plan.routers:
-        targets[f"{plan.layers_path}.{m.layer}.{m.path}"] = (m.r, m.alpha)
-    return targets
-
-
-def lora_config_fields(plan: Plan) -> dict:
-    """The exact LoraConfig fields of a plan (also written into plan.json)."""
-    parameters = parameter_ranks(plan)
-    param_keys = {(m.layer, m.key) for m in by_parameter(plan)}
-    modules = [m for m in plan.modules if (m.layer, m.key) not in param_keys]
-    ranked = [(m.r, m.alpha) for m in modules] or list(parameters.values()) or [(8, 16.0)]
-    r = Counter(x for x, _ in ranked).most_common(1)[0][0]
-    alpha = Counter(a for _, a in ranked).most_common(1)[0][0]
-    paths = sorted({m.path for m in modules})
-    by_path_r: dict[str, set] = {}
-    by_path_alpha: dict[str, set] = {}
-    for m in modules:
-        by_path_r.setdefault(m.path, set()).add(m.r)
-        by_path_alpha.setdefault(m.path, set()).add(m.alpha)
-    rank_pattern: dict[str, float] = {}
-    alpha_pattern: dict[str, float] = {}
-    # one key per module path when its rank is the same in every planned layer, else one per full name
-    for m in modules:
-        name = f"{plan.layers_path}.{m.layer}.{m.path}"
-        if len(by_path_r[m.path]) > 1 and m.r != r:
-            rank_pattern[re.escape(name)] = m.r
-        if len(by_path_alpha[m.path]) > 1 and m.alpha != alpha:
-            alpha_pattern[re.escape(name)] = m.alpha
-    rank_pattern.update(_pattern({p: next(iter(v)) for p, v in by_path_r.items() if len(v) == 1}, r))
-    alpha_pattern.update(_pattern({p: next(iter(v)) for p, v in by_path_alpha.items() if len(v) == 1}, alpha))
-    planned = {(m.layer, m.path) for m in modules}
-    exclude = sorted(f"{plan.layers_path}.{layer}.{path}" for layer in plan.layers for path in paths
-                     if (layer, path) not in planned)
-    # parameters by full name: PEFT matches target_parameters and the patterns on it
-    for name, (pr, pa) in parameters.items():
-        if pr != r:
-            rank_pattern[re.escape(name)] = pr
-        if pa != alpha:
-            alpha_pattern[re.escape(name)] = pa
-    fields = {"r": int(r), "lora_alpha": float(alpha), "target_modules": paths,
-              "layers_to_transform": plan.layers if paths else None,
-              "layers_pattern": plan.layers_path.rsplit(".", 1)[-1] if paths else None, "rank_pattern": rank_pattern,
-              "alpha_pattern": alpha_pattern, "exclude_modules": exclude or None}
-    if parameters:
-        fields["target_parameters"] = sorted(parameters)
-    return fields
-
-
-def build_lora_config(plan: Plan, section: LoraSection | None = None):
-    from peft import LoraConfig
-
-    section = section or LoraSection()
-    fields = lora_config_fields(plan)
-    if fields.get("target_parameters") and section.dropout:
-        raise ConfigError(f"lora.dropout={section.dropout}: expert and router adapters (PEFT target_parameters) "
-                          "cannot apply dropout; set lora.dropout=0")
-    return LoraConfig(task_type="CAUSAL_LM", lora_dropout=section.dropout, bias="none", **fields)
+from ..plan import Plan
+from .experts import attach_expert_lora, expert_lora_deltas, expert_lora_problems
+from .peft_config import build_lora_config, by_parameter, parameter_ranks
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     """One clear line when the plan names an expert, bank or MoE layer this model does not have."""
-    from ..arch import find_moe_block, get_submodule
-
     if not plan.moe:
         return
     try:
@@ -158,8 +67,6 @@ def attach(model: nn.Module, plan: Plan, section: LoraSection | None = None):
             peft_model = get_peft_model(model, build_lora_config(plan, section))
         keep_planned_experts_only(peft_model, plan)
         if any(block.style == "megablocks" for block in plan.moe.values()):
-            from .experts import attach_expert_lora
-
             attach_expert_lora(peft_model, plan)
     verify_adapters(peft_model, plan)
     return peft_model
@@ -189,15 +96,11 @@ def keep_planned_experts_only(peft_model: nn.Module, plan: Plan, adapter: str = 
     """Zero every unplanned expert's A and B blocks in each fused bank (the module docstring says why that
     holds them at zero through training)."""
     wrappers = _param_wrappers(peft_model, adapter)
-    for layer, experts in plan.experts_by_layer().items():
-        block = plan.moe[layer]
-        if block.style != "hf":
-            continue
-        unplanned = sorted(set(range(block.num_experts)) - {e.expert for e in experts})
-        for bank in block.banks:
-            a, b = _expert_factors(wrappers[f"{plan.layers_path}.{layer}.{bank.path}"], adapter)
-            a[unplanned] = 0.0
-            b[:, :, unplanned] = 0.0
+    for layer, experts, _, name in plan.expert_banks("hf"):
+        unplanned = sorted(set(range(plan.moe[layer].num_experts)) - {e.expert for e in experts})
+        a, b = _expert_factors(wrappers[name], adapter)
+        a[unplanned] = 0.0
+        b[:, :, unplanned] = 0.0
 
 
 @torch.no_grad()
@@ -214,14 +117,8 @@ def expert_deltas(peft_model: nn.Module, adapter: str = "default") -> dict[str, 
         a, b = _expert_factors(wrapper, adapter)
         scaling = wrapper.scaling[adapter]
         norms[name] = [float((b[:, :, e].double() @ a[e].double()).norm() * scaling) for e in range(a.shape[0])]
-    norms.update(_megablocks_deltas(peft_model))
+    norms.update(expert_lora_deltas(peft_model))  # megablocks banks
     return norms
-
-
-def _megablocks_deltas(peft_model: nn.Module) -> dict[str, list[float]]:
-    from .experts import expert_lora_deltas
-
-    return expert_lora_deltas(peft_model)
 
 
 def adapter_modules(peft_model: nn.Module, adapter: str = "default") -> dict[str, tuple[int, float]]:
@@ -245,7 +142,7 @@ def adapter_modules(peft_model: nn.Module, adapter: str = "default") -> dict[str
 def verify_adapters(peft_model: nn.Module, plan: Plan, adapter: str = "default") -> None:
     """Exactly the planned (layer, module) pairs carry adapters of the planned rank and alpha; nothing else trains."""
     param_keys = {(m.layer, m.key) for m in by_parameter(plan)}
-    expected = {f"{plan.layers_path}.{m.layer}.{m.path}": (m.r, m.alpha) for m in plan.modules
+    expected = {plan.module_name(m.layer, m.path): (m.r, m.alpha) for m in plan.modules
                 if (m.layer, m.key) not in param_keys}
     expected.update(parameter_ranks(plan))
     found = adapter_modules(peft_model, adapter)
@@ -273,23 +170,15 @@ def _expert_problems(peft_model: nn.Module, plan: Plan, adapter: str) -> list[st
     """Each fused bank's adapter is non-zero exactly on the planned experts' A blocks, zero elsewhere."""
     problems = []
     wrappers = _param_wrappers(peft_model, adapter)
-    for layer, experts in plan.experts_by_layer().items():
-        block = plan.moe[layer]
-        if block.style != "hf":
+    for layer, experts, _, name in plan.expert_banks("hf"):
+        if name not in wrappers:
+            continue  # reported as a missing adapter
+        wrapper, num_experts, planned = wrappers[name], plan.moe[layer].num_experts, {e.expert for e in experts}
+        if wrapper.num_experts != num_experts:
+            problems.append(f"{name} adapts {wrapper.num_experts} experts, the plan expects {num_experts}")
             continue
-        planned = {e.expert for e in experts}
-        for bank in block.banks:
-            name = f"{plan.layers_path}.{layer}.{bank.path}"
-            if name not in wrappers:
-                continue  # reported as a missing adapter
-            wrapper = wrappers[name]
-            if wrapper.num_experts != block.num_experts:
-                problems.append(f"{name} adapts {wrapper.num_experts} experts, the plan expects {block.num_experts}")
-                continue
-            a, b = _expert_factors(wrapper, adapter)
-            live = {e for e in range(block.num_experts) if a[e].abs().sum() > 0 or b[:, :, e].abs().sum() > 0}
-            if live != planned:
-                problems.append(f"{name} has adapters on experts {sorted(live)}, the plan on {sorted(planned)}")
-    from .experts import expert_lora_problems
-
+        a, b = _expert_factors(wrapper, adapter)
+        live = {e for e in range(num_experts) if a[e].abs().sum() > 0 or b[:, :, e].abs().sum() > 0}
+        if live != planned:
+            problems.append(f"{name} has adapters on experts {sorted(live)}, the plan on {sorted(planned)}")
     return problems + expert_lora_problems(peft_model, plan)

@@ -1,4 +1,5 @@
-"""Per-expert LoRA on megablocks dMoE banks, saved beside the PEFT adapter, with its loader.
+"""Per-expert LoRA on megablocks dMoE banks and its loader (aletheia_ds/adapters/export.py writes it beside
+the PEFT adapter).
 
 megablocks keeps each expert bank as one 2-D parameter of shape (E*F, H): in `w1` and `v1` expert e's rows
 e*F .. (e+1)*F map x -> x W_e^T (in H, out F); in `w2` they map a -> a W_e (in F, out H). PEFT would see one
@@ -99,15 +100,11 @@ def add_expert_lora(model: nn.Module, parameter: str, spec: dict) -> ExpertLoRA:
 
 def attach_expert_lora(model: nn.Module, plan) -> None:
     """Per-expert LoRA on every megablocks bank with planned experts (the rest of the plan is PEFT's)."""
-    for layer, experts in plan.experts_by_layer().items():
-        block = plan.moe[layer]
-        if block.style != "megablocks":
-            continue
-        for bank in block.banks:
-            spec = {"num_experts": block.num_experts, "experts": [e.expert for e in experts], "r": experts[0].r,
-                    "alpha": experts[0].alpha, "in_features": bank.in_features, "out_features": bank.out_features,
-                    "transposed": bank.name == "w2"}
-            add_expert_lora(model, f"{plan.layers_path}.{layer}.{bank.path}", spec)
+    for layer, experts, bank, name in plan.expert_banks("megablocks"):
+        spec = {"num_experts": plan.moe[layer].num_experts, "experts": [e.expert for e in experts], "r": experts[0].r,
+                "alpha": experts[0].alpha, "in_features": bank.in_features, "out_features": bank.out_features,
+                "transposed": bank.name == "w2"}
+        add_expert_lora(model, name, spec)
 
 
 def expert_loras(model: nn.Module) -> dict[str, ExpertLoRA]:
@@ -133,41 +130,13 @@ def expert_lora_deltas(model: nn.Module) -> dict[str, list[float]]:
 
 
 def expert_lora_problems(model: nn.Module, plan) -> list[str]:
-    expected = {}
-    for layer, experts in plan.experts_by_layer().items():
-        block = plan.moe[layer]
-        if block.style == "megablocks":
-            for bank in block.banks:
-                expected[f"{plan.layers_path}.{layer}.{bank.path}"] = ([e.expert for e in experts], experts[0].r)
+    expected = {name: ([e.expert for e in experts], experts[0].r)
+                for _, experts, _, name in plan.expert_banks("megablocks")}
     found = {name: (lora.experts, lora.r) for name, lora in expert_loras(model).items()}
     problems = [f"{name} has expert adapters {found.get(name)}, the plan {want}"
                 for name, want in expected.items() if found.get(name) != (sorted(want[0]), want[1])]
     problems += [f"{name} has expert adapters the plan does not name" for name in sorted(set(found) - set(expected))]
     return problems
-
-
-def save_expert_adapter(model: nn.Module, directory: str | Path, state: dict[str, torch.Tensor]) -> bool:
-    """Write expert_adapter.{json,safetensors} from gathered `state` (named as model.named_parameters()).
-
-    Returns False (writing nothing) when the model has no per-expert LoRA.
-    """
-    from safetensors.torch import save_file
-
-    loras = expert_loras(model)
-    if not loras:
-        return False
-    by_module = {id(lora): name for name, lora in loras.items()}
-    tensors = {}
-    for full_name, module in model.named_modules():
-        if id(module) in by_module:
-            parameter = by_module[id(module)]
-            for part in ("lora_A", "lora_B"):
-                tensors[f"{parameter}.{part}"] = state[f"{full_name}.{part}"].detach().cpu().contiguous()
-    blob = {"format": FORMAT, "version": 1, "banks": [lora.describe(name) for name, lora in sorted(loras.items())]}
-    directory = Path(directory)
-    save_file(tensors, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(blob, indent=2) + "\n", encoding="utf-8")
-    return True
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
     driver:  config -> absolute paths, run directory = ray.storage_path/ray.name -> connect -> does the
              cluster fit the workers? -> TorchTrainer(ScalingConfig, RunConfig, FailureConfig).fit()
-    worker:  aletheia_ds.train.main(cfg, RayReporter) inside the process group Ray Train created: the same
+    worker:  aletheia_ds.train.main(cfg, RayObserver) inside the process group Ray Train created: the same
              probe -> plan -> train -> export as `deepspeed launch/train.py`, DeepSpeed inside the worker
 
 The driver never builds the model: each worker builds its partition of it under zero.Init (ZeRO-3).
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from ..config import ConfigError, RunConfig, TrainingError, load_config
+from ..config import ConfigError, RunConfig, TrainingError, exit_code, load_config
+from ..io import write_json_atomic
 
 # config keys holding local paths: the driver makes them absolute, the workers run in other directories
 PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval"),
@@ -174,8 +175,7 @@ def cli(argv: Optional[list[str]] = None) -> int:
         cfg.require_paths()  # here, before any worker starts: the same files must be there on every node
         result = fit(cfg)
     except (ConfigError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 3
+        return exit_code(err)
     except Exception as err:  # ray.train.TrainingFailedError and friends, after Ray's own report
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         print(f"error: training failed on the Ray workers: {first}", file=sys.stderr, flush=True)
@@ -193,8 +193,8 @@ def digest(blob: Any) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-class RayReporter:
-    """aletheia_ds.train.Reporter for Ray Train: progress and metrics through ray.train.report, checkpoints as
+class RayObserver:
+    """aletheia_ds.train.RunObserver for Ray Train: progress and metrics through ray.train.report, checkpoints as
     ray.train.Checkpoint, and a note per worker in <run>/workers/ (node, process, the plan it trains, how much
     of the base model it holds)."""
 
@@ -205,11 +205,9 @@ class RayReporter:
         self.note: dict[str, Any] = {}
 
     def started(self, ctx, model) -> None:
-        import resource
-
         import ray
 
-        from ..dist import held_parameter_elements
+        from ..dist import held_parameter_elements, peak_host_rss_gib
 
         held, total = held_parameter_elements(model)
         train_ctx = ray.train.get_context()
@@ -219,15 +217,15 @@ class RayReporter:
                      "zero_stage": ctx.zero_stage,
                      # right after the build, before any DeepSpeed engine: what zero.Init left on this rank
                      "base_parameter_elements": {"held": held, "total": total},
-                     "peak_rss_mib_after_build": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                     "peak_host_rss_gib_after_build": peak_host_rss_gib()}
 
     def planned(self, report, plan) -> None:
         import ray.train
 
-        from ..checkpoint import write_json_atomic
+        from ..adapters.peft_config import plan_json
 
         # a resumed run (report None) trains the checkpoint's plan: no probe this time
-        self.note.update(plan_sha256=digest(plan.to_json()), plan_layers=plan.layers, resumed=report is None,
+        self.note.update(plan_sha256=digest(plan_json(plan)), plan_layers=plan.layers, resumed=report is None,
                          probe_sha256=digest(report.to_json()) if report is not None else None)
         write_json_atomic(self.out / WORKERS_DIR / f"rank-{self.note['rank']:05d}.json", self.note)
         probe = {"probe_tokens": report.tokens, "probe_seconds": report.seconds} if report is not None else {}
@@ -267,4 +265,4 @@ def worker_loop(config: dict) -> None:
         import ray.train.torch
 
         os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index)
-    main(cfg, RayReporter(Path(cfg.train.output_dir)))
+    main(cfg, RayObserver(Path(cfg.train.output_dir)))

@@ -22,7 +22,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from ..config import ArtefactSchema, ConfigError, read_json_object
+from ..config import ArtefactSchema, ConfigError
+from ..io import read_json_object
 
 
 SCORE_KINDS = ("raw", "signal", "lowrank", "relative")

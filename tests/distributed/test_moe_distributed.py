@@ -109,7 +109,7 @@ def test_ranks_routing_to_disjoint_experts_probe_train_and_export_exactly(zero3_
             for e, norm in enumerate(norms) if norm > 0}
     assert live == planned
     assert set(adapter_modules(tuned)) >= {f"model.layers.{m.layer}.{m.path}" for m in plan.modules}
-    from aletheia_ds.checkpoint import load_safetensors
+    from aletheia_ds.io import load_safetensors
 
     saved = load_safetensors(out / "logits.safetensors")
     with torch.no_grad():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 
 def brute_force_moe(model, layout, batches) -> dict:

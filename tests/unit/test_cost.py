@@ -3,8 +3,8 @@
 import pytest
 
 from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.cost import CostModel, measurement_plans, select_within_budget
-from aletheia_ds.plan import make_plan
+from aletheia_ds.cost import CostModel, measurement_plans
+from aletheia_ds.plan import make_plan, select_within_budget
 from helpers.reports import SHAPES, known_model, report_with
 
 

@@ -3,8 +3,6 @@ cache without tokenizing; a changed source gets a new key; CSV and parquet read 
 data benchmark runs end to end on 2 CPU ranks with a few rows."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 

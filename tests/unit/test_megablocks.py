@@ -107,7 +107,7 @@ def test_expert_lora_trains_only_planned_experts_and_reloads(tmp_path):
     from peft import PeftModel
 
     from aletheia_ds.arch import describe
-    from aletheia_ds.checkpoint import export_adapter
+    from aletheia_ds.adapters.export import export_adapter
     from aletheia_ds.config import PlanSection
     from aletheia_ds.dist import DistContext
     from aletheia_ds.adapters.experts import load_expert_adapter

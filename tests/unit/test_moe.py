@@ -8,7 +8,8 @@ import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.adapters.attach import adapter_modules, attach, expert_deltas, lora_config_fields, verify_adapters
+from aletheia_ds.adapters.attach import adapter_modules, attach, expert_deltas, verify_adapters
+from aletheia_ds.adapters.peft_config import lora_config_fields, save_plan
 from aletheia_ds.plan import Plan, make_plan
 from aletheia_ds.probe.report import ExpertScore, LayerScore, ProbeReport
 from aletheia_ds.probe.run import run_probe
@@ -173,7 +174,7 @@ def test_moe_plan_round_trips_and_lists_its_peft_fields(qwen2_moe_layout, tmp_pa
     report = moe_report(qwen2_moe_layout, {i: [1.0, 2.0, 3.0, 4.0] for i in range(4)}, {i: [1] * 4 for i in range(4)})
     plan = make_plan(report, PlanSection(top_pct=50, expert_rule="top_k", expert_top_k=2, expert_r=4, mlp_r=8,
                                          attention_r=8, routers="lora"))
-    plan.save(tmp_path / "plan.json")
+    save_plan(plan, tmp_path / "plan.json")
     again = Plan.load(tmp_path / "plan.json")
     assert again.experts == plan.experts and again.routers == plan.routers and again.moe == plan.moe
     fields = json.loads((tmp_path / "plan.json").read_text())["lora_config"]
@@ -303,8 +304,8 @@ def test_cost_model_counts_expert_adapters_by_their_tokens():
 # ---------------------------------------------------------------- per-expert LoRA on 2-D (megablocks-layout) banks
 def test_expert_lora_parametrization_adds_each_planned_experts_delta_and_round_trips(tmp_path):
     """aletheia_ds.adapters.experts on a bank laid out as megablocks keeps it: (E*F, H), expert e owns rows e*F.."""
-    from aletheia_ds.adapters.experts import (CONFIG_FILE, add_expert_lora, expert_lora_deltas, load_expert_adapter,
-                                         save_expert_adapter)
+    from aletheia_ds.adapters.experts import CONFIG_FILE, add_expert_lora, expert_lora_deltas, load_expert_adapter
+    from aletheia_ds.adapters.export import save_expert_adapter
 
     num_experts, ffn, hidden = 4, 6, 5
     torch.manual_seed(0)

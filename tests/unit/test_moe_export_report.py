@@ -48,7 +48,7 @@ def test_merged_moe_model_equals_base_plus_expert_adapter(family, tmp_path):
 
 
 def test_report_of_a_moe_run_has_expert_heat_maps(tmp_path, tiny_frozen):
-    from aletheia_ds.checkpoint import write_json_atomic
+    from aletheia_ds.io import write_json_atomic
     from aletheia_ds.run_report import write_run_report
 
     model, layout, batches = tiny_frozen("qwen2_moe", batches=(2, 2, 12), seed=1)

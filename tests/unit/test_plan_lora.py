@@ -3,11 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.adapters.attach import adapter_modules, attach, build_lora_config, lora_config_fields, verify_adapters
+from aletheia_ds.adapters.attach import adapter_modules, attach, verify_adapters
+from aletheia_ds.adapters.peft_config import build_lora_config, lora_config_fields, save_plan
 from aletheia_ds.plan import Plan, make_plan, select_top_pct
 from helpers.families import FAMILIES, tiny_model
 from helpers.reports import fake_report
@@ -41,7 +41,7 @@ def test_asymmetric_ranks_and_default_alpha_round_trip(tmp_path):
     assert by_kind == {"attention": (16, 32.0), "mlp": (64, 128.0)}
     energy = sum(s * s for layer in report.layers for s in layer.modules.values())
     assert plan.score_captured == pytest.approx((16 + 9) / energy)
-    plan.save(tmp_path / "plan.json")
+    save_plan(plan, tmp_path / "plan.json")
     blob = json.loads((tmp_path / "plan.json").read_text())
     assert blob["lora_config"]["layers_to_transform"] == [0, 2]
     assert blob["lora_config"]["rank_pattern"] == {r"mlp\.down_proj": 64, r"mlp\.gate_proj": 64, r"mlp\.up_proj": 64}

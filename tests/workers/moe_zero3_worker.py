@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
+from aletheia_ds.adapters.attach import attach
+from aletheia_ds.adapters.export import export_adapter
+from aletheia_ds.adapters.peft_config import plan_json
 from aletheia_ds.arch import describe
-from aletheia_ds.checkpoint import export_adapter, save_safetensors_atomic, write_json_atomic
 from aletheia_ds.config import load_config
 from aletheia_ds.dist import DistContext, distributed, gathered_parameters, print0
-from aletheia_ds.adapters.attach import attach
+from aletheia_ds.io import save_safetensors_atomic, write_json_atomic
 from aletheia_ds.model import load_model
 from aletheia_ds.plan import make_plan
 from aletheia_ds.probe.run import run_probe
@@ -148,7 +150,7 @@ def probe_and_train(ctx: DistContext, cfg, models: Path, out: Path, leaf: bool, 
         logits = engine(**batch, use_cache=False).logits
     if ctx.is_main:
         write_json_atomic(out / "probe_split.json", report.to_json())
-        write_json_atomic(out / "plan.json", plan.to_json())
+        write_json_atomic(out / "plan.json", plan_json(plan))
         save_safetensors_atomic(out / "logits.safetensors", {"logits": logits.float(), **batch})
     engine.destroy()
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from aletheia_ds.adapters.attach import attach
-from aletheia_ds.checkpoint import write_json_atomic
+from aletheia_ds.io import write_json_atomic
 from aletheia_ds.config import ConfigError, LoraSection, PlanSection
 from aletheia_ds.cost import CostModel
 from aletheia_ds.data import StepSchedule, collate, fixed_batches

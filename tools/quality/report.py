@@ -18,7 +18,7 @@ import math
 import statistics
 from pathlib import Path
 
-from aletheia_ds.checkpoint import atomic_path, write_json_atomic, write_text_atomic
+from aletheia_ds.io import atomic_path, write_json_atomic, write_text_atomic
 
 from tools.quality import stats
 from tools.quality.arms import ARMS, read_records

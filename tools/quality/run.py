@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from aletheia_ds.checkpoint import write_json_atomic  # noqa: E402
+from aletheia_ds.io import write_json_atomic  # noqa: E402
 from tools.quality.settings import Settings, parse  # noqa: E402
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from aletheia_ds.arch import describe
-from aletheia_ds.checkpoint import write_json_atomic
+from aletheia_ds.io import write_json_atomic
 from aletheia_ds.plan import Plan, transfer_plan
 from aletheia_ds.probe.report import LayerScore, ProbeReport
 from aletheia_ds.speed import random_batch, time_plan
