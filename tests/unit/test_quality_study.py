@@ -208,3 +208,22 @@ def test_smoke_study_end_to_end(tmp_path):
                              "--cache", str(cache)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-2000:]
     assert (out / "table.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]  # all but the command line
+
+
+def test_production_cost_gives_the_base_the_step_time_shares_of_the_production_shape():
+    """A cut at the same share of layers with the same ranks costs the base what it costs the 80-layer shape."""
+    from aletheia_ds.cost import CostModel
+
+    base = speed.uniform_report(speed.meta_layout(dict(
+        model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)))
+    cost = speed.production_cost(base, "qwen2-72b")
+    big = speed.uniform_report(speed.meta_layout(speed.shape_table()["qwen2-72b"]))
+    big.batch_size, big.seq_len = 8, 1024
+    big_cost = CostModel.analytic(big, checkpointing=True)
+    assert cost.uniform_seconds() == pytest.approx(big_cost.uniform_seconds(), rel=1e-9)
+    for cut in (0, 4, 6):  # the same share of 8 and of 80 layers, r16 everywhere above it
+        small = cost.predict([(layer, 16, *shape) for layer in range(cut, 8) for shape in cost.module_shapes.values()])
+        large = big_cost.predict([(layer, 16, *shape) for layer in range(cut * 10, 80)
+                                  for shape in big_cost.module_shapes.values()])
+        assert small / cost.uniform_seconds() == pytest.approx(large / big_cost.uniform_seconds(), rel=1e-6)

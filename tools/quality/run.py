@@ -60,7 +60,7 @@ def study_key(s: Settings) -> str:
     """Runs are filed under the settings that change their numbers (a re-run with new tasks gets a new folder)."""
     fields = ("tasks", "data_seed", "train_per_task", "val_per_task", "eval_per_task", "em_per_task", "task_seq_len",
               "lora_steps", "lora_batch", "lora_warmup", "uniform_r", "attention_r", "mlp_r", "budget", "min_r",
-              "max_r", "guard", "pilot_fraction", "plan_cost", "matched_to", "random_like", "probe_batches",
+              "max_r", "guard", "pilot_fraction", "plan_cost", "production_shape", "matched_to", "random_like", "probe_batches",
               "probe_batch", "probe_sketch_dim")
     blob = json.dumps({f: getattr(s, f) for f in fields}, sort_keys=True)
     return s.tasks.replace(",", "+") + "-" + hashlib.sha1(blob.encode()).hexdigest()[:8]
@@ -180,7 +180,12 @@ def prepare_base(s: Settings, base: str, notes: list[str]) -> None:
     with autocast(device):  # float32 adapters under bf16 autocast, as the runs execute them
         calibrated = calibrate(model, layout, batch, steps=max(1, s.timing_steps // 2), warmup=2,
                                log=lambda line: log(f"  [{base}] {line}"))
-    cost = calibrated if s.plan_cost == "calibrated" else CostModel.analytic(report)
+    if s.plan_cost == "production":
+        from tools.quality.speed import production_cost
+
+        cost = production_cost(report, s.production_shape)
+    else:
+        cost = calibrated if s.plan_cost == "calibrated" else CostModel.analytic(report)
     base_notes: list[str] = []
     plans = build_plans(report, cost, s, base_notes)
     notes += [f"{base}: {n}" for n in base_notes]

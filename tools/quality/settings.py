@@ -61,8 +61,12 @@ class Settings:
     max_r: int = 64
     guard: float = 1.0
     pilot_fraction: float = 0.1
-    plan_cost: str = field(default="analytic", metadata=_help("cost model the rules plan with: analytic (the "
-                                                               "FLOP shape of production scale) | calibrated"))
+    plan_cost: str = field(default="production", metadata=_help(
+        "cost model the rules plan with: production (the analytic model of --production-shape with checkpointing, "
+        "rescaled to the base: cuts fall where the production job puts them) | analytic (the base's own FLOPs) | "
+        "calibrated (timed on this device)"))
+    production_shape: str = field(default="qwen2-72b", metadata=_help("shape whose cost proportions plan_cost="
+                                                                      "production uses"))
     matched_to: str = field(default="cut", metadata=_help("arm whose mean ranks the rank-matched uniform copies"))
     random_like: str = field(default="cut", metadata=_help("arm whose layer count and ranks random copies"))
     margin: float = field(default=0.01, metadata=_help("equivalence margin: relative task loss"))
@@ -117,6 +121,6 @@ def parse(argv: list[str] | None, description: str) -> tuple[Settings, argparse.
         value = getattr(args, f.name)
         if value is not None:
             setattr(settings, f.name, value)
-    if settings.plan_cost not in ("analytic", "calibrated"):
-        parser.error(f"--plan-cost must be analytic or calibrated, got {settings.plan_cost!r}")
+    if settings.plan_cost not in ("production", "analytic", "calibrated"):
+        parser.error(f"--plan-cost must be production, analytic or calibrated, got {settings.plan_cost!r}")
     return settings, args

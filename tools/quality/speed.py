@@ -121,3 +121,41 @@ def stage_speed(s: Settings, key: str, log) -> dict:
 def pilot_ratio(after_cut_ratio: float, pilot_fraction: float) -> float:
     """The pilot's whole-run step-time ratio: uniform for its first share, the cut plan after (1/(p + (1-p)/S))."""
     return pilot_fraction + (1.0 - pilot_fraction) * after_cut_ratio if math.isfinite(after_cut_ratio) else math.nan
+
+
+def meta_layout(shape: dict):
+    """The layout (module shapes, layer parameters, widths) of a named shape, from a weightless meta model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(shape)
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return describe(model)
+
+
+def production_cost(report: ProbeReport, shape: str, checkpointing: bool = True, batch_size: int = 8,
+                    seq_len: int = 1024):
+    """The study base's cost model with the proportions of production: CostModel.analytic of `shape` (e.g. the
+    80-layer Qwen2-72B, gradient checkpointing, 8 x 1024 tokens) rescaled to the base's depth and adapter widths,
+    so that a plan cutting the same share of layers with the same ranks costs the base the same share of uniform
+    r16's step time as at production scale. The rules then place the cut where the production job would."""
+    from aletheia_ds.cost import UNIFORM_RANK, CostModel
+
+    big_layout = meta_layout(shape_table()[shape])
+    big_report = uniform_report(big_layout)
+    big_report.batch_size, big_report.seq_len = batch_size, seq_len
+    big = CostModel.analytic(big_report, checkpointing=checkpointing)
+    shapes = report.layout["module_shapes"]
+    if len(shapes) != len(big.module_shapes):
+        raise ValueError(f"production cost: the base has {len(shapes)} target modules per layer, {shape} "
+                         f"{len(big.module_shapes)}")
+    layers, big_layers = report.num_layers, big.num_layers
+    width = sum(UNIFORM_RANK * (i + o) for i, o in shapes.values())
+    big_width = sum(UNIFORM_RANK * (i + o) for i, o in big.module_shapes.values())
+    scale = big_layers / layers
+    return CostModel(base_s=big.base_s, depth_s=big.depth_s * scale, adapter_fixed_s=big.adapter_fixed_s * scale,
+                     adapter_width_s=big.adapter_width_s * scale * big_width / width, layer_weights=[1.0] * layers,
+                     module_shapes={k: list(v) for k, v in shapes.items()}, checkpointing=checkpointing,
+                     tokens_per_step=big.tokens_per_step, source=f"analytic {shape} proportions, rescaled to "
+                     f"{layers} layers")
