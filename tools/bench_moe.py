@@ -9,7 +9,7 @@ Each variant: a fresh model (same seed), adapters attached by aletheia_ds.adapte
 Reports the median step time, tokens/s and peak GPU memory, one JSON row per variant (also written to --out).
 
 Shapes: qwen3-30b-a3b (128 experts, top-8, hidden 2048), mixtral-8x7b (8 experts, top-2, hidden 4096), or
---smoke: a tiny qwen3_moe on CPU in seconds (what tests/test_bench_moe.py runs):
+--smoke: a tiny qwen3_moe (tiny-moe) on CPU in seconds (what tests/test_bench_moe.py runs):
     python tools/bench_moe.py --smoke --out /tmp/bench_moe_smoke.json
 Other knobs: --expert-rule/--expert-energy/--expert-top-k/--top-pct (the aware plan), --checkpointing, --dtype.
 """
@@ -20,48 +20,21 @@ import argparse
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from aletheia_ds.arch import describe  # noqa: E402
-from aletheia_ds.config import PlanSection  # noqa: E402
-from aletheia_ds.adapters.attach import attach  # noqa: E402
-from aletheia_ds.plan import make_plan  # noqa: E402
-from aletheia_ds.probe.run import run_probe  # noqa: E402
-
-SHAPES = {
-    "qwen3-30b-a3b": ("qwen3_moe", dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                                        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-                                        num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-                                        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                                        max_position_embeddings=8192, tie_word_embeddings=False)),
-    "mixtral-8x7b": ("mixtral", dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                                     num_local_experts=8, num_experts_per_tok=2, num_attention_heads=32,
-                                     num_key_value_heads=8, max_position_embeddings=8192,
-                                     tie_word_embeddings=False)),
-    "smoke": ("qwen3_moe", dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
-                                head_dim=16, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=256,
-                                tie_word_embeddings=False)),
-}
+from _common import MOE_SHAPES, arm_section, model_config, random_model  # first: it puts this checkout on sys.path
+from aletheia_ds.adapters.attach import attach
+from aletheia_ds.arch import describe
+from aletheia_ds.config import PlanSection
+from aletheia_ds.plan import make_plan
+from aletheia_ds.probe.run import run_probe
 
 
-def build_model(shape: str, layers: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    family, fields = SHAPES[shape]
-    config = AutoConfig.for_model(family, num_hidden_layers=layers, **fields)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    return model
+def build_model(args, dtype: torch.dtype, device: torch.device):
+    return random_model(model_config(args.shape, args.layers), dtype=dtype, device=device)
 
 
 def token_batches(count: int, batch_size: int, seq_len: int, vocab: int, device: torch.device, seed: int):
@@ -80,7 +53,7 @@ def sync(device: torch.device) -> None:
 
 
 def time_variant(name: str, plan, args, dtype, device) -> dict:
-    model = build_model(args.shape, args.layers, dtype, device)
+    model = build_model(args, dtype, device)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tuned = attach(model, plan)
@@ -121,7 +94,8 @@ def time_variant(name: str, plan, args, dtype, device) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="qwen3-30b-a3b", choices=[*sorted(MOE_SHAPES), "smoke"],
+                        help="smoke: tiny-moe, the --smoke shape")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -135,18 +109,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank everywhere (attention, experts)")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--smoke", action="store_true", help="tiny CPU run: --shape smoke, 2 layers, few steps")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run: --shape tiny-moe, 2 layers, few steps")
     parser.add_argument("--out", default="bench_moe.json")
     args = parser.parse_args(argv)
+    if args.shape == "smoke":
+        args.shape = "tiny-moe"  # the --smoke shape's name in earlier commands
     if args.smoke:
-        args.shape, args.layers, args.batch_size, args.seq_len = "smoke", 2, 2, 32
+        args.shape, args.layers, args.batch_size, args.seq_len = "tiny-moe", 2, 2, 32
         args.steps, args.warmup, args.probe_batches, args.expert_top_k = 3, 1, 2, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float32": torch.float32}[args.dtype]
 
     # the expert-aware plan comes from a probe of the same (seeded) model on the same kind of batches
-    model = build_model(args.shape, args.layers, dtype, device)
+    model = build_model(args, dtype, device)
     layout = describe(model)
     batches = token_batches(args.probe_batches, args.batch_size, args.seq_len, model.config.vocab_size, device, seed=3)
     report = run_probe(model, layout, batches, lambda b: model(**b).loss)
@@ -154,7 +130,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gc.collect()
     ranks = dict(attention_r=args.rank, mlp_r=args.rank, expert_r=args.rank)
     plans = {
-        "uniform": make_plan(report, PlanSection(rule="all", expert_rule="all", **ranks)),
+        "uniform": make_plan(report, arm_section("uniform", expert_rule="all", **ranks)),
         "expert_aware": make_plan(report, PlanSection(rule="top_pct", top_pct=args.top_pct,
                                                       expert_rule=args.expert_rule, expert_energy=args.expert_energy,
                                                       expert_top_k=args.expert_top_k, **ranks)),

@@ -30,41 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ARMS, DENSE_SHAPES, ROOT, arm_overrides, run_logged, write_config  # first: checkout on sys.path
+from aletheia_ds.io import write_json_atomic, write_text_atomic
+from aletheia_ds.cost import lora_step_flops_per_token
+from aletheia_ds.launchers.deepspeed import deepspeed_command, free_port
 
-from aletheia_ds.io import write_json_atomic, write_text_atomic  # noqa: E402
-from aletheia_ds.cost import lora_step_flops_per_token  # noqa: E402
-from aletheia_ds.launchers.deepspeed import free_port  # noqa: E402
-
-SHAPES = {
-    "qwen2-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
-                      max_position_embeddings=32768),
-    "qwen2.5-32b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
-                        max_position_embeddings=32768),
-    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=6,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=600, tie_word_embeddings=False,
-                 max_position_embeddings=4096),
-}
-ARMS = {
-    "uniform": ["plan.rule=all", "plan.attention_r=16", "plan.mlp_r=16"],
-    "paper": ["plan.rule=top_pct", "plan.top_pct=50", "plan.attention_r=16", "plan.mlp_r=64"],
-    "budget": ["plan.rule=budget", "plan.attention_r=16", "plan.mlp_r=64"],
-}
 H200_BF16_DENSE_TFLOPS = 989.0
-
-
-def write_model(shape: dict, layers: int | None, directory: Path) -> dict:
-    """config.json only: the job builds random weights (model.random_init) straight into ZeRO-3 partitions."""
-    from transformers import AutoConfig
-
-    spec = dict(shape)
-    if layers:
-        spec["num_hidden_layers"] = layers
-    AutoConfig.for_model(spec.pop("model_type"), **spec).save_pretrained(directory)
-    return json.loads((directory / "config.json").read_text())
 
 
 def write_data(path: Path, tokens: int, seed: int) -> None:
@@ -98,27 +69,9 @@ def run_config(args, model_dir: Path, data_dir: Path) -> dict:
 
 
 def launcher(args, script: str, script_args: list[str]) -> list[str]:
-    which = ["--include", f"localhost:{args.gpu_ids}"] if args.gpu_ids else ["--num_gpus", str(args.gpus)]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", *which, "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), script, *script_args]
-
-
-def child_env(args) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if args.cpu:
-        env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    return env
-
-
-def run_logged(cmd: list[str], log: Path, env: dict, timeout: float) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    with log.open("w") as handle:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        raise SystemExit(f"error: {cmd[-1] if len(cmd) < 3 else 'run'} failed (exit {proc.returncode}); "
-                         f"log {log}:\n{tail}")
+    return deepspeed_command(script, script_args, num_gpus=args.gpus,
+                             include=f"localhost:{args.gpu_ids}" if args.gpu_ids else None,
+                             master_addr="127.0.0.1", master_port=free_port(), interpreter_runner=True)
 
 
 # --------------------------------------------------------------------------- link rate (worker side)
@@ -286,7 +239,7 @@ def main() -> None:
         link_worker(Path(known.link_worker), known.link_mb, reps=10)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-72b")
+    parser.add_argument("--shape", choices=sorted(DENSE_SHAPES), default="qwen2-72b")
     parser.add_argument("--layers", type=int, help="override the number of decoder layers")
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--out", required=True)
@@ -318,14 +271,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "model").mkdir(exist_ok=True)
     (out / "data").mkdir(exist_ok=True)
-    config = write_model(SHAPES[args.shape], args.layers, out / "model")
+    config = write_config(args.shape, out / "model", args.layers)
     needed = (args.steps + 2) * args.gpus * args.micro_batch * args.seq_len + args.probe_batches * args.gpus * \
         args.micro_batch * args.seq_len
     write_data(out / "data" / "train.jsonl", int(needed * 1.2), seed=0)
     write_data(out / "data" / "eval.jsonl", args.micro_batch * args.seq_len * args.gpus * 2, seed=1)
     config_path = out / "run.yaml"
     config_path.write_text(yaml.safe_dump(run_config(args, out / "model", out / "data")))
-    env = child_env(args)
     ds_path = Path(args.ds_config).resolve()
     ds = json.loads(ds_path.read_text())
     link_json = Path(args.link_json) if args.link_json else out / "link.json"  # one measured before into --out
@@ -333,7 +285,7 @@ def main() -> None:
     if args.link_rate or args.link_only:
         run_logged(launcher(args, str(Path(__file__).resolve()), ["--link-worker", str(out / "link.json"),
                                                                  "--link-mb", str(args.link_mb)]),
-                   out / "link.log", env, args.timeout)
+                   out / "link.log", cpu=args.cpu, timeout=args.timeout)
         link = json.loads((out / "link.json").read_text())
         print(f"all-gather: {link['received_gb_per_s']:.0f} GB/s received per rank", flush=True)
         if args.link_only:
@@ -348,13 +300,13 @@ def main() -> None:
     for arm in args.arms:
         run_dir = out / arm
         run_dir.mkdir(exist_ok=True)
-        overrides = [f"train.output_dir={run_dir}", *ARMS[arm], *args.set]
+        overrides = [f"train.output_dir={run_dir}", *arm_overrides(arm), *args.set]
         if probe_report is not None:
             overrides.append(f"probe.report={probe_report}")
         started = time.perf_counter()
         try:
             run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(config_path), *overrides]),
-                       run_dir / "log.txt", env, args.timeout)
+                       run_dir / "log.txt", cpu=args.cpu, timeout=args.timeout)
         except (SystemExit, subprocess.TimeoutExpired) as err:  # the other arms still run and are reported
             print(err, flush=True)
             failed.append({"arm": arm, "error": str(err).splitlines()[0]})

@@ -25,42 +25,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import SHAPES, arm_section, model_config, random_model  # first: it puts this checkout on sys.path
 
-from aletheia_ds.arch import describe  # noqa: E402
-from aletheia_ds.config import PlanSection  # noqa: E402
-from aletheia_ds.cost import CostModel  # noqa: E402
-from aletheia_ds.plan import Plan, make_plan  # noqa: E402
-from aletheia_ds.probe.run import run_probe  # noqa: E402
-from aletheia_ds.speed import calibrate, device_name, random_batch, time_plan  # noqa: E402
-
-SHAPES = {
-    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                         max_position_embeddings=32768),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                       max_position_embeddings=32768),
-    # CPU smoke shape
-    "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
-                 max_position_embeddings=256),
-}
-UNIFORM = PlanSection(rule="all", attention_r=16, mlp_r=16)
-PAPER = PlanSection(rule="top_pct", top_pct=50, attention_r=16, mlp_r=64)
-
-
-def build(shape: dict, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(shape)
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-    torch.manual_seed(0)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.requires_grad_(False)
-    model.config.use_cache = False
-    return model
+from aletheia_ds.arch import describe
+from aletheia_ds.cost import CostModel
+from aletheia_ds.plan import Plan, make_plan
+from aletheia_ds.probe.run import run_probe
+from aletheia_ds.speed import calibrate, device_name, random_batch, time_plan
 
 
 def chunked_reference_probe(model, layout, batches, chunk_layers: int = 8) -> float:
@@ -105,7 +76,7 @@ def predicted_seconds(cost: CostModel, plan: Plan, frozen_prefix: bool, checkpoi
 def run_shape(name: str, args, device, dtype, log) -> dict:
     shape = SHAPES[name]
     t0 = time.perf_counter()
-    model = build(shape, device, dtype)
+    model = random_model(model_config(name), dtype=dtype, device=device)
     layout = describe(model)
     log(f"[{name}] built in {time.perf_counter() - t0:.1f} s on {device_name()}")
     vocab = shape["vocab_size"]
@@ -131,9 +102,10 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
         cost = calibrate(model, layout, batch, checkpointing=checkpointing, steps=args.calibration_steps,
                          adapter_dtype=dtype, log=lambda m: log(f"[{name}/{mode}] {m}"))
         calibration_s = time.perf_counter() - t1
-        plans = {"uniform": make_plan(report, UNIFORM, cost), "paper": make_plan(report, PAPER, cost),
-                 "budget": make_plan(report, PlanSection(rule="budget", budget=args.budget, attention_r=16,
-                                                         mlp_r=args.budget_mlp_r), cost)}
+        plans = {"uniform": make_plan(report, arm_section("uniform"), cost),
+                 "paper": make_plan(report, arm_section("paper"), cost),
+                 "budget": make_plan(report, arm_section("budget", budget=args.budget, mlp_r=args.budget_mlp_r),
+                                     cost)}
         # (row, plan, frozen prefix, adapter dtype, compiled, prefix cache)
         rows = [("uniform", "uniform", False, dtype, False, False), ("paper", "paper", False, dtype, False, False),
                 ("budget", "budget", True, dtype, False, False), ("budget_no_prefix", "budget", False, dtype, False, False)]
@@ -256,7 +228,6 @@ def main() -> None:
     text = markdown(results)
     if args.moe_shape:
         # the MoE row: uniform expert LoRA vs the expert-aware plan, same harness conventions (tools/bench_moe.py)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_moe
 
         moe_argv = ["--smoke"] if args.smoke else ["--shape", args.moe_shape, "--layers", str(args.moe_layers),

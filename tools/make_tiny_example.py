@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from _common import random_model
+
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana", "Ivo", "Juno", "Kai", "Lena"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "shells", "stamps", "tickets"]
 
@@ -64,12 +66,11 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int) -> int:
 
 def write_weights(model_dir: Path, seed: int) -> None:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    model = random_model(config, dtype=torch.float32, device=torch.device("cpu"), seed=seed)
 
     # weights only: save_pretrained would rewrite the committed config.json
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

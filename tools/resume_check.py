@@ -13,27 +13,19 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _common import ROOT, start_logged  # first: it puts this checkout on sys.path
+from aletheia_ds.launchers.deepspeed import local_command
 
 
 def launch(args, overrides: list[str], log: Path) -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    gpus = args.gpus or 2
-    if args.gpus == 0:
-        env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(ROOT / "launch/train.py"), "--config", args.config, *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    """The job on `--gpus` ranks (2 CPU ranks for 0), its output into `log`."""
+    cmd = local_command(str(ROOT / "launch/train.py"), ["--config", args.config, *overrides], args.gpus or 2)
+    return start_logged(cmd, log, cpu=args.gpus == 0)
 
 
 def steps_logged(run_dir: Path) -> list[dict]:

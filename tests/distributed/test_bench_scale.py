@@ -46,7 +46,8 @@ def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
 
 
 def test_all_gather_volume_counts_the_partitioned_weights():
-    from bench_scale import SHAPES, all_gather_bytes_per_step
+    from _common import SHAPES
+    from bench_scale import all_gather_bytes_per_step
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(SHAPES["tiny"])

@@ -12,7 +12,7 @@ import torch
 from aletheia_ds.config import ConfigError, ModelSection
 from aletheia_ds.model import load_model
 from aletheia_ds.launchers.deepspeed import rank_env
-from bench_scale import SHAPES
+from _common import SHAPES
 from helpers.ranks import ROOT, run_train
 from write_sharded_checkpoint import write_checkpoint
 

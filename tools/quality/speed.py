@@ -25,11 +25,9 @@ from tools.quality.settings import Settings
 
 
 def shape_table() -> dict[str, dict]:
-    # the shapes the benchmarks time; one table once tools/_common.py holds it
-    from tools.bench_scale import SHAPES as SCALE_SHAPES
-    from tools.bench_speed import SHAPES as SPEED_SHAPES
+    from tools._common import SHAPES  # the one shape table of the benchmarks
 
-    return {**SPEED_SHAPES, **SCALE_SHAPES}
+    return SHAPES
 
 
 def uniform_report(layout) -> ProbeReport:
