@@ -54,23 +54,6 @@ class PlannedExpert:
     token_share: float = 0.0  # tokens routed to it / probe tokens: the share of a step's tokens it sees (cost model)
 
 
-class _PlannedModuleJson(BaseModel):
-    layer: int
-    key: str
-    path: str
-    kind: str
-    r: int
-    alpha: float
-
-
-class _PlannedExpertJson(BaseModel):
-    layer: int
-    expert: int
-    r: int
-    alpha: float
-    token_share: float = 0.0
-
-
 class _MoeBlockJson(BaseModel):
     style: str
     path: str
@@ -92,13 +75,13 @@ class PlanJson(ArtefactSchema):
     num_layers: int
     layers_path: str
     layers: list[int]
-    modules: list[_PlannedModuleJson] = []
+    modules: list[PlannedModule] = []  # pydantic checks the dataclasses' fields
     score_captured: float = math.nan
     settings: dict = {}
     predicted: dict = {}
     model: str = ""
-    experts: list[_PlannedExpertJson] = []
-    routers: list[_PlannedModuleJson] = []
+    experts: list[PlannedExpert] = []
+    routers: list[PlannedModule] = []
     moe: dict[int, _MoeBlockJson] = {}
 
 
@@ -158,10 +141,10 @@ class Plan:
     def from_json(cls, blob: dict, where: str = "plan.json") -> "Plan":
         parsed = PlanJson.parse(blob, where)
         plan = cls(rule=parsed.rule, num_layers=parsed.num_layers, layers_path=parsed.layers_path,
-                   layers=sorted(parsed.layers), modules=[PlannedModule(**m.model_dump()) for m in parsed.modules],
+                   layers=sorted(parsed.layers), modules=list(parsed.modules),
                    score_captured=parsed.score_captured, settings=parsed.settings, predicted=parsed.predicted,
-                   model=parsed.model, experts=[PlannedExpert(**e.model_dump()) for e in parsed.experts],
-                   routers=[PlannedModule(**m.model_dump()) for m in parsed.routers],
+                   model=parsed.model, experts=list(parsed.experts),
+                   routers=list(parsed.routers),
                    moe=moe_from_json({"moe": {k: block.model_dump() for k, block in parsed.moe.items()}}))
         return plan.check(where)
 

@@ -138,3 +138,26 @@ def run_logged(cmd: Sequence[str], log: Path, *, cpu: bool, timeout: float) -> N
     if returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise SystemExit(f"error: run failed (exit {returncode}); log {log}:\n{tail}")
+
+
+def add_job_args(parser, *, steps: int, micro_batch: int, seq_len: int, probe_batches: int, timeout: float) -> None:
+    """The arguments of a benchmark that runs the real job under the DeepSpeed launcher (bench_scale, bench_load);
+    `finish_job_args` then reads --gpu-ids into --gpus."""
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--gpu-ids", help="e.g. 2,3: run on these GPUs of this host (sets --gpus)")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--micro-batch", type=int, default=micro_batch)
+    parser.add_argument("--seq-len", type=int, default=seq_len)
+    parser.add_argument("--probe-batches", type=int, default=probe_batches)
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3_70b.json"))
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per run")
+    parser.add_argument("--cpu", action="store_true", help="smoke run on CPU ranks over gloo, float32")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra job overrides")
+
+
+def finish_job_args(args):
+    if args.gpu_ids:
+        args.gpus = len(args.gpu_ids.split(","))
+    return args

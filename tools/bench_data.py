@@ -21,11 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from aletheia_ds.io import write_json_atomic, write_text_atomic  # noqa: E402
-from aletheia_ds.launchers.deepspeed import free_port  # noqa: E402
+from _common import ROOT  # first: it puts this checkout on sys.path
+from aletheia_ds.io import write_json_atomic, write_text_atomic
+from aletheia_ds.launchers.deepspeed import free_port, rank_env
 
 TOKENIZER = ROOT / "examples/tiny/tokenizer"
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "light", "paper",
@@ -69,10 +67,8 @@ def run_ranks(args, work: Path, label: str) -> list[dict]:
     port = free_port()
     procs = []
     for rank in range(args.ranks):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo",
-                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        env = rank_env(cpu=True, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, __file__, "--worker", "--data", str(work / "chat.jsonl"), "--cache",
                str(work / "cache"), "--seq-len", str(args.seq_len), "--num-proc", str(args.num_proc),
                "--result", str(work / f"{label}-rank{rank}.json")]

@@ -21,12 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from aletheia_ds.io import write_json_atomic, write_text_atomic  # noqa: E402
-from bench_scale import child_env, launcher, run_config, run_logged, write_data  # noqa: E402
+from _common import ROOT, add_job_args, finish_job_args, run_logged  # first: it puts this checkout on sys.path
+from aletheia_ds.io import write_json_atomic, write_text_atomic
+from bench_scale import launcher, run_config, write_data
 
 
 def read_once_seconds(model_dir: Path) -> tuple[float, int]:
@@ -43,22 +40,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a sharded safetensors checkpoint folder")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--gpu-ids")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--probe-batches", type=int, default=1)
-    parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3_70b.json"))
-    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    add_job_args(parser, steps=3, micro_batch=1, seq_len=512, probe_batches=1, timeout=3600)
     parser.add_argument("--read-once", action="store_true", help="also time one sequential read of the shards")
-    parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra job overrides")
-    args = parser.parse_args()
-    if args.gpu_ids:
-        args.gpus = len(args.gpu_ids.split(","))
+    args = finish_job_args(parser.parse_args())
     import yaml
 
     out, model_dir = Path(args.out), Path(args.model).resolve()
@@ -73,7 +57,7 @@ def main() -> None:
     read_seconds, read_bytes = read_once_seconds(model_dir) if args.read_once else (None, None)
     started = time.perf_counter()
     run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(out / "run.yaml"), *args.set]),
-               out / "log.txt", child_env(args), args.timeout)
+               out / "log.txt", cpu=args.cpu, timeout=args.timeout)
     results = json.loads((out / "run/eval.json").read_text())
     shard_bytes = [p.stat().st_size for p in model_dir.glob("*.safetensors")]
     held = results["base_parameters"]["held_by_rank"]

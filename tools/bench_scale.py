@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ARMS, DENSE_SHAPES, ROOT, arm_overrides, run_logged, write_config  # first: checkout on sys.path
+from _common import (ARMS, DENSE_SHAPES, ROOT, add_job_args, arm_overrides, finish_job_args, run_logged,  # first
+                     write_config)  # first: checkout on sys.path
 from aletheia_ds.io import write_json_atomic, write_text_atomic
 from aletheia_ds.cost import lora_step_flops_per_token
 from aletheia_ds.launchers.deepspeed import deepspeed_command, free_port
@@ -241,30 +242,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--shape", choices=sorted(DENSE_SHAPES), default="qwen2-72b")
     parser.add_argument("--layers", type=int, help="override the number of decoder layers")
-    parser.add_argument("--gpus", type=int, default=2)
+    add_job_args(parser, steps=20, micro_batch=4, seq_len=1024, probe_batches=2, timeout=1800)
     parser.add_argument("--out", required=True)
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
-    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--probe-batches", type=int, default=2)
-    parser.add_argument("--budget", type=float, default=0.6)
-    parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3_70b.json"))
-    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
-    parser.add_argument("--gpu-ids", help="e.g. 2,3: run on these GPUs of this host (sets --gpus)")
     parser.add_argument("--link-rate", action="store_true", help="time NCCL all-gathers first")
     parser.add_argument("--link-only", action="store_true", help="only time the all-gathers (link.json)")
     parser.add_argument("--link-json", help="a link.json measured before (e.g. while nothing else ran)")
     parser.add_argument("--probe-report", help="a probe.json to reuse for every arm (default: probe in the first)")
     parser.add_argument("--link-mb", type=int, default=512)
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per arm")
-    parser.add_argument("--cpu", action="store_true")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra job overrides, every arm")
-    args = parser.parse_args()
-    if args.gpu_ids:
-        args.gpus = len(args.gpu_ids.split(","))
+    args = finish_job_args(parser.parse_args())
     import yaml
 
     out = Path(args.out)

@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import zlib
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from _common import SHAPES  # noqa: E402
+from _common import SHAPES  # it puts this checkout on sys.path
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -31,7 +31,7 @@ def base_args(model_dir, out, data=None):
 
 
 CASES = {
-    "missing model dir": ([f"model.path=/nonexistent/model"], r"model.path: directory '/nonexistent/model' does not exist"),
+    "missing model dir": (["model.path=/nonexistent/model"], r"model.path: directory '/nonexistent/model' does not exist"),
     "malformed jsonl": (["@bad.jsonl"], r"bad.jsonl:2: malformed JSON"),
     "empty dataset": (["@empty.jsonl"], r"empty.jsonl: the dataset is empty"),
     "no such target": (["lora.target_modules=[nope]"], r"lora.target_modules: \['nope'\] not found; modules of this model: \["),
