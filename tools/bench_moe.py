@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = build_model(args, dtype, device)
     layout = describe(model)
     batches = token_batches(args.probe_batches, args.batch_size, args.seq_len, model.config.vocab_size, device, seed=3)
-    report = run_probe(model, layout, batches, lambda b: model(**b).loss)
+    report = run_probe(model, layout, batches, lambda b, m=model: m(**b).loss)
     del model
     gc.collect()
     ranks = dict(attention_r=args.rank, mlp_r=args.rank, expert_r=args.rank)
