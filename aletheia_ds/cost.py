@@ -190,7 +190,7 @@ def lora_step_flops_per_token(layer_params: Sequence[int], hidden: int, vocab: i
     (2*H*V each), input gradients (2P + 2*attention) for every layer from the lowest adapted one up, and
     6 r (d_in + d_out) per adapter (its forward, and the gradients of A, B and its input). Counted though
     autograd skips them: the input gradients of the lowest adapted layer's q/k/v projections, whose input
-    needs none (under 0.1% of a 72B step; tests/test_cost.py checks the rest against torch's counter).
+    needs none (under 0.1% of a 72B step; tests/unit/test_cost.py checks the rest against torch's counter).
     """
     attention = 4 * seq_len * hidden
     forward = sum(2 * p + attention for p in layer_params)

@@ -44,7 +44,7 @@ DENSE_SHAPES: dict[str, dict] = {
                       max_position_embeddings=32768),
     # CPU smoke shape (bench_speed.py --smoke, bench_scale.py --shape tiny --cpu), not a released model.
     # vocab 600: the shipped tokenizer's 512 ids fit (examples/tiny); MLP matrices of 64 x 160 sit above
-    # tests/test_bench_scale.py's persistence threshold, so ZeRO-3 partitions them there.
+    # tests/distributed/test_bench_scale.py's persistence threshold, so ZeRO-3 partitions them there.
     "tiny": dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=600, tie_word_embeddings=False,
                  max_position_embeddings=4096),

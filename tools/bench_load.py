@@ -10,7 +10,7 @@ and, for scale, the seconds to read the checkpoint's bytes once (`--read-once`: 
 shard; run it on a cold page cache for a fair number). Goal (issue 18): no rank above ~1/world_size of the
 model plus one shard; load within 2x of one read. Writes load.json and load.md in --out.
 
-  --cpu   smoke run on CPU ranks over gloo (tests/test_bench_load.py), float32
+  --cpu   smoke run on CPU ranks over gloo (tests/distributed/test_sharded_load.py), float32
 """
 
 from __future__ import annotations

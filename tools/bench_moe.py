@@ -9,7 +9,7 @@ Each variant: a fresh model (same seed), adapters attached by aletheia_ds.adapte
 Reports the median step time, tokens/s and peak GPU memory, one JSON row per variant (also written to --out).
 
 Shapes: qwen3-30b-a3b (128 experts, top-8, hidden 2048), mixtral-8x7b (8 experts, top-2, hidden 4096), or
---smoke: a tiny qwen3_moe (tiny-moe) on CPU in seconds (what tests/test_bench_moe.py runs):
+--smoke: a tiny qwen3_moe (tiny-moe) on CPU in seconds (what tests/distributed/test_bench_moe.py runs):
     python tools/bench_moe.py --smoke --out /tmp/bench_moe_smoke.json
 Other knobs: --expert-rule/--expert-energy/--expert-top-k/--top-pct (the aware plan), --checkpointing, --dtype.
 """

@@ -16,7 +16,7 @@ Writes scale.json and scale.md in --out; each arm's run directory (probe.json, p
 eval.json, adapter/, log.txt) stays under it.
 
   --layers N       fewer layers of the same widths (tuning runs: same per-layer behaviour, quicker)
-  --cpu            smoke run on CPU ranks over gloo (tests/test_bench_scale.py), float32
+  --cpu            smoke run on CPU ranks over gloo (tests/distributed/test_bench_scale.py), float32
 """
 
 from __future__ import annotations
