@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -109,7 +109,7 @@ class DataSource(Section):
 
 
 class DataSection(Section):
-    train: str | list[DataSource] = Field(
+    train: Union[str, list[DataSource]] = Field(
         "", description="JSONL ({text} | {prompt,completion} | {messages}), JSON, parquet, CSV, Arrow or a datasets "
         "dir; or a list of {path, weight} sources interleaved by weight (order fixed by train.seed)")
     mix_until: Literal["first_exhausted", "all_exhausted"] = Field(
@@ -121,9 +121,11 @@ class DataSection(Section):
     eval_fraction: Share = Field(0.05, description="share of train held out when data.eval is unset")
     eval_batches: ZeroOrMore = Field(8, description="held-out batches scored before and after training (0: skip)")
     seq_len: int = Field(1024, ge=2, description="tokens per example (truncated on the right)")
-    packing: bool = Field(False, description="concatenate examples into full seq_len rows")
+    packing: bool = Field(False, description="whole examples one after another in rows of up to seq_len tokens; "
+                          "position ids restart and attention stays within each example")
     max_examples: Annotated[Optional[int], Wording(note="or unset for all rows")] = Field(
-        None, ge=1, description="use only the first N examples of train")
+        None, ge=1, description="use only the first N usable examples of train (of the mixture, with several "
+        "sources)")
     cache_dir: Optional[str] = Field(None, description="tokenize once into this Arrow cache; ranks memory-map it")
     cache_shared: bool = Field(False, description="cache_dir is one file system for all nodes: rank 0 alone tokenizes")
     num_proc: OneOrMore = Field(1, description="tokenizer worker processes when filling data.cache_dir")

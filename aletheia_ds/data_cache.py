@@ -135,7 +135,7 @@ class TokenizedRows(Sequence[Example]):
             lengths = lengths.take(self.dataset._indices.column(0))
         return lengths.to_pylist()
 
-    def take(self, indices: Sequence[int]) -> "TokenizedRows":
+    def take(self, indices: Sequence[int]) -> TokenizedRows:
         return TokenizedRows(self.dataset.select(indices))
 
     def __add__(self, other):

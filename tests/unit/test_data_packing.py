@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
-
-from aletheia_ds.data import IGNORE, Example, check_packing, collate, model_inputs, pack
-from aletheia_ds.config import ConfigError
 from helpers.families import tiny_model
+
+from aletheia_ds.config import ConfigError
+from aletheia_ds.data import IGNORE, Example, check_packing, collate, model_inputs, pack
 
 PAD = 0
 

@@ -11,7 +11,7 @@ from aletheia_ds.data import DataError, load_examples, load_tokenizer, mixture
 from aletheia_ds.data_cache import cache_key, cached_examples
 
 TOK = "examples/tiny/tokenizer"
-QUIET = dict(log=lambda line: None)
+QUIET = {"log": lambda line: None}
 
 
 @pytest.fixture(scope="module")
