@@ -7,8 +7,11 @@ writes <cache_dir>/<key>/ with save_to_disk; the other ranks wait at a barrier a
 so no rank holds the rows as Python objects. A second run with the same key starts from the cache.
 
 The key covers everything the tokens depend on: each source file's path, size and modification time, the
-tokenizer (its files' contents), the chat template, seq_len and packing. Rows are formatted and labelled by
-aletheia_ds.data.Tokenize, the same code as the uncached path, so the examples are identical.
+tokenizer (its vocabulary and special tokens), the chat template (data.chat_template included), seq_len and
+packing. Rows are formatted and labelled by aletheia_ds.data.Tokenize, the same code as the uncached path, so the
+examples are identical; max_examples counts usable examples as the uncached path does, and a bad JSONL row is
+named file:line as there (the line found by reading the file again, only when there is an error). The cached
+path caches the whole source, so its truncated/dropped counts are over every row.
 """
 
 from __future__ import annotations
