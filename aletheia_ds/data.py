@@ -361,8 +361,8 @@ def mixture(parts: Sequence[Sequence[Example]], weights: Sequence[float], seed: 
     offsets = np.cumsum([0, *(len(part) for part in parts)])
     chosen = offsets[order["source"]] + order["index"]
     taken = np.bincount(order["source"], minlength=len(parts))
-    log("data: mixture of " + ", ".join(f"{name}: {count} of {len(part)} examples"
-                                        for name, count, part in zip(names, taken, parts)) + f" (data.mix_until={until})")
+    counts = ", ".join(f"{name}: {count} of {len(part)} examples" for name, count, part in zip(names, taken, parts))
+    log(f"data: mixture of {counts} (data.mix_until={until})")
     combined = parts[0]
     for part in parts[1:]:
         combined = combined + part
