@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -100,18 +100,58 @@ class ModelSection(Section):
     attn_implementation: Optional[str] = Field(None, description="e.g. sdpa, eager, flash_attention_2")
 
 
+class DataSource(Section):
+    """One entry of data.train written as a list: a file or datasets folder and its share of the mixture."""
+
+    path: str = Field(..., min_length=1, description="JSONL/JSON/parquet/CSV/Arrow file or a datasets dir")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="relative share of the training rows "
+                          "drawn from this source")
+
+
 class DataSection(Section):
-    train: str = Field("", description="JSONL ({text} | {prompt,completion} | {messages}), parquet, or a datasets dir")
+    train: Union[str, list[DataSource]] = Field(
+        "", description="JSONL ({text} | {prompt,completion} | {messages}), JSON, parquet, CSV, Arrow or a datasets "
+        "dir; or a list of {path, weight} sources interleaved by weight (order fixed by train.seed)")
+    mix_until: Literal["first_exhausted", "all_exhausted"] = Field(
+        "first_exhausted", description="a mixture of several data.train sources ends when the first source runs out "
+        "(no row twice) or when every source has (sources that run out early repeat)")
+    chat_template: Optional[str] = Field(None, description="Jinja file replacing the tokenizer's chat template "
+                                         "(for tokenizers without one)")
     eval: Optional[str] = Field(None, description="held-out file; default: the last eval_fraction of train")
     eval_fraction: Share = Field(0.05, description="share of train held out when data.eval is unset")
     eval_batches: ZeroOrMore = Field(8, description="held-out batches scored before and after training (0: skip)")
     seq_len: int = Field(1024, ge=2, description="tokens per example (truncated on the right)")
-    packing: bool = Field(False, description="concatenate examples into full seq_len rows")
+    packing: bool = Field(False, description="whole examples one after another in rows of up to seq_len tokens; "
+                          "position ids restart and attention stays within each example")
     max_examples: Annotated[Optional[int], Wording(note="or unset for all rows")] = Field(
-        None, ge=1, description="use only the first N examples of train")
+        None, ge=1, description="use only the first N usable examples of train (of the mixture, with several "
+        "sources)")
     cache_dir: Optional[str] = Field(None, description="tokenize once into this Arrow cache; ranks memory-map it")
     cache_shared: bool = Field(False, description="cache_dir is one file system for all nodes: rank 0 alone tokenizes")
     num_proc: OneOrMore = Field(1, description="tokenizer worker processes when filling data.cache_dir")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _check_sources(cls, value: Any) -> Any:
+        # one entry at a time: pydantic's error for a str-or-list union names neither the entry nor its field
+        if not isinstance(value, (list, tuple)):
+            return value
+        sources = []
+        for index, entry in enumerate(value):
+            if not isinstance(entry, dict):
+                raise ConfigError(f"data.train[{index}]: must be {{path: ..., weight: ...}}, got {entry!r:.80}")
+            unknown = sorted(set(entry) - set(DataSource.model_fields))
+            if unknown:
+                raise ConfigError(f"data.train[{index}]: unknown key {unknown[0]!r}; a source has path and weight")
+            try:
+                sources.append(DataSource(**entry))
+            except ConfigError as err:
+                raise ConfigError(f"data.train[{index}].{err}") from None
+        return sources
+
+    def train_sources(self) -> list[DataSource]:
+        """data.train as sources: a plain path is one source of weight 1."""
+        return [DataSource(path=self.train)] if isinstance(self.train, str) else list(self.train)
 
 
 class ProbeSection(Section):
@@ -327,7 +367,10 @@ class RunConfig(Section):
             raise ConfigError(f"model.tokenizer: directory {tok!r} does not exist")
         if not self.data.train:
             raise ConfigError("data.train is required: set it to a JSONL/parquet file or a datasets directory")
-        for knob, value in (("data.train", self.data.train), ("data.eval", self.data.eval),
+        sources = self.data.train_sources()
+        named = [("data.train", self.data.train)] if isinstance(self.data.train, str) else \
+            [(f"data.train[{i}].path", source.path) for i, source in enumerate(sources)]
+        for knob, value in (*named, ("data.eval", self.data.eval), ("data.chat_template", self.data.chat_template),
                             ("probe.report", self.probe.report), ("plan.plan", self.plan.plan),
                             ("plan.cost", self.plan.cost)):
             if value and not Path(value).exists():

@@ -5,7 +5,9 @@ Formats, detected per row (one format per file):
   {"prompt": str, "completion": str}     loss on the completion only
   {"messages": [{"role", "content"}]}    loss on assistant turns; the tokenizer's chat template when it has one
 Sources: JSONL (read here line by line so errors can name the line), parquet, a `datasets` directory
-(saved with `save_to_disk`), both read through `datasets`.
+(saved with `save_to_disk`), both read through `datasets`; with data.cache_dir, aletheia_ds.data_cache reads
+every source through `datasets` instead. Several sources are interleaved by weight (`mixture`); packed rows
+keep their examples apart (`PackedRows`, `model_inputs`).
 
 Handling, documented (docs/RELIABILITY.md lists the inputs tried):
   - blank JSONL lines are skipped; a UTF-8 byte-order mark at the start of the file is ignored;
@@ -25,7 +27,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -38,6 +40,7 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: Optional[list[int]] = None  # packed rows only: restarting at 0 where each example starts
 
 
 class DataError(ConfigError):
@@ -202,15 +205,18 @@ class Tokenize:
 
 def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int | None = None,
                   log=print) -> list[Example]:
+    """The usable examples of `source` in file order; `max_examples`: the first N usable ones (rows dropped for
+    data.seq_len do not count), as the cached path (aletheia_ds.data_cache) counts them."""
     rows = read_rows(source)
-    if max_examples:
-        rows = rows[:max_examples]
     if not rows:
         raise DataError(f"{source}: the dataset is empty")
     fmt = row_format(rows[0][1], rows[0][0])
     tokenize = Tokenize(tokenizer, seq_len)
-    examples, dropped, truncated = [], 0, 0
+    examples, dropped, truncated, seen = [], 0, 0, 0
     for where, row in rows:
+        if max_examples and len(examples) == max_examples:
+            break
+        seen += 1
         if row_format(row, where) != fmt:
             raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {fmt}; "
                             "use one format per file")
@@ -222,42 +228,147 @@ def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int
         truncated += len(ex.input_ids) > seq_len
         examples.append(cut)
     if truncated:
-        log(f"data: {source}: truncated {truncated} of {len(rows)} rows to data.seq_len={seq_len} tokens")
+        log(f"data: {source}: truncated {truncated} of {seen} rows to data.seq_len={seq_len} tokens")
     if dropped:
-        log(f"data: {source}: dropped {dropped} of {len(rows)} rows whose loss tokens all fall past "
+        log(f"data: {source}: dropped {dropped} of {seen} rows whose loss tokens all fall past "
             f"data.seq_len={seq_len} (raise data.seq_len to keep them)")
     if not examples:
         raise DataError(f"{source}: no usable rows: every row's loss tokens fall past data.seq_len={seq_len}")
     return examples
 
 
-def pack(examples: Sequence[Example], seq_len: int) -> list[Example]:
-    """Concatenate examples into rows of exactly seq_len tokens (the remainder forms a shorter last row).
+def example_lengths(examples: Sequence[Example]) -> list[int]:
+    """Tokens per example; memory-mapped rows answer from their Arrow offsets without reading the tokens."""
+    if hasattr(examples, "lengths"):
+        return examples.lengths()
+    return [len(ex.input_ids) for ex in examples]
 
-    Attention is not blocked at example boundaries (the common simple packing); each example ends
-    with EOS, and labels keep their prompt masking.
+
+class PackedRows(Sequence[Example]):
+    """Whole examples placed one after another into rows of at most seq_len tokens, in order.
+
+    Examples stay apart: each one's position ids restart at 0 (what transformers reads as packed sequences:
+    a block-diagonal causal mask for sdpa/eager, variable-length kernels for flash attention; see model_inputs)
+    and its first label is IGNORE, since that token would otherwise be predicted from the previous example. So
+    every example's loss is what it is unpacked. Only the row boundaries are held; a row's tokens are read from
+    `examples` when it is asked for (memory-mapped rows stay memory-mapped).
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    for ex in examples:
-        ids += ex.input_ids
-        labels += ex.labels
-    return [Example(ids[i:i + seq_len], labels[i:i + seq_len]) for i in range(0, len(ids), seq_len)
-            if any(label != IGNORE for label in labels[i + 1:i + seq_len])]
+
+    def __init__(self, examples: Sequence[Example], seq_len: int):
+        self.examples = examples
+        self.starts = [0]  # row r holds examples [starts[r], starts[r + 1])
+        width = 0
+        for index, length in enumerate(example_lengths(examples)):
+            if width and width + length > seq_len:
+                self.starts.append(index)
+                width = 0
+            width += length
+        self.starts.append(len(examples))
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[r] for r in range(*row.indices(len(self)))]
+        row = range(len(self))[row]  # negative indices, and IndexError past the end
+        ids, labels, positions = [], [], []
+        for index in range(self.starts[row], self.starts[row + 1]):
+            ex = self.examples[index]
+            ids += ex.input_ids
+            labels += [IGNORE, *ex.labels[1:]]
+            positions += range(len(ex.input_ids))
+        return Example(ids, labels, positions)
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> PackedRows:
+    return PackedRows(examples, seq_len)
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; pad labels are IGNORE and the attention mask is 0 there."""
+    """Right-pad to the longest example; pad labels are IGNORE and the attention mask is 0 there.
+
+    Packed rows also carry `position_ids`; a row's padding restarts at 0 too, so it forms a block of its own.
+    """
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    positions = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
     for row, ex in enumerate(examples):
         n = len(ex.input_ids)
         ids[row, :n] = torch.tensor(ex.input_ids)
         labels[row, :n] = torch.tensor(ex.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            positions[row, :n] = torch.tensor(ex.position_ids)
+            positions[row, n:] = torch.arange(width - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {**batch, "position_ids": positions} if packed else batch
+
+
+def varlen_attention(attn_implementation: Optional[str]) -> bool:
+    """Flash attention kernels (flash_attention_2/3, hub kernels) take packed examples from one flattened row."""
+    return "flash" in (attn_implementation or "")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: Optional[str]) -> dict[str, torch.Tensor]:
+    """The forward's arguments for a collated batch.
+
+    A packed batch (it has position_ids) goes without its 2-D padding mask: transformers then finds the
+    examples from position ids restarting at 0 (its flattening-collator convention) and builds the
+    block-diagonal causal mask itself for sdpa, eager and flex attention. Flash attention's variable-length
+    path reads them from a single row, so for it the rows are flattened into one, padding left out.
+    """
+    if "position_ids" not in batch:
+        return batch
+    inputs = {key: value for key, value in batch.items() if key != "attention_mask"}
+    if varlen_attention(attn_implementation):
+        real = batch["attention_mask"].bool()
+        inputs = {key: value[real].unsqueeze(0) for key, value in inputs.items()}
+    return inputs
+
+
+def check_packing(attn_implementation: Optional[str]) -> None:
+    """Packing keeps examples apart only where transformers derives masks from position ids."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = attn_implementation or "sdpa"
+    if not varlen_attention(name) and name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        raise ConfigError(f"data.packing: attention implementation {name!r} does not keep packed examples apart; "
+                          "use model.attn_implementation=sdpa, eager or flash_attention_2, or data.packing=false")
+
+
+def mixture(parts: Sequence[Sequence[Example]], weights: Sequence[float], seed: int, until: str,
+            names: Sequence[str], log: Callable[[str], None] = print) -> Sequence[Example]:
+    """Several sources' examples interleaved at random in proportion to `weights`, the same order for a seed.
+
+    `until`: "first_exhausted" stops when the first source runs out (no example twice), "all_exhausted" when
+    every source has (the others start over). The order is drawn by datasets.interleave_datasets over the
+    examples' (source, index) pairs only, then applied to lists and memory-mapped rows alike.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    import datasets
+    import numpy as np
+
+    total = sum(weights)
+    pairs = [datasets.Dataset.from_dict({"source": np.full(len(part), number), "index": np.arange(len(part))})
+             for number, part in enumerate(parts)]
+    order = datasets.interleave_datasets(pairs, probabilities=[w / total for w in weights], seed=seed,
+                                         stopping_strategy=until).with_format("numpy")
+    offsets = np.cumsum([0, *(len(part) for part in parts)])
+    chosen = offsets[order["source"]] + order["index"]
+    taken = np.bincount(order["source"], minlength=len(parts))
+    counts = ", ".join(f"{name}: {count} of {len(part)} examples" for name, count, part in zip(names, taken, parts))
+    log(f"data: mixture of {counts} (data.mix_until={until})")
+    combined = parts[0]
+    for part in parts[1:]:
+        combined = combined + part
+    if hasattr(combined, "take"):
+        return combined.take(chosen.tolist())
+    return [combined[int(i)] for i in chosen]
 
 
 def fixed_batches(examples: Sequence[Example], batch_size: int, count: int, pad_id: int) -> list[dict]:
@@ -340,7 +451,26 @@ def split_eval(examples: list[Example], fraction: float) -> tuple[list[Example],
     return examples[:-held], examples[-held:]
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def read_chat_template(path: str | Path) -> str:
+    """A Jinja chat template file's text, checked to compile (the error names the file and line)."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"data.chat_template: cannot read {str(path)!r} ({err})") from None
+    if not text.strip():
+        raise ConfigError(f"data.chat_template: {path} is empty")
+    try:  # the environment transformers renders chat templates in
+        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except TemplateSyntaxError as err:
+        raise ConfigError(f"data.chat_template: {path}:{err.lineno}: not a Jinja template ({err.message})") from None
+    return text
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: Optional[str] = None):
+    """The tokenizer at `path`; `chat_template` (data.chat_template): a Jinja file that replaces its template."""
     from transformers import AutoTokenizer
 
     try:
@@ -351,4 +481,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         if tok.eos_token_id is None:
             raise ConfigError(f"model.tokenizer: {path!r} has neither a pad nor an eos token; add a pad_token")
         tok.pad_token = tok.eos_token
+    if chat_template:
+        tok.chat_template = read_chat_template(chat_template)  # data_cache.cache_key reads it from here
     return tok

@@ -7,8 +7,11 @@ writes <cache_dir>/<key>/ with save_to_disk; the other ranks wait at a barrier a
 so no rank holds the rows as Python objects. A second run with the same key starts from the cache.
 
 The key covers everything the tokens depend on: each source file's path, size and modification time, the
-tokenizer (its files' contents), the chat template, seq_len and packing. Rows are formatted and labelled by
-aletheia_ds.data.Tokenize, the same code as the uncached path, so the examples are identical.
+tokenizer (its vocabulary and special tokens), the chat template (data.chat_template included), seq_len and
+packing. Rows are formatted and labelled by aletheia_ds.data.Tokenize, the same code as the uncached path, so the
+examples are identical; max_examples counts usable examples as the uncached path does, and a bad JSONL row is
+named file:line as there (the line found by reading the file again, only when there is an error). The cached
+path caches the whole source, so its truncated/dropped counts are over every row.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from .data import IGNORE, DataError, Example, Tokenize, row_format
+from .data import IGNORE, DataError, Example, Tokenize, _read_jsonl, row_format
 
 CACHE_VERSION = 1
 READERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
@@ -48,6 +51,7 @@ def read_dataset(source: str | Path, cache_dir: Path):
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
+    reader = None
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
@@ -64,8 +68,9 @@ def read_dataset(source: str | Path, cache_dir: Path):
     except DataError:
         raise
     except Exception as err:  # pyarrow / datasets raise many unrelated types for a bad file
-        raise DataError(f"{path}: cannot read ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                        "the uncached path (data.cache_dir unset) names the bad line") from None
+        if reader == "json":
+            _read_jsonl(path)  # its error names the line, as the uncached path's does
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
 
 
 class _TokenizeBatch:
@@ -79,16 +84,30 @@ class _TokenizeBatch:
         for offset, index in enumerate(indices):
             row = {key: values[offset] for key, values in batch.items()}
             where = f"{self.source}[{index}]"
-            if row_format(row, where) != self.fmt:
-                raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {self.fmt}; "
-                                "use one format per file")
-            ex = self.tokenize(row, where, self.fmt)
+            try:
+                if row_format(row, where) != self.fmt:
+                    raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {self.fmt}; "
+                                    "use one format per file")
+                ex = self.tokenize(row, where, self.fmt)
+            except DataError as err:
+                raise DataError(str(err).replace(where, self._line_where(index), 1)) from None
             labels = ex.labels[:self.seq_len]
             keep = any(label != IGNORE for label in labels[1:])
             ids_out.append(ex.input_ids[:self.seq_len] if keep else [])
             labels_out.append(labels if keep else [])
             truncated.append(keep and len(ex.input_ids) > self.seq_len)
         return {"input_ids": ids_out, "labels": labels_out, "truncated": truncated}
+
+
+    def _line_where(self, index: int) -> str:
+        """'file:line' for row `index` of a JSONL file, as the uncached path names it; found by reading the
+        file again, which only an error pays for."""
+        if Path(self.source).suffix != ".jsonl":
+            return f"{self.source}[{index}]"
+        with open(self.source, "rb") as handle:
+            rows = (number for number, raw in enumerate(handle, start=1) if raw.strip(b" \t\r\n\xef\xbb\xbf"))
+            line = next((number for position, number in enumerate(rows) if position == index), None)
+        return f"{self.source}:{line}" if line is not None else f"{self.source}[{index}]"
 
 
 class TokenizedRows(Sequence[Example]):
@@ -109,6 +128,18 @@ class TokenizedRows(Sequence[Example]):
     def __iter__(self) -> Iterator[Example]:
         for batch in self.dataset.iter(batch_size=1024):
             yield from (Example(i, l) for i, l in zip(batch["input_ids"], batch["labels"]))
+
+    def lengths(self) -> list[int]:
+        """Tokens per example from the Arrow list offsets alone (the tokens stay on disk)."""
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(self.dataset.data.column("input_ids"))
+        if self.dataset._indices is not None:  # a select()ed view: its rows are these positions of the table
+            lengths = lengths.take(self.dataset._indices.column(0))
+        return lengths.to_pylist()
+
+    def take(self, indices: Sequence[int]) -> TokenizedRows:
+        return TokenizedRows(self.dataset.select(indices))
 
     def __add__(self, other):
         import datasets

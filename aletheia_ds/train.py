@@ -175,7 +175,8 @@ class Run:
         out = Path(cfg.train.output_dir)
         check_sequence_lengths(cfg.model, {"data.seq_len": cfg.data.seq_len,
                                            **({"probe.seq_len": cfg.probe.seq_len} if cfg.probe.seq_len else {})})
-        tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+        tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code,
+                                            cfg.data.chat_template)
         log = print0
         load = data_mod.load_examples
         if cfg.data.cache_dir:  # tokenize once per node (or per job), memory-map on every rank
@@ -185,7 +186,14 @@ class Run:
             load = lambda source, tok, seq_len, limit, log: cached_examples(  # noqa: E731
                 source, tok, seq_len, cfg.data.cache_dir, cfg.data.num_proc, tokenizes, ctx.barrier, limit,
                 cfg.data.packing, log)
-        examples = load(cfg.data.train, tokenizer, cfg.data.seq_len, cfg.data.max_examples, log)
+        sources = cfg.data.train_sources()
+        # one source: max_examples lets the uncached path stop tokenizing early; a mixture is cut after mixing
+        limit = cfg.data.max_examples if len(sources) == 1 else None
+        examples = data_mod.mixture([load(s.path, tokenizer, cfg.data.seq_len, limit, log) for s in sources],
+                                    [s.weight for s in sources], cfg.train.seed, cfg.data.mix_until,
+                                    [s.path for s in sources], log)
+        if cfg.data.max_examples:
+            examples = examples[:cfg.data.max_examples]
         if cfg.data.eval:
             train_examples = examples
             eval_examples = load(cfg.data.eval, tokenizer, cfg.data.seq_len, None, log)
@@ -215,6 +223,10 @@ class Run:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+    @property
+    def attn_implementation(self) -> Optional[str]:
+        return getattr(getattr(self.model, "config", None), "_attn_implementation", None)
 
     @property
     def prefix_cache(self) -> Optional[PrefixCache]:
@@ -308,7 +320,7 @@ class Run:
         if self.prefix_cache is not None:
             self.prefix_cache.begin(indices, batch["attention_mask"])  # None (evaluation): no fill, no replay
         batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
-        return self.engine(**batch, use_cache=False).loss
+        return self.engine(**data_mod.model_inputs(batch, self.attn_implementation), use_cache=False).loss
 
     def evaluate(self) -> float:
         batches = data_mod.fixed_batches(self.eval_examples, self.cfg.train.micro_batch_size,
@@ -328,6 +340,11 @@ class Run:
             raise ConfigError("train.compile: not supported under ZeRO-3 (its parameter hooks break the "
                               "compiled graphs); use ds_configs/zero2.json or set train.compile=false")
         prefix_cache = train.prefix_cache
+        if self.cfg.data.packing:
+            data_mod.check_packing(self.attn_implementation)
+            if prefix_cache and data_mod.varlen_attention(self.attn_implementation):
+                raise ConfigError("train.prefix_cache: not supported with data.packing under flash attention (its "
+                                  "packed rows are flattened into one); set one of them false")
         if prefix_cache and plan.lowest_adapted_layer == 0:
             print0("prefix cache: off, the plan adapts layer 0 (there is no frozen prefix)")
             prefix_cache = False

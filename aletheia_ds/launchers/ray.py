@@ -25,7 +25,7 @@ from ..config import ConfigError, RunConfig, TrainingError, exit_code, load_conf
 from ..io import write_json_atomic
 
 # config keys holding local paths: the driver makes them absolute, the workers run in other directories
-PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval"),
+PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval"), ("data", "chat_template"),
              ("probe", "report"), ("plan", "plan"), ("plan", "cost"), ("deepspeed", "config"))
 WORKERS_DIR = "workers"
 CONNECT_TIMEOUT_S = 5.0
@@ -35,11 +35,17 @@ CONNECT_TIMEOUT_S = 5.0
 def for_ray(cfg: RunConfig, cwd: Path) -> RunConfig:
     """Relative paths resolved against the driver's directory; train.output_dir = storage_path/name."""
     tree = cfg.model_dump()
+
+    def absolute(value: str) -> str:
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else cwd / path)
+
     for section, key in PATH_KEYS:
         value = tree[section][key]
-        if value:
-            path = Path(value).expanduser()
-            tree[section][key] = str(path if path.is_absolute() else cwd / path)
+        if isinstance(value, list):  # data.train as a list of {path, weight} sources
+            tree[section][key] = [{**source, "path": absolute(source["path"])} for source in value]
+        elif value:
+            tree[section][key] = absolute(value)
     storage = Path(cfg.ray.storage_path or "~/ray_results").expanduser()
     if not storage.is_absolute():
         if "_ray_pkg_" in str(cwd):

@@ -108,12 +108,23 @@ def test_pack_and_collate(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": f" b{i}"} for i in range(20)])
     examples = load_examples(f, tok, 32)
     packed = pack(examples, 16)
-    assert sum(len(e.input_ids) for e in packed) <= sum(len(e.input_ids) for e in examples)
-    assert all(len(e.input_ids) == 16 for e in packed[:-1])
-    batch = collate(examples[:3] + [packed[0]], tok.pad_token_id)
-    assert batch["input_ids"].shape == (4, 16)
+    # whole examples, in order, none split and none lost; no row grows past seq_len, and no two neighbours fit one
+    assert [t for row in packed for t in row.input_ids] == [t for e in examples for t in e.input_ids]
+    assert all(len(row.input_ids) <= 16 for row in packed) and len(packed) < len(examples)
+    assert all(len(a.input_ids) + len(examples[packed.starts[r + 1]].input_ids) > 16
+               for r, a in enumerate(packed[:-1]))
+    first = packed[0]
+    length = len(examples[0].input_ids)
+    assert first.position_ids[:length + 2] == [*range(length), 0, 1]  # positions restart at each example
+    assert first.labels[0] == first.labels[length] == IGNORE  # nothing learned across the boundary
+    assert first.labels[1:length] == examples[0].labels[1:length]
+    batch = collate(examples[:3], tok.pad_token_id)
     short = len(examples[0].input_ids)
     assert batch["attention_mask"][0, short:].sum() == 0 and (batch["labels"][0, short:] == IGNORE).all()
+    assert "position_ids" not in batch
+    rows = collate([packed[0], packed[-1]], tok.pad_token_id)
+    width, last = rows["input_ids"].shape[1], len(packed[-1].input_ids)
+    assert rows["position_ids"][1, last:].tolist() == list(range(width - last))  # padding: a block of its own
 
 
 def test_step_schedule_is_deterministic_and_partitions_the_epoch():

@@ -27,6 +27,9 @@ def test_for_ray_makes_paths_absolute_and_puts_outputs_in_storage(tmp_path):
                        f"ray.storage_path={tmp_path}/store"])
     ray_cfg = for_ray(cfg, Path("/jobs/here"))
     assert ray_cfg.model.path == "/jobs/here/models/m" and ray_cfg.data.train == "/abs/train.jsonl"
+    mixed = for_ray(load_config(["data.train=[{path: a.jsonl, weight: 0.7}, {path: /abs/b.parquet, weight: 0.3}]"]),
+                    Path("/jobs/here"))
+    assert [(s.path, s.weight) for s in mixed.data.train] == [("/jobs/here/a.jsonl", 0.7), ("/abs/b.parquet", 0.3)]
     assert ray_cfg.deepspeed.config == "/jobs/here/ds_configs/zero3.json"
     assert ray_cfg.ray.name == "exp7" and ray_cfg.train.output_dir == f"{tmp_path}/store/exp7"
     named = for_ray(load_config(["ray.name=other", f"ray.storage_path={tmp_path}"]), Path("/x"))
