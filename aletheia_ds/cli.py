@@ -2,7 +2,7 @@
 
   aletheia-ds probe [--config FILE] --model DIR --data FILE --out probe.json [--probe-batches 8 ...] [section.key=value ...]
   aletheia-ds plan [--config FILE] --probe probe.json --out plan.json [--top-pct 50 ...] [section.key=value ...]
-  aletheia-ds train --config CONFIG.yaml [--num-gpus N] [--hostfile FILE [--node-rank R]] [--slurm] [--dry-run] [k=v ...]
+  aletheia-ds train --config CONFIG.yaml [--num-gpus N] [--hostfile FILE [--node-rank R] | --slurm] [--dry-run] ...
   aletheia-ds eval --model DIR [--adapter DIR] --data FILE [--forgetting-data FILE] [--out eval.json]
   aletheia-ds export --model DIR --adapter DIR --out DIR --merge
   aletheia-ds bench --model DIR --out cost.json

@@ -134,7 +134,8 @@ class SlurmLaunch:
         lines = [f"# SLURM job {self.job_id}: node {self.node_rank} of {len(self.hosts)} ({' '.join(self.hosts)}), "
                  f"{self.ranks_per_node} ranks per node, master {self.master_addr}:{self.master_port}",
                  f"# hostfile {self.hostfile} (written on each node):"]
-        return "\n".join(lines + [f"#   {line}" for line in hostfile_text(self.hosts, self.ranks_per_node).splitlines()])
+        hostfile = hostfile_text(self.hosts, self.ranks_per_node).splitlines()
+        return "\n".join(lines + [f"#   {line}" for line in hostfile])
 
 
 def slurm_port(job_id: str) -> int:
