@@ -139,7 +139,9 @@ def second_node(cluster: LocalRay, num_cpus: int, resources: dict[str, float],
            "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0",
            "--resources", json.dumps(resources), *_own_ports()]
     with log.open("w") as handle:
-        node = subprocess.Popen(cmd, env=cluster.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        # cluster_env's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps the head on loopback and refuses joining nodes
+        env = dict(cluster.env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
+        node = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_nodes(cluster, 2, node, time.monotonic() + startup_timeout, log)
         yield node
