@@ -2,7 +2,7 @@
 
   aletheia-ds probe [--config FILE] --model DIR --data FILE --out probe.json [--probe-batches 8 ...] [section.key=value ...]
   aletheia-ds plan [--config FILE] --probe probe.json --out plan.json [--top-pct 50 ...] [section.key=value ...]
-  aletheia-ds train --config CONFIG.yaml [--num-gpus N | --hostfile FILE] [--dry-run] [section.key=value ...]
+  aletheia-ds train --config CONFIG.yaml [--num-gpus N] [--hostfile FILE [--node-rank R] | --slurm] [--dry-run] ...
   aletheia-ds eval --model DIR [--adapter DIR] --data FILE [--forgetting-data FILE] [--out eval.json]
   aletheia-ds export --model DIR --adapter DIR --out DIR --merge
   aletheia-ds bench --model DIR --out cost.json
@@ -40,9 +40,12 @@ writes probe.json: per layer and module ||dL/dW||_F (see `aletheia-ds report`)."
   aletheia-ds train --config launch/configs/qwen2_7b_zero3.yaml --num-gpus 8 plan.top_pct=25 train.lr=1e-4
       runs: deepspeed --num_gpus 8 launch/train.py --config launch/configs/qwen2_7b_zero3.yaml plan.top_pct=25 ...
   aletheia-ds train --config launch/configs/qwen2_7b_zero3.yaml --hostfile hosts.txt --dry-run   (print only)
+  aletheia-ds train --config launch/configs/qwen2_72b_zero3.yaml --hostfile hosts.txt --node-rank 1 --master-addr node-1
+      one launcher per node, no ssh: runs deepspeed --hostfile hosts.txt --no_ssh --node_rank 1 ... (docs/MULTINODE.md)
+  srun --ntasks-per-node=1 aletheia-ds train --config launch/configs/qwen2_72b_zero3.yaml --slurm   (launch/slurm/)
   DS_ACCELERATOR=cpu aletheia-ds train --config launch/configs/tiny_cpu.yaml --num-gpus 2 --quiet
   aletheia-ds train --config launch/configs/tiny_cpu.yaml deepspeed.config=ds_configs/zero2.json   (one process)
-Without --num-gpus/--hostfile the job runs in this process (one rank). Keys: `aletheia-ds defaults`.""",
+Without --num-gpus/--hostfile/--slurm the job runs in this process (one rank). Keys: `aletheia-ds defaults`.""",
     "eval": """example:
   aletheia-ds eval --model examples/tiny/model --tokenizer examples/tiny/tokenizer --adapter runs/tiny_cpu/adapter \\
       --data examples/tiny/eval.jsonl --forgetting-data examples/tiny/train.jsonl --seq-len 64 --out runs/tiny_cpu/eval_cli.json
@@ -163,31 +166,67 @@ def _plan(args, rest: list[str]) -> None:
           f"captures {plan.score_captured:.1%} of the probe's gradient energy")
 
 
+def train_target() -> tuple[str, bool]:
+    """(what the launcher runs, whether it is a module): launch/train.py, or the module aletheia_ds.train when
+    installed without a checkout."""
+    script = ROOT / "launch" / "train.py"
+    if not script.is_file():
+        return "aletheia_ds.train", True
+    return str(script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script), False
+
+
 def launcher_command(args, overrides: list[str]) -> list[str]:
-    """The `deepspeed` command that runs launch/train.py (the module aletheia_ds.train when installed without a
-    checkout) on --num-gpus ranks or over --hostfile."""
+    """The `deepspeed` command that runs the job on --num-gpus ranks, over --hostfile, or (--node-rank) the ranks
+    of one node of --hostfile."""
     from .launchers.deepspeed import deepspeed_command
 
-    script = ROOT / "launch" / "train.py"
-    target = (str(script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script)
-              if script.is_file() else "aletheia_ds.train")
+    target, module = train_target()
     return deepspeed_command(target, ["--config", args.config, *overrides], num_gpus=args.num_gpus,
-                             hostfile=args.hostfile, master_addr=args.master_addr, master_port=args.master_port,
-                             module=not script.is_file())
+                             hostfile=args.hostfile, num_nodes=args.num_nodes, node_rank=args.node_rank,
+                             master_addr=args.master_addr, master_port=args.master_port, module=module)
+
+
+def _check_launch_flags(args) -> None:
+    if args.hostfile and not Path(args.hostfile).is_file():
+        raise ConfigError(f"--hostfile: {args.hostfile!r} does not exist")
+    for flag, value, least in (("--num-gpus", args.num_gpus, 1), ("--num-nodes", args.num_nodes, 1),
+                               ("--node-rank", args.node_rank, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag}: must be >= {least}, got {value}")
+    if args.slurm and (args.hostfile or args.node_rank is not None or args.num_nodes or args.master_addr):
+        raise ConfigError("--slurm: the allocation gives the hosts, node rank and master; drop --hostfile, "
+                          "--num-nodes, --node-rank and --master-addr")
+    if (args.node_rank is not None or args.num_nodes) and not args.hostfile:
+        raise ConfigError("--hostfile: required with --num-nodes/--node-rank (every node's launcher reads the same "
+                          "list of nodes)")
+    if args.node_rank is not None and not args.master_addr:
+        raise ConfigError("--master-addr: required with --node-rank (the first node's address; without it "
+                          "DeepSpeed asks the first host over ssh)")
 
 
 def _train(args, rest: list[str]) -> None:
     from .metrics import check_backends
 
-    if args.hostfile and not Path(args.hostfile).is_file():
-        raise ConfigError(f"--hostfile: {args.hostfile!r} does not exist")
-    if args.num_gpus is not None and args.num_gpus < 1:
-        raise ConfigError(f"--num-gpus: must be >= 1, got {args.num_gpus}")
+    _check_launch_flags(args)
     overrides = run_overrides(args, rest)
     argv = (["--config", args.config] if args.config else []) + overrides
     cfg = load_config(argv)  # bad input: one line here, before any rank starts
     cfg.require_paths()
     check_backends(cfg.train.report_to)
+    if args.slurm:
+        if not args.config:
+            raise ConfigError("--config: required with --slurm (every rank reads the same file)")
+        from .launchers.deepspeed import slurm_launch
+
+        target, module = train_target()
+        launch = slurm_launch(os.environ, target, ["--config", args.config, *overrides], module=module,
+                              ranks_per_node=args.num_gpus, master_port=args.master_port)
+        print(launch.describe(), flush=True)
+        print(shlex.join(launch.command), flush=True)
+        if not args.dry_run:
+            launch.write_hostfile()
+            os.execvp(launch.command[0], launch.command)
+        return
     if args.num_gpus or args.hostfile:
         if not args.config:
             raise ConfigError("--config: required with --num-gpus/--hostfile (every rank reads the same file)")
@@ -283,8 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "the whole job (probe -> plan -> train -> adapter), through the DeepSpeed launcher")
     p.add_argument("--config", help="run YAML (launch/configs/*.yaml); then section.key=value overrides")
-    p.add_argument("--num-gpus", type=int, help="ranks on this machine: runs `deepspeed --num_gpus N launch/train.py`")
+    p.add_argument("--num-gpus", type=int, help="ranks on this machine (per node with --hostfile/--slurm): runs "
+                   "`deepspeed --num_gpus N launch/train.py`")
     p.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node run")
+    p.add_argument("--num-nodes", type=int, help="use the first N nodes of --hostfile")
+    p.add_argument("--node-rank", type=int, help="start only node R's ranks of --hostfile, without ssh; run one "
+                   "such launcher on every node (docs/MULTINODE.md)")
+    p.add_argument("--slurm", action="store_true", help="inside a SLURM allocation (srun, one task per node): this "
+                   "node's launcher, hosts and master from SLURM_* (launch/slurm/deepspeed.sbatch)")
     p.add_argument("--master-addr", help="passed to the launcher (e.g. 127.0.0.1 on one CPU machine)")
     p.add_argument("--master-port", type=int, help="passed to the launcher")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the command; run nothing")

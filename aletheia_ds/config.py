@@ -292,6 +292,9 @@ class RaySection(Section):
                                 "train.output_dir. Same name again: continue from its last checkpoint")
     max_failures: int = Field(0, description="worker-group failures to recover from, each from the last "
                               "checkpoint (-1: no limit)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how Ray places the workers on nodes: PACK fills few nodes; STRICT_SPREAD puts each "
+        "worker on a node of its own")
     check_resources: bool = Field(True, description="refuse at once when the cluster cannot ever fit the workers "
                                   "(false for autoscaling clusters that grow on demand)")
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -175,9 +178,17 @@ def tokenize_to_cache(source: str | Path, tokenizer, seq_len: int, cache_dir: Pa
             f"data.seq_len={seq_len} (raise data.seq_len to keep them)")
     if len(kept) == 0:
         raise DataError(f"{source}: no usable rows: every row's loss tokens fall past data.seq_len={seq_len}")
-    partial = target.with_name(f".tmp-{target.name}")
+    # one partial folder per writer: with data.cache_shared=false on a file system several nodes see, the first
+    # rank of every node tokenizes into the same cache_dir at once
+    partial = target.with_name(f".tmp-{target.name}-{socket.gethostname()}-{os.getpid()}")
     kept.remove_columns("truncated").save_to_disk(str(partial))
-    partial.rename(target)  # a killed tokenizer leaves only a .tmp- folder, never a half cache under the key
+    try:
+        partial.rename(target)  # a killed tokenizer leaves only a .tmp- folder, never a half cache under the key
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (target / "dataset_info.json").is_file():
+            raise
+        # another node renamed the same tokens (the key names them) into place first
     return target
 
 

@@ -99,10 +99,13 @@ def worker_resources(scaling) -> dict[str, float]:
     return {k: float(v) for k, v in need.items() if v}
 
 
-def missing_resources(need: dict[str, float], workers: int, nodes: list[dict[str, float]]) -> Optional[str]:
-    """None when `workers` bundles of `need` fit on `nodes` (a worker's bundle lies on one node), else what is
-    missing, in words."""
+def missing_resources(need: dict[str, float], workers: int, nodes: list[dict[str, float]],
+                      one_per_node: bool = False) -> Optional[str]:
+    """None when `workers` bundles of `need` fit on `nodes` (a worker's bundle lies on one node; with
+    `one_per_node`, as STRICT_SPREAD places them, no two on the same node), else what is missing, in words."""
     fits = [min(math.floor(node.get(k, 0.0) / amount + 1e-9) for k, amount in need.items()) for node in nodes]
+    if one_per_node:
+        fits = [min(fit, 1) for fit in fits]
     if sum(fits) >= workers:
         return None
     short = []
@@ -113,6 +116,9 @@ def missing_resources(need: dict[str, float], workers: int, nodes: list[dict[str
                          f"{have:g}")
     if short:
         return "; ".join(short)
+    if one_per_node:
+        return (f"STRICT_SPREAD puts each worker on a node of its own and only {sum(fits)} of the "
+                f"{len(nodes)} nodes can hold one of {need}")
     offer = ", ".join("{" + ", ".join(f"{k}: {node.get(k, 0.0):g}" for k in need) + "}" for node in nodes)
     return (f"only {sum(fits)} of {workers} workers fit: each needs {need} on one node, the nodes offer "
             f"{offer or 'nothing'}")
@@ -123,7 +129,7 @@ def check_cluster_fits(cfg: RunConfig, scaling, address: str) -> None:
 
     need = worker_resources(scaling)
     nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
-    missing = missing_resources(need, cfg.ray.num_workers, nodes)
+    missing = missing_resources(need, cfg.ray.num_workers, nodes, cfg.ray.placement_strategy == "STRICT_SPREAD")
     if missing:
         raise ConfigError(f"ray: the cluster at {address} cannot run ray.num_workers={cfg.ray.num_workers} workers "
                           f"of {need}: {missing}; lower ray.num_workers or ray.resources_per_worker, or add nodes "
@@ -143,7 +149,8 @@ def fit(cfg: RunConfig) -> Any:
     if not is_v2_enabled():
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0: launch/ray_train.py uses Ray Train's current API; unset it")
     scaling = ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                      resources_per_worker=cfg.ray.resources_per_worker)
+                                      resources_per_worker=cfg.ray.resources_per_worker,
+                                      placement_strategy=cfg.ray.placement_strategy)
     # Ray Train lists the run's checkpoints (<run>/checkpoints/step-N, written in place) and deletes the ones
     # beyond train.keep_last; a restarted worker group resumes from the newest
     run_config = ray.train.RunConfig(storage_path=cfg.ray.storage_path, name=cfg.ray.name,
