@@ -127,36 +127,3 @@ def local_ray(num_cpus: int, num_gpus: int = 0, startup_timeout: float = 180.0,
     finally:
         _stop_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def second_node(cluster: LocalRay, num_cpus: int, resources: dict[str, float],
-                startup_timeout: float = 120.0) -> Iterator[subprocess.Popen]:
-    """Another Ray node on this host, joined to `cluster`: a raylet of its own (its own ports and resources) in
-    its own session, so that the test can stop it alone, as a lost machine."""
-    log = cluster.temp_dir / f"node-{free_port()}.log"
-    cmd = [os.path.join(VENV_BIN, "ray"), "start", "--block", "--address", cluster.gcs_address,
-           "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus), "--num-gpus", "0",
-           "--resources", json.dumps(resources), *_own_ports()]
-    with log.open("w") as handle:
-        # cluster_env's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps the head on loopback and refuses joining nodes
-        env = dict(cluster.env, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
-        node = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_nodes(cluster, 2, node, time.monotonic() + startup_timeout, log)
-        yield node
-    finally:
-        _stop_session(node)
-
-
-def _wait_for_nodes(cluster: LocalRay, count: int, node: subprocess.Popen, deadline: float, log: Path) -> None:
-    probe = "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"
-    while time.monotonic() < deadline:
-        if node.poll() is not None:
-            raise RuntimeError(f"ray start exited with {node.returncode}:\n{log.read_text()[-3000:]}")
-        alive = subprocess.run([sys.executable, "-c", probe], env=dict(cluster.env, RAY_ADDRESS=cluster.gcs_address),
-                               capture_output=True, text=True, timeout=60).stdout.strip().splitlines()
-        if alive and alive[-1] == str(count):
-            return
-        time.sleep(2)
-    raise RuntimeError(f"the second Ray node did not join:\n{log.read_text()[-3000:]}")

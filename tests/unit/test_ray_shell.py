@@ -20,6 +20,10 @@ def test_missing_resources_names_what_is_short():
         "only 0 of 2 workers fit: each needs {'CPU': 6.0, 'GPU': 1.0} on one node, the nodes offer " \
         "{CPU: 4, GPU: 2}, {CPU: 8, GPU: 0}"
     assert missing_resources({"TPU": 1.0}, 1, []) == "TPU: 1 workers x 1 = 1 needed, the cluster has 0"
+    # STRICT_SPREAD: one worker per node, however much one node could hold
+    assert missing_resources({"GPU": 1.0}, 2, two_nodes, one_per_node=True) is None
+    assert missing_resources({"GPU": 1.0}, 3, two_nodes, one_per_node=True) == \
+        "STRICT_SPREAD puts each worker on a node of its own and only 2 of the 2 nodes can hold one of {'GPU': 1.0}"
 
 
 def test_for_ray_makes_paths_absolute_and_puts_outputs_in_storage(tmp_path):
