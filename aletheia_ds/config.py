@@ -27,6 +27,20 @@ class TrainingError(RuntimeError):
     good checkpoint."""
 
 
+# exit status of a job stopped by SIGTERM after writing its checkpoint: EX_TEMPFAIL ("try again later"), which a
+# scheduler's requeue rule can tell from 143 (killed before it could save) and from 1-3 (failed)
+PREEMPTED_EXIT = 75
+INTERRUPTED_EXIT = 130  # Ctrl-C, as a shell reports SIGINT
+
+
+class Stopped(TrainingError):
+    """The job was told to stop (SIGTERM, Ctrl-C) and stopped cleanly; the message says how to resume."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Wording:
     """Words a knob's range error adds to its bounds: `rank must be > 0`, `must be >= 1 (or unset for all rows)`."""
@@ -49,9 +63,12 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 def exit_code(err: ConfigError | TrainingError, announce: bool = True) -> int:
     """What every command line does with these errors: one `error: ...` line on stderr (when `announce`) and
-    exit status 2 for input the user can fix, 3 when training could not go on."""
+    exit status 2 for input the user can fix, 3 when training could not go on; a stopped job says so and
+    exits with its own status (PREEMPTED_EXIT, INTERRUPTED_EXIT)."""
     if announce:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"{'stopped' if isinstance(err, Stopped) else 'error'}: {err}", file=sys.stderr, flush=True)
+    if isinstance(err, Stopped):
+        return err.status
     return 2 if isinstance(err, ConfigError) else 3
 
 
@@ -215,6 +232,10 @@ class TrainSection(Section):
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update")
     max_nan_skips: ZeroOrMore = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
+    stop_grace_s: FiniteNonNegative = Field(
+        120.0, description="seconds the scheduler allows between SIGTERM and the kill (SLURM KillWait, Kubernetes "
+        "terminationGracePeriodSeconds): on SIGTERM the current step ends and a checkpoint is written unless the "
+        "last one took longer than the time left; then the job exits 75")
 
     @field_validator("report_to")
     @classmethod
