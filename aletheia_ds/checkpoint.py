@@ -18,8 +18,8 @@ import torch.nn as nn
 from .adapters.export import export_adapter
 from .config import ConfigError
 from .dist import print0
-from .io import (fsync_tree, load_safetensors, manifest_problem, replace_dir, tree_manifest, write_json_atomic,
-                 write_text_atomic)
+from .io import (atomic_path, fsync_tree, load_safetensors, manifest_problem, replace_dir, tree_manifest,
+                 write_json_atomic, write_text_atomic)
 from .plan import Plan
 
 
@@ -282,8 +282,8 @@ def save_rng(path: Path) -> None:
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
     metadata = {"python": json.dumps(random.getstate()),
                 "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:  # the umask's mode, not save_file's 0600
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_rng(path: Path) -> None:

@@ -57,7 +57,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, _umask_mode(True))  # mkdtemp makes 0700
+        # mkdtemp makes 0700, and writers such as safetensors' save_file make their files 0600: a serving user
+        # other than the owner could not read the result
+        for inner in [tmp, *tmp.rglob("*")]:
+            if not inner.is_symlink():
+                os.chmod(inner, _umask_mode(inner.is_dir()))
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
