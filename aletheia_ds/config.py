@@ -200,7 +200,9 @@ class LoraSection(Section):
 class TrainSection(Section):
     output_dir: str = Field("runs/default", description="probe.json, plan.json, metrics.jsonl, adapter/ land here")
     max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; default: epochs over the data")
-    epochs: FiniteNonNegative = Field(1.0, description="passes over the training data when max_steps is unset")
+    # > 0: zero epochs would still train one step (the schedule rounds up)
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False,
+                          description="passes over the training data when max_steps is unset")
     micro_batch_size: OneOrMore = Field(4, description="examples per rank per forward")
     grad_accum: OneOrMore = Field(1, description="micro-batches per optimizer step")
     lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")

@@ -28,6 +28,7 @@ def test_yaml_and_overrides(tmp_path):
     (["train.lr=1"], "just text\n", r"c.yaml: the top level must be a mapping"),
     ([], "train:\n  seed: 1" + "0" * 5000 + "\n", r"c.yaml: Exceeds the limit \(4300 digits\)"),
     (["train.lr=.inf"], "", r"train.lr: must be a finite number > 0, got inf"),
+    (["train.epochs=0"], "", r"train.epochs: must be a finite number > 0, got 0"),
     (["data.max_examples=-5"], "", r"data.max_examples: must be >= 1 \(or unset for all rows\), got -5"),
     (["train.seed=-1"], "", r"train.seed: must be in \[0, 2\*\*32\)"),
     (["train.resume="], "", r"train.resume: must be 'auto' or a checkpoint path"),
