@@ -279,59 +279,64 @@ def test_a_load_that_disagrees_with_the_saved_adapter_is_caught(reference, tmp_p
     assert _adapter_difference(saved, tmp_path / "fresh") == f"adapter_model.safetensors: 1 LoRA tensors differ (first: {name})"
 
 
-def start(cfg, workdir, out, until_step):
-    """Launch `cfg` on 2 ranks in the background; return once metrics.jsonl has reached `until_step`."""
+def start_paused(cfg, workdir, out, after_step):
+    """Launch `cfg` on 2 ranks in the background; return once both ranks wait after step `after_step` (until
+    the returned pause file is removed)."""
+    pause = workdir / f"{out.name}.pause"
+    pause.touch()
     log = (workdir / f"{out.name}.log").open("w")
-    launcher = subprocess.Popen(train_cmd(cfg, workdir), cwd=ROOT, env=rank_env(cpu=True), stdout=log,
-                                stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(train_cmd(cfg, workdir, script="tests/workers/pause_between_steps.py"), cwd=ROOT,
+                                env=rank_env(cpu=True, PAUSE_FILE=str(pause), PAUSE_AFTER_STEP=str(after_step)),
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and launcher.poll() is None and logged_steps(out) < until_step:
+    while time.monotonic() < deadline and launcher.poll() is None and logged_steps(out) < after_step:
         time.sleep(0.05)
     assert launcher.poll() is None, (workdir / f"{out.name}.log").read_text()[-3000:]
-    return launcher
+    return launcher, pause
 
 
 @pytest.mark.slow
 def test_second_job_refused_then_sigterm_checkpoints_and_resumes_exactly(workdir, reference):
     out = workdir / "preempted"
     cfg = job(workdir, out.name)
-    launcher = start(cfg, workdir, out, until_step=1)
+    launcher, pause = start_paused(cfg, workdir, out, after_step=3)
     second = run_train(cfg, workdir, check=False)  # the same output_dir while the first job trains there
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
     assert f"train.output_dir: {out} is in use by another run (pid " in errors[0]
 
-    while launcher.poll() is None and logged_steps(out) < 3:
-        time.sleep(0.05)
     os.kill(rank_pid(launcher, 1), signal.SIGTERM)  # one rank: the all-reduced flag stops both
+    pause.unlink()
     assert launcher.wait(timeout=120) == 75, (workdir / "preempted.log").read_text()[-3000:]
     log = (workdir / "preempted.log").read_text()
     stopped = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM")]
-    assert len(stopped) == 1 and "resume with --resume auto" in stopped[0] and "Traceback" not in log, log[-3000:]
-    step = latest_step(out)
-    assert f"stopped after step {step} of {STEPS}; checkpoint {out / 'checkpoints' / f'step-{step:08d}'}" in stopped[0]
-    assert 3 <= step < STEPS and not (out / "eval.json").exists()
+    assert len(stopped) == 1 and "Traceback" not in log, log[-3000:]
+    assert stopped[0] == (f"stopped: SIGTERM: stopped after step 3 of {STEPS}; checkpoint "
+                          f"{out / 'checkpoints' / 'step-00000003'}; resume with --resume auto")
+    assert latest_step(out) == 3 and not (out / "eval.json").exists()
 
     proc = run_train(cfg, workdir, extra=["--resume", "auto"])
-    assert f"step {step} of {STEPS}" in proc.stdout
-    assert_same_as_reference(out, reference, checkpoints_pruned=False)
+    assert f"step-00000003, step 3 of {STEPS}" in proc.stdout
+    assert_same_as_reference(out, reference)
 
 
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_and_resumes_exactly(workdir, reference):
     out = workdir / "interrupted"
     cfg = job(workdir, out.name)
-    launcher = start(cfg, workdir, out, until_step=SAVE_EVERY + 1)
+    launcher, pause = start_paused(cfg, workdir, out, after_step=3)
     for rank in (0, 1):  # a terminal's Ctrl-C reaches every process of the foreground job
         os.kill(rank_pid(launcher, rank), signal.SIGINT)
     assert launcher.wait(timeout=120) != 0
+    pause.unlink()
     log = (workdir / "interrupted.log").read_text()
-    lines = [line for line in log.splitlines() if "interrupted" in line]
-    assert len(lines) == 1 and lines[0].startswith("stopped: interrupted at step "), log[-3000:]
-    assert lines[0].endswith("resume with --resume auto") and "Traceback" not in log, log[-3000:]
+    lines = [line for line in log.splitlines() if "interrupted at" in line]
+    assert lines == [f"stopped: interrupted at step 3 (last checkpoint: {out / 'checkpoints' / 'step-00000002'}); "
+                     "resume with --resume auto"] and "Traceback" not in log, log[-3000:]
 
-    run_train(cfg, workdir, extra=["--resume", "auto"])
-    assert_same_as_reference(out, reference, checkpoints_pruned=False)
+    proc = run_train(cfg, workdir, extra=["--resume", "auto"])
+    assert f"step-00000002, step 2 of {STEPS}" in proc.stdout
+    assert_same_as_reference(out, reference)
 
 
 @pytest.mark.slow
