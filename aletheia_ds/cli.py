@@ -211,7 +211,7 @@ def _eval(args) -> None:
                               seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
                               verify_logits=args.verify_logits, random_init=args.random_init,
                               forgetting_data=args.forgetting_data, exact_match_rows=args.exact_match_rows,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
     if args.out:
         from .io import write_json_atomic
 
@@ -226,7 +226,7 @@ def _export(args) -> None:
         raise ConfigError("export: pass --merge (the adapter directory is already the unmerged export, loadable "
                           "with peft.PeftModel.from_pretrained)")
     out = export_merged(args.model, args.adapter, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out}: merged model (safetensors); load with AutoModelForCausalLM.from_pretrained('{out}')")
 
 
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, "--random-init", "model.random_init", dest="random_init")
     p.add_argument("--verify-logits", help="sample_logits.safetensors written by a training run")
     p.add_argument("--out", help="also write the result here (JSON)")
+    config_flag(p, "--trust-remote-code", "model.trust_remote_code", dest="trust_remote_code")
     p.set_defaults(func=_eval)
 
     p = command("export", "merge the adapter into the base model -> a plain transformers model (safetensors)")
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to save beside the model (default: --model's, if it has one)")
     p.add_argument("--dtype", default="auto", help="auto (the base checkpoint's) | float32 | bfloat16 | float16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    config_flag(p, "--trust-remote-code", "model.trust_remote_code", dest="trust_remote_code")
     p.set_defaults(func=_export)
 
     p = command("bench", "calibrate the cost model on this hardware -> cost.json")

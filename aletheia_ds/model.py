@@ -53,6 +53,24 @@ def check_sequence_lengths(section: ModelSection, lengths: dict[str, int]) -> No
                               f"set {knob} <= {limit}")
 
 
+def check_vocabulary(section: ModelSection, tokenizer) -> None:
+    """Refuse a tokenizer that does not belong to the model before any weight is loaded: ids past the
+    embedding table fail with an IndexError deep in the forward, and another model's tokenizer of a fitting
+    size trains silently on ids that mean other tokens (its end-of-sequence id gives it away)."""
+    config = _model_config(section)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size = getattr(text_config, "vocab_size", None)
+    where = f"model.tokenizer: {section.tokenizer or section.path}"
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ConfigError(f"{where} has {len(tokenizer)} tokens, the model ({section.path}) embeds {vocab_size}; "
+                          "use the model's own tokenizer")
+    model_eos = getattr(text_config, "eos_token_id", None)
+    model_eos = set(model_eos) if isinstance(model_eos, list) else {model_eos} - {None}
+    if model_eos and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in model_eos:
+        raise ConfigError(f"{where} ends sequences with id {tokenizer.eos_token_id}, the model ({section.path}) "
+                          f"with {sorted(model_eos)}; use the model's own tokenizer")
+
+
 def fingerprint(section: ModelSection) -> dict:
     """What identifies the base model cheaply: its config and the names and sizes of its weight files.
 

@@ -45,7 +45,7 @@ from .dist import (DistContext, distributed, held_parameter_elements, peak_host_
 from .evaluate import held_out_loss
 from .io import OutputLock, save_safetensors_atomic, write_json_atomic
 from .metrics import check_backends, open_metrics
-from .model import check_sequence_lengths, load_model
+from .model import check_sequence_lengths, check_vocabulary, load_model
 from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
 from .execution import ExecutionOptions, PreparedModel, PrefixCache, PrefixCacheError
@@ -225,6 +225,7 @@ class Run:
         check_sequence_lengths(cfg.model, {"data.seq_len": cfg.data.seq_len,
                                            **({"probe.seq_len": cfg.probe.seq_len} if cfg.probe.seq_len else {})})
         tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+        check_vocabulary(cfg.model, tokenizer)
         log = print0
         load = data_mod.load_examples
         if cfg.data.cache_dir:  # tokenize once per node (or per job), memory-map on every rank
