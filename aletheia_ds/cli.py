@@ -153,6 +153,15 @@ def _plan(args, rest: list[str]) -> None:
     if not cfg.probe.report:
         raise ConfigError("plan: give the probe.json to plan from: --probe FILE (or probe.report in --config)")
     report = ProbeReport.load(cfg.probe.report)
+    if cfg.model.path:
+        from .model import fingerprint, fingerprint_digest
+
+        report.check_fingerprint(fingerprint_digest(fingerprint(cfg.model)), f"probe.report: {cfg.probe.report}")
+        checked = f"probe.json checked against {cfg.model.path}"
+    else:
+        # without a model only the report's own layout could be checked (from_json): a report of another
+        # model plans as well as this one's, and train refuses it
+        checked = "no model.path given: probe.json not checked against a model"
     cost = cfg.plan.cost
     cost_model = CostModel.load(cost).check_matches(report, cost) if cost else \
         CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
@@ -160,7 +169,7 @@ def _plan(args, rest: list[str]) -> None:
     save_plan(plan, args.out)
     experts = f" + {len(plan.experts)} experts" if plan.experts else ""
     print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
-          f"captures {plan.score_captured:.1%} of the probe's gradient energy")
+          f"captures {plan.score_captured:.1%} of the probe's gradient energy ({checked})")
 
 
 def launcher_command(args, overrides: list[str]) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -82,6 +83,12 @@ def fingerprint(section: ModelSection) -> dict:
         config.pop(volatile, None)
     files = sorted((f.name, f.stat().st_size) for pattern in WEIGHT_FILES for f in Path(section.path).glob(pattern))
     return {"config": config, "weight_files": [list(f) for f in files], "random_init": not files}
+
+
+def fingerprint_digest(model_fingerprint: dict) -> str:
+    """A short hash of a `fingerprint`: what probe.json records so that another model refuses it."""
+    blob = json.dumps(model_fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def check_safetensors_shards(model_dir: str | Path) -> None:

@@ -7,6 +7,7 @@
         if resume:
             plan = run.resume_plan(resume) # the checkpoint's plan: no probe, no planning
         else:
+            run.check_given_inputs()       # plan.plan, probe.report: this model's, before any compute
             report = run.probe()           # one forward + backward per probe batch, norms all-reduced
             plan = run.plan(report)        # rank 0 plans, every rank receives the same plan
         run.prepare_training(plan, resume) # adapters attached and verified, frozen prefix..., DeepSpeed engine
@@ -47,6 +48,7 @@ from .io import OutputLock, save_safetensors_atomic, write_json_atomic
 from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, check_vocabulary, load_model
 from .model import fingerprint as model_fingerprint
+from .model import fingerprint_digest
 from .plan import Plan, make_plan
 from .execution import ExecutionOptions, PreparedModel, PrefixCache, PrefixCacheError
 from .probe.report import ProbeReport
@@ -271,13 +273,35 @@ class Run:
         return self.execution.prefix_cache if self.execution is not None else None
 
     # ---------------------------------------------------------------- probe
+    def check_given_inputs(self) -> None:
+        """plan.plan and probe.report, when given, are checked against this model before the probe runs, so a
+        refused one costs no compute and leaves nothing in output_dir (rank 0 reads them; every rank refuses)."""
+        problem = None
+        if self.ctx.is_main:
+            try:
+                if self.cfg.probe.report:
+                    self._given_report()
+                if self.cfg.plan.plan:
+                    self._given_plan()
+            except ConfigError as err:
+                problem = str(err)
+        problem = self.ctx.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+
+    def _given_report(self) -> ProbeReport:
+        path = self.cfg.probe.report
+        return ProbeReport.load(path).check_fits(self.layout.to_json(), self.layout.num_layers,
+                                                 fingerprint_digest(model_fingerprint(self.cfg.model)),
+                                                 f"probe.report: {path}")
+
+    def _given_plan(self) -> Plan:
+        return Plan.load(self.cfg.plan.plan).check_fits(self.layout, f"plan.plan: {self.cfg.plan.plan}")
+
     def probe(self, out_path: Optional[Path] = None) -> ProbeReport:
         cfg = self.cfg
         if cfg.probe.report:
-            report = ProbeReport.load(cfg.probe.report)
-            if report.num_layers != self.layout.num_layers:
-                raise ConfigError(f"probe.report: {cfg.probe.report} has {report.num_layers} layers, the model "
-                                  f"{self.layout.num_layers}")
+            report = self._given_report()
             print0(f"probe: reusing {cfg.probe.report}")
         else:
             seq_len = cfg.probe.seq_len or cfg.data.seq_len
@@ -301,6 +325,7 @@ class Run:
                                    on_batch=lambda tokens: progress.update(progress.done + 1, tokens))
             progress.close()
             report.validate()
+            report.model_fingerprint = fingerprint_digest(model_fingerprint(self.cfg.model))
             self.results.seconds["probe"] = report.seconds
             self.results.peak_memory_gib["probe"] = self.ctx.peak_memory_gib()
             print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
@@ -313,7 +338,7 @@ class Run:
         plan = None
         if self.ctx.is_main:
             if cfg.plan.plan:
-                plan = Plan.load(cfg.plan.plan)
+                plan = self._given_plan()
                 print0(f"plan: reusing {cfg.plan.plan}")
             else:
                 cost = CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost) if cfg.plan.cost else \
@@ -587,7 +612,11 @@ def main(cfg: RunConfig, observer: Optional[RunObserver] = None) -> RunResults:
         with distributed(cfg) as ctx, lock_output_dir(ctx, cfg):
             resume = find_resume(ctx, cfg)
             run = Run.setup(ctx, cfg, observer)
-            plan = run.resume_plan(resume) if resume else run.plan(run.probe())
+            if resume:
+                plan = run.resume_plan(resume)
+            else:
+                run.check_given_inputs()
+                plan = run.plan(run.probe())
             run.prepare_training(plan, resume)
             for step in run.remaining_steps():
                 run.train_step(step)

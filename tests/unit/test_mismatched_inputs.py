@@ -32,3 +32,96 @@ def test_eval_and_export_take_trust_remote_code(command):
     assert args.trust_remote_code is True
     args, _ = build_parser().parse_known_args([command, "--model", "m", "--adapter", "a", "--data", "d", "--out", "o"])
     assert args.trust_remote_code is False
+
+
+def _probe_of(model_dir, **report_fields):
+    """A probe report of the saved model at `model_dir` (scores made up), as `aletheia-ds probe` records it."""
+    from transformers import AutoModelForCausalLM
+
+    from aletheia_ds.arch import describe
+    from aletheia_ds.model import fingerprint, fingerprint_digest
+    from helpers.reports import fake_report
+
+    layout = describe(AutoModelForCausalLM.from_pretrained(str(model_dir)))
+    report = fake_report(layout, [1.0, 2.0, 3.0, 4.0])
+    report.model_fingerprint = fingerprint_digest(fingerprint(ModelSection(path=str(model_dir))))
+    for key, value in report_fields.items():
+        setattr(report, key, value)
+    return report, layout
+
+
+def test_a_probe_of_another_model_with_the_same_layer_count_is_refused(tmp_path):
+    from aletheia_ds.model import fingerprint, fingerprint_digest
+
+    model = save_tiny_llama(tmp_path / "model")
+    wider = save_tiny_llama(tmp_path / "wider", hidden_size=64, num_attention_heads=4)
+    report, layout = _probe_of(model)
+    digest = fingerprint_digest(fingerprint(ModelSection(path=str(model))))
+    assert report.check_fits(layout.to_json(), layout.num_layers, digest, "probe.report: p") is report
+    other, other_layout = _probe_of(wider)
+    with pytest.raises(ConfigError, match=r"^probe.report: p was made on another model \(down_proj in x out features: "
+                                          r"\[64, 64\] in the report, \[64, 32\] in this model\)"):
+        other.check_fits(layout.to_json(), layout.num_layers, digest, "probe.report: p")
+    # same architecture, other weights (another seed, its files the same size): the config-and-sizes fingerprint
+    # cannot tell; another config (here the vocabulary) can
+    bigger_vocab = save_tiny_llama(tmp_path / "vocab", vocab_size=1024)
+    with pytest.raises(ConfigError, match=r"fingerprint of config.json and weight file sizes"):
+        report.check_fits(layout.to_json(), layout.num_layers,
+                          fingerprint_digest(fingerprint(ModelSection(path=str(bigger_vocab)))), "probe.report: p")
+
+
+def test_a_probe_with_other_module_names_is_one_line_not_a_key_error(tmp_path):
+    import json
+
+    from aletheia_ds.probe.report import ProbeReport
+
+    report, layout = _probe_of(save_tiny_llama(tmp_path / "model"))
+    neox, _ = _probe_of(save_tiny_llama(tmp_path / "neox", family="gpt_neox", intermediate_size=64))
+    with pytest.raises(ConfigError, match=r"^probe.report: p was made on another model \(layers at: gpt_neox.layers"):
+        neox.check_fits(layout.to_json(), layout.num_layers, "", "probe.report: p")
+    # a layer scoring a module the layout does not describe (hand-edited): one line when read, not a KeyError in plan
+    blob = report.to_json()
+    blob["layers"][0]["modules"]["qkv_proj"] = 1.0
+    (tmp_path / "probe.json").write_text(json.dumps(blob))
+    with pytest.raises(ConfigError, match=r"probe.json: layers score modules \['qkv_proj'\] that layout"):
+        ProbeReport.load(tmp_path / "probe.json")
+
+
+def test_a_plan_that_does_not_fit_the_model_is_one_line(tmp_path):
+    from aletheia_ds.config import PlanSection
+    from aletheia_ds.plan import make_plan
+
+    report, layout = _probe_of(save_tiny_llama(tmp_path / "model"))
+    plan = make_plan(report, PlanSection(top_pct=50))
+    assert plan.check_fits(layout, "plan.plan: p") is plan
+    plan.layers_path = "model.decoder.layers"  # hand-edited
+    with pytest.raises(ConfigError, match=r"^plan.plan: p: layers_path 'model.decoder.layers' is not where"):
+        plan.check_fits(layout, "plan.plan: p")
+
+
+def test_train_refuses_a_foreign_plan_or_probe_before_probing(tmp_path):
+    """Through train's main on one process: the plan and the report are refused before the probe, and the
+    refused run leaves no probe.json, probe.png or plan.json in output_dir."""
+    import json
+
+    from aletheia_ds.config import PlanSection, RunConfig
+    from aletheia_ds.plan import make_plan
+    from aletheia_ds.train import main
+    from helpers.ranks import tiny_run_config
+
+    model = save_tiny_llama(tmp_path / "model")
+    report, _ = _probe_of(model)
+    plan_blob = make_plan(report, PlanSection(top_pct=50)).to_json()
+    plan_blob["layers_path"] = "model.decoder.layers"
+    (tmp_path / "plan.json").write_text(json.dumps(plan_blob))
+    wider, _ = _probe_of(save_tiny_llama(tmp_path / "wider", hidden_size=64))
+    (tmp_path / "probe.json").write_text(json.dumps(wider.to_json()))
+    for knob, given, message in (("plan.plan", tmp_path / "plan.json", "layers_path 'model.decoder.layers'"),
+                                 ("probe.report", tmp_path / "probe.json", "was made on another model")):
+        out = tmp_path / f"run-{knob}"
+        config = tiny_run_config(model, out, deepspeed={"config": str(ROOT / "ds_configs/zero2.json")})
+        section, key = knob.split(".")
+        config[section][key] = str(given)
+        with pytest.raises(ConfigError, match=rf"^{knob}: .*{message}"):
+            main(RunConfig.model_validate(config))
+        assert not {"probe.json", "probe.png", "plan.json"} & {p.name for p in out.iterdir()}
