@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from .config import (ConfigError, PlanSection, RunConfig, TrainingError, config_field, config_reference_markdown,
                      defaults_yaml, exit_code, load_config)
+from .io import check_writable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +153,7 @@ def _plan(args, rest: list[str]) -> None:
     cfg = run_config(args, rest)
     if not cfg.probe.report:
         raise ConfigError("plan: give the probe.json to plan from: --probe FILE (or probe.report in --config)")
+    check_writable(args.out, "plan --out")
     report = ProbeReport.load(cfg.probe.report)
     if cfg.model.path:
         from .model import fingerprint, fingerprint_digest
@@ -216,6 +218,9 @@ def _train(args, rest: list[str]) -> None:
 def _eval(args) -> None:
     from .evaluate import evaluate_adapter
 
+    if args.out:
+        check_writable(args.out, "eval --out")
+
     result = evaluate_adapter(model=args.model, adapter=args.adapter, data=args.data, tokenizer=args.tokenizer,
                               seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
                               verify_logits=args.verify_logits, random_init=args.random_init,
@@ -234,6 +239,8 @@ def _export(args) -> None:
     if not args.merge:
         raise ConfigError("export: pass --merge (the adapter directory is already the unmerged export, loadable "
                           "with peft.PeftModel.from_pretrained)")
+    # the merged model is written into a folder beside --out, then renamed onto it
+    check_writable(Path(args.out).resolve().parent, "export --out", directory=True)
     out = export_merged(args.model, args.adapter, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
                         overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out}: merged model (safetensors); load with AutoModelForCausalLM.from_pretrained('{out}')")

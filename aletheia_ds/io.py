@@ -99,6 +99,22 @@ def fsync_tree(root: Path, recursive: bool = True) -> None:
             os.close(fd)
 
 
+def check_writable(path: str | Path, knob: str, directory: bool = False) -> None:
+    """Refuse in one line, before any work, an output that cannot be written: the folder a file `path` is
+    written into (beside it, as atomic_path does), or the folder `path` itself when `directory`."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    try:
+        if not directory and path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{knob}: cannot write {path} ({err.strerror or err}); choose a writable path") from None
+
+
 LOCK_NAME = ".aletheia.lock"
 
 

@@ -125,3 +125,50 @@ def test_train_refuses_a_foreign_plan_or_probe_before_probing(tmp_path):
         with pytest.raises(ConfigError, match=rf"^{knob}: .*{message}"):
             main(RunConfig.model_validate(config))
         assert not {"probe.json", "probe.png", "plan.json"} & {p.name for p in out.iterdir()}
+
+
+@pytest.fixture
+def probe_json(tmp_path):
+    import json
+
+    report, _ = _probe_of(save_tiny_llama(tmp_path / "model"))
+    (tmp_path / "probe.json").write_text(json.dumps(report.to_json()))
+    return tmp_path / "probe.json"
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_plan_checks_the_probe_against_a_given_model_and_says_when_it_cannot(tmp_path, probe_json, capsys):
+    from aletheia_ds.cli import main
+
+    wider = save_tiny_llama(tmp_path / "wider", hidden_size=64)
+    capsys.readouterr()
+    assert main(["plan", "--probe", str(probe_json), "--out", str(tmp_path / "plan.json"),
+                 f"model.path={wider}"]) == 2
+    assert "was made on another model (fingerprint" in _one_error_line(capsys)
+    assert main(["plan", "--probe", str(probe_json), "--out", str(tmp_path / "plan.json")]) == 0
+    assert "no model.path given: probe.json not checked against a model" in capsys.readouterr().out
+    assert main(["plan", "--probe", str(probe_json), "--out", str(tmp_path / "plan.json"),
+                 f"model.path={tmp_path / 'model'}"]) == 0
+    assert "checked against" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["plan", "report", "eval", "export"])
+def test_an_unwritable_out_is_one_line_before_any_work(command, tmp_path, probe_json, capsys):
+    from aletheia_ds.cli import main
+
+    (tmp_path / "a_file").write_text("x")
+    out = tmp_path / "a_file" / "out"  # inside a file: never writable, whoever runs it
+    model = str(tmp_path / "model")
+    argv = {"plan": ["plan", "--probe", str(probe_json)],
+            "report": ["report", str(tmp_path)],
+            "eval": ["eval", "--model", model, "--data", str(ROOT / "examples/tiny/eval.jsonl"), "--tokenizer",
+                     TOKENIZER],
+            "export": ["export", "--model", model, "--adapter", model, "--merge"]}[command]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    assert f"{command} --out: cannot write" in _one_error_line(capsys)
