@@ -87,7 +87,7 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
     from .config import ConfigError, ModelSection
     from .data import fixed_batches, load_examples, load_tokenizer
     from .io import load_safetensors
-    from .model import load_model
+    from .model import check_safetensors_shards, load_model
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {adapter!r} has no adapter_config.json")
@@ -97,6 +97,7 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
             raise ConfigError(f"{flag}: {path!r} does not exist")
     if verify_logits and adapter is None:
         raise ConfigError("--verify-logits: needs --adapter (the logits are the trained model's)")
+    check_safetensors_shards(model, "--model")  # a truncated copy: one line now, not after the data loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(tokenizer or model, trust_remote_code)
     quiet = lambda *_: None  # noqa: E731 (the JSON result is the output)
@@ -127,6 +128,9 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
         return result
     from peft import PeftModel
 
+    from .adapters.export import check_adapter_fits
+
+    check_adapter_fits(base, adapter)
     tuned = PeftModel.from_pretrained(base, adapter).to(device).eval()
     from .adapters.experts import load_expert_adapter
 

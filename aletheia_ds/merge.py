@@ -29,8 +29,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .adapters.export import check_adapter_fits
 from .config import ConfigError
 from .io import atomic_dir
+from .model import check_safetensors_shards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,6 +59,7 @@ def check_export_args(model: str, adapter: str, out: str, overwrite: bool) -> No
         raise ConfigError(f"--out: {out!r} is the model or adapter directory; choose a new directory")
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise ConfigError(f"--out: {out!r} exists and is not empty; choose a new directory or pass --overwrite")
+    check_safetensors_shards(model, "--model")
 
 
 def shard_files(model_dir: str | Path) -> dict[str, list[str]]:
@@ -99,6 +102,7 @@ def _peft_deltas(model_dir: str, adapter: str, trust_remote_code: bool = False
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     # the wrapped skeleton gives each adapted tensor's scaling and layout; its factors stay weightless (meta),
     # so they are read from the adapter file by PEFT's saved names
+    check_adapter_fits(skeleton, adapter)
     peft_model = PeftModel.from_pretrained(skeleton, adapter, low_cpu_mem_usage=True)
     name = peft_model.active_adapter
     factors = load_file(str(Path(adapter) / "adapter_model.safetensors"))

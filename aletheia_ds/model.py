@@ -91,8 +91,9 @@ def fingerprint_digest(model_fingerprint: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def check_safetensors_shards(model_dir: str | Path) -> None:
-    """Every shard the index names is present and whole (its header's tensors end within the file).
+def check_safetensors_shards(model_dir: str | Path, knob: str = "model.path") -> None:
+    """Every shard the index names (or the one model.safetensors) is present and whole (its header's tensors
+    end within the file).
 
     A shard cut short by an interrupted copy otherwise fails deep inside from_pretrained, on one rank, with a
     message about the safetensors header or an out-of-range read, possibly after minutes of loading.
@@ -105,13 +106,13 @@ def check_safetensors_shards(model_dir: str | Path) -> None:
         try:
             files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"model.path: {index} is unreadable ({type(err).__name__}: {err})") from None
+            raise ConfigError(f"{knob}: {index} is unreadable ({type(err).__name__}: {err})") from None
     else:
         files = sorted(f.name for f in model_dir.glob("*.safetensors"))
     for name in files:
         shard = model_dir / name
         if not shard.is_file():
-            raise ConfigError(f"model.path: {shard} is missing (named in {index.name}); copy the whole checkpoint")
+            raise ConfigError(f"{knob}: {shard} is missing (named in {index.name}); copy the whole checkpoint")
         size = shard.stat().st_size
         try:
             with shard.open("rb") as handle:
@@ -121,10 +122,10 @@ def check_safetensors_shards(model_dir: str | Path) -> None:
                 header = json.loads(handle.read(header_bytes))
             data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         except (struct.error, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"model.path: {shard} is not a readable safetensors file ({err}); "
+            raise ConfigError(f"{knob}: {shard} is not a readable safetensors file ({err}); "
                               "copy it again") from None
         if 8 + header_bytes + data_end > size:
-            raise ConfigError(f"model.path: {shard} is truncated ({size} bytes, its header needs "
+            raise ConfigError(f"{knob}: {shard} is truncated ({size} bytes, its header needs "
                               f"{8 + header_bytes + data_end}); copy it again")
 
 

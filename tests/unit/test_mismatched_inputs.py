@@ -172,3 +172,42 @@ def test_an_unwritable_out_is_one_line_before_any_work(command, tmp_path, probe_
     capsys.readouterr()
     assert main([*argv, "--out", str(out)]) == 2
     assert f"{command} --out: cannot write" in _one_error_line(capsys)
+
+
+def test_a_truncated_single_file_checkpoint_is_one_line_naming_the_file(tmp_path):
+    from aletheia_ds.evaluate import evaluate_adapter
+    from aletheia_ds.merge import export_merged
+
+    model = save_tiny_llama(tmp_path / "model")
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(ConfigError, match=rf"^--model: {weights} is truncated"):
+        evaluate_adapter(model=str(model), adapter=None, data=str(ROOT / "examples/tiny/eval.jsonl"),
+                         tokenizer=TOKENIZER)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"^--model: {weights} is truncated"):
+        export_merged(str(model), str(adapter), str(tmp_path / "merged"))
+
+
+def test_an_adapter_of_another_model_is_one_line_naming_it(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from aletheia_ds.evaluate import evaluate_adapter
+    from aletheia_ds.merge import export_merged
+
+    model = save_tiny_llama(tmp_path / "model")
+    wider = AutoModelForCausalLM.from_pretrained(str(save_tiny_llama(tmp_path / "wider", hidden_size=64)))
+    torch.manual_seed(0)
+    adapter = tmp_path / "adapter"
+    get_peft_model(wider, LoraConfig(r=4, target_modules=["q_proj", "down_proj"])).save_pretrained(str(adapter))
+    message = rf"^--adapter: {adapter} was trained on another model: 12 LoRA tensors do not fit \(first: "
+    with pytest.raises(ConfigError, match=message):
+        evaluate_adapter(model=str(model), adapter=str(adapter), data=str(ROOT / "examples/tiny/eval.jsonl"),
+                         tokenizer=TOKENIZER, batches=1, batch_size=2, seq_len=32)
+    with pytest.raises(ConfigError, match=message):
+        export_merged(str(model), str(adapter), str(tmp_path / "merged"))
