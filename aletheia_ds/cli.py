@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, help="passed to the launcher")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the command; run nothing")
     config_flag(p, "--quiet", "train.quiet")
+    config_flag(p, "--resume", "train.resume")
     p.set_defaults(func=_train, takes_rest=True)
 
     p = command("eval", "held-out loss, perplexity, exact match and forgetting of base and base+adapter")
@@ -348,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", "report.md (or .html) with plots of a run directory")
     p.add_argument("run_dir", nargs="?", help="the run's train.output_dir")
-    p.add_argument("--run", help=argparse.SUPPRESS)  # the earlier spelling
+    p.add_argument("--run", help="the run directory, as RUN_DIR")
     p.add_argument("--out", help="where report.md and the PNGs go (default: RUN_DIR)")
     p.add_argument("--format", default="md", choices=["md", "html"])
     p.set_defaults(func=_report)

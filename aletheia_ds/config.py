@@ -356,8 +356,9 @@ class RunConfig(Section):
             if value and not Path(value).exists():
                 raise ConfigError(f"{knob}: {value!r} does not exist")
         if self.deepspeed.config and not Path(self.deepspeed.config).is_file():
-            raise ConfigError(f"deepspeed.config: {self.deepspeed.config!r} does not exist "
-                              "(ds_configs/ has zero2.json, zero3.json, zero3_offload.json)")
+            shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+            raise ConfigError(f"deepspeed.config: {self.deepspeed.config!r} does not exist"
+                              + (f" (ds_configs/ has {', '.join(shipped)})" if shipped else ""))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -390,6 +391,11 @@ def _at(where: str, text: str) -> str:
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
     known = _known_keys(RunConfig)
+    if "." not in key:  # a section name (`trian:`): a key of some section would be the wrong hint
+        close = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1, cutoff=0.5)
+        hint = f"; did you mean section {close[0]!r}?" if close else ""
+        return ConfigError(_at(where, f"unknown config section {key!r}{hint} (sections: "
+                                      f"{', '.join(RunConfig.model_fields)})"))
     section, _, leaf = key.rpartition(".")
     same_section = [k for k in known if k.startswith(section + ".")] if section else []
     close = ([ALIASES[leaf]] if leaf in ALIASES else []) or \
@@ -551,7 +557,15 @@ def load_config(argv: list[str] | None = None, *, base: dict | None = None) -> R
         if key not in _known_keys(RunConfig):
             raise _unknown_key_error(key, f"{where} (override)")
         _set_dotted(tree, key, value, f"{where} (override {key})")
-    return validate_tree(tree, where)
+    validate_shape(tree, where)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        # a bad value given on the command line is the command line's, not the file's (the one-line error
+        # starts with the knob it is about)
+        knob = str(_flatten_error(err, "")).split(":", 1)[0].split(" ", 1)[0]
+        given = any(knob == key or knob.startswith(key + ".") for key, _ in overrides)
+        raise _flatten_error(err, "command line" if given else where) from None
 
 
 def validate_shape(tree: Any, where: str) -> None:
