@@ -350,8 +350,7 @@ class Run:
         plan = self.ctx.broadcast_object(plan)
         if plan.num_layers != self.layout.num_layers:
             raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
-        predicted = f"; predicted {plan.predicted['speedup_vs_uniform']:.2f}x uniform LoRA's speed " \
-            f"({plan.predicted['source']})" if plan.predicted else ""
+        predicted = predicted_speed_text(plan, self.ctx.device.type)
         experts = f" + {len(plan.experts)} experts in {len(plan.experts_by_layer())} MoE layers" if plan.experts else ""
         print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
                f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
@@ -592,6 +591,20 @@ class Run:
         print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
         self.observer.finished(self.results.to_json())
         return path
+
+
+def predicted_speed_text(plan: Plan, device_type: str) -> str:
+    """The plan line's speed prediction, said only where it means something: a plan that freezes no layer
+    backpropagates through the whole model as uniform LoRA does (the rest of the analytic model's difference is
+    per-adapter overhead), and the uncalibrated analytic model counts FLOPs at a GPU's rate, not a CPU's."""
+    if not plan.predicted:
+        return ""
+    if plan.lowest_adapted_layer == 0:
+        return "; freezes no layer, so no speedup over uniform LoRA is predicted"
+    source = plan.predicted["source"]
+    if not plan.predicted.get("calibrated") and device_type == "cpu":
+        source += " for a GPU, not this CPU; `aletheia-ds bench` calibrates it"
+    return f"; predicted {plan.predicted['speedup_vs_uniform']:.2f}x uniform LoRA's speed ({source})"
 
 
 def _versions() -> dict:

@@ -211,3 +211,18 @@ def test_an_adapter_of_another_model_is_one_line_naming_it(tmp_path):
                          tokenizer=TOKENIZER, batches=1, batch_size=2, seq_len=32)
     with pytest.raises(ConfigError, match=message):
         export_merged(str(model), str(adapter), str(tmp_path / "merged"))
+
+
+def test_the_plan_line_predicts_no_speedup_without_frozen_layers_and_labels_a_cpu_run(tmp_path):
+    from aletheia_ds.config import PlanSection
+    from aletheia_ds.cost import CostModel
+    from aletheia_ds.plan import make_plan
+    from aletheia_ds.train import predicted_speed_text
+
+    report, _ = _probe_of(save_tiny_llama(tmp_path / "model"))  # layer scores rise with depth
+    everything = make_plan(report, PlanSection(rule="all", attention_r=4, mlp_r=4), CostModel.analytic(report))
+    assert "freezes no layer, so no speedup" in predicted_speed_text(everything, "cpu")
+    upper = make_plan(report, PlanSection(top_pct=50), CostModel.analytic(report))
+    assert upper.lowest_adapted_layer == 2
+    assert "for a GPU, not this CPU" in predicted_speed_text(upper, "cpu")
+    assert "not this CPU" not in predicted_speed_text(upper, "cuda")
