@@ -18,7 +18,8 @@ import torch.nn as nn
 from .adapters.export import export_adapter
 from .config import ConfigError
 from .dist import print0
-from .io import fsync_tree, load_safetensors, replace_dir, write_json_atomic, write_text_atomic
+from .io import (atomic_path, fsync_tree, load_safetensors, manifest_problem, replace_dir, tree_manifest,
+                 write_json_atomic, write_text_atomic)
 from .plan import Plan
 
 
@@ -34,7 +35,8 @@ from .plan import Plan
 #       rng/rank-00000.safetensors  python / numpy / torch RNG states of each rank
 #       metrics.jsonl             the metrics rows up to this step
 #       probe.json                the probe that made the plan (when the run probed)
-#       state.json                step, plan, config, fingerprints, ... ; written last
+#       state.json                step, plan, config, fingerprints, ..., size and sha256 of every other
+#                                 file (verified on resume); written last
 #     .tmp-step-00000006/         a checkpoint being written; never read, removed at the next save
 #
 # All ranks write into the temporary directory; after a barrier rank 0 renames it into place and then
@@ -49,6 +51,7 @@ LATEST = "latest"
 RESUME_MAY_CHANGE = {
     "train.output_dir", "train.resume", "train.log_every", "train.save_every", "train.keep_last",
     "train.nan_policy", "train.max_nan_skips", "train.gradient_checkpointing", "probe.gradient_checkpointing",
+    "train.stop_grace_s",
     "train.frozen_prefix", "train.prefix_cache", "train.eval_every", "train.report_to", "train.quiet",
     "ray",  # where and how the job runs; ray.num_workers is the world size, checked on its own
 }
@@ -181,28 +184,58 @@ class Checkpoint:
                 "tokenizer changed); resume with the same data")
 
 
-def resolve_checkpoint(resume: str, output_dir: Path) -> Optional[Path]:
-    """train.resume -> a checkpoint directory; None for `auto` when the run has none yet."""
-    def from_root(root: Path) -> Optional[Path]:
+def checkpoint_candidates(resume: str, output_dir: Path) -> list[Path]:
+    """train.resume -> the checkpoints to try, newest first: the one `latest` names, then the older complete
+    ones of that directory (fallbacks should it be damaged); one path for an explicit step-N; [] for `auto`
+    when the run has none yet."""
+    def from_root(root: Path) -> Optional[list[Path]]:
         latest = root / LATEST
         if not latest.is_file():
             return None
         name = latest.read_text(encoding="utf-8").strip()
         if not name or "/" in name or not (root / name).is_dir():
             raise ConfigError(f"train.resume: {latest} names {name!r}, which is not a checkpoint there")
-        return root / name
+        older = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name < name), reverse=True)
+        return [root / name, *older]
 
     if resume == "auto":
-        return from_root(output_dir / "checkpoints")
+        return from_root(output_dir / "checkpoints") or []
     path = Path(resume)
     if (path / "state.json").is_file():
-        return path
+        return [path]
     for root in (path, path / "checkpoints"):
         found = from_root(root)
         if found is not None:
             return found
     raise ConfigError(f"train.resume: {resume!r} is neither a checkpoint (step-N directory with state.json), "
                       "a checkpoints/ directory with a 'latest' file, nor a run directory holding one")
+
+
+def resolve_checkpoint(resume: str, output_dir: Path) -> Optional[Path]:
+    """train.resume -> the checkpoint directory it names; None for `auto` when the run has none yet."""
+    candidates = checkpoint_candidates(resume, output_dir)
+    return candidates[0] if candidates else None
+
+
+def first_intact(candidates: list[Path]) -> Checkpoint:
+    """The first of `candidates` whose files all have the sizes and checksums its state.json recorded; says
+    which ones were skipped and why. One ConfigError when none is intact."""
+    damaged = []
+    for path in candidates:
+        try:
+            checkpoint = Checkpoint.read(path)
+            problem = manifest_problem(path, checkpoint.state.get("files", {}))
+        except ConfigError as err:
+            problem = str(err).removeprefix("train.resume: ")
+        if problem is None:
+            if damaged:
+                print0(f"resume: skipping damaged checkpoints ({'; '.join(damaged)}); continuing from {path.name}, "
+                       "the newest intact one")
+            return checkpoint
+        damaged.append(f"{path.name}: {problem}")
+    where = candidates[0].parent if candidates else "?"
+    raise ConfigError(f"train.resume: no intact checkpoint in {where} ({'; '.join(damaged)}); start a new "
+                      "train.output_dir, or run without --resume")
 
 
 def find_resume(ctx, cfg) -> Optional[Checkpoint]:
@@ -217,8 +250,8 @@ def find_resume(ctx, cfg) -> Optional[Checkpoint]:
         root = Path(cfg.train.output_dir) / "checkpoints"
         try:
             if cfg.train.resume:
-                path = resolve_checkpoint(cfg.train.resume, Path(cfg.train.output_dir))
-                found = Checkpoint.read(path) if path is not None else None
+                candidates = checkpoint_candidates(cfg.train.resume, Path(cfg.train.output_dir))
+                found = first_intact(candidates) if candidates else None
             elif (root / LATEST).is_file():
                 problem = (f"train.output_dir: {root} holds checkpoints of an earlier run (latest: "
                            f"{(root / LATEST).read_text(encoding='utf-8').strip()}); continue it with --resume "
@@ -249,8 +282,8 @@ def save_rng(path: Path) -> None:
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
     metadata = {"python": json.dumps(random.getstate()),
                 "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    with atomic_path(path) as tmp:  # the umask's mode, not save_file's 0600
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def load_rng(path: Path) -> None:
@@ -300,7 +333,10 @@ def save_checkpoint(ctx, engine, peft_model: nn.Module, output_dir: Path, step: 
         for artefact in ("metrics.jsonl", "probe.json"):
             if (Path(output_dir) / artefact).is_file():
                 shutil.copyfile(Path(output_dir) / artefact, tmp / artefact)
-        write_json_atomic(tmp / "state.json", {"format": CHECKPOINT_FORMAT, "step": step, **state})
+        # sizes and checksums of every other file, checked on resume: a truncated shard or RNG file is
+        # found before DeepSpeed or safetensors trip over it, and the run falls back to an older checkpoint
+        write_json_atomic(tmp / "state.json", {"format": CHECKPOINT_FORMAT, "step": step, **state,
+                                                "files": tree_manifest(tmp)})
         fsync_tree(tmp)
         replace_dir(tmp, final)
         write_text_atomic(root / LATEST, final.name)

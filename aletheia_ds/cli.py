@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 from .config import (ConfigError, PlanSection, RunConfig, TrainingError, config_field, config_reference_markdown,
                      defaults_yaml, exit_code, load_config)
+from .io import check_writable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,7 +156,17 @@ def _plan(args, rest: list[str]) -> None:
     cfg = run_config(args, rest)
     if not cfg.probe.report:
         raise ConfigError("plan: give the probe.json to plan from: --probe FILE (or probe.report in --config)")
+    check_writable(args.out, "plan --out")
     report = ProbeReport.load(cfg.probe.report)
+    if cfg.model.path:
+        from .model import fingerprint, fingerprint_digest
+
+        report.check_fingerprint(fingerprint_digest(fingerprint(cfg.model)), f"probe.report: {cfg.probe.report}")
+        checked = f"probe.json checked against {cfg.model.path}"
+    else:
+        # without a model only the report's own layout could be checked (from_json): a report of another
+        # model plans as well as this one's, and train refuses it
+        checked = "no model.path given: probe.json not checked against a model"
     cost = cfg.plan.cost
     cost_model = CostModel.load(cost).check_matches(report, cost) if cost else \
         CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
@@ -163,7 +174,7 @@ def _plan(args, rest: list[str]) -> None:
     save_plan(plan, args.out)
     experts = f" + {len(plan.experts)} experts" if plan.experts else ""
     print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
-          f"captures {plan.score_captured:.1%} of the probe's gradient energy")
+          f"captures {plan.score_captured:.1%} of the probe's gradient energy ({checked})")
 
 
 def train_target() -> tuple[str, bool]:
@@ -246,11 +257,14 @@ def _train(args, rest: list[str]) -> None:
 def _eval(args) -> None:
     from .evaluate import evaluate_adapter
 
+    if args.out:
+        check_writable(args.out, "eval --out")
+
     result = evaluate_adapter(model=args.model, adapter=args.adapter, data=args.data, tokenizer=args.tokenizer,
                               seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
                               verify_logits=args.verify_logits, random_init=args.random_init,
                               forgetting_data=args.forgetting_data, exact_match_rows=args.exact_match_rows,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
     if args.out:
         from .io import write_json_atomic
 
@@ -264,8 +278,10 @@ def _export(args) -> None:
     if not args.merge:
         raise ConfigError("export: pass --merge (the adapter directory is already the unmerged export, loadable "
                           "with peft.PeftModel.from_pretrained)")
+    # the merged model is written into a folder beside --out, then renamed onto it
+    check_writable(Path(args.out).resolve().parent, "export --out", directory=True)
     out = export_merged(args.model, args.adapter, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out}: merged model (safetensors); load with AutoModelForCausalLM.from_pretrained('{out}')")
 
 
@@ -334,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--master-port", type=int, help="passed to the launcher")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the command; run nothing")
     config_flag(p, "--quiet", "train.quiet")
+    config_flag(p, "--resume", "train.resume")
     p.set_defaults(func=_train, takes_rest=True)
 
     p = command("eval", "held-out loss, perplexity, exact match and forgetting of base and base+adapter")
@@ -351,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, "--random-init", "model.random_init", dest="random_init")
     p.add_argument("--verify-logits", help="sample_logits.safetensors written by a training run")
     p.add_argument("--out", help="also write the result here (JSON)")
+    config_flag(p, "--trust-remote-code", "model.trust_remote_code", dest="trust_remote_code")
     p.set_defaults(func=_eval)
 
     p = command("export", "merge the adapter into the base model -> a plain transformers model (safetensors)")
@@ -361,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer to save beside the model (default: --model's, if it has one)")
     p.add_argument("--dtype", default="auto", help="auto (the base checkpoint's) | float32 | bfloat16 | float16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    config_flag(p, "--trust-remote-code", "model.trust_remote_code", dest="trust_remote_code")
     p.set_defaults(func=_export)
 
     p = command("bench", "calibrate the cost model on this hardware -> cost.json")
@@ -375,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("report", "report.md (or .html) with plots of a run directory")
     p.add_argument("run_dir", nargs="?", help="the run's train.output_dir")
-    p.add_argument("--run", help=argparse.SUPPRESS)  # the earlier spelling
+    p.add_argument("--run", help="the run directory, as RUN_DIR")
     p.add_argument("--out", help="where report.md and the PNGs go (default: RUN_DIR)")
     p.add_argument("--format", default="md", choices=["md", "html"])
     p.set_defaults(func=_report)

@@ -27,6 +27,20 @@ class TrainingError(RuntimeError):
     good checkpoint."""
 
 
+# exit status of a job stopped by SIGTERM after writing its checkpoint: EX_TEMPFAIL ("try again later"), which a
+# scheduler's requeue rule can tell from 143 (killed before it could save) and from 1-3 (failed)
+PREEMPTED_EXIT = 75
+INTERRUPTED_EXIT = 130  # Ctrl-C, as a shell reports SIGINT
+
+
+class Stopped(TrainingError):
+    """The job was told to stop (SIGTERM, Ctrl-C) and stopped cleanly; the message says how to resume."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Wording:
     """Words a knob's range error adds to its bounds: `rank must be > 0`, `must be >= 1 (or unset for all rows)`."""
@@ -49,9 +63,12 @@ Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 def exit_code(err: ConfigError | TrainingError, announce: bool = True) -> int:
     """What every command line does with these errors: one `error: ...` line on stderr (when `announce`) and
-    exit status 2 for input the user can fix, 3 when training could not go on."""
+    exit status 2 for input the user can fix, 3 when training could not go on; a stopped job says so and
+    exits with its own status (PREEMPTED_EXIT, INTERRUPTED_EXIT)."""
     if announce:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"{'stopped' if isinstance(err, Stopped) else 'error'}: {err}", file=sys.stderr, flush=True)
+    if isinstance(err, Stopped):
+        return err.status
     return 2 if isinstance(err, ConfigError) else 3
 
 
@@ -223,7 +240,9 @@ class LoraSection(Section):
 class TrainSection(Section):
     output_dir: str = Field("runs/default", description="probe.json, plan.json, metrics.jsonl, adapter/ land here")
     max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; default: epochs over the data")
-    epochs: FiniteNonNegative = Field(1.0, description="passes over the training data when max_steps is unset")
+    # > 0: zero epochs would still train one step (the schedule rounds up)
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False,
+                          description="passes over the training data when max_steps is unset")
     micro_batch_size: OneOrMore = Field(4, description="examples per rank per forward")
     grad_accum: OneOrMore = Field(1, description="micro-batches per optimizer step")
     lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
@@ -255,6 +274,10 @@ class TrainSection(Section):
     nan_policy: Literal["stop", "skip"] = Field(
         "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update")
     max_nan_skips: ZeroOrMore = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
+    stop_grace_s: FiniteNonNegative = Field(
+        120.0, description="seconds the scheduler allows between SIGTERM and the kill (SLURM KillWait, Kubernetes "
+        "terminationGracePeriodSeconds): on SIGTERM the current step ends and a checkpoint is written unless the "
+        "last one took longer than the time left; then the job exits 75")
 
     @field_validator("report_to")
     @classmethod
@@ -379,8 +402,9 @@ class RunConfig(Section):
             if value and not Path(value).exists():
                 raise ConfigError(f"{knob}: {value!r} does not exist")
         if self.deepspeed.config and not Path(self.deepspeed.config).is_file():
-            raise ConfigError(f"deepspeed.config: {self.deepspeed.config!r} does not exist "
-                              "(ds_configs/ has zero2.json, zero3.json, zero3_offload.json)")
+            shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+            raise ConfigError(f"deepspeed.config: {self.deepspeed.config!r} does not exist"
+                              + (f" (ds_configs/ has {', '.join(shipped)})" if shipped else ""))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -413,6 +437,11 @@ def _at(where: str, text: str) -> str:
 
 def _unknown_key_error(key: str, where: str) -> ConfigError:
     known = _known_keys(RunConfig)
+    if "." not in key:  # a section name (`trian:`): a key of some section would be the wrong hint
+        close = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1, cutoff=0.5)
+        hint = f"; did you mean section {close[0]!r}?" if close else ""
+        return ConfigError(_at(where, f"unknown config section {key!r}{hint} (sections: "
+                                      f"{', '.join(RunConfig.model_fields)})"))
     section, _, leaf = key.rpartition(".")
     same_section = [k for k in known if k.startswith(section + ".")] if section else []
     close = ([ALIASES[leaf]] if leaf in ALIASES else []) or \
@@ -574,7 +603,15 @@ def load_config(argv: list[str] | None = None, *, base: dict | None = None) -> R
         if key not in _known_keys(RunConfig):
             raise _unknown_key_error(key, f"{where} (override)")
         _set_dotted(tree, key, value, f"{where} (override {key})")
-    return validate_tree(tree, where)
+    validate_shape(tree, where)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        # a bad value given on the command line is the command line's, not the file's (the one-line error
+        # starts with the knob it is about)
+        knob = str(_flatten_error(err, "")).split(":", 1)[0].split(" ", 1)[0]
+        given = any(knob == key or knob.startswith(key + ".") for key, _ in overrides)
+        raise _flatten_error(err, "command line" if given else where) from None
 
 
 def validate_shape(tree: Any, where: str) -> None:

@@ -23,6 +23,7 @@ Handling, documented (docs/RELIABILITY.md lists the inputs tried):
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ import torch
 from .config import ConfigError
 
 IGNORE = -100
+# the roles of OpenAI-style chat data that chat templates know; the loss is on assistant turns
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -178,6 +181,13 @@ class Tokenize:
                 raise DataError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
             _check_unicode(m["role"], f"messages[{i}].role", where)
             _check_unicode(m["content"], f"messages[{i}].content", where)
+            if m["role"] not in CHAT_ROLES:
+                # an unknown role would be rendered as text, and a misspelt "assistant" silently drops its turn
+                # from the loss
+                close = difflib.get_close_matches(m["role"], CHAT_ROLES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise DataError(f"{where}: messages[{i}].role {m['role'][:40]!r} is not one of "
+                                f"{', '.join(CHAT_ROLES)}{hint}")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: messages has no assistant turn to learn from")
         try:

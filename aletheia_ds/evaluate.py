@@ -74,7 +74,7 @@ def exact_match(model, tokenizer, rows: Sequence[tuple[str, str]], max_new_token
 def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str | None = None, seq_len: int = 1024,
                      batches: int = 8, batch_size: int = 4, verify_logits: str | None = None,
                      random_init: bool = False, forgetting_data: str | None = None, exact_match_rows: int = 0,
-                     max_new_tokens: int = 64) -> dict:
+                     max_new_tokens: int = 64, trust_remote_code: bool = False) -> dict:
     """Reload base (+ adapter) with plain transformers/PEFT, as any user would, and score them.
 
     Returns base_loss / base_perplexity (and adapter_* with an adapter) on `data`; with `exact_match_rows`,
@@ -87,7 +87,7 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
     from .config import ConfigError, ModelSection
     from .data import fixed_batches, load_examples, load_tokenizer
     from .io import load_safetensors
-    from .model import load_model
+    from .model import check_safetensors_shards, load_model
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {adapter!r} has no adapter_config.json")
@@ -97,14 +97,16 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
             raise ConfigError(f"{flag}: {path!r} does not exist")
     if verify_logits and adapter is None:
         raise ConfigError("--verify-logits: needs --adapter (the logits are the trained model's)")
+    check_safetensors_shards(model, "--model")  # a truncated copy: one line now, not after the data loads
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(tokenizer or model)
+    tok = load_tokenizer(tokenizer or model, trust_remote_code)
     quiet = lambda *_: None  # noqa: E731 (the JSON result is the output)
     eval_batches = fixed_batches(load_examples(data, tok, seq_len, log=quiet), batch_size, batches, tok.pad_token_id)
     forget_batches = fixed_batches(load_examples(forgetting_data, tok, seq_len, log=quiet), batch_size, batches,
                                    tok.pad_token_id) if forgetting_data else []
     em_rows = prompt_completion_rows(data, exact_match_rows) if exact_match_rows else []
-    base = load_model(ModelSection(path=model, random_init=random_init, dtype="float32"), torch.float32, device,
+    base = load_model(ModelSection(path=model, random_init=random_init, dtype="float32",
+                                   trust_remote_code=trust_remote_code), torch.float32, device,
                       contextlib.nullcontext).eval()
 
     def forward_with(net):
@@ -126,6 +128,9 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
         return result
     from peft import PeftModel
 
+    from .adapters.export import check_adapter_fits
+
+    check_adapter_fits(base, adapter)
     tuned = PeftModel.from_pretrained(base, adapter).to(device).eval()
     from .adapters.experts import load_expert_adapter
 

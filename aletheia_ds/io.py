@@ -8,10 +8,14 @@ safetensors; torch is imported only by the safetensors helpers, when they are ca
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,7 +57,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
-        os.chmod(tmp, _umask_mode(True))  # mkdtemp makes 0700
+        # mkdtemp makes 0700, and writers such as safetensors' save_file make their files 0600: a serving user
+        # other than the owner could not read the result
+        for inner in [tmp, *tmp.rglob("*")]:
+            if not inner.is_symlink():
+                os.chmod(inner, _umask_mode(inner.is_dir()))
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -89,6 +97,105 @@ def fsync_tree(root: Path, recursive: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def check_writable(path: str | Path, knob: str, directory: bool = False) -> None:
+    """Refuse in one line, before any work, an output that cannot be written: the folder a file `path` is
+    written into (beside it, as atomic_path does), or the folder `path` itself when `directory`."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    try:
+        if not directory and path.is_dir():
+            raise IsADirectoryError(21, "Is a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(f"{knob}: cannot write {path} ({err.strerror or err}); choose a writable path") from None
+
+
+LOCK_NAME = ".aletheia.lock"
+
+
+class OutputLock:
+    """An exclusive lock on an output directory for as long as a job runs in it.
+
+    flock on an open file: the kernel drops it when the holding process exits, however it exits, so the lock
+    file a killed job leaves behind never blocks the next one. The holder's pid, host and start time are
+    written into the file for the refusal message only; they are never trusted to decide who holds it.
+    """
+
+    def __init__(self, directory: str | Path, knob: str = "train.output_dir"):
+        self.directory, self.knob, self.fd = Path(directory), knob, None
+
+    def acquire(self) -> "OutputLock":
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, _umask_mode(False))
+        except OSError as err:
+            raise ConfigError(f"{self.knob}: cannot write to {self.directory} ({err.strerror or err}); choose a "
+                              "writable directory") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown process"
+            os.close(fd)
+            raise ConfigError(f"{self.knob}: {self.directory} is in use by another run ({holder}); wait for it "
+                              "to end, or choose another output directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock; the file stays (removing it would race a new holder)
+            self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def append_line(fd: int, line: str) -> None:
+    """One os.write of the whole line on an O_APPEND descriptor: concurrent writers never interleave inside a
+    line, and a kill leaves at most the last line short."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    written = os.write(fd, data)
+    if written != len(data):  # a full disk; the rest would land as a separate, torn line
+        raise OSError(f"short write ({written} of {len(data)} bytes)")
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_manifest(root: Path) -> dict[str, list]:
+    """{relative path: [size in bytes, sha256]} of every file under `root`."""
+    return {str(p.relative_to(root)): [p.stat().st_size, file_digest(p)]
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def manifest_problem(root: Path, manifest: dict[str, list]) -> str | None:
+    """None when every file of `manifest` is under `root` with its size and checksum; else the first that
+    is not, in words."""
+    for name, (size, digest) in manifest.items():
+        path = root / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if file_digest(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def read_json_object(path: str | os.PathLike, what: str) -> dict:

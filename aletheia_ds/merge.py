@@ -29,8 +29,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .adapters.export import check_adapter_fits
 from .config import ConfigError
 from .io import atomic_dir
+from .model import check_safetensors_shards
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,6 +59,7 @@ def check_export_args(model: str, adapter: str, out: str, overwrite: bool) -> No
         raise ConfigError(f"--out: {out!r} is the model or adapter directory; choose a new directory")
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
         raise ConfigError(f"--out: {out!r} exists and is not empty; choose a new directory or pass --overwrite")
+    check_safetensors_shards(model, "--model")
 
 
 def shard_files(model_dir: str | Path) -> dict[str, list[str]]:
@@ -85,7 +88,8 @@ def shard_files(model_dir: str | Path) -> dict[str, list[str]]:
 DeltaFn = Callable[[], torch.Tensor]
 
 
-def _peft_deltas(model_dir: str, adapter: str) -> tuple[dict[str, DeltaFn], torch.nn.Module]:
+def _peft_deltas(model_dir: str, adapter: str, trust_remote_code: bool = False
+                 ) -> tuple[dict[str, DeltaFn], torch.nn.Module]:
     """{in-memory parameter name: delta in float32} for every tensor the PEFT adapter adapts, and the
     weightless skeleton (revert_weight_conversion reads the family's key mappings from it)."""
     from peft import PeftModel
@@ -93,11 +97,12 @@ def _peft_deltas(model_dir: str, adapter: str) -> tuple[dict[str, DeltaFn], torc
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     with torch.device("meta"):  # names and shapes only: no base weights are ever held
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     # the wrapped skeleton gives each adapted tensor's scaling and layout; its factors stay weightless (meta),
     # so they are read from the adapter file by PEFT's saved names
+    check_adapter_fits(skeleton, adapter)
     peft_model = PeftModel.from_pretrained(skeleton, adapter, low_cpu_mem_usage=True)
     name = peft_model.active_adapter
     factors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
@@ -175,13 +180,13 @@ def _key_map(skeleton, deltas: dict[str, DeltaFn]) -> dict[str, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------------- merge
-def merged_shards(model: str, adapter: str, dtype: Optional[torch.dtype] = None
+def merged_shards(model: str, adapter: str, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False
                   ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(shard file name, its merged tensors) one shard at a time; every adapted tensor is visited once."""
     from safetensors import safe_open
 
     shards = shard_files(model)
-    peft, skeleton = _peft_deltas(model, adapter)
+    peft, skeleton = _peft_deltas(model, adapter, trust_remote_code)
     experts = _expert_deltas(adapter)
     disk_names = _key_map(skeleton, peft)
     owner_of = {disk: name for name, disks in disk_names.items() for disk in disks}
@@ -209,7 +214,7 @@ def merged_shards(model: str, adapter: str, dtype: Optional[torch.dtype] = None
 
 
 def export_merged(model: str, adapter: str, out: str, tokenizer: Optional[str] = None, dtype: str = "auto",
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, trust_remote_code: bool = False) -> Path:
     """base + adapter -> one merged model directory (config.json, model*.safetensors, index, tokenizer files)."""
     from safetensors.torch import save_file
 
@@ -223,7 +228,7 @@ def export_merged(model: str, adapter: str, out: str, tokenizer: Optional[str] =
     config["dtype"] = dtype
     config.pop("torch_dtype", None)
     with atomic_dir(out) as tmp:  # an existing (empty, or --overwrite) directory is replaced whole
-        for file, tensors in merged_shards(model, adapter, DTYPES[dtype]):
+        for file, tensors in merged_shards(model, adapter, DTYPES[dtype], trust_remote_code):
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
         if (Path(model) / INDEX_FILE).is_file():
             index = json.loads((Path(model) / INDEX_FILE).read_text(encoding="utf-8"))
@@ -236,5 +241,5 @@ def export_merged(model: str, adapter: str, out: str, tokenizer: Optional[str] =
         if tokenizer or any((Path(model) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
             from .data import load_tokenizer
 
-            load_tokenizer(tokenizer or model).save_pretrained(str(tmp))
+            load_tokenizer(tokenizer or model, trust_remote_code).save_pretrained(str(tmp))
     return Path(out)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError
+from .io import append_line
 
 # backend -> (module that must import, what to install)
 BACKENDS = {
@@ -63,14 +64,17 @@ class JsonlSink(MetricsSink):
     def __init__(self, path: Path, append: bool = False):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.handle = path.open("a" if append else "w", encoding="utf-8")
+        # O_APPEND even for a fresh file: every row lands whole at the end, whoever else writes here
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC), 0o666)
 
     def write(self, row: dict) -> None:
-        self.handle.write(json.dumps(row) + "\n")
-        self.handle.flush()  # a crash keeps every row written so far (checkpoints copy this file)
+        # unbuffered: a crash keeps every row written so far (checkpoints copy this file)
+        append_line(self.fd, json.dumps(row))
 
     def close(self) -> None:
-        self.handle.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class TensorBoardSink(MetricsSink):

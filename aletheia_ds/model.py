@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -53,6 +54,24 @@ def check_sequence_lengths(section: ModelSection, lengths: dict[str, int]) -> No
                               f"set {knob} <= {limit}")
 
 
+def check_vocabulary(section: ModelSection, tokenizer) -> None:
+    """Refuse a tokenizer that does not belong to the model before any weight is loaded: ids past the
+    embedding table fail with an IndexError deep in the forward, and another model's tokenizer of a fitting
+    size trains silently on ids that mean other tokens (its end-of-sequence id gives it away)."""
+    config = _model_config(section)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size = getattr(text_config, "vocab_size", None)
+    where = f"model.tokenizer: {section.tokenizer or section.path}"
+    if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
+        raise ConfigError(f"{where} has {len(tokenizer)} tokens, the model ({section.path}) embeds {vocab_size}; "
+                          "use the model's own tokenizer")
+    model_eos = getattr(text_config, "eos_token_id", None)
+    model_eos = set(model_eos) if isinstance(model_eos, list) else {model_eos} - {None}
+    if model_eos and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in model_eos:
+        raise ConfigError(f"{where} ends sequences with id {tokenizer.eos_token_id}, the model ({section.path}) "
+                          f"with {sorted(model_eos)}; use the model's own tokenizer")
+
+
 def fingerprint(section: ModelSection) -> dict:
     """What identifies the base model cheaply: its config and the names and sizes of its weight files.
 
@@ -66,8 +85,15 @@ def fingerprint(section: ModelSection) -> dict:
     return {"config": config, "weight_files": [list(f) for f in files], "random_init": not files}
 
 
-def check_safetensors_shards(model_dir: str | Path) -> None:
-    """Every shard the index names is present and whole (its header's tensors end within the file).
+def fingerprint_digest(model_fingerprint: dict) -> str:
+    """A short hash of a `fingerprint`: what probe.json records so that another model refuses it."""
+    blob = json.dumps(model_fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_safetensors_shards(model_dir: str | Path, knob: str = "model.path") -> None:
+    """Every shard the index names (or the one model.safetensors) is present and whole (its header's tensors
+    end within the file).
 
     A shard cut short by an interrupted copy otherwise fails deep inside from_pretrained, on one rank, with a
     message about the safetensors header or an out-of-range read, possibly after minutes of loading.
@@ -80,13 +106,13 @@ def check_safetensors_shards(model_dir: str | Path) -> None:
         try:
             files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"model.path: {index} is unreadable ({type(err).__name__}: {err})") from None
+            raise ConfigError(f"{knob}: {index} is unreadable ({type(err).__name__}: {err})") from None
     else:
         files = sorted(f.name for f in model_dir.glob("*.safetensors"))
     for name in files:
         shard = model_dir / name
         if not shard.is_file():
-            raise ConfigError(f"model.path: {shard} is missing (named in {index.name}); copy the whole checkpoint")
+            raise ConfigError(f"{knob}: {shard} is missing (named in {index.name}); copy the whole checkpoint")
         size = shard.stat().st_size
         try:
             with shard.open("rb") as handle:
@@ -96,10 +122,10 @@ def check_safetensors_shards(model_dir: str | Path) -> None:
                 header = json.loads(handle.read(header_bytes))
             data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         except (struct.error, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"model.path: {shard} is not a readable safetensors file ({err}); "
+            raise ConfigError(f"{knob}: {shard} is not a readable safetensors file ({err}); "
                               "copy it again") from None
         if 8 + header_bytes + data_end > size:
-            raise ConfigError(f"model.path: {shard} is truncated ({size} bytes, its header needs "
+            raise ConfigError(f"{knob}: {shard} is truncated ({size} bytes, its header needs "
                               f"{8 + header_bytes + data_end}); copy it again")
 
 

@@ -28,7 +28,7 @@ from typing import ClassVar, Iterator, Optional
 
 from pydantic import BaseModel
 
-from .arch import ExpertBank, MoeBlock, moe_from_json
+from .arch import ExpertBank, Layout, MoeBlock, moe_from_json
 from .config import ArtefactSchema, ConfigError, PlanSection
 from .cost import UNIFORM_RANK, CostModel
 from .io import read_json_object, write_json_atomic
@@ -164,6 +164,25 @@ class Plan:
         if self.planned_layers() != self.layers:
             raise ConfigError(f"{where}: 'layers' {self.layers} disagrees with the planned modules' and experts' "
                               f"layers {self.planned_layers()}")
+        return self
+
+    def check_fits(self, layout: Layout, where: str) -> "Plan":
+        """Refuse a plan that does not fit the model at hand before any compute: its layer count, layer container
+        and every planned module's path must be the model's (a hand-edited layers_path would otherwise fail
+        inside PEFT)."""
+        if self.num_layers != layout.num_layers:
+            raise ConfigError(f"{where}: made for {self.num_layers} layers, the model has {layout.num_layers}")
+        if self.layers_path != layout.layers_path:
+            raise ConfigError(f"{where}: layers_path {self.layers_path!r} is not where the model's decoder layers "
+                              f"are ({layout.layers_path!r}); plan again for this model")
+        for module in self.modules:
+            paths = {t.path for t in layout.layer_targets[module.layer]}
+            if module.path not in paths:
+                raise ConfigError(f"{where}: layer {module.layer} has no module {module.path!r} (its targets: "
+                                  f"{', '.join(sorted(paths))}); plan again for this model")
+        moe_layers = sorted({e.layer for e in self.experts} - set(layout.moe))
+        if moe_layers:
+            raise ConfigError(f"{where}: experts planned in layers {moe_layers}, which are not MoE layers of the model")
         return self
 
     def _check_experts(self, where: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import ConfigError
-from .io import atomic_path, read_json_object, write_text_atomic
+from .io import atomic_path, check_writable, read_json_object, write_text_atomic
 from .plan import Plan
 from .probe.report import ProbeReport
 
@@ -415,7 +415,7 @@ def write_run_report(run_dir: Path, out_dir: Optional[Path] = None, fmt: str = "
         except ImportError:
             raise ConfigError("report --format html: needs the markdown package (pip install markdown)") from None
     out_dir = out_dir or run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "report --out", directory=True)
     # read everything first: a broken input is refused before any file is written
     report = ProbeReport.load(run_dir / "probe.json")
     plan = Plan.load(run_dir / "plan.json") if (run_dir / "plan.json").is_file() else None

@@ -1,25 +1,30 @@
 """One job: setup -> probe -> plan -> LoRA training -> adapter export, on one process or many.
 
     cfg = load_config(argv)
-    with distributed(cfg) as ctx:
+    with distributed(cfg) as ctx, lock_output_dir(ctx, cfg):  # one job per output_dir
         resume = find_resume(ctx, cfg)     # train.resume: the checkpoint to continue from, checked against cfg
         run = Run.setup(ctx, cfg)          # tokenizer, data, frozen base model (zero.Init under ZeRO-3)
         if resume:
             plan = run.resume_plan(resume) # the checkpoint's plan: no probe, no planning
         else:
+            run.check_given_inputs()       # plan.plan, probe.report: this model's, before any compute
             report = run.probe()           # one forward + backward per probe batch, norms all-reduced
             plan = run.plan(report)        # rank 0 plans, every rank receives the same plan
         run.prepare_training(plan, resume) # adapters attached and verified, frozen prefix..., DeepSpeed engine
         for step in run.remaining_steps():
             run.train_step(step)           # micro-batches, non-finite guard, metrics, evaluation, checkpoints
+            run.stop_if_asked(step)        # SIGTERM on any rank: every rank checkpoints this step, exit 75
         run.finish()                       # held-out loss after training, run results
         run.export()                       # PEFT adapter gathered from ZeRO-3 partitions, rank 0 writes eval.json
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,16 +37,18 @@ from . import data as data_mod
 from .adapters.export import export_adapter
 from .adapters.peft_config import plan_json
 from .arch import Layout, describe
-from .checkpoint import Checkpoint, find_resume, restore_checkpoint, save_checkpoint
-from .config import ConfigError, RunConfig, TrainingError, exit_code, load_config
+from .checkpoint import Checkpoint, find_resume, restore_checkpoint, save_checkpoint, step_name
+from .config import (INTERRUPTED_EXIT, PREEMPTED_EXIT, ConfigError, RunConfig, Stopped, TrainingError, exit_code,
+                     load_config)
 from .cost import CostModel
 from .dist import (DistContext, distributed, held_parameter_elements, peak_host_rss_gib, print0, resolve_dtype,
                    write_json0)
 from .evaluate import held_out_loss
-from .io import save_safetensors_atomic, write_json_atomic
+from .io import OutputLock, save_safetensors_atomic, write_json_atomic
 from .metrics import check_backends, open_metrics
-from .model import check_sequence_lengths, load_model
+from .model import check_sequence_lengths, check_vocabulary, load_model
 from .model import fingerprint as model_fingerprint
+from .model import fingerprint_digest
 from .plan import Plan, make_plan
 from .execution import ExecutionOptions, PreparedModel, PrefixCache, PrefixCacheError
 from .probe.report import ProbeReport
@@ -114,6 +121,47 @@ class NonFiniteGuard:
         return True
 
 
+class StopSignal:
+    """SIGTERM, what SLURM, Kubernetes and Ray send a job before they kill it, only raises a flag: the step
+    under way ends normally and Run.stop_if_asked turns the flag into a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.received_at: Optional[float] = None  # time.monotonic() of the first SIGTERM
+
+    def install(self) -> None:
+        # Python delivers signals to the main thread only; a job run in a worker thread (Ray Train) keeps the
+        # default, and its launcher's own restart-from-checkpoint applies
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._received)
+
+    def _received(self, signum, frame) -> None:
+        if self.received_at is None:
+            self.received_at = time.monotonic()
+
+    def seconds_since(self) -> float:
+        return 0.0 if self.received_at is None else time.monotonic() - self.received_at
+
+
+@contextlib.contextmanager
+def lock_output_dir(ctx: DistContext, cfg: RunConfig):
+    """Rank 0 holds train.output_dir's lock for the job's life; a second job there is refused in one line (on
+    every rank together), and so is an output_dir that cannot be written, before anything is loaded."""
+    lock, problem = None, None
+    if ctx.is_main:
+        try:
+            lock = OutputLock(cfg.train.output_dir).acquire()
+        except ConfigError as err:
+            problem = str(err)
+    problem = ctx.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Only trainable (LoRA) parameters; biases and 1-D tensors get no decay. Empty groups are dropped."""
     decay, no_decay = [], []
@@ -165,6 +213,9 @@ class Run:
     training: Optional[TrainingState] = None
     results: RunResults = field(default_factory=RunResults)
     last_checkpoint: Optional[Path] = None
+    last_save_seconds: float = 0.0
+    steps_done: int = 0
+    stop_signal: StopSignal = field(default_factory=StopSignal)
     _fingerprints: Optional[dict] = None
     observer: RunObserver = field(default_factory=RunObserver)
 
@@ -177,6 +228,7 @@ class Run:
                                            **({"probe.seq_len": cfg.probe.seq_len} if cfg.probe.seq_len else {})})
         tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code,
                                             cfg.data.chat_template)
+        check_vocabulary(cfg.model, tokenizer)
         log = print0
         load = data_mod.load_examples
         if cfg.data.cache_dir:  # tokenize once per node (or per job), memory-map on every rank
@@ -233,13 +285,35 @@ class Run:
         return self.execution.prefix_cache if self.execution is not None else None
 
     # ---------------------------------------------------------------- probe
+    def check_given_inputs(self) -> None:
+        """plan.plan and probe.report, when given, are checked against this model before the probe runs, so a
+        refused one costs no compute and leaves nothing in output_dir (rank 0 reads them; every rank refuses)."""
+        problem = None
+        if self.ctx.is_main:
+            try:
+                if self.cfg.probe.report:
+                    self._given_report()
+                if self.cfg.plan.plan:
+                    self._given_plan()
+            except ConfigError as err:
+                problem = str(err)
+        problem = self.ctx.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
+
+    def _given_report(self) -> ProbeReport:
+        path = self.cfg.probe.report
+        return ProbeReport.load(path).check_fits(self.layout.to_json(), self.layout.num_layers,
+                                                 fingerprint_digest(model_fingerprint(self.cfg.model)),
+                                                 f"probe.report: {path}")
+
+    def _given_plan(self) -> Plan:
+        return Plan.load(self.cfg.plan.plan).check_fits(self.layout, f"plan.plan: {self.cfg.plan.plan}")
+
     def probe(self, out_path: Optional[Path] = None) -> ProbeReport:
         cfg = self.cfg
         if cfg.probe.report:
-            report = ProbeReport.load(cfg.probe.report)
-            if report.num_layers != self.layout.num_layers:
-                raise ConfigError(f"probe.report: {cfg.probe.report} has {report.num_layers} layers, the model "
-                                  f"{self.layout.num_layers}")
+            report = self._given_report()
             print0(f"probe: reusing {cfg.probe.report}")
         else:
             seq_len = cfg.probe.seq_len or cfg.data.seq_len
@@ -263,6 +337,7 @@ class Run:
                                    on_batch=lambda tokens: progress.update(progress.done + 1, tokens))
             progress.close()
             report.validate()
+            report.model_fingerprint = fingerprint_digest(model_fingerprint(self.cfg.model))
             self.results.seconds["probe"] = report.seconds
             self.results.peak_memory_gib["probe"] = self.ctx.peak_memory_gib()
             print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
@@ -275,7 +350,7 @@ class Run:
         plan = None
         if self.ctx.is_main:
             if cfg.plan.plan:
-                plan = Plan.load(cfg.plan.plan)
+                plan = self._given_plan()
                 print0(f"plan: reusing {cfg.plan.plan}")
             else:
                 cost = CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost) if cfg.plan.cost else \
@@ -287,8 +362,7 @@ class Run:
         plan = self.ctx.broadcast_object(plan)
         if plan.num_layers != self.layout.num_layers:
             raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
-        predicted = f"; predicted {plan.predicted['speedup_vs_uniform']:.2f}x uniform LoRA's speed " \
-            f"({plan.predicted['source']})" if plan.predicted else ""
+        predicted = predicted_speed_text(plan, self.ctx.device.type)
         experts = f" + {len(plan.experts)} experts in {len(plan.experts_by_layer())} MoE layers" if plan.experts else ""
         print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
                f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
@@ -392,6 +466,8 @@ class Run:
         ctx.reset_peak_memory()
         self.training = TrainingState(plan, rows, schedule, total_steps, start_step, scheduler, guard, metrics,
                                       progress, loop_started=time.perf_counter())
+        self.steps_done = start_step
+        self.stop_signal.install()
 
     def remaining_steps(self) -> range:
         """The 0-based steps still to run: all of them, or those after the checkpoint resumed from."""
@@ -440,6 +516,28 @@ class Run:
             saved = self.save(step + 1, total_steps, training.plan, guard)
         if row is not None or saved is not None:
             self.observer.step(row or {"step": step + 1}, saved)
+        self.steps_done = step + 1
+
+    def stop_if_asked(self, step: int) -> None:
+        """After step `step`: when any rank has had SIGTERM, every rank learns it from one all-reduce, a
+        checkpoint of this step is written together (unless there is one, or the last save took longer than
+        what is left of train.stop_grace_s), and Stopped ends the job with PREEMPTED_EXIT."""
+        asked, waited = self.ctx.all_reduce_sum(torch.tensor(
+            [float(self.stop_signal.received_at is not None), self.stop_signal.seconds_since()], dtype=torch.float64))
+        if asked == 0:
+            return
+        done, grace = step + 1, self.cfg.train.stop_grace_s
+        waited = float(waited) / float(asked)  # the mean over the ranks signalled; every rank computes the same
+        self.training.progress.close()
+        if self.last_checkpoint is not None and self.last_checkpoint.name == step_name(done):
+            saved = f"checkpoint {self.last_checkpoint}"
+        elif waited + self.last_save_seconds <= grace:
+            saved = f"checkpoint {self.save(done, self.training.total_steps, self.training.plan, self.training.guard)}"
+        else:
+            saved = (f"no checkpoint: {grace - waited:.0f} s of train.stop_grace_s={grace:g} left, the last save took "
+                     f"{self.last_save_seconds:.0f} s; the last one is {self.last_checkpoint or 'none'}")
+        raise Stopped(f"SIGTERM: stopped after step {done} of {self.training.total_steps}; {saved}; resume with "
+                      "--resume auto", PREEMPTED_EXIT)
 
     def finish(self) -> None:
         """After the last step: training time and memory peak, the held-out loss after training, the results."""
@@ -467,7 +565,9 @@ class Run:
                  "config": self.cfg.model_dump(), "deepspeed": self.ctx.ds_config, "plan": plan_json(plan),
                  "fingerprints": self.fingerprints(), "versions": _versions()}
         keep_last = None if self.observer.keeps_checkpoints else self.cfg.train.keep_last
+        started = time.perf_counter()
         self.last_checkpoint = save_checkpoint(self.ctx, self.engine, self.model, self.out, step, state, keep_last)
+        self.last_save_seconds = time.perf_counter() - started
         print0(f"checkpoint: {self.last_checkpoint}")
         return self.last_checkpoint
 
@@ -510,6 +610,20 @@ class Run:
         return path
 
 
+def predicted_speed_text(plan: Plan, device_type: str) -> str:
+    """The plan line's speed prediction, said only where it means something: a plan that freezes no layer
+    backpropagates through the whole model as uniform LoRA does (the rest of the analytic model's difference is
+    per-adapter overhead), and the uncalibrated analytic model counts FLOPs at a GPU's rate, not a CPU's."""
+    if not plan.predicted:
+        return ""
+    if plan.lowest_adapted_layer == 0:
+        return "; freezes no layer, so no speedup over uniform LoRA is predicted"
+    source = plan.predicted["source"]
+    if not plan.predicted.get("calibrated") and device_type == "cpu":
+        source += " for a GPU, not this CPU; `aletheia-ds bench` calibrates it"
+    return f"; predicted {plan.predicted['speedup_vs_uniform']:.2f}x uniform LoRA's speed ({source})"
+
+
 def _versions() -> dict:
     import deepspeed
     import peft
@@ -523,16 +637,28 @@ def main(cfg: RunConfig, observer: Optional[RunObserver] = None) -> RunResults:
     """The whole job on this rank; `observer` follows its progress (launch/ray_train.py: Ray Train)."""
     cfg.require_paths()
     check_backends(cfg.train.report_to)
-    with distributed(cfg) as ctx:
-        resume = find_resume(ctx, cfg)
-        run = Run.setup(ctx, cfg, observer)
-        plan = run.resume_plan(resume) if resume else run.plan(run.probe())
-        run.prepare_training(plan, resume)
-        for step in run.remaining_steps():
-            run.train_step(step)
-        run.finish()
-        run.export()
-        return run.results
+    run = None
+    try:
+        with distributed(cfg) as ctx, lock_output_dir(ctx, cfg):
+            resume = find_resume(ctx, cfg)
+            run = Run.setup(ctx, cfg, observer)
+            if resume:
+                plan = run.resume_plan(resume)
+            else:
+                run.check_given_inputs()
+                plan = run.plan(run.probe())
+            run.prepare_training(plan, resume)
+            for step in run.remaining_steps():
+                run.train_step(step)
+                run.stop_if_asked(step)
+            run.finish()
+            run.export()
+            return run.results
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank of the terminal's job: one line from rank 0 instead of each one's traceback
+        where = f"at step {run.steps_done}" if run is not None and run.training is not None else "before training"
+        last = f" (last checkpoint: {run.last_checkpoint})" if run is not None and run.last_checkpoint else ""
+        raise Stopped(f"interrupted {where}{last}; resume with --resume auto", INTERRUPTED_EXIT) from None
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -16,9 +16,37 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..config import ConfigError
 from ..io import atomic_dir
 from .experts import CONFIG_FILE, FORMAT, WEIGHTS_FILE, expert_loras
 from .serving import write_serving_facts
+
+
+def check_adapter_fits(model: nn.Module, adapter: str | Path) -> None:
+    """Refuse, before PEFT loads it, an adapter trained on another model: every LoRA factor in
+    adapter_model.safetensors (PEFT's names: base_model.model.<module>.lora_A/B.weight, A of shape (r, in),
+    B of shape (out, r)) must fit that module of `model` (a meta-device skeleton will do). PEFT would print one
+    size-mismatch line per tensor instead."""
+    from safetensors import safe_open
+
+    file = Path(adapter) / "adapter_model.safetensors"
+    if not file.is_file():
+        return
+    with safe_open(str(file), "pt") as handle:
+        shapes = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    modules = dict(model.named_modules())
+    misfits = []
+    for key, shape in sorted(shapes.items()):
+        name, part = key.removeprefix("base_model.model.").rpartition(".lora_")[::2]
+        weight = getattr(modules.get(name), "weight", None)
+        if part not in ("A.weight", "B.weight") or weight is None or weight.ndim != 2 or len(shape) != 2:
+            continue  # names PEFT maps itself (embeddings, converted checkpoints) are left to PEFT
+        out_features, in_features = getattr(weight, "ds_shape", weight.shape)
+        if (shape[1] if part[0] == "A" else shape[0]) != (in_features if part[0] == "A" else out_features):
+            misfits.append(f"{name}.lora_{part[0]} {shape} for a {in_features} -> {out_features} linear")
+    if misfits:
+        raise ConfigError(f"--adapter: {adapter} was trained on another model: {len(misfits)} LoRA tensors do not "
+                          f"fit (first: {misfits[0]}); use the base model it was trained on")
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -83,6 +83,7 @@ class ProbeJson(ArtefactSchema):
     world_size: int = 1
     batch_size: int = 0
     seq_len: int = 0
+    model_fingerprint: str = ""
 
 
 @dataclass
@@ -99,6 +100,7 @@ class ProbeReport:
     world_size: int = 1
     batch_size: int = 0  # examples per probe batch
     seq_len: int = 0  # widest probe batch, in tokens
+    model_fingerprint: str = ""  # model.fingerprint_digest of the probed model ("" in reports older than it)
 
     @classmethod
     def from_sq_norms(cls, sums: dict[tuple[int, str], float], batches: int, num_layers: int, **meta) -> "ProbeReport":
@@ -174,7 +176,7 @@ class ProbeReport:
     def to_json(self) -> dict:
         blob = {"model": self.model, "num_layers": self.num_layers, "tokens": self.tokens,
                 "seconds": round(self.seconds, 4), "batches": self.batches, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "model_fingerprint": self.model_fingerprint,
                 "layers": [asdict(layer) for layer in self.layers], "layout": self.layout}
         if self.experts:
             blob["experts"] = [asdict(e) for e in self.experts]
@@ -191,7 +193,50 @@ class ProbeReport:
             raise ConfigError(f"{where}: num_layers={report.num_layers} but {len(report.layers)} layer entries")
         if not report.layout.get("module_kinds"):
             raise ConfigError(f"{where}: missing layout.module_kinds; regenerate it with `aletheia-ds probe`")
+        # a hand-edited or foreign report would otherwise fail planning with a KeyError on a module name
+        described = set(report.layout["module_kinds"]) & set(report.layout.get("module_paths") or {})
+        scored = sorted({key for layer in report.layers for key in layer.modules} - described)
+        if scored:
+            raise ConfigError(f"{where}: layers score modules {scored[:5]} that layout.module_kinds/module_paths "
+                              "do not describe; regenerate it with `aletheia-ds probe`")
         return report.validate(where)
+
+    def check_fits(self, model_layout: dict, num_layers: int, model_fingerprint: str, where: str) -> "ProbeReport":
+        """Refuse a report made on another model: layer count, layer container, module names and shapes, hidden
+        size (what `Layout.to_json` records of the model at hand), then the fingerprint when both have one."""
+        mine = self.layout
+
+        def differs(what: str, then, now) -> ConfigError:
+            return ConfigError(f"{where} was made on another model ({what}: {then} in the report, {now} in this "
+                               "model); probe this model (leave probe.report unset) or give its own probe.json")
+
+        if self.num_layers != num_layers:
+            raise differs("decoder layers", self.num_layers, num_layers)
+        if mine.get("layers_path") != model_layout.get("layers_path"):
+            raise differs("layers at", mine.get("layers_path"), model_layout.get("layers_path"))
+        then_paths, now_paths = mine.get("module_paths") or {}, model_layout.get("module_paths") or {}
+        if then_paths != now_paths:
+            names = sorted(set(then_paths) ^ set(now_paths)) or \
+                sorted(k for k in then_paths if then_paths[k] != now_paths[k])
+            raise differs(f"modules {names[:5]}", sorted(then_paths)[:8], sorted(now_paths)[:8])
+        then_shapes, now_shapes = mine.get("module_shapes") or {}, model_layout.get("module_shapes") or {}
+        changed = sorted(k for k in then_shapes if k in now_shapes and list(then_shapes[k]) != list(now_shapes[k]))
+        if changed:
+            key = changed[0]
+            raise differs(f"{key} in x out features", then_shapes[key], now_shapes[key])
+        if mine.get("hidden_size") and model_layout.get("hidden_size") and \
+                mine["hidden_size"] != model_layout["hidden_size"]:
+            raise differs("hidden size", mine["hidden_size"], model_layout["hidden_size"])
+        return self.check_fingerprint(model_fingerprint, where)
+
+    def check_fingerprint(self, model_fingerprint: str, where: str) -> "ProbeReport":
+        """Refuse a report whose recorded model fingerprint (model.fingerprint_digest) is not `model_fingerprint`;
+        a report older than the fingerprint passes."""
+        if self.model_fingerprint and model_fingerprint and self.model_fingerprint != model_fingerprint:
+            raise ConfigError(f"{where} was made on another model (fingerprint of config.json and weight file "
+                              f"sizes: {self.model_fingerprint} in the report, {model_fingerprint} in this model); "
+                              "probe this model (leave probe.report unset) or give its own probe.json")
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> "ProbeReport":

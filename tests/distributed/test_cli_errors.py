@@ -84,8 +84,10 @@ def test_probe_and_plan_cli(tmp_path, model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     probe = json.loads((tmp_path / "probe.json").read_text())
     assert set(probe) >= {"model", "num_layers", "tokens", "seconds", "layers"}
-    assert set(probe["layers"][0]) == {"index", "score", "modules"}
-    assert set(probe["layers"][0]["modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(probe["layers"][0]) == {"index", "score", "modules", "signal", "lowrank", "weight_norm"}
+    for kind in ("modules", "signal", "lowrank", "weight_norm"):  # every target scored in every kind
+        assert set(probe["layers"][0][kind]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"}
     proc = run(["-m", "aletheia_ds.cli", "plan", "--probe", "probe.json", "--out", "plan.json", "--top-pct", "25",
                 "--attention-r", "8", "--mlp-r", "32"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

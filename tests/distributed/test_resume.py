@@ -4,6 +4,11 @@
   the same per-step losses, final held-out loss and adapter tensors, bit for bit;
 - a rank killed while a checkpoint is being written (a random point of the write) leaves the previous
   checkpoint usable, and resuming from it again reproduces the reference;
+- a second job into a running job's output_dir is refused in one line (the first ends intact); SIGTERM to
+  one rank makes every rank finish its step, write a checkpoint together and exit 75; Ctrl-C is one line;
+  both resume exactly;
+- a damaged newest checkpoint (a truncated shard or RNG file) is skipped for the newest intact one, which
+  again reproduces the reference; no intact one is one line;
 - a resume with a changed config, plan, model, data or world size is refused with one line naming it.
 
 The random choices print their seed; RELIABILITY_SEED=N reproduces a run.
@@ -64,7 +69,7 @@ def adapter_tensors(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def assert_same_as_reference(run_dir, reference):
+def assert_same_as_reference(run_dir, reference, checkpoints_pruned=True):
     rows, ref_rows = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once: no reset, no duplicate
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]  # bitwise (JSON floats round-trip)
@@ -74,8 +79,9 @@ def assert_same_as_reference(run_dir, reference):
     tensors, ref_tensors = adapter_tensors(run_dir), adapter_tensors(reference)
     assert tensors.keys() == ref_tensors.keys() and tensors
     assert all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["latest", "step-00000004", "step-00000006"]  # keep_last=2, no temporary left
+    if checkpoints_pruned:
+        checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert checkpoints == ["latest", "step-00000004", "step-00000006"]  # keep_last=2, no temporary left
 
 
 def latest_step(run_dir) -> int:
@@ -271,3 +277,96 @@ def test_a_load_that_disagrees_with_the_saved_adapter_is_caught(reference, tmp_p
     tensors[name].view(-1)[0] = torch.nextafter(tensors[name].view(-1)[0], torch.tensor(1e9))  # one ulp
     save_file(tensors, str(tmp_path / "fresh" / "adapter_model.safetensors"))
     assert _adapter_difference(saved, tmp_path / "fresh") == f"adapter_model.safetensors: 1 LoRA tensors differ (first: {name})"
+
+
+def start_paused(cfg, workdir, out, after_step):
+    """Launch `cfg` on 2 ranks in the background; return once both ranks wait after step `after_step` (until
+    the returned pause file is removed)."""
+    pause = workdir / f"{out.name}.pause"
+    pause.touch()
+    log = (workdir / f"{out.name}.log").open("w")
+    launcher = subprocess.Popen(train_cmd(cfg, workdir, script="tests/workers/pause_between_steps.py"), cwd=ROOT,
+                                env=rank_env(cpu=True, PAUSE_FILE=str(pause), PAUSE_AFTER_STEP=str(after_step)),
+                                stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and launcher.poll() is None and logged_steps(out) < after_step:
+        time.sleep(0.05)
+    assert launcher.poll() is None, (workdir / f"{out.name}.log").read_text()[-3000:]
+    return launcher, pause
+
+
+@pytest.mark.slow
+def test_second_job_refused_then_sigterm_checkpoints_and_resumes_exactly(workdir, reference):
+    out = workdir / "preempted"
+    cfg = job(workdir, out.name)
+    launcher, pause = start_paused(cfg, workdir, out, after_step=3)
+    second = run_train(cfg, workdir, check=False)  # the same output_dir while the first job trains there
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert second.returncode == 2 and len(errors) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert f"train.output_dir: {out} is in use by another run (pid " in errors[0]
+
+    os.kill(rank_pid(launcher, 1), signal.SIGTERM)  # one rank: the all-reduced flag stops both
+    pause.unlink()
+    assert launcher.wait(timeout=120) == 75, (workdir / "preempted.log").read_text()[-3000:]
+    log = (workdir / "preempted.log").read_text()
+    stopped = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM")]
+    assert len(stopped) == 1 and "Traceback" not in log, log[-3000:]
+    assert stopped[0] == (f"stopped: SIGTERM: stopped after step 3 of {STEPS}; checkpoint "
+                          f"{out / 'checkpoints' / 'step-00000003'}; resume with --resume auto")
+    assert latest_step(out) == 3 and not (out / "eval.json").exists()
+
+    proc = run_train(cfg, workdir, extra=["--resume", "auto"])
+    assert f"step-00000003, step 3 of {STEPS}" in proc.stdout
+    assert_same_as_reference(out, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_resumes_exactly(workdir, reference):
+    out = workdir / "interrupted"
+    cfg = job(workdir, out.name)
+    launcher, pause = start_paused(cfg, workdir, out, after_step=3)
+    for rank in (0, 1):  # a terminal's Ctrl-C reaches every process of the foreground job
+        os.kill(rank_pid(launcher, rank), signal.SIGINT)
+    assert launcher.wait(timeout=120) != 0
+    pause.unlink()
+    log = (workdir / "interrupted.log").read_text()
+    lines = [line for line in log.splitlines() if "interrupted at" in line]
+    assert lines == [f"stopped: interrupted at step 3 (last checkpoint: {out / 'checkpoints' / 'step-00000002'}); "
+                     "resume with --resume auto"] and "Traceback" not in log, log[-3000:]
+
+    proc = run_train(cfg, workdir, extra=["--resume", "auto"])
+    assert f"step-00000002, step 2 of {STEPS}" in proc.stdout
+    assert_same_as_reference(out, reference)
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir, reference):
+    import shutil
+
+    out = workdir / "damaged"
+    shutil.copytree(reference, out)
+    newest = out / "checkpoints" / f"step-{STEPS:08d}"
+    victim = seeded_random("damaged file").choice(sorted(
+        [*(newest / "ds").rglob("*optim_states.pt"), *(newest / "ds").rglob("*model_states.pt"),
+         *(newest / "rng").glob("*.safetensors")]))
+    with open(victim, "r+b") as handle:
+        handle.truncate(victim.stat().st_size // 2)
+    proc = run_train(job(workdir, out.name), workdir, extra=["--resume", "auto"])
+    skipped = [line for line in proc.stdout.splitlines() if line.startswith("resume: skipping damaged")]
+    assert len(skipped) == 1 and f"{newest.name}: {victim.relative_to(newest)} has " in skipped[0], proc.stdout[-3000:]
+    assert f"continuing from step-{STEPS - SAVE_EVERY:08d}" in skipped[0]
+    assert_same_as_reference(out, reference)
+
+
+def test_no_intact_checkpoint_is_one_line(reference, tmp_path):
+    import shutil
+
+    from aletheia_ds.checkpoint import checkpoint_candidates, first_intact
+
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    for step in (4, 6):
+        (tmp_path / "checkpoints" / f"step-{step:08d}" / "rng" / "rank-00001.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"^train.resume: no intact checkpoint in .*step-00000006: "
+                                          r"rng/rank-00001.safetensors has 0 bytes.*step-00000004: ") as info:
+        first_intact(checkpoint_candidates("auto", tmp_path))
+    assert "\n" not in str(info.value)

@@ -65,10 +65,10 @@ def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, family: str = "l
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, vocab_size=512, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                  tie_word_embeddings=False, **overrides)
+    config = AutoConfig.for_model(family, **{**dict(
+        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False), **overrides})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(path))
     return path

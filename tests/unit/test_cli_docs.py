@@ -44,3 +44,10 @@ def test_train_prints_the_deepspeed_command(tmp_path, capsys):
     assert line.endswith(f"launch/train.py --config {config} plan.top_pct=25 --train.lr 1e-3 train.quiet=true")
     assert main(["train", "--config", str(config), "--hostfile", str(hostfile), "--dry-run"]) == 0
     assert f"--hostfile {hostfile}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command,flag", [("train", "--resume"), ("report", "--run")])
+def test_help_lists_every_flag_the_command_takes(command, flag, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--help"])
+    assert flag in capsys.readouterr().out

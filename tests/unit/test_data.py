@@ -71,6 +71,11 @@ def test_parquet_and_datasets_dir(tok, tmp_path):
     (b'', r"the dataset is empty"),
     (b'\n\n', r"the dataset is empty"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"no assistant turn"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+     r"d.jsonl:1: messages\[0\].role 'wizard' is not one of system, user, assistant, tool$"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, '
+     b'{"role": "user", "content": "?"}, {"role": "asistant", "content": "no"}]}\n',
+     r"messages\[3\].role 'asistant' is not one of .* \(did you mean 'assistant'\?\)"),
     (b'{"text": "a\\ud800b"}\n', r"d.jsonl:1: field 'text' holds invalid Unicode \('\\ud800' at character 1"),
     (b'[' * 100000 + b']' * 100000 + b'\n', r"d.jsonl:1: JSON nested too deeply to read"),
     (b'{"text": "x", "n": 1' + b'0' * 5000 + b'}\n', r"d.jsonl:1: unreadable JSON value \(Exceeds the limit"),
