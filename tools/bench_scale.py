@@ -135,11 +135,21 @@ def all_gather_bytes_per_step(config: dict, lowest: int | None, world: int, dtyp
     return (forward + backward) * dtype_bytes * (world - 1) / world
 
 
-def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds: dict) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    timed = [r for r in rows if r["step"] > args.warmup] or rows
+def throughput(rows: list[dict], warmup: int, gpus: int, flops_per_token: float, peak_tflops: float) -> dict:
+    """Medians of the metrics.jsonl rows after `warmup` steps: step time, tokens/s per GPU, model FLOPs
+    utilisation (the job's arms here, the peer arms in tools/peer_trainer.py)."""
+    timed = [r for r in rows if r["step"] > warmup] or rows
     step_seconds = statistics.median(r["step_seconds"] for r in timed)
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)  # all ranks' tokens / step time
+    per_gpu = tokens_per_s / gpus
+    return {"steps": len(rows), "timed_steps": len(timed), "step_seconds": step_seconds,
+            "tokens_per_step": round(tokens_per_s * step_seconds), "tokens_per_s_per_gpu": per_gpu,
+            "model_tflops_per_gpu": flops_per_token * per_gpu / 1e12,
+            "mfu": flops_per_token * per_gpu / (peak_tflops * 1e12), "flops_per_token": flops_per_token}
+
+
+def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds: dict) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     results = json.loads((run_dir / "eval.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
     probe = json.loads((run_dir / "probe.json").read_text())
@@ -149,7 +159,6 @@ def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds
     matmul_params = [sum(i * o for i, o in shapes.values())] * config["num_hidden_layers"]
     flops_per_token = lora_step_flops_per_token(matmul_params, config["hidden_size"], config["vocab_size"],
                                                 args.seq_len, adapters)
-    per_gpu = tokens_per_s / args.gpus
     lowest = plan.get("lowest_adapted_layer")
     zero = ds.get("zero_optimization", {})
     threshold = int(float(zero.get("stage3_param_persistence_threshold", 1e5)))
@@ -157,11 +166,8 @@ def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds
     layer_params = sum(i * o for i, o in shapes.values())
     summary = {
         "arm": arm, "rule": plan["rule"], "layers_adapted": len(plan["layers"]), "lowest_adapted_layer": lowest,
-        "adapters": len(modules), "steps": len(rows), "timed_steps": len(timed),
-        "step_seconds": step_seconds, "tokens_per_step": round(tokens_per_s * step_seconds),
-        "tokens_per_s_per_gpu": per_gpu, "model_tflops_per_gpu": flops_per_token * per_gpu / 1e12,
-        "mfu": flops_per_token * per_gpu / (args.peak_tflops * 1e12),
-        "flops_per_token": flops_per_token, "predicted_speedup": (plan.get("predicted") or {}).get("speedup_vs_uniform"),
+        "adapters": len(modules), **throughput(rows, args.warmup, args.gpus, flops_per_token, args.peak_tflops),
+        "predicted_speedup": (plan.get("predicted") or {}).get("speedup_vs_uniform"),
         "seconds": results.get("seconds", {}), "peak_memory_gib": results.get("peak_memory_gib", {}),
         "eval_loss_before": results.get("eval_loss_before"), "eval_loss_after": results.get("eval_loss_after"),
         "base_held_fraction_by_rank": [h / results["base_parameters"]["total"]
