@@ -134,16 +134,23 @@ def run(args) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = not args.cpu and torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
+    if not cuda:
+        # accelerate finds no backend for CPU ranks under DeepSpeed and would see a world of one (wrong "auto"
+        # batch sizes, unsharded data): a gloo state set up here, which the Trainer then uses
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
     # TrainingArguments(deepspeed=...) before the model: it registers the HfDeepSpeedConfig that makes
     # from_config build under zero.Init, as LLaMA-Factory and axolotl do
     training_args = TrainingArguments(
         output_dir=str(out / "trainer"), deepspeed=str(Path(args.ds_config).resolve()), bf16=cuda,
-        use_cpu=not cuda, per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
+        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
         max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=args.checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, save_strategy="no",
         report_to=[], seed=args.seed, data_seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=True, ddp_backend="gloo" if not cuda else None)
+        disable_tqdm=True, accelerator_config={"use_configured_state": not cuda})
     tokenizer = load_tokenizer(args.tokenizer)
     rows = [ex for ex in pack(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
             if len(ex.input_ids) == args.seq_len]  # full rows only: every step carries the same tokens
@@ -215,8 +222,9 @@ def main(argv=None) -> None:
         write_json_atomic(out / f"failed_rank{rank}.json", {"arm": args.arm, "rank": int(rank),
                                                             "reason": failure_reason(err)})
         raise
-    print(f"{args.arm}: {summary['step_seconds']:.2f} s/step, {summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
-          f"MFU {summary['mfu']:.1%}", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{args.arm}: {summary['step_seconds']:.2f} s/step, {summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+              f"MFU {summary['mfu']:.1%}", flush=True)
 
 
 if __name__ == "__main__":
