@@ -154,9 +154,9 @@ def run(args) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     rows = [ex for ex in pack(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
             if len(ex.input_ids) == args.seq_len]  # full rows only: every step carries the same tokens
-    needed = args.steps * args.micro_batch * world
-    if len(rows) < needed:
-        raise SystemExit(f"error: --train: {len(rows)} packed rows of {args.seq_len} tokens, the run needs {needed}")
+    if len(rows) < args.micro_batch * world:  # fewer than the steps need is fine: the Trainer runs more epochs
+        raise SystemExit(f"error: --train: {len(rows)} rows of {args.seq_len} tokens, one step needs "
+                         f"{args.micro_batch * world}")
 
     started = time.perf_counter()
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
