@@ -1,4 +1,4 @@
-"""deepspeed --num_gpus 2 tools/peer_trainer.py --model OUT/model --train OUT/data/train.jsonl --ds-config ds_configs/peer_zero3_stock.json --out OUT/peer_stock
+"""deepspeed --num_gpus 2 tools/peer_trainer.py --model M --train D --ds-config ds_configs/peer_zero3_stock.json --out O
 
 The peer stack, as LLaMA-Factory and axolotl run it underneath: transformers `Trainer` + PEFT `LoraConfig`
 (every decoder layer, r16, alpha 32, every attention/MLP linear) + DeepSpeed ZeRO-3 through
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from _common import ROOT  # first: it puts this checkout on sys.path
+from bench_scale import H200_BF16_DENSE_TFLOPS, throughput
 from transformers import TrainerCallback
 
 from aletheia_ds.arch import describe
@@ -31,10 +32,8 @@ from aletheia_ds.cost import lora_step_flops_per_token
 from aletheia_ds.data import collate, load_examples, load_tokenizer, pack
 from aletheia_ds.dist import held_parameter_elements, peak_host_rss_gib
 from aletheia_ds.io import write_json_atomic
-from bench_scale import H200_BF16_DENSE_TFLOPS, throughput
 
-# LLaMA-Factory's `lora_rank: 16` examples with its default alpha of twice the rank; axolotl's lora_r 16 /
-# lora_alpha 32 examples: the same adapter, and the rank of the job's uniform arm
+# the rank of the job's uniform arm, with LLaMA-Factory's default alpha (twice the rank, finetuning_args.py)
 PEER_RANK, PEER_ALPHA = 16, 32
 
 
