@@ -78,6 +78,15 @@ ARMS: dict[str, dict] = {
 }
 
 
+# The peer arms (tools/peer_trainer.py: transformers Trainer + PEFT LoRA r16 on every layer + ZeRO-3, the stack
+# LLaMA-Factory and axolotl run), each with its DeepSpeed config: `tuned` this project's zero3_70b.json values,
+# `stock` the ZeRO-3 config LLaMA-Factory ships.
+PEER_ARMS: dict[str, str] = {
+    "peer_tuned": "ds_configs/peer_zero3_tuned.json",
+    "peer_stock": "ds_configs/peer_zero3_stock.json",
+}
+
+
 def arm_section(arm: str, **changes) -> PlanSection:
     """The plan settings of `arm`, with `changes` on top (e.g. budget=0.6, or expert ranks for MoE)."""
     return PlanSection(**{**ARMS[arm], **changes})

@@ -5,7 +5,10 @@ on a random-weight model of the named shape, built under zero.Init (never whole 
   uniform   PEFT LoRA r16 on every target linear of every layer
   paper     the paper's rule: top 50% of layers by probe score, attention r16 / MLP r64
   budget    this project's budgeted plan (plan.rule=budget, whole layers), frozen-prefix execution
-The first arm runs the sharded probe; the others reuse its probe.json (same scores, same data). Arms can be
+  peer_tuned / peer_stock   the peer stack (tools/peer_trainer.py: transformers Trainer + PEFT LoRA r16 on every
+            layer + ZeRO-3) with ds_configs/peer_zero3_tuned.json (zero3_70b.json's values) or
+            ds_configs/peer_zero3_stock.json (LLaMA-Factory's ds_z3_config.json); same model, data, tokens per GPU
+The first of the job's arms runs the sharded probe; the others reuse its probe.json (same scores, same data). Arms can be
 run in separate calls into the same --out (`--arms uniform`, then `--arms budget paper`): earlier arms stay in
 the table and their probe.json is reused. Per arm:
 median tokens/s per GPU over the steps after --warmup, model FLOPs utilisation (aletheia_ds.cost.
@@ -30,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (ARMS, DENSE_SHAPES, ROOT, add_job_args, arm_overrides, finish_job_args, run_logged,  # first
-                     write_config)  # first: checkout on sys.path
+from _common import (ARMS, DENSE_SHAPES, PEER_ARMS, ROOT, add_job_args, arm_overrides, finish_job_args,  # first
+                     run_logged, write_config)  # first: checkout on sys.path
 from aletheia_ds.io import write_json_atomic, write_text_atomic
 from aletheia_ds.cost import lora_step_flops_per_token
 from aletheia_ds.launchers.deepspeed import deepspeed_command, free_port
@@ -135,11 +138,21 @@ def all_gather_bytes_per_step(config: dict, lowest: int | None, world: int, dtyp
     return (forward + backward) * dtype_bytes * (world - 1) / world
 
 
-def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds: dict) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    timed = [r for r in rows if r["step"] > args.warmup] or rows
+def throughput(rows: list[dict], warmup: int, gpus: int, flops_per_token: float, peak_tflops: float) -> dict:
+    """Medians of the metrics.jsonl rows after `warmup` steps: step time, tokens/s per GPU, model FLOPs
+    utilisation (the job's arms here, the peer arms in tools/peer_trainer.py)."""
+    timed = [r for r in rows if r["step"] > warmup] or rows
     step_seconds = statistics.median(r["step_seconds"] for r in timed)
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)  # all ranks' tokens / step time
+    per_gpu = tokens_per_s / gpus
+    return {"steps": len(rows), "timed_steps": len(timed), "step_seconds": step_seconds,
+            "tokens_per_step": round(tokens_per_s * step_seconds), "tokens_per_s_per_gpu": per_gpu,
+            "model_tflops_per_gpu": flops_per_token * per_gpu / 1e12,
+            "mfu": flops_per_token * per_gpu / (peak_tflops * 1e12), "flops_per_token": flops_per_token}
+
+
+def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds: dict) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     results = json.loads((run_dir / "eval.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
     probe = json.loads((run_dir / "probe.json").read_text())
@@ -149,7 +162,6 @@ def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds
     matmul_params = [sum(i * o for i, o in shapes.values())] * config["num_hidden_layers"]
     flops_per_token = lora_step_flops_per_token(matmul_params, config["hidden_size"], config["vocab_size"],
                                                 args.seq_len, adapters)
-    per_gpu = tokens_per_s / args.gpus
     lowest = plan.get("lowest_adapted_layer")
     zero = ds.get("zero_optimization", {})
     threshold = int(float(zero.get("stage3_param_persistence_threshold", 1e5)))
@@ -157,11 +169,8 @@ def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds
     layer_params = sum(i * o for i, o in shapes.values())
     summary = {
         "arm": arm, "rule": plan["rule"], "layers_adapted": len(plan["layers"]), "lowest_adapted_layer": lowest,
-        "adapters": len(modules), "steps": len(rows), "timed_steps": len(timed),
-        "step_seconds": step_seconds, "tokens_per_step": round(tokens_per_s * step_seconds),
-        "tokens_per_s_per_gpu": per_gpu, "model_tflops_per_gpu": flops_per_token * per_gpu / 1e12,
-        "mfu": flops_per_token * per_gpu / (args.peak_tflops * 1e12),
-        "flops_per_token": flops_per_token, "predicted_speedup": (plan.get("predicted") or {}).get("speedup_vs_uniform"),
+        "adapters": len(modules), **throughput(rows, args.warmup, args.gpus, flops_per_token, args.peak_tflops),
+        "predicted_speedup": (plan.get("predicted") or {}).get("speedup_vs_uniform"),
         "seconds": results.get("seconds", {}), "peak_memory_gib": results.get("peak_memory_gib", {}),
         "eval_loss_before": results.get("eval_loss_before"), "eval_loss_after": results.get("eval_loss_after"),
         "base_held_fraction_by_rank": [h / results["base_parameters"]["total"]
@@ -176,6 +185,32 @@ def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds
         summary["all_gather_gb_per_step"] = volume / 1e9
         summary["all_gather_seconds_at_link_rate"] = volume / (link["received_gb_per_s"] * 1e9)
     return summary
+
+
+def peer_command(args, arm: str, run_dir: Path, out: Path) -> list[str]:
+    """The launcher command of a peer arm: tools/peer_trainer.py on the same model, data and tokens per GPU."""
+    script_args = ["--arm", arm, "--model", str(out / "model"), "--train", str(out / "data" / "train.jsonl"),
+                   "--ds-config", str(ROOT / PEER_ARMS[arm]), "--out", str(run_dir), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len),
+                   "--peak-tflops", str(args.peak_tflops)]
+    script_args += [] if args.checkpointing else ["--no-checkpointing"]
+    script_args += ["--cpu"] if args.cpu else []
+    return launcher(args, str(ROOT / "tools/peer_trainer.py"), script_args)
+
+
+def failure_reason(run_dir: Path, err: BaseException) -> str:
+    """Why an arm failed, in a table cell: a peer rank's own account, else out of memory when the log says so,
+    else the first line of the error."""
+    accounts = sorted(run_dir.glob("failed_rank*.json"))
+    if accounts:
+        return json.loads(accounts[0].read_text())["reason"]
+    if isinstance(err, subprocess.TimeoutExpired):
+        return f"timed out after {err.timeout:.0f} s"
+    log = run_dir / "log.txt"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    if "OutOfMemoryError" in text or "out of memory" in text.lower():
+        return "out of memory (log.txt)"
+    return str(err).splitlines()[0]
 
 
 def markdown(meta: dict, arms: list[dict]) -> str:
@@ -199,15 +234,17 @@ def markdown(meta: dict, arms: list[dict]) -> str:
     for a in arms:
         speedup = uniform["step_seconds"] / a["step_seconds"] if uniform else None
         peak, seconds = a["peak_memory_gib"], a["seconds"]
-        train_peak = max(peak["train"]) if peak.get("train") else None
+        train_peak = max(peak["train"]) if peak.get("train") and None not in peak["train"] else None
         probe_peak = max(peak["probe"]) if peak.get("probe") else None
         lines.append(f"| {a['arm']} ({a['rule']}) | {a['layers_adapted']} ({a['lowest_adapted_layer']}) | "
                      f"{a['adapters']} | {a['step_seconds']:.2f} | {a['tokens_per_s_per_gpu']:,.0f} | "
                      f"{a['mfu']:.1%} | {num(speedup, '.2f')}x | {num(train_peak, '.1f')} ({num(probe_peak, '.1f')}) | "
                      f"{num(seconds.get('probe'), '.1f')} | {num(seconds.get('build'), '.1f')} | "
                      f"{num(seconds.get('export'), '.1f')} |")
-    first = arms[0] if arms else None
-    if first and first["base_held_fraction_by_rank"]:
+    for f in meta.get("failed") or []:
+        lines.append(f"| {f['arm']} | failed: {f['error']} |" + " |" * (head.count("|") - 3))
+    first = next((a for a in arms if a["base_held_fraction_by_rank"]), None)
+    if first:
         held = ", ".join(f"{f:.1%}" for f in first["base_held_fraction_by_rank"])
         rss = ", ".join(f"{r:.1f}" for r in first["host_rss_gib_by_rank"] or [])
         lines += ["", f"Base weights held per rank after the zero.Init build: {held} of the model; host memory "
@@ -244,7 +281,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="override the number of decoder layers")
     add_job_args(parser, steps=20, micro_batch=4, seq_len=1024, probe_batches=2, timeout=1800)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=[*ARMS, *PEER_ARMS], default=list(ARMS))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--link-rate", action="store_true", help="time NCCL all-gathers first")
@@ -282,27 +319,34 @@ def main() -> None:
     # (or --probe-report) is reused instead of probing again
     earlier = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
     summaries = [a for a in earlier.get("arms", []) if a["arm"] not in args.arms]
-    failed = []
+    failed = [f for f in earlier.get("failed", []) if f["arm"] not in args.arms]
     probe_report = Path(args.probe_report) if args.probe_report else \
         next((out / a["arm"] / "probe.json" for a in summaries if (out / a["arm"] / "probe.json").is_file()), None)
     for arm in args.arms:
         run_dir = out / arm
         run_dir.mkdir(exist_ok=True)
-        overrides = [f"train.output_dir={run_dir}", *arm_overrides(arm), *args.set]
+        peer = arm in PEER_ARMS
+        for stale in run_dir.glob("failed_rank*.json"):
+            stale.unlink()
+        overrides = [f"train.output_dir={run_dir}", *([] if peer else arm_overrides(arm)), *args.set]
         if probe_report is not None:
             overrides.append(f"probe.report={probe_report}")
         started = time.perf_counter()
         try:
-            run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(config_path), *overrides]),
-                       run_dir / "log.txt", cpu=args.cpu, timeout=args.timeout)
+            cmd = peer_command(args, arm, run_dir, out) if peer else \
+                launcher(args, str(ROOT / "launch/train.py"), ["--config", str(config_path), *overrides])
+            run_logged(cmd, run_dir / "log.txt", cpu=args.cpu, timeout=args.timeout)
         except (SystemExit, subprocess.TimeoutExpired) as err:  # the other arms still run and are reported
             print(err, flush=True)
-            failed.append({"arm": arm, "error": str(err).splitlines()[0]})
-            if probe_report is None:
-                break  # the other arms need its probe.json
+            failed.append({"arm": arm, "error": failure_reason(run_dir, err)})
+            if probe_report is None and not peer:
+                break  # the job's other arms need its probe.json
             continue
-        probe_report = probe_report or run_dir / "probe.json"
-        summary = summarize(arm, run_dir, config, args, link, ds)
+        if peer:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        else:
+            probe_report = probe_report or run_dir / "probe.json"
+            summary = summarize(arm, run_dir, config, args, link, ds)
         summary["wall_seconds"] = time.perf_counter() - started
         summaries.append(summary)
         write_json_atomic(out / "scale.json", {"meta": None, "arms": summaries, "failed": failed})  # partial, until the last arm
@@ -314,8 +358,7 @@ def main() -> None:
             "checkpointing": args.checkpointing, "steps": args.steps, "warmup": args.warmup,
             "peak_tflops": args.peak_tflops, "model_config": config, "link": link, "zero_optimization": ds.get("zero_optimization")}
     write_json_atomic(out / "scale.json", {"meta": meta, "arms": summaries, "failed": failed})
-    write_text_atomic(out / "scale.md", markdown(meta, summaries) + "".join(
-        f"\nFailed: {f['arm']}: {f['error']}\n" for f in failed))
+    write_text_atomic(out / "scale.md", markdown({**meta, "failed": failed}, summaries))
     print((out / "scale.md").read_text())
     if failed:
         raise SystemExit(1)

@@ -1,6 +1,7 @@
 """tools/bench_scale.py end to end on 2 CPU ranks (the real job per arm), and its all-gather accounting."""
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -67,3 +68,33 @@ def test_all_gather_volume_counts_the_partitioned_weights():
     assert reused == (partitioned + 2 * per_layer + head) * 2 / 2
     assert all_gather_bytes_per_step(cfg, 4, 2, 2, threshold, True, reuse=False) == reused + 2 * per_layer * 2 / 2
     assert all_gather_bytes_per_step(cfg, 4, 4, 2, threshold, True, reuse=True) == reused * 2 * 3 / 4
+
+
+@pytest.mark.slow
+def test_peer_arms_run_trainer_peft_zero3_in_the_same_table(tmp_path):
+    """The peer arms (tools/peer_trainer.py: transformers Trainer + PEFT + ZeRO-3) through the launcher, next to
+    nothing else: every layer's seven linears at r16, trained, a finite loss, in scale.json and scale.md."""
+    out = tmp_path / "scale"
+    cmd = [sys.executable, "tools/bench_scale.py", "--shape", "tiny", "--gpus", "2", "--cpu", "--out", str(out),
+           "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len", "64", "--arms", "peer_tuned",
+           "peer_stock"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "scale.json").read_text())
+    arms = {a["arm"]: a for a in result["arms"]}
+    assert set(arms) == {"peer_tuned", "peer_stock"} and not result["failed"]
+    for name, arm in arms.items():
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3] and arm["steps"] == 3
+        assert arm["tokens_per_s_per_gpu"] == pytest.approx(statistics.median(r["tokens_per_s"] for r in rows[1:]) / 2)
+        assert arm["tokens_per_s_per_gpu"] > 0 and arm["mfu"] > 0
+        assert all(math.isfinite(r["loss"]) for r in rows)
+        lora = arm["lora"]
+        assert lora["layers"] == list(range(6)) and lora["ranks"] == [16]
+        assert lora["modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+        assert arm["adapters"] == lora["adapters_trained"] == 6 * 7  # every lora_B moved from its zero start
+        assert arm["base_held_fraction_by_rank"] == [0.5, 0.5]  # built under zero.Init by transformers
+        assert f"| {name} (trainer+peft) | 6 (0) | 42 |" in (out / "scale.md").read_text()
+    # the stock config's "auto" fields were filled by the Trainer from the model's width (64)
+    assert arms["peer_stock"]["resolved_zero_optimization"]["stage3_param_persistence_threshold"] == 640
+    assert arms["peer_tuned"]["resolved_zero_optimization"]["stage3_param_persistence_threshold"] == 2_000_000
