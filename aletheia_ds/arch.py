@@ -69,6 +69,7 @@ class TargetModule:
 @dataclass(frozen=True)
 class ExpertBank:
     """One fused weight holding every expert's copy of one linear; per expert it maps in -> out features."""
+
     name: str  # "gate_up_proj", "down_proj" (hf); "w1", "v1", "w2" (megablocks)
     path: str  # path of the parameter inside one decoder layer: "mlp.experts.gate_up_proj"
     in_features: int
@@ -78,6 +79,7 @@ class ExpertBank:
 @dataclass(frozen=True)
 class MoeBlock:
     """Where one decoder layer's experts and router live (paths inside the layer)."""
+
     style: str  # "hf" | "megablocks"
     path: str  # the MoE block: "mlp" (DeepSpeed ZeRO-3 treats it as one leaf)
     experts_path: str  # "mlp.experts"
@@ -88,17 +90,29 @@ class MoeBlock:
     block_class: str
 
     def to_json(self) -> dict:
-        return {"style": self.style, "path": self.path, "experts_path": self.experts_path,
-                "router_path": self.router_path, "num_experts": self.num_experts, "top_k": self.top_k,
-                "banks": [[b.name, b.path, b.in_features, b.out_features] for b in self.banks],
-                "block_class": self.block_class}
+        return {
+            "style": self.style,
+            "path": self.path,
+            "experts_path": self.experts_path,
+            "router_path": self.router_path,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "banks": [[b.name, b.path, b.in_features, b.out_features] for b in self.banks],
+            "block_class": self.block_class,
+        }
 
     @classmethod
     def from_json(cls, blob: dict) -> "MoeBlock":
-        return cls(style=str(blob["style"]), path=str(blob["path"]), experts_path=str(blob["experts_path"]),
-                   router_path=str(blob["router_path"]), num_experts=int(blob["num_experts"]),
-                   top_k=int(blob.get("top_k", 0)), block_class=str(blob.get("block_class", "")),
-                   banks=tuple(ExpertBank(str(n), str(p), int(i), int(o)) for n, p, i, o in blob["banks"]))
+        return cls(
+            style=str(blob["style"]),
+            path=str(blob["path"]),
+            experts_path=str(blob["experts_path"]),
+            router_path=str(blob["router_path"]),
+            num_experts=int(blob["num_experts"]),
+            top_k=int(blob.get("top_k", 0)),
+            block_class=str(blob.get("block_class", "")),
+            banks=tuple(ExpertBank(str(n), str(p), int(i), int(o)) for n, p, i, o in blob["banks"]),
+        )
 
 
 @dataclass
@@ -145,9 +159,16 @@ class Layout:
         return sorted(classes, key=lambda c: c.__qualname__)
 
     def to_json(self) -> dict:
-        blob = {"family": self.family, "layers_path": self.layers_path, "module_kinds": self.kinds(),
-                "module_paths": self.paths(), "module_shapes": self.shapes(), "layer_params": self.layer_params,
-                "hidden_size": self.hidden_size, "vocab_size": self.vocab_size}
+        blob = {
+            "family": self.family,
+            "layers_path": self.layers_path,
+            "module_kinds": self.kinds(),
+            "module_paths": self.paths(),
+            "module_shapes": self.shapes(),
+            "layer_params": self.layer_params,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+        }
         if self.moe:
             blob["moe"] = {str(layer): block.to_json() for layer, block in sorted(self.moe.items())}
             blob["shared_expert_keys"] = self.shared_expert_keys()
@@ -201,7 +222,8 @@ def find_layers_path(model: nn.Module) -> str:
         raise ConfigError(
             f"model {type(model).__name__} ({_model_type(model)}): no decoder-layer list found "
             f"(a ModuleList of blocks with one of {ATTENTION_BLOCKS + MLP_BLOCKS}); module classes seen: "
-            f"{', '.join(classes)}; add the family to aletheia_ds/arch.py FAMILIES")
+            f"{', '.join(classes)}; add the family to aletheia_ds/arch.py FAMILIES"
+        )
     return max(candidates)[2]
 
 
@@ -244,8 +266,11 @@ def _hf_moe_block(layer: nn.Module, path: str, block: nn.Module) -> MoeBlock | N
     experts = getattr(block, EXPERTS_NAME, None)
     if not isinstance(experts, nn.Module) or isinstance(experts, nn.ModuleList):
         return None
-    banks_present = [name for name in HF_BANKS if isinstance(getattr(experts, name, None), nn.Parameter)
-                     and len(_shape(getattr(experts, name))) == 3]
+    banks_present = [
+        name
+        for name in HF_BANKS
+        if isinstance(getattr(experts, name, None), nn.Parameter) and len(_shape(getattr(experts, name))) == 3
+    ]
     router_name = next((n for n in ROUTER_BLOCKS if isinstance(getattr(block, n, None), nn.Module)), None)
     if not banks_present or router_name is None:
         return None
@@ -257,17 +282,26 @@ def _hf_moe_block(layer: nn.Module, path: str, block: nn.Module) -> MoeBlock | N
         banks.append(ExpertBank(name, f"{path}.{EXPERTS_NAME}.{name}", d_in, d_out))
     config = getattr(experts, "config", None)
     top_k = getattr(getattr(block, router_name), "top_k", None) or getattr(config, "num_experts_per_tok", 0)
-    return MoeBlock(style="hf", path=path, experts_path=f"{path}.{EXPERTS_NAME}", router_path=f"{path}.{router_name}",
-                    num_experts=int(num_experts), top_k=int(top_k or 0), banks=tuple(banks),
-                    block_class=type(block).__name__)
+    return MoeBlock(
+        style="hf",
+        path=path,
+        experts_path=f"{path}.{EXPERTS_NAME}",
+        router_path=f"{path}.{router_name}",
+        num_experts=int(num_experts),
+        top_k=int(top_k or 0),
+        banks=tuple(banks),
+        block_class=type(block).__name__,
+    )
 
 
 def _megablocks_moe_block(path: str, block: nn.Module) -> MoeBlock:
     args = block.experts.args
     mlp = block.experts.mlp
     if getattr(args, "moe_expert_model_parallelism", False):
-        raise ConfigError(f"{path}: megablocks expert model parallelism is not supported (each rank must hold "
-                          "every expert); set moe_expert_model_parallelism=False")
+        raise ConfigError(
+            f"{path}: megablocks expert model parallelism is not supported (each rank must hold "
+            "every expert); set moe_expert_model_parallelism=False"
+        )
     num_experts = int(args.moe_num_experts)
     hidden = int(args.hidden_size)
     ffn = _shape(mlp.w1)[0] // num_experts
@@ -275,9 +309,16 @@ def _megablocks_moe_block(path: str, block: nn.Module) -> MoeBlock:
     if isinstance(getattr(mlp, "v1", None), nn.Parameter):
         banks.append(ExpertBank("v1", f"{path}.experts.mlp.v1", hidden, ffn))
     banks.append(ExpertBank("w2", f"{path}.experts.mlp.w2", ffn, hidden))
-    return MoeBlock(style="megablocks", path=path, experts_path=f"{path}.experts", router_path=f"{path}.router.layer",
-                    num_experts=num_experts, top_k=int(args.moe_top_k), banks=tuple(banks),
-                    block_class=type(block).__name__)
+    return MoeBlock(
+        style="megablocks",
+        path=path,
+        experts_path=f"{path}.experts",
+        router_path=f"{path}.router.layer",
+        num_experts=num_experts,
+        top_k=int(args.moe_top_k),
+        banks=tuple(banks),
+        block_class=type(block).__name__,
+    )
 
 
 def find_moe_block(layer: nn.Module) -> MoeBlock | None:
@@ -315,7 +356,8 @@ def _unknown_moe_error(model: nn.Module, layers: nn.ModuleList, why: str) -> Con
         f"model {type(model).__name__} ({_model_type(model)}) has experts ({why}) but its MoE layout is not known; "
         f"classes in the last decoder layer's MLP block: {'; '.join(classes)}; known forms: an `experts` module with "
         f"3-D banks {HF_BANKS} beside a router {ROUTER_BLOCKS}, or a megablocks dMoE; to add the family, teach "
-        "aletheia_ds/arch.py find_moe_block where its experts, banks and router live")
+        "aletheia_ds/arch.py find_moe_block where its experts, banks and router live"
+    )
 
 
 def layer_targets(layer: nn.Module) -> list[TargetModule]:
@@ -327,8 +369,11 @@ def layer_targets(layer: nn.Module) -> list[TargetModule]:
         if kind is None or _is_router(layer, path):
             continue
         key = path.split(".", 1)[1]
-        targets.append(TargetModule(key=key, path=path, kind=kind, in_features=module.in_features,
-                                    out_features=module.out_features))
+        targets.append(
+            TargetModule(
+                key=key, path=path, kind=kind, in_features=module.in_features, out_features=module.out_features
+            )
+        )
     return targets
 
 
@@ -342,11 +387,14 @@ def describe(model: nn.Module, only: list[str] | None = None) -> Layout:
     layers = model.get_submodule(layers_path)
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layout = Layout(family=_model_type(model), layers_path=layers_path,
-                    layer_targets=[layer_targets(layer) for layer in layers],
-                    layer_params=[sum(_numel(p) for p in layer.parameters()) for layer in layers],
-                    hidden_size=int(getattr(text, "hidden_size", 0) or 0),
-                    vocab_size=int(getattr(text, "vocab_size", 0) or 0))
+    layout = Layout(
+        family=_model_type(model),
+        layers_path=layers_path,
+        layer_targets=[layer_targets(layer) for layer in layers],
+        layer_params=[sum(_numel(p) for p in layer.parameters()) for layer in layers],
+        hidden_size=int(getattr(text, "hidden_size", 0) or 0),
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+    )
     for index, layer in enumerate(layers):
         block = find_moe_block(layer)
         if block is not None:
@@ -360,12 +408,11 @@ def describe(model: nn.Module, only: list[str] | None = None) -> Layout:
         names = sorted({name for name, m in layers[0].named_modules() if name})
         raise ConfigError(
             f"no target linears found in {layers_path}[0] of {type(model).__name__}; modules there: "
-            f"{', '.join(names)}; add the family to aletheia_ds/arch.py")
+            f"{', '.join(names)}; add the family to aletheia_ds/arch.py"
+        )
     if only:
         unknown = [k for k in only if k not in available]
         if unknown:
             raise ConfigError(f"lora.target_modules: {unknown} not found; modules of this model: {available}")
         layout.layer_targets = [[t for t in targets if t.key in only] for targets in layout.layer_targets]
     return layout
-
-

@@ -18,10 +18,17 @@ import torch.nn as nn
 from .adapters.export import export_adapter
 from .config import ConfigError
 from .dist import print0
-from .io import (atomic_path, fsync_tree, load_safetensors, manifest_problem, replace_dir, tree_manifest,
-                 write_json_atomic, write_text_atomic)
+from .io import (
+    atomic_path,
+    fsync_tree,
+    load_safetensors,
+    manifest_problem,
+    replace_dir,
+    tree_manifest,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .plan import Plan
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Resumable checkpoints
@@ -49,25 +56,55 @@ LATEST = "latest"
 # knobs that may change between a run and its resumption: they do not change the math of training
 # (train.compile does: fused kernels round differently)
 RESUME_MAY_CHANGE = {
-    "train.output_dir", "train.resume", "train.log_every", "train.save_every", "train.keep_last",
-    "train.nan_policy", "train.max_nan_skips", "train.gradient_checkpointing", "probe.gradient_checkpointing",
+    "train.output_dir",
+    "train.resume",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.nan_policy",
+    "train.max_nan_skips",
+    "train.gradient_checkpointing",
+    "probe.gradient_checkpointing",
     "train.stop_grace_s",
-    "train.frozen_prefix", "train.prefix_cache", "train.eval_every", "train.report_to", "train.quiet",
+    "train.frozen_prefix",
+    "train.prefix_cache",
+    "train.eval_every",
+    "train.report_to",
+    "train.quiet",
     "ray",  # where and how the job runs; ray.num_workers is the world size, checked on its own
 }
 # paths: compared by what they hold (model, data and plan fingerprints, the effective DeepSpeed config)
 RESUME_BY_CONTENT = {
-    "model.path", "model.tokenizer", "data.train", "data.eval", "probe.report", "plan.plan", "plan.cost",
-    "deepspeed.config", "deepspeed.overrides",
+    "model.path",
+    "model.tokenizer",
+    "data.train",
+    "data.eval",
+    "probe.report",
+    "plan.plan",
+    "plan.cost",
+    "deepspeed.config",
+    "deepspeed.overrides",
 }
 # DeepSpeed keys that only tune speed or logging
 DS_PERFORMANCE_KEYS = {
-    "steps_per_print", "wall_clock_breakdown", "flops_profiler", "comms_logger", "tensorboard", "wandb",
-    "csv_monitor", "memory_breakdown", "dump_state", "zero_optimization.overlap_comm",
-    "zero_optimization.contiguous_gradients", "zero_optimization.reduce_bucket_size",
-    "zero_optimization.allgather_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
-    "zero_optimization.stage3_param_persistence_threshold", "zero_optimization.stage3_max_live_parameters",
-    "zero_optimization.stage3_max_reuse_distance", "zero_optimization.stage3_gather_16bit_weights_on_model_save",
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "flops_profiler",
+    "comms_logger",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "memory_breakdown",
+    "dump_state",
+    "zero_optimization.overlap_comm",
+    "zero_optimization.contiguous_gradients",
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+    "zero_optimization.stage3_max_live_parameters",
+    "zero_optimization.stage3_max_reuse_distance",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save",
     "zero_optimization.sub_group_size",
 }
 
@@ -101,13 +138,16 @@ def _differences(saved: dict, current: dict, ignore) -> list[str]:
 def config_differences(saved_config: dict, config: dict) -> list[str]:
     """Knobs that change the math of training and differ between a checkpoint's run and this one."""
     skip = RESUME_MAY_CHANGE | RESUME_BY_CONTENT
-    return _differences(saved_config, config,
-                        lambda k: any(k == s or k.startswith(s + ".") for s in skip))
+    return _differences(saved_config, config, lambda k: any(k == s or k.startswith(s + ".") for s in skip))
 
 
 def deepspeed_differences(saved_ds: dict, ds_config: dict) -> list[str]:
-    return [f"deepspeed {d}" for d in _differences(
-        saved_ds, ds_config, lambda k: any(k == s or k.startswith(s + ".") for s in DS_PERFORMANCE_KEYS))]
+    return [
+        f"deepspeed {d}"
+        for d in _differences(
+            saved_ds, ds_config, lambda k: any(k == s or k.startswith(s + ".") for s in DS_PERFORMANCE_KEYS)
+        )
+    ]
 
 
 @dataclass
@@ -134,8 +174,9 @@ class Checkpoint:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ConfigError(f"train.resume: cannot read {state_path} ({err})") from None
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"train.resume: {state_path} is not an aletheia_ds checkpoint of format "
-                              f"{CHECKPOINT_FORMAT}")
+            raise ConfigError(
+                f"train.resume: {state_path} is not an aletheia_ds checkpoint of format {CHECKPOINT_FORMAT}"
+            )
         for needed in ("step", "total_steps", "world_size", "config", "deepspeed", "plan", "fingerprints"):
             if needed not in state:
                 raise ConfigError(f"train.resume: {state_path} lacks {needed!r}")
@@ -148,23 +189,30 @@ class Checkpoint:
             # The global batch is micro_batch_size x grad_accum x world_size and ZeRO partitions the
             # optimizer state by rank: another world size is another run, not a resumption. (DeepSpeed's
             # universal checkpoint, ds_to_universal.py, can re-shard for a deliberate change of topology.)
-            raise ConfigError(f"train.resume: {self.path} was written by {saved_world} ranks, this run has "
-                              f"{world_size}; resume on {saved_world} ranks (the world size sets the global "
-                              "batch and the ZeRO partitioning)")
+            raise ConfigError(
+                f"train.resume: {self.path} was written by {saved_world} ranks, this run has "
+                f"{world_size}; resume on {saved_world} ranks (the world size sets the global "
+                "batch and the ZeRO partitioning)"
+            )
         plan_file = config.get("plan", {}).get("plan")
         if plan_file:
             given, saved = Plan.load(plan_file), self.plan()
             if (given.layers, given.modules, given.experts) != (saved.layers, saved.modules, saved.experts):
-                raise ConfigError(f"plan.plan: {plan_file} adapts layers {given.layers} ({len(given.modules)} "
-                                  f"modules), the checkpoint {self.path} layers {saved.layers} "
-                                  f"({len(saved.modules)} modules); resume with the checkpoint's plan")
-        problems = config_differences(self.state["config"], config) + \
-            deepspeed_differences(self.state["deepspeed"], ds_config)
+                raise ConfigError(
+                    f"plan.plan: {plan_file} adapts layers {given.layers} ({len(given.modules)} "
+                    f"modules), the checkpoint {self.path} layers {saved.layers} "
+                    f"({len(saved.modules)} modules); resume with the checkpoint's plan"
+                )
+        problems = config_differences(self.state["config"], config) + deepspeed_differences(
+            self.state["deepspeed"], ds_config
+        )
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-            raise ConfigError(f"train.resume: {self.path} was made with different settings: "
-                              f"{'; '.join(problems[:3])}{more}; resume with the checkpoint's settings or "
-                              "start a new train.output_dir")
+            raise ConfigError(
+                f"train.resume: {self.path} was made with different settings: "
+                f"{'; '.join(problems[:3])}{more}; resume with the checkpoint's settings or "
+                "start a new train.output_dir"
+            )
 
     def check_fingerprints(self, fingerprints: dict) -> None:
         saved = self.state["fingerprints"]
@@ -172,22 +220,28 @@ class Checkpoint:
         if model_then != model_now:
             detail = _differences(model_then.get("config", {}), model_now.get("config", {}), lambda k: False)[:2]
             if model_then.get("weight_files") != model_now.get("weight_files"):
-                detail.append(f"weight files {model_then.get('weight_files')} in the checkpoint, "
-                              f"{model_now.get('weight_files')} now")
-            raise ConfigError(f"train.resume: {self.path} was made with a different model.path ("
-                              f"{'; '.join(detail) or 'config differs'})")
+                detail.append(
+                    f"weight files {model_then.get('weight_files')} in the checkpoint, "
+                    f"{model_now.get('weight_files')} now"
+                )
+            raise ConfigError(
+                f"train.resume: {self.path} was made with a different model.path ("
+                f"{'; '.join(detail) or 'config differs'})"
+            )
         if saved.get("data") != fingerprints["data"]:
             raise ConfigError(
                 f"train.resume: {self.path} was made with different data: {saved.get('train_rows')} train / "
                 f"{saved.get('eval_rows')} held-out rows then, {fingerprints['train_rows']} / "
                 f"{fingerprints['eval_rows']} now, or different tokens (data.train, data.eval or the "
-                "tokenizer changed); resume with the same data")
+                "tokenizer changed); resume with the same data"
+            )
 
 
 def checkpoint_candidates(resume: str, output_dir: Path) -> list[Path]:
     """train.resume -> the checkpoints to try, newest first: the one `latest` names, then the older complete
     ones of that directory (fallbacks should it be damaged); one path for an explicit step-N; [] for `auto`
     when the run has none yet."""
+
     def from_root(root: Path) -> Optional[list[Path]]:
         latest = root / LATEST
         if not latest.is_file():
@@ -207,8 +261,10 @@ def checkpoint_candidates(resume: str, output_dir: Path) -> list[Path]:
         found = from_root(root)
         if found is not None:
             return found
-    raise ConfigError(f"train.resume: {resume!r} is neither a checkpoint (step-N directory with state.json), "
-                      "a checkpoints/ directory with a 'latest' file, nor a run directory holding one")
+    raise ConfigError(
+        f"train.resume: {resume!r} is neither a checkpoint (step-N directory with state.json), "
+        "a checkpoints/ directory with a 'latest' file, nor a run directory holding one"
+    )
 
 
 def resolve_checkpoint(resume: str, output_dir: Path) -> Optional[Path]:
@@ -229,13 +285,17 @@ def first_intact(candidates: list[Path]) -> Checkpoint:
             problem = str(err).removeprefix("train.resume: ")
         if problem is None:
             if damaged:
-                print0(f"resume: skipping damaged checkpoints ({'; '.join(damaged)}); continuing from {path.name}, "
-                       "the newest intact one")
+                print0(
+                    f"resume: skipping damaged checkpoints ({'; '.join(damaged)}); continuing from {path.name}, "
+                    "the newest intact one"
+                )
             return checkpoint
         damaged.append(f"{path.name}: {problem}")
     where = candidates[0].parent if candidates else "?"
-    raise ConfigError(f"train.resume: no intact checkpoint in {where} ({'; '.join(damaged)}); start a new "
-                      "train.output_dir, or run without --resume")
+    raise ConfigError(
+        f"train.resume: no intact checkpoint in {where} ({'; '.join(damaged)}); start a new "
+        "train.output_dir, or run without --resume"
+    )
 
 
 def find_resume(ctx, cfg) -> Optional[Checkpoint]:
@@ -253,9 +313,11 @@ def find_resume(ctx, cfg) -> Optional[Checkpoint]:
                 candidates = checkpoint_candidates(cfg.train.resume, Path(cfg.train.output_dir))
                 found = first_intact(candidates) if candidates else None
             elif (root / LATEST).is_file():
-                problem = (f"train.output_dir: {root} holds checkpoints of an earlier run (latest: "
-                           f"{(root / LATEST).read_text(encoding='utf-8').strip()}); continue it with --resume "
-                           "auto, or remove that directory, or choose another train.output_dir")
+                problem = (
+                    f"train.output_dir: {root} holds checkpoints of an earlier run (latest: "
+                    f"{(root / LATEST).read_text(encoding='utf-8').strip()}); continue it with --resume "
+                    "auto, or remove that directory, or choose another train.output_dir"
+                )
         except ConfigError as err:
             problem = str(err)
     # the verdict travels with the checkpoint so that every rank raises together instead of waiting
@@ -280,8 +342,10 @@ def save_rng(path: Path) -> None:
     tensors = {"torch_cpu": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64))}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    metadata = {"python": json.dumps(random.getstate()),
-                "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)])}
+    metadata = {
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([name, int(pos), int(has_gauss), float(cached)]),
+    }
     with atomic_path(path) as tmp:  # the umask's mode, not save_file's 0600
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -312,8 +376,9 @@ def _prune(root: Path, keep_last: int, keep: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(ctx, engine, peft_model: nn.Module, output_dir: Path, step: int, state: dict,
-                    keep_last: Optional[int]) -> Path:
+def save_checkpoint(
+    ctx, engine, peft_model: nn.Module, output_dir: Path, step: int, state: dict, keep_last: Optional[int]
+) -> Path:
     """Write a checkpoint of `step` atomically (every rank takes part); returns its final path. Older ones
     beyond `keep_last` are deleted; None keeps them all (Ray Train prunes the ones it lists)."""
     root = Path(output_dir) / "checkpoints"
@@ -335,8 +400,9 @@ def save_checkpoint(ctx, engine, peft_model: nn.Module, output_dir: Path, step: 
                 shutil.copyfile(Path(output_dir) / artefact, tmp / artefact)
         # sizes and checksums of every other file, checked on resume: a truncated shard or RNG file is
         # found before DeepSpeed or safetensors trip over it, and the run falls back to an older checkpoint
-        write_json_atomic(tmp / "state.json", {"format": CHECKPOINT_FORMAT, "step": step, **state,
-                                                "files": tree_manifest(tmp)})
+        write_json_atomic(
+            tmp / "state.json", {"format": CHECKPOINT_FORMAT, "step": step, **state, "files": tree_manifest(tmp)}
+        )
         fsync_tree(tmp)
         replace_dir(tmp, final)
         write_text_atomic(root / LATEST, final.name)

@@ -1,6 +1,7 @@
 """aletheia-ds probe|plan|train|eval|export|bench|report|defaults
 
-  aletheia-ds probe [--config FILE] --model DIR --data FILE --out probe.json [--probe-batches 8 ...] [section.key=value ...]
+  aletheia-ds probe [--config FILE] --model DIR --data FILE --out probe.json [--probe-batches 8 ...] \
+      [section.key=value ...]
   aletheia-ds plan [--config FILE] --probe probe.json --out plan.json [--top-pct 50 ...] [section.key=value ...]
   aletheia-ds train --config CONFIG.yaml [--num-gpus N] [--hostfile FILE [--node-rank R] | --slurm] [--dry-run] ...
   aletheia-ds eval --model DIR [--adapter DIR] --data FILE [--forgetting-data FILE] [--out eval.json]
@@ -22,8 +23,17 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
-from .config import (ConfigError, PlanSection, RunConfig, TrainingError, config_field, config_reference_markdown,
-                     defaults_yaml, exit_code, load_config)
+from .config import (
+    ConfigError,
+    PlanSection,
+    RunConfig,
+    TrainingError,
+    config_field,
+    config_reference_markdown,
+    defaults_yaml,
+    exit_code,
+    load_config,
+)
 from .io import check_writable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +59,8 @@ writes probe.json: per layer and module ||dL/dW||_F (see `aletheia-ds report`)."
 Without --num-gpus/--hostfile/--slurm the job runs in this process (one rank). Keys: `aletheia-ds defaults`.""",
     "eval": """example:
   aletheia-ds eval --model examples/tiny/model --tokenizer examples/tiny/tokenizer --adapter runs/tiny_cpu/adapter \\
-      --data examples/tiny/eval.jsonl --forgetting-data examples/tiny/train.jsonl --seq-len 64 --out runs/tiny_cpu/eval_cli.json
+      --data examples/tiny/eval.jsonl --forgetting-data examples/tiny/train.jsonl --seq-len 64 \\
+      --out runs/tiny_cpu/eval_cli.json
 prints and writes: base/adapter held-out loss and perplexity, exact match of greedy completions (prompt/completion
 rows), forgetting = adapter loss - base loss on --forgetting-data.""",
     "export": """example:
@@ -71,10 +82,18 @@ For the full speed comparison (uniform vs paper vs budget rows): python tools/be
 
 
 # probe flags -> the knobs they set (the flag names predate the config sections)
-PROBE_FLAGS = {"--model": "model.path", "--tokenizer": "model.tokenizer", "--data": "data.train",
-               "--probe-batches": "probe.batches", "--batch-size": "probe.batch_size", "--seq-len": "data.seq_len",
-               "--dtype": "model.dtype", "--random-init": "model.random_init",
-               "--checkpointing": "probe.gradient_checkpointing", "--quiet": "train.quiet"}
+PROBE_FLAGS = {
+    "--model": "model.path",
+    "--tokenizer": "model.tokenizer",
+    "--data": "data.train",
+    "--probe-batches": "probe.batches",
+    "--batch-size": "probe.batch_size",
+    "--seq-len": "data.seq_len",
+    "--dtype": "model.dtype",
+    "--random-init": "model.random_init",
+    "--checkpointing": "probe.gradient_checkpointing",
+    "--quiet": "train.quiet",
+}
 # probe without --config: one process without DeepSpeed, every example probed (a config file says its own)
 PROBE_STANDALONE = {"data": {"eval_fraction": 0}, "deepspeed": {"config": ""}}
 # plan flags: one per plan.* knob (`--top-pct` is plan.top_pct) but plan.plan, which reuses a plan instead
@@ -92,8 +111,9 @@ def _flag_type(annotation: Any) -> tuple[type, Optional[list]]:
     raise TypeError(f"no flag for a knob of type {annotation}; use section.key=value")
 
 
-def config_flag(parser: argparse.ArgumentParser, flag: str, key: str, *, dest: Optional[str] = None,
-                help: Optional[str] = None) -> None:
+def config_flag(
+    parser: argparse.ArgumentParser, flag: str, key: str, *, dest: Optional[str] = None, help: Optional[str] = None
+) -> None:
     """`flag` generated from the config knob `key`: its type, choices, default and description.
 
     Without `dest` the flag is an override of the knob (`--top-pct 25` is `plan.top_pct=25`; left out, the config
@@ -115,8 +135,10 @@ def config_flag(parser: argparse.ArgumentParser, flag: str, key: str, *, dest: O
     else:
         # the override keeps the text as typed (`got 150`, not `got 150.0`); a string is quoted so that YAML
         # keeps it one (a path named `null` or `1e3`)
-        options.update(type=json.dumps if kind is str else None,
-                       metavar=flag.lstrip("-").upper().replace("-", "_") if kind is str else kind.__name__.upper())
+        options.update(
+            type=json.dumps if kind is str else None,
+            metavar=flag.lstrip("-").upper().replace("-", "_") if kind is str else kind.__name__.upper(),
+        )
     if not dest:
         text += f" [{key}]"
     parser.add_argument(flag, help=text.replace("%", "%%"), **options)
@@ -125,8 +147,11 @@ def config_flag(parser: argparse.ArgumentParser, flag: str, key: str, *, dest: O
 def run_overrides(args: argparse.Namespace, rest: list[str]) -> list[str]:
     """The command line's `section.key=value` overrides: those written so, then the generated flags given (their
     dests are the knobs' dotted names)."""
-    return list(rest) + [f"{key}={value if isinstance(value, str) else json.dumps(value)}"
-                         for key, value in vars(args).items() if "." in key]
+    return list(rest) + [
+        f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+        for key, value in vars(args).items()
+        if "." in key
+    ]
 
 
 def run_config(args: argparse.Namespace, rest: list[str], base: Optional[dict] = None) -> RunConfig:
@@ -168,13 +193,18 @@ def _plan(args, rest: list[str]) -> None:
         # model plans as well as this one's, and train refuses it
         checked = "no model.path given: probe.json not checked against a model"
     cost = cfg.plan.cost
-    cost_model = CostModel.load(cost).check_matches(report, cost) if cost else \
-        CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
+    cost_model = (
+        CostModel.load(cost).check_matches(report, cost)
+        if cost
+        else CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
+    )
     plan = make_plan(report, cfg.plan, cost_model)
     save_plan(plan, args.out)
     experts = f" + {len(plan.experts)} experts" if plan.experts else ""
-    print(f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
-          f"captures {plan.score_captured:.1%} of the probe's gradient energy ({checked})")
+    print(
+        f"wrote {args.out}: rule {plan.rule}, layers {plan.layers}, {len(plan.modules)} adapters{experts}, "
+        f"captures {plan.score_captured:.1%} of the probe's gradient energy ({checked})"
+    )
 
 
 def train_target() -> tuple[str, bool]:
@@ -192,27 +222,43 @@ def launcher_command(args, overrides: list[str]) -> list[str]:
     from .launchers.deepspeed import deepspeed_command
 
     target, module = train_target()
-    return deepspeed_command(target, ["--config", args.config, *overrides], num_gpus=args.num_gpus,
-                             hostfile=args.hostfile, num_nodes=args.num_nodes, node_rank=args.node_rank,
-                             master_addr=args.master_addr, master_port=args.master_port, module=module)
+    return deepspeed_command(
+        target,
+        ["--config", args.config, *overrides],
+        num_gpus=args.num_gpus,
+        hostfile=args.hostfile,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        module=module,
+    )
 
 
 def _check_launch_flags(args) -> None:
     if args.hostfile and not Path(args.hostfile).is_file():
         raise ConfigError(f"--hostfile: {args.hostfile!r} does not exist")
-    for flag, value, least in (("--num-gpus", args.num_gpus, 1), ("--num-nodes", args.num_nodes, 1),
-                               ("--node-rank", args.node_rank, 0)):
+    for flag, value, least in (
+        ("--num-gpus", args.num_gpus, 1),
+        ("--num-nodes", args.num_nodes, 1),
+        ("--node-rank", args.node_rank, 0),
+    ):
         if value is not None and value < least:
             raise ConfigError(f"{flag}: must be >= {least}, got {value}")
     if args.slurm and (args.hostfile or args.node_rank is not None or args.num_nodes or args.master_addr):
-        raise ConfigError("--slurm: the allocation gives the hosts, node rank and master; drop --hostfile, "
-                          "--num-nodes, --node-rank and --master-addr")
+        raise ConfigError(
+            "--slurm: the allocation gives the hosts, node rank and master; drop --hostfile, "
+            "--num-nodes, --node-rank and --master-addr"
+        )
     if (args.node_rank is not None or args.num_nodes) and not args.hostfile:
-        raise ConfigError("--hostfile: required with --num-nodes/--node-rank (every node's launcher reads the same "
-                          "list of nodes)")
+        raise ConfigError(
+            "--hostfile: required with --num-nodes/--node-rank (every node's launcher reads the same list of nodes)"
+        )
     if args.node_rank is not None and not args.master_addr:
-        raise ConfigError("--master-addr: required with --node-rank (the first node's address; without it "
-                          "DeepSpeed asks the first host over ssh)")
+        raise ConfigError(
+            "--master-addr: required with --node-rank (the first node's address; without it "
+            "DeepSpeed asks the first host over ssh)"
+        )
 
 
 def _train(args, rest: list[str]) -> None:
@@ -230,8 +276,14 @@ def _train(args, rest: list[str]) -> None:
         from .launchers.deepspeed import slurm_launch
 
         target, module = train_target()
-        launch = slurm_launch(os.environ, target, ["--config", args.config, *overrides], module=module,
-                              ranks_per_node=args.num_gpus, master_port=args.master_port)
+        launch = slurm_launch(
+            os.environ,
+            target,
+            ["--config", args.config, *overrides],
+            module=module,
+            ranks_per_node=args.num_gpus,
+            master_port=args.master_port,
+        )
         print(launch.describe(), flush=True)
         print(shlex.join(launch.command), flush=True)
         if not args.dry_run:
@@ -260,11 +312,21 @@ def _eval(args) -> None:
     if args.out:
         check_writable(args.out, "eval --out")
 
-    result = evaluate_adapter(model=args.model, adapter=args.adapter, data=args.data, tokenizer=args.tokenizer,
-                              seq_len=args.seq_len, batches=args.batches, batch_size=args.batch_size,
-                              verify_logits=args.verify_logits, random_init=args.random_init,
-                              forgetting_data=args.forgetting_data, exact_match_rows=args.exact_match_rows,
-                              max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
+    result = evaluate_adapter(
+        model=args.model,
+        adapter=args.adapter,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        verify_logits=args.verify_logits,
+        random_init=args.random_init,
+        forgetting_data=args.forgetting_data,
+        exact_match_rows=args.exact_match_rows,
+        max_new_tokens=args.max_new_tokens,
+        trust_remote_code=args.trust_remote_code,
+    )
     if args.out:
         from .io import write_json_atomic
 
@@ -276,12 +338,21 @@ def _export(args) -> None:
     from .merge import export_merged
 
     if not args.merge:
-        raise ConfigError("export: pass --merge (the adapter directory is already the unmerged export, loadable "
-                          "with peft.PeftModel.from_pretrained)")
+        raise ConfigError(
+            "export: pass --merge (the adapter directory is already the unmerged export, loadable "
+            "with peft.PeftModel.from_pretrained)"
+        )
     # the merged model is written into a folder beside --out, then renamed onto it
     check_writable(Path(args.out).resolve().parent, "export --out", directory=True)
-    out = export_merged(args.model, args.adapter, args.out, tokenizer=args.tokenizer, dtype=args.dtype,
-                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    out = export_merged(
+        args.model,
+        args.adapter,
+        args.out,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+    )
     print(f"wrote {out}: merged model (safetensors); load with AutoModelForCausalLM.from_pretrained('{out}')")
 
 
@@ -308,22 +379,36 @@ def _defaults(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aletheia-ds", description=__doc__.split("\n")[0],
-                                     epilog="\n".join(__doc__.split("\n")[1:]),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="aletheia-ds",
+        description=__doc__.split("\n")[0],
+        epilog="\n".join(__doc__.split("\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, help_text: str):
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+        )
 
     p = command("probe", "per-layer gradient scores -> probe.json")
     p.add_argument("--config", help="run YAML: probe as that run would; flags and section.key=value override it")
     p.add_argument("--out", default="probe.json")
     for flag, key in PROBE_FLAGS.items():
         config_flag(p, flag, key)
-    config_flag(p, "--deepspeed", "deepspeed.config", help="DeepSpeed JSON (e.g. ds_configs/zero3.json) when run "
-                "under a launcher; default: none, unless --config names one")
+    config_flag(
+        p,
+        "--deepspeed",
+        "deepspeed.config",
+        help="DeepSpeed JSON (e.g. ds_configs/zero3.json) when run "
+        "under a launcher; default: none, unless --config names one",
+    )
     p.set_defaults(func=_probe, takes_rest=True)
 
     p = command("plan", "probe.json -> plan.json (layers, ranks, the exact LoraConfig)")
@@ -332,20 +417,35 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, "--probe", "probe.report", help="the probe.json to plan from")
     for flag, key in PLAN_FLAGS.items():
         config_flag(p, flag, key)
-    config_flag(p, "--checkpointing", "train.gradient_checkpointing",
-                help="plan for a run with gradient checkpointing (the analytic cost model)")
+    config_flag(
+        p,
+        "--checkpointing",
+        "train.gradient_checkpointing",
+        help="plan for a run with gradient checkpointing (the analytic cost model)",
+    )
     p.set_defaults(func=_plan, takes_rest=True)
 
     p = command("train", "the whole job (probe -> plan -> train -> adapter), through the DeepSpeed launcher")
     p.add_argument("--config", help="run YAML (launch/configs/*.yaml); then section.key=value overrides")
-    p.add_argument("--num-gpus", type=int, help="ranks on this machine (per node with --hostfile/--slurm): runs "
-                   "`deepspeed --num_gpus N launch/train.py`")
+    p.add_argument(
+        "--num-gpus",
+        type=int,
+        help="ranks on this machine (per node with --hostfile/--slurm): runs `deepspeed --num_gpus N launch/train.py`",
+    )
     p.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for a multi-node run")
     p.add_argument("--num-nodes", type=int, help="use the first N nodes of --hostfile")
-    p.add_argument("--node-rank", type=int, help="start only node R's ranks of --hostfile, without ssh; run one "
-                   "such launcher on every node (docs/MULTINODE.md)")
-    p.add_argument("--slurm", action="store_true", help="inside a SLURM allocation (srun, one task per node): this "
-                   "node's launcher, hosts and master from SLURM_* (launch/slurm/deepspeed.sbatch)")
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        help="start only node R's ranks of --hostfile, without ssh; run one "
+        "such launcher on every node (docs/MULTINODE.md)",
+    )
+    p.add_argument(
+        "--slurm",
+        action="store_true",
+        help="inside a SLURM allocation (srun, one task per node): this "
+        "node's launcher, hosts and master from SLURM_* (launch/slurm/deepspeed.sbatch)",
+    )
     p.add_argument("--master-addr", help="passed to the launcher (e.g. 127.0.0.1 on one CPU machine)")
     p.add_argument("--master-port", type=int, help="passed to the launcher")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the command; run nothing")
@@ -362,8 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(p, "--seq-len", "data.seq_len", dest="seq_len")
     p.add_argument("--batches", type=int, default=8, help="held-out batches scored (per file)")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--exact-match-rows", type=int, default=32,
-                   help="prompt/completion rows whose greedy completion is compared (0: skip)")
+    p.add_argument(
+        "--exact-match-rows",
+        type=int,
+        default=32,
+        help="prompt/completion rows whose greedy completion is compared (0: skip)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="generation length for exact match")
     config_flag(p, "--random-init", "model.random_init", dest="random_init")
     p.add_argument("--verify-logits", help="sample_logits.safetensors written by a training run")

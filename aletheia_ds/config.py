@@ -91,8 +91,9 @@ class ArtefactSchema(BaseModel):
             field = ".".join(str(p) for p in first["loc"]) or "top level"
             got = first.get("input")
             got_text = "" if isinstance(got, (dict, list)) else f", got {got!r:.60}"
-            raise ConfigError(f"{where}: not a {cls.what} ({field}: {first['msg']}{got_text}); regenerate it with "
-                              f"`{cls.written_by}`") from None
+            raise ConfigError(
+                f"{where}: not a {cls.what} ({field}: {first['msg']}{got_text}); regenerate it with `{cls.written_by}`"
+            ) from None
 
 
 class Section(BaseModel):
@@ -111,7 +112,8 @@ class ModelSection(Section):
     path: str = Field("", description="local Hugging Face model directory (config.json + weights)")
     tokenizer: Optional[str] = Field(None, description="local tokenizer directory; defaults to model.path")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto: bfloat16 on GPU, float32 on CPU")
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU"
+    )
     random_init: bool = Field(False, description="allow a directory with config.json only: random weights (seeded)")
     trust_remote_code: bool = Field(False, description="run Python code shipped with the model; off unless asked")
     attn_implementation: Optional[str] = Field(None, description="e.g. sdpa, eager, flash_attention_2")
@@ -121,28 +123,37 @@ class DataSource(Section):
     """One entry of data.train written as a list: a file or datasets folder and its share of the mixture."""
 
     path: str = Field(..., min_length=1, description="JSONL/JSON/parquet/CSV/Arrow file or a datasets dir")
-    weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="relative share of the training rows "
-                          "drawn from this source")
+    weight: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="relative share of the training rows drawn from this source"
+    )
 
 
 class DataSection(Section):
     train: Union[str, list[DataSource]] = Field(
-        "", description="JSONL ({text} | {prompt,completion} | {messages}), JSON, parquet, CSV, Arrow or a datasets "
-        "dir; or a list of {path, weight} sources interleaved by weight (order fixed by train.seed)")
+        "",
+        description="JSONL ({text} | {prompt,completion} | {messages}), JSON, parquet, CSV, Arrow or a datasets "
+        "dir; or a list of {path, weight} sources interleaved by weight (order fixed by train.seed)",
+    )
     mix_until: Literal["first_exhausted", "all_exhausted"] = Field(
-        "first_exhausted", description="a mixture of several data.train sources ends when the first source runs out "
-        "(no row twice) or when every source has (sources that run out early repeat)")
-    chat_template: Optional[str] = Field(None, description="Jinja file replacing the tokenizer's chat template "
-                                         "(for tokenizers without one)")
+        "first_exhausted",
+        description="a mixture of several data.train sources ends when the first source runs out "
+        "(no row twice) or when every source has (sources that run out early repeat)",
+    )
+    chat_template: Optional[str] = Field(
+        None, description="Jinja file replacing the tokenizer's chat template (for tokenizers without one)"
+    )
     eval: Optional[str] = Field(None, description="held-out file; default: the last eval_fraction of train")
     eval_fraction: Share = Field(0.05, description="share of train held out when data.eval is unset")
     eval_batches: ZeroOrMore = Field(8, description="held-out batches scored before and after training (0: skip)")
     seq_len: int = Field(1024, ge=2, description="tokens per example (truncated on the right)")
-    packing: bool = Field(False, description="whole examples one after another in rows of up to seq_len tokens; "
-                          "position ids restart and attention stays within each example")
+    packing: bool = Field(
+        False,
+        description="whole examples one after another in rows of up to seq_len tokens; "
+        "position ids restart and attention stays within each example",
+    )
     max_examples: Annotated[Optional[int], Wording(note="or unset for all rows")] = Field(
-        None, ge=1, description="use only the first N usable examples of train (of the mixture, with several "
-        "sources)")
+        None, ge=1, description="use only the first N usable examples of train (of the mixture, with several sources)"
+    )
     cache_dir: Optional[str] = Field(None, description="tokenize once into this Arrow cache; ranks memory-map it")
     cache_shared: bool = Field(False, description="cache_dir is one file system for all nodes: rank 0 alone tokenizes")
     num_proc: OneOrMore = Field(1, description="tokenizer worker processes when filling data.cache_dir")
@@ -177,31 +188,49 @@ class ProbeSection(Section):
     seq_len: Optional[int] = Field(None, description="defaults to data.seq_len")
     gradient_checkpointing: Optional[bool] = Field(None, description="defaults to train.gradient_checkpointing")
     report: Optional[str] = Field(None, description="reuse this probe.json instead of probing")
-    sketch_dim: int = Field(32, ge=0, le=1024, description="columns of the random sketch that separates each "
-                            "module's gradient signal from batch noise (plan.score signal/lowrank/relative); 0: raw "
-                            "norms only")
+    sketch_dim: int = Field(
+        32,
+        ge=0,
+        le=1024,
+        description="columns of the random sketch that separates each "
+        "module's gradient signal from batch noise (plan.score signal/lowrank/relative); 0: raw "
+        "norms only",
+    )
 
 
 class PlanSection(Section):
     rule: Literal["top_pct", "budget", "cut", "upper", "all"] = Field(
-        "top_pct", description="top_pct: the paper's rule; budget: cost-aware, the most probe score within the "
+        "top_pct",
+        description="top_pct: the paper's rule; budget: cost-aware, the most probe score within the "
         "budget; cut: cut-first coverage, every layer from the lowest cut that meets the budget up, ranks by score; "
-        "upper: the upper top_pct% of layers; all: LoRA on every layer")
+        "upper: the upper top_pct% of layers; all: LoRA on every layer",
+    )
     score: Literal["raw", "signal", "lowrank", "relative"] = Field(
-        "raw", description="probe score the rules rank by: raw ||dL/dW||; signal: its batch-noise-free part; lowrank: "
-        "the signal a rank-16 adapter can capture; relative: signal / ||W|| (all but raw need probe.sketch_dim > 0)")
+        "raw",
+        description="probe score the rules rank by: raw ||dL/dW||; signal: its batch-noise-free part; lowrank: "
+        "the signal a rank-16 adapter can capture; relative: signal / ||W|| (all but raw need probe.sketch_dim > 0)",
+    )
     min_r: Rank = Field(16, description="rule cut: rank of the lowest-scoring layers of the adapted span")
-    max_r: Rank = Field(64, description="rule cut: rank of the highest-scoring layers (powers of two between "
-                       "min_r and max_r go to the layers in between, by score)")
+    max_r: Rank = Field(
+        64,
+        description="rule cut: rank of the highest-scoring layers (powers of two between "
+        "min_r and max_r go to the layers in between, by score)",
+    )
     rank_scaling: Literal["standard", "rslora"] = Field(
-        "rslora", description="rule cut: alpha = 2r (standard) or 2 sqrt(min_r r) (rank-stabilised: the update's "
-        "scale does not grow with r, so ranks of one plan are comparable)")
-    guard: Fraction = Field(1.0, description="rule cut: the cut moves down (past the budget) while more than "
-                         "this share of the score energy lies below it; 1: no guard")
+        "rslora",
+        description="rule cut: alpha = 2r (standard) or 2 sqrt(min_r r) (rank-stabilised: the update's "
+        "scale does not grow with r, so ranks of one plan are comparable)",
+    )
+    guard: Fraction = Field(
+        1.0,
+        description="rule cut: the cut moves down (past the budget) while more than "
+        "this share of the score energy lies below it; 1: no guard",
+    )
     top_pct: float = Field(50.0, gt=0, le=100, description="percent of layers kept by score (rule top_pct)")
     budget: Fraction = Field(0.6, description="target step time as a fraction of uniform LoRA's (rules budget, cut)")
     granularity: Literal["layer", "module"] = Field(
-        "layer", description="rule budget picks whole layers (every target module) or single modules")
+        "layer", description="rule budget picks whole layers (every target module) or single modules"
+    )
     attention_r: Rank = Field(16, description="LoRA rank on attention linears")
     mlp_r: Rank = Field(64, description="LoRA rank on MLP linears")
     attention_alpha: Alpha = Field(None, description="default 2 x attention_r")
@@ -211,28 +240,36 @@ class PlanSection(Section):
     # mixture-of-experts layers: layers are chosen by the rule above (expert energy counts in a layer's score),
     # then experts within each chosen MoE layer by expert_rule
     expert_rule: Literal["energy", "top_k", "load", "all", "none"] = Field(
-        "energy", description="experts adapted in each chosen MoE layer: energy: the fewest covering expert_energy "
+        "energy",
+        description="experts adapted in each chosen MoE layer: energy: the fewest covering expert_energy "
         "of the layer's expert gradient energy; top_k: the expert_top_k highest scores; load: the expert_top_k "
-        "with the most routed tokens; all: every expert; none: no expert adapters")
-    expert_energy: Fraction = Field(0.8, description="share of a layer's expert gradient energy to cover (expert_rule "
-                                 "energy)")
+        "with the most routed tokens; all: every expert; none: no expert adapters",
+    )
+    expert_energy: Fraction = Field(
+        0.8, description="share of a layer's expert gradient energy to cover (expert_rule energy)"
+    )
     expert_top_k: OneOrMore = Field(2, description="experts per chosen MoE layer (expert_rule top_k and load)")
     expert_r: Rank = Field(16, description="LoRA rank on each chosen expert's fused banks (gate_up_proj, down_proj)")
     expert_alpha: Alpha = Field(None, description="default 2 x expert_r")
-    moe_attention: bool = Field(True, description="adapt the attention linears of chosen MoE layers (as in dense "
-                                "layers); false: experts only there")
+    moe_attention: bool = Field(
+        True,
+        description="adapt the attention linears of chosen MoE layers (as in dense layers); false: experts only there",
+    )
     shared_experts: Literal["with_layer", "all_moe_layers", "none"] = Field(
-        "with_layer", description="shared-expert linears (rank mlp_r): in every chosen layer, in every MoE layer, "
-        "or never")
+        "with_layer",
+        description="shared-expert linears (rank mlp_r): in every chosen layer, in every MoE layer, or never",
+    )
     routers: Literal["frozen", "lora"] = Field(
-        "frozen", description="frozen: routing stays as probed; lora: LoRA (router_r) on the router weight of chosen "
-        "MoE layers")
+        "frozen",
+        description="frozen: routing stays as probed; lora: LoRA (router_r) on the router weight of chosen MoE layers",
+    )
     router_r: Rank = Field(4, description="LoRA rank on router weights (routers=lora)")
 
 
 class LoraSection(Section):
     target_modules: Optional[list[str]] = Field(
-        None, description="restrict to these module keys (e.g. [q_proj, v_proj]); default: every attention/MLP linear")
+        None, description="restrict to these module keys (e.g. [q_proj, v_proj]); default: every attention/MLP linear"
+    )
     dropout: Share = Field(0.0, description="lora_dropout")
     init_seed: Seed = Field(0, description="seed for the adapter's initial weights (same on every rank)")
 
@@ -241,43 +278,60 @@ class TrainSection(Section):
     output_dir: str = Field("runs/default", description="probe.json, plan.json, metrics.jsonl, adapter/ land here")
     max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; default: epochs over the data")
     # > 0: zero epochs would still train one step (the schedule rounds up)
-    epochs: float = Field(1.0, gt=0, allow_inf_nan=False,
-                          description="passes over the training data when max_steps is unset")
+    epochs: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="passes over the training data when max_steps is unset"
+    )
     micro_batch_size: OneOrMore = Field(4, description="examples per rank per forward")
     grad_accum: OneOrMore = Field(1, description="micro-batches per optimizer step")
     lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
     weight_decay: FiniteNonNegative = Field(
-        0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)")
+        0.0, description="AdamW weight decay (LoRA A/B matrices only; never biases)"
+    )
     warmup_steps: Optional[int] = Field(None, ge=0, description="default: warmup_ratio x total steps")
     warmup_ratio: Share = Field(0.03, description="share of steps spent warming up")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="learning-rate schedule after warm-up (transformers.get_scheduler)")
+        "cosine", description="learning-rate schedule after warm-up (transformers.get_scheduler)"
+    )
     max_grad_norm: FiniteNonNegative = Field(1.0, description="gradient clipping (0: off)")
     seed: Seed = Field(42, description="data order and dropout seed")
     gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
     frozen_prefix: bool = Field(True, description="run layers below the lowest adapted layer under no_grad")
     compile: bool = Field(False, description="torch.compile the adapted layers (ZeRO stage 0-2)")
-    prefix_cache: bool = Field(False, description="keep the frozen prefix's output per example (CPU memory) and skip "
-                               "the prefix in later epochs; needs no dropout there and ZeRO stage 0-2")
+    prefix_cache: bool = Field(
+        False,
+        description="keep the frozen prefix's output per example (CPU memory) and skip "
+        "the prefix in later epochs; needs no dropout there and ZeRO stage 0-2",
+    )
     log_every: OneOrMore = Field(1, description="steps between metrics lines")
-    eval_every: ZeroOrMore = Field(0, description="steps between held-out evaluations logged to metrics.jsonl as "
-                                   "eval_loss (0: only before and after training, in eval.json)")
+    eval_every: ZeroOrMore = Field(
+        0,
+        description="steps between held-out evaluations logged to metrics.jsonl as "
+        "eval_loss (0: only before and after training, in eval.json)",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=list, description="metrics backends besides metrics.jsonl (always written), rank 0 only: "
+        default_factory=list,
+        description="metrics backends besides metrics.jsonl (always written), rank 0 only: "
         "tensorboard (output_dir/tensorboard), wandb (offline unless WANDB_MODE is set), mlflow (output_dir/mlruns "
-        "unless MLFLOW_TRACKING_URI is set)")
+        "unless MLFLOW_TRACKING_URI is set)",
+    )
     quiet: bool = Field(False, description="no progress bars: plain periodic lines (for logs)")
     save_every: ZeroOrMore = Field(0, description="steps between resumable checkpoints (0: only at the end)")
     keep_last: OneOrMore = Field(2, description="checkpoints kept")
-    resume: Optional[str] = Field(None, description="auto (the latest checkpoint in output_dir, if any) | PATH "
-                                  "(a checkpoints/ directory or one step-N checkpoint)")
+    resume: Optional[str] = Field(
+        None,
+        description="auto (the latest checkpoint in output_dir, if any) | PATH "
+        "(a checkpoints/ directory or one step-N checkpoint)",
+    )
     nan_policy: Literal["stop", "skip"] = Field(
-        "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update")
+        "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update"
+    )
     max_nan_skips: ZeroOrMore = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
     stop_grace_s: FiniteNonNegative = Field(
-        120.0, description="seconds the scheduler allows between SIGTERM and the kill (SLURM KillWait, Kubernetes "
+        120.0,
+        description="seconds the scheduler allows between SIGTERM and the kill (SLURM KillWait, Kubernetes "
         "terminationGracePeriodSeconds): on SIGTERM the current step ends and a checkpoint is written unless the "
-        "last one took longer than the time left; then the job exits 75")
+        "last one took longer than the time left; then the job exits 75",
+    )
 
     @field_validator("report_to")
     @classmethod
@@ -301,25 +355,39 @@ class RaySection(Section):
     """launch/ray_train.py only: where and how wide the Ray Train job runs (the other launchers ignore it)."""
 
     address: Optional[str] = Field(
-        None, description="Ray cluster: the head's host:port (6379 unless changed) or auto; default: RAY_ADDRESS "
-        "as `ray job submit` sets it, else a new local Ray")
+        None,
+        description="Ray cluster: the head's host:port (6379 unless changed) or auto; default: RAY_ADDRESS "
+        "as `ray job submit` sets it, else a new local Ray",
+    )
     num_workers: OneOrMore = Field(1, description="training workers (processes), one per GPU when use_gpu")
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; false: CPU workers and gloo")
     resources_per_worker: Optional[dict[str, float]] = Field(
-        None, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}; default: Ray's (1 CPU, or 1 GPU "
-        "when use_gpu)")
+        None,
+        description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}; default: Ray's (1 CPU, or 1 GPU when use_gpu)",
+    )
     storage_path: Optional[str] = Field(
-        None, description="run storage (a file system path every node sees: NFS, Lustre, a bucket mount); "
-        "default: ~/ray_results")
-    name: Optional[str] = Field(None, description="run directory under storage_path; default: the last part of "
-                                "train.output_dir. Same name again: continue from its last checkpoint")
-    max_failures: int = Field(0, description="worker-group failures to recover from, each from the last "
-                              "checkpoint (-1: no limit)")
+        None,
+        description="run storage (a file system path every node sees: NFS, Lustre, a bucket mount); "
+        "default: ~/ray_results",
+    )
+    name: Optional[str] = Field(
+        None,
+        description="run directory under storage_path; default: the last part of "
+        "train.output_dir. Same name again: continue from its last checkpoint",
+    )
+    max_failures: int = Field(
+        0, description="worker-group failures to recover from, each from the last checkpoint (-1: no limit)"
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="how Ray places the workers on nodes: PACK fills few nodes; STRICT_SPREAD puts each "
-        "worker on a node of its own")
-    check_resources: bool = Field(True, description="refuse at once when the cluster cannot ever fit the workers "
-                                  "(false for autoscaling clusters that grow on demand)")
+        "PACK",
+        description="how Ray places the workers on nodes: PACK fills few nodes; STRICT_SPREAD puts each "
+        "worker on a node of its own",
+    )
+    check_resources: bool = Field(
+        True,
+        description="refuse at once when the cluster cannot ever fit the workers "
+        "(false for autoscaling clusters that grow on demand)",
+    )
 
     @field_validator("max_failures")
     @classmethod
@@ -345,8 +413,10 @@ class RaySection(Section):
     def _storage(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and "://" in v:
             # the run's checkpoints are DeepSpeed directories that every rank writes and reads in place
-            raise ValueError(f"must be a file system path that every node sees (NFS, Lustre, or a bucket mounted "
-                             f"with s3fs/gcsfuse), got the URI {v!r}")
+            raise ValueError(
+                f"must be a file system path that every node sees (NFS, Lustre, or a bucket mounted "
+                f"with s3fs/gcsfuse), got the URI {v!r}"
+            )
         if v is not None and not v.strip():
             raise ValueError("must not be empty")
         return v
@@ -362,11 +432,14 @@ class RaySection(Section):
     def _gpu_resources(self) -> "RaySection":
         gpus = (self.resources_per_worker or {}).get("GPU")
         if self.use_gpu and gpus == 0:
-            raise ValueError("ray.resources_per_worker: GPU is 0 while ray.use_gpu is true; give each worker a GPU "
-                             "or set ray.use_gpu=false")
+            raise ValueError(
+                "ray.resources_per_worker: GPU is 0 while ray.use_gpu is true; give each worker a GPU "
+                "or set ray.use_gpu=false"
+            )
         if not self.use_gpu and gpus:
-            raise ValueError(f"ray.resources_per_worker: GPU is {gpus:g} while ray.use_gpu is false; set "
-                             "ray.use_gpu=true")
+            raise ValueError(
+                f"ray.resources_per_worker: GPU is {gpus:g} while ray.use_gpu is false; set ray.use_gpu=true"
+            )
         return self
 
 
@@ -394,17 +467,27 @@ class RunConfig(Section):
         if not self.data.train:
             raise ConfigError("data.train is required: set it to a JSONL/parquet file or a datasets directory")
         sources = self.data.train_sources()
-        named = [("data.train", self.data.train)] if isinstance(self.data.train, str) else \
-            [(f"data.train[{i}].path", source.path) for i, source in enumerate(sources)]
-        for knob, value in (*named, ("data.eval", self.data.eval), ("data.chat_template", self.data.chat_template),
-                            ("probe.report", self.probe.report), ("plan.plan", self.plan.plan),
-                            ("plan.cost", self.plan.cost)):
+        named = (
+            [("data.train", self.data.train)]
+            if isinstance(self.data.train, str)
+            else [(f"data.train[{i}].path", source.path) for i, source in enumerate(sources)]
+        )
+        for knob, value in (
+            *named,
+            ("data.eval", self.data.eval),
+            ("data.chat_template", self.data.chat_template),
+            ("probe.report", self.probe.report),
+            ("plan.plan", self.plan.plan),
+            ("plan.cost", self.plan.cost),
+        ):
             if value and not Path(value).exists():
                 raise ConfigError(f"{knob}: {value!r} does not exist")
         if self.deepspeed.config and not Path(self.deepspeed.config).is_file():
             shipped = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
-            raise ConfigError(f"deepspeed.config: {self.deepspeed.config!r} does not exist"
-                              + (f" (ds_configs/ has {', '.join(shipped)})" if shipped else ""))
+            raise ConfigError(
+                f"deepspeed.config: {self.deepspeed.config!r} does not exist"
+                + (f" (ds_configs/ has {', '.join(shipped)})" if shipped else "")
+            )
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -420,14 +503,27 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 # names other trainers use for our knobs (HF Trainer, axolotl, LLaMA-Factory)
 ALIASES = {
-    "learning_rate": "train.lr", "gradient_accumulation_steps": "train.grad_accum",
-    "per_device_train_batch_size": "train.micro_batch_size", "micro_batch_size": "train.micro_batch_size",
-    "num_train_epochs": "train.epochs", "num_epochs": "train.epochs", "max_grad_norm": "train.max_grad_norm",
-    "warmup": "train.warmup_steps", "lr_scheduler_type": "train.lr_scheduler", "gradient_checkpointing":
-    "train.gradient_checkpointing", "lora_r": "plan.attention_r", "r": "plan.attention_r", "lora_alpha":
-    "plan.attention_alpha", "lora_dropout": "lora.dropout", "lora_target_modules": "lora.target_modules",
-    "max_seq_length": "data.seq_len", "sequence_len": "data.seq_len", "cutoff_len": "data.seq_len",
-    "model_name_or_path": "model.path", "base_model": "model.path", "dataset": "data.train",
+    "learning_rate": "train.lr",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "micro_batch_size": "train.micro_batch_size",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "max_grad_norm": "train.max_grad_norm",
+    "warmup": "train.warmup_steps",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "lora_r": "plan.attention_r",
+    "r": "plan.attention_r",
+    "lora_alpha": "plan.attention_alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "max_seq_length": "data.seq_len",
+    "sequence_len": "data.seq_len",
+    "cutoff_len": "data.seq_len",
+    "model_name_or_path": "model.path",
+    "base_model": "model.path",
+    "dataset": "data.train",
 }
 
 
@@ -440,13 +536,16 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
     if "." not in key:  # a section name (`trian:`): a key of some section would be the wrong hint
         close = difflib.get_close_matches(key, list(RunConfig.model_fields), n=1, cutoff=0.5)
         hint = f"; did you mean section {close[0]!r}?" if close else ""
-        return ConfigError(_at(where, f"unknown config section {key!r}{hint} (sections: "
-                                      f"{', '.join(RunConfig.model_fields)})"))
+        return ConfigError(
+            _at(where, f"unknown config section {key!r}{hint} (sections: {', '.join(RunConfig.model_fields)})")
+        )
     section, _, leaf = key.rpartition(".")
     same_section = [k for k in known if k.startswith(section + ".")] if section else []
-    close = ([ALIASES[leaf]] if leaf in ALIASES else []) or \
-        difflib.get_close_matches(key, same_section, n=1, cutoff=0.6) or \
-        difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    close = (
+        ([ALIASES[leaf]] if leaf in ALIASES else [])
+        or difflib.get_close_matches(key, same_section, n=1, cutoff=0.6)
+        or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    )
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     return ConfigError(_at(where, f"unknown config key {key!r}{hint}"))
 
@@ -477,13 +576,16 @@ _BOUND_WORDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 def _allowed_range(field: FieldInfo) -> str:
     """A bounded knob's allowed values as its error says them: `in (0, 100]`, `>= 1`, `a finite number > 0`."""
-    bounds = {name: getattr(m, name) for m in field.metadata for name in _BOUND_WORDS
-              if getattr(m, name, None) is not None}
+    bounds = {
+        name: getattr(m, name) for m in field.metadata for name in _BOUND_WORDS if getattr(m, name, None) is not None
+    }
     low = next((name for name in ("gt", "ge") if name in bounds), None)
     high = next((name for name in ("lt", "le") if name in bounds), None)
     if low and high:
-        text = (f"in {'(' if low == 'gt' else '['}{_number(bounds[low])}, "
-                f"{_number(bounds[high])}{')' if high == 'lt' else ']'}")
+        text = (
+            f"in {'(' if low == 'gt' else '['}{_number(bounds[low])}, "
+            f"{_number(bounds[high])}{')' if high == 'lt' else ']'}"
+        )
     else:
         text = " ".join(f"{_BOUND_WORDS[name]} {_number(bounds[name])}" for name in (low, high) if name)
     finite = any(getattr(m, "allow_inf_nan", True) is False for m in field.metadata)
@@ -499,8 +601,9 @@ def _range_error(field: FieldInfo, got: Any) -> str:
     return f"{wording.subject} must be {_allowed_range(field)}{note}, got {got!r:.80}".lstrip()
 
 
-def _flatten_error(err: ValidationError, where: str, model: type[BaseModel] | None = None,
-                   prefix: str = "") -> ConfigError:
+def _flatten_error(
+    err: ValidationError, where: str, model: type[BaseModel] | None = None, prefix: str = ""
+) -> ConfigError:
     """pydantic's first error as one line naming the knob; `model` is the class validated (default RunConfig),
     `prefix` its section name."""
     first = err.errors()[0]
@@ -592,8 +695,10 @@ def load_config(argv: list[str] | None = None, *, base: dict | None = None) -> R
             node = tree.setdefault("deepspeed", {}).setdefault("overrides", {})
             parts = key.removeprefix("deepspeed.overrides.").split(".")
             if not isinstance(node, dict) or any(not p for p in parts):
-                raise ConfigError(f"{where} (override {key}): must look like deepspeed.overrides.KEY[.KEY...]=value "
-                                  "with deepspeed.overrides a mapping")
+                raise ConfigError(
+                    f"{where} (override {key}): must look like deepspeed.overrides.KEY[.KEY...]=value "
+                    "with deepspeed.overrides a mapping"
+                )
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
                 if not isinstance(node, dict):
@@ -617,8 +722,10 @@ def load_config(argv: list[str] | None = None, *, base: dict | None = None) -> R
 def validate_shape(tree: Any, where: str) -> None:
     """A mapping of known sections, each a mapping: checked before overrides are merged into it."""
     if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: the top level must be a mapping of sections "
-                          f"(model, data, probe, plan, lora, train, deepspeed, ray), got {type(tree).__name__}")
+        raise ConfigError(
+            f"{where}: the top level must be a mapping of sections "
+            f"(model, data, probe, plan, lora, train, deepspeed, ray), got {type(tree).__name__}"
+        )
     for section, body in tree.items():
         if not isinstance(section, str) or section not in RunConfig.model_fields:
             raise _unknown_key_error(str(section), where)
@@ -654,6 +761,10 @@ def read_yaml(path: str | os.PathLike) -> Any:
     return {} if tree is None else tree
 
 
+def _flow_yaml(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def defaults_yaml() -> str:
     """The default config as commented YAML, for `aletheia-ds defaults` and the docs."""
     lines = []
@@ -663,7 +774,7 @@ def defaults_yaml() -> str:
         for name, sub in model.model_fields.items():
             default = sub.get_default(call_default_factory=True)
             comment = f"  # {sub.description}" if sub.description else ""
-            lines.append(f"  {name}: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}{comment}")
+            lines.append(f"  {name}: {_flow_yaml(default)}{comment}")
     return "\n".join(lines) + "\n"
 
 
@@ -683,12 +794,17 @@ def _type_name(annotation: Any) -> str:
 
 def config_reference_markdown() -> str:
     """docs/CONFIG.md: every section's keys with type, default and meaning (`aletheia-ds defaults --markdown`)."""
-    lines = ["# Configuration reference", "",
-             "Generated from the config dataclasses (`aletheia_ds/config.py`) by "
-             "`aletheia-ds defaults --markdown > docs/CONFIG.md`; a test keeps it in step.", "",
-             "A run reads a YAML file of these sections (`--config FILE`); any key can be overridden on the command "
-             "line as `section.key=value` or `--section.key value`. `aletheia-ds defaults` prints the defaults as "
-             "YAML.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the config dataclasses (`aletheia_ds/config.py`) by "
+        "`aletheia-ds defaults --markdown > docs/CONFIG.md`; a test keeps it in step.",
+        "",
+        "A run reads a YAML file of these sections (`--config FILE`); any key can be overridden on the command "
+        "line as `section.key=value` or `--section.key value`. `aletheia-ds defaults` prints the defaults as "
+        "YAML.",
+        "",
+    ]
     for section, field in RunConfig.model_fields.items():
         model = field.annotation
         lines += [f"## {section}", ""]

@@ -93,14 +93,22 @@ class CostModel:
     def describe(self, plan) -> dict:
         step = self.predict(self.plan_adapters(plan))
         uniform = self.uniform_seconds()
-        return {"step_seconds": step, "uniform_step_seconds": uniform, "fraction_of_uniform": step / uniform,
-                "speedup_vs_uniform": uniform / step, "checkpointing": self.checkpointing,
-                "calibrated": self.calibrated, "source": self.source, "tokens_per_step": self.tokens_per_step}
+        return {
+            "step_seconds": step,
+            "uniform_step_seconds": uniform,
+            "fraction_of_uniform": step / uniform,
+            "speedup_vs_uniform": uniform / step,
+            "checkpointing": self.checkpointing,
+            "calibrated": self.calibrated,
+            "source": self.source,
+            "tokens_per_step": self.tokens_per_step,
+        }
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def analytic(cls, report: ProbeReport, checkpointing: bool = False, flops_per_s: float = 4e14,
-                 adapter_fixed_s: float = 6e-5) -> "CostModel":
+    def analytic(
+        cls, report: ProbeReport, checkpointing: bool = False, flops_per_s: float = 4e14, adapter_fixed_s: float = 6e-5
+    ) -> "CostModel":
         """From FLOPs only (a fallback; `fit` on timed steps is better).
 
         Per token: a frozen layer costs 2P FLOPs forward and 2P backward (input gradients only) plus
@@ -124,22 +132,40 @@ class CostModel:
         head = 2 * tokens * hidden * vocab
         base = report.num_layers * layer_forward + 2 * head
         depth = layer_backward + (layer_forward if checkpointing else 0.0)
-        return cls(base_s=base / flops_per_s, depth_s=depth / flops_per_s, adapter_fixed_s=adapter_fixed_s,
-                   adapter_width_s=6 * tokens / flops_per_s, layer_weights=[p / mean_params for p in params],
-                   module_shapes=shapes, checkpointing=checkpointing, calibrated=False, tokens_per_step=tokens,
-                   source=f"analytic ({flops_per_s:.1e} FLOP/s)")
+        return cls(
+            base_s=base / flops_per_s,
+            depth_s=depth / flops_per_s,
+            adapter_fixed_s=adapter_fixed_s,
+            adapter_width_s=6 * tokens / flops_per_s,
+            layer_weights=[p / mean_params for p in params],
+            module_shapes=shapes,
+            checkpointing=checkpointing,
+            calibrated=False,
+            tokens_per_step=tokens,
+            source=f"analytic ({flops_per_s:.1e} FLOP/s)",
+        )
 
     @classmethod
-    def fit(cls, measurements: Sequence[tuple[Sequence[AdapterShape], float]], layer_weights: list[float],
-            module_shapes: dict[str, list[int]], checkpointing: bool, tokens_per_step: int,
-            source: str = "calibrated") -> "CostModel":
+    def fit(
+        cls,
+        measurements: Sequence[tuple[Sequence[AdapterShape], float]],
+        layer_weights: list[float],
+        module_shapes: dict[str, list[int]],
+        checkpointing: bool,
+        tokens_per_step: int,
+        source: str = "calibrated",
+    ) -> "CostModel":
         """Least squares over timed steps (adapters, seconds) for the four coefficients, all kept >= 0."""
         import numpy as np
 
         def features(adapters: Sequence[AdapterShape]) -> list[float]:
             lowest = min(a[0] for a in adapters)
-            return [1.0, sum(layer_weights[lowest:]), float(len(adapters)),
-                    float(sum(r * (i + o) for _, r, i, o in adapters))]
+            return [
+                1.0,
+                sum(layer_weights[lowest:]),
+                float(len(adapters)),
+                float(sum(r * (i + o) for _, r, i, o in adapters)),
+            ]
 
         rows = np.array([features(a) for a, _ in measurements])
         times = np.array([t for _, t in measurements])
@@ -153,10 +179,19 @@ class CostModel:
         coef = np.zeros(4)
         coef[active] = np.clip(coef_active, 0, None)
         residuals = (rows @ coef - times) / times
-        return cls(base_s=float(coef[0]), depth_s=float(coef[1]), adapter_fixed_s=float(coef[2]),
-                   adapter_width_s=float(coef[3]), layer_weights=list(layer_weights), module_shapes=module_shapes,
-                   checkpointing=checkpointing, calibrated=True, tokens_per_step=tokens_per_step, source=source,
-                   fit_residuals=[float(x) for x in residuals])
+        return cls(
+            base_s=float(coef[0]),
+            depth_s=float(coef[1]),
+            adapter_fixed_s=float(coef[2]),
+            adapter_width_s=float(coef[3]),
+            layer_weights=list(layer_weights),
+            module_shapes=module_shapes,
+            checkpointing=checkpointing,
+            calibrated=True,
+            tokens_per_step=tokens_per_step,
+            source=source,
+            fit_residuals=[float(x) for x in residuals],
+        )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -175,13 +210,16 @@ class CostModel:
 
     def check_matches(self, report: ProbeReport, where: str) -> "CostModel":
         if self.num_layers != report.num_layers or set(self.module_shapes) != set(report.layout["module_shapes"]):
-            raise ConfigError(f"{where}: calibrated for {self.num_layers} layers / modules {sorted(self.module_shapes)}, "
-                              f"but the probe has {report.num_layers} layers / {sorted(report.layout['module_shapes'])}")
+            raise ConfigError(
+                f"{where}: calibrated for {self.num_layers} layers / modules {sorted(self.module_shapes)}, "
+                f"but the probe has {report.num_layers} layers / {sorted(report.layout['module_shapes'])}"
+            )
         return self
 
 
-def lora_step_flops_per_token(layer_params: Sequence[int], hidden: int, vocab: int, seq_len: int,
-                              adapters: Sequence[AdapterShape]) -> float:
+def lora_step_flops_per_token(
+    layer_params: Sequence[int], hidden: int, vocab: int, seq_len: int, adapters: Sequence[AdapterShape]
+) -> float:
     """Model FLOPs of one token of a LoRA training step (the numerator of MFU), dense decoders.
 
     The usual MFU convention (PaLM, Megatron): matrix products only, recompute not counted, attention
@@ -211,8 +249,10 @@ def expert_adapters(plan) -> list[AdapterShape]:
     bank (one adapter module wraps the whole bank). PEFT forms the bank's delta B@A for every expert each
     step, a term this model does not count; tools/bench_moe.py measures it.
     """
-    return [(layer, sum(e.r * e.token_share for e in experts), bank.in_features, bank.out_features)
-            for layer, experts, bank, _ in (plan.expert_banks() if hasattr(plan, "expert_banks") else ())]
+    return [
+        (layer, sum(e.r * e.token_share for e in experts), bank.in_features, bank.out_features)
+        for layer, experts, bank, _ in (plan.expert_banks() if hasattr(plan, "expert_banks") else ())
+    ]
 
 
 def measurement_plans(num_layers: int, module_shapes: dict[str, list[int]]) -> dict[str, list[AdapterShape]]:

@@ -114,16 +114,19 @@ def row_format(row: dict, where: str) -> str:
         return "prompt_completion"
     if "text" in row:
         return "text"
-    raise DataError(f"{where}: row has none of the fields text, prompt/completion, messages "
-                    f"(fields: {sorted(row)[:10]})")
+    raise DataError(
+        f"{where}: row has none of the fields text, prompt/completion, messages (fields: {sorted(row)[:10]})"
+    )
 
 
 def _check_unicode(value: str, field: str, where: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:  # JSON may escape lone surrogates ("\ud800"); tokenizers reject them
-        raise DataError(f"{where}: field {field!r} holds invalid Unicode ({value[err.start]!r} at character "
-                        f"{err.start}, a lone surrogate); fix the text") from None
+        raise DataError(
+            f"{where}: field {field!r} holds invalid Unicode ({value[err.start]!r} at character "
+            f"{err.start}, a lone surrogate); fix the text"
+        ) from None
     return value
 
 
@@ -186,8 +189,9 @@ class Tokenize:
                 # from the loss
                 close = difflib.get_close_matches(m["role"], CHAT_ROLES, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise DataError(f"{where}: messages[{i}].role {m['role'][:40]!r} is not one of "
-                                f"{', '.join(CHAT_ROLES)}{hint}")
+                raise DataError(
+                    f"{where}: messages[{i}].role {m['role'][:40]!r} is not one of {', '.join(CHAT_ROLES)}{hint}"
+                )
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: messages has no assistant turn to learn from")
         try:
@@ -207,14 +211,17 @@ class Tokenize:
             start = len(self._render(messages[:i], True)) if i else 0
             upto = self._render(messages[: i + 1], False)
             if full[: len(upto)] != upto:
-                raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
-                                "convert the data to prompt/completion")
-            labels[start:len(upto)] = full[start:len(upto)]
+                raise DataError(
+                    f"{where}: the chat template does not render conversations prefix by prefix; "
+                    "convert the data to prompt/completion"
+                )
+            labels[start : len(upto)] = full[start : len(upto)]
         return Example(full, labels)
 
 
-def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int | None = None,
-                  log=print) -> list[Example]:
+def load_examples(
+    source: str | Path, tokenizer, seq_len: int, max_examples: int | None = None, log=print
+) -> list[Example]:
     """The usable examples of `source` in file order; `max_examples`: the first N usable ones (rows dropped for
     data.seq_len do not count), as the cached path (aletheia_ds.data_cache) counts them."""
     rows = read_rows(source)
@@ -228,8 +235,9 @@ def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int
             break
         seen += 1
         if row_format(row, where) != fmt:
-            raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {fmt}; "
-                            "use one format per file")
+            raise DataError(
+                f"{where}: row is {row_format(row, where)} but the file started as {fmt}; use one format per file"
+            )
         ex = tokenize(row, where, fmt)
         cut = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
         if sum(label != IGNORE for label in cut.labels[1:]) == 0:
@@ -240,8 +248,10 @@ def load_examples(source: str | Path, tokenizer, seq_len: int, max_examples: int
     if truncated:
         log(f"data: {source}: truncated {truncated} of {seen} rows to data.seq_len={seq_len} tokens")
     if dropped:
-        log(f"data: {source}: dropped {dropped} of {seen} rows whose loss tokens all fall past "
-            f"data.seq_len={seq_len} (raise data.seq_len to keep them)")
+        log(
+            f"data: {source}: dropped {dropped} of {seen} rows whose loss tokens all fall past "
+            f"data.seq_len={seq_len} (raise data.seq_len to keep them)"
+        )
     if not examples:
         raise DataError(f"{source}: no usable rows: every row's loss tokens fall past data.seq_len={seq_len}")
     return examples
@@ -346,12 +356,20 @@ def check_packing(attn_implementation: Optional[str]) -> None:
 
     name = attn_implementation or "sdpa"
     if not varlen_attention(name) and name not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise ConfigError(f"data.packing: attention implementation {name!r} does not keep packed examples apart; "
-                          "use model.attn_implementation=sdpa, eager or flash_attention_2, or data.packing=false")
+        raise ConfigError(
+            f"data.packing: attention implementation {name!r} does not keep packed examples apart; "
+            "use model.attn_implementation=sdpa, eager or flash_attention_2, or data.packing=false"
+        )
 
 
-def mixture(parts: Sequence[Sequence[Example]], weights: Sequence[float], seed: int, until: str,
-            names: Sequence[str], log: Callable[[str], None] = print) -> Sequence[Example]:
+def mixture(
+    parts: Sequence[Sequence[Example]],
+    weights: Sequence[float],
+    seed: int,
+    until: str,
+    names: Sequence[str],
+    log: Callable[[str], None] = print,
+) -> Sequence[Example]:
     """Several sources' examples interleaved at random in proportion to `weights`, the same order for a seed.
 
     `until`: "first_exhausted" stops when the first source runs out (no example twice), "all_exhausted" when
@@ -364,10 +382,13 @@ def mixture(parts: Sequence[Sequence[Example]], weights: Sequence[float], seed: 
     import numpy as np
 
     total = sum(weights)
-    pairs = [datasets.Dataset.from_dict({"source": np.full(len(part), number), "index": np.arange(len(part))})
-             for number, part in enumerate(parts)]
-    order = datasets.interleave_datasets(pairs, probabilities=[w / total for w in weights], seed=seed,
-                                         stopping_strategy=until).with_format("numpy")
+    pairs = [
+        datasets.Dataset.from_dict({"source": np.full(len(part), number), "index": np.arange(len(part))})
+        for number, part in enumerate(parts)
+    ]
+    order = datasets.interleave_datasets(
+        pairs, probabilities=[w / total for w in weights], seed=seed, stopping_strategy=until
+    ).with_format("numpy")
     offsets = np.cumsum([0, *(len(part) for part in parts)])
     chosen = offsets[order["source"]] + order["index"]
     taken = np.bincount(order["source"], minlength=len(parts))
@@ -385,7 +406,7 @@ def fixed_batches(examples: Sequence[Example], batch_size: int, count: int, pad_
     """`count` batches of `batch_size` examples in order (fewer if the data runs out)."""
     out = []
     for b in range(count):
-        chunk = examples[b * batch_size:(b + 1) * batch_size]
+        chunk = examples[b * batch_size : (b + 1) * batch_size]
         if not chunk:
             break
         out.append(collate(chunk, pad_id))
@@ -486,7 +507,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: Op
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.tokenizer: cannot load a tokenizer from {path!r} ({str(err).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.tokenizer: cannot load a tokenizer from {path!r} ({str(err).splitlines()[0]})"
+        ) from None
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ConfigError(f"model.tokenizer: {path!r} has neither a pad nor an eos token; add a pad_token")

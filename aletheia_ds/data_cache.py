@@ -39,11 +39,19 @@ def cache_key(source: str | Path, tokenizer, seq_len: int, packing: bool) -> str
     digest = hashlib.sha256()
     files = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in _source_files(Path(source))]
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    tok = {"class": type(tokenizer).__name__, "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode())
-           .hexdigest(), "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
-           "template": getattr(tokenizer, "chat_template", None) or ""}
-    digest.update(json.dumps({"version": CACHE_VERSION, "files": files, "tokenizer": tok, "seq_len": seq_len,
-                              "packing": packing}, sort_keys=True, default=str).encode())
+    tok = {
+        "class": type(tokenizer).__name__,
+        "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+        "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        "template": getattr(tokenizer, "chat_template", None) or "",
+    }
+    digest.update(
+        json.dumps(
+            {"version": CACHE_VERSION, "files": files, "tokenizer": tok, "seq_len": seq_len, "packing": packing},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return digest.hexdigest()[:32]
 
 
@@ -65,8 +73,10 @@ def read_dataset(source: str | Path, cache_dir: Path):
             return ds
         reader = READERS.get(path.suffix)
         if reader is None:
-            raise DataError(f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, .parquet, .csv, "
-                            ".arrow or a datasets directory")
+            raise DataError(
+                f"{path}: unknown data format {path.suffix!r}; use .jsonl, .json, .parquet, .csv, "
+                ".arrow or a datasets directory"
+            )
         return datasets.load_dataset(reader, data_files=str(path), split="train", cache_dir=str(cache_dir / "raw"))
     except DataError:
         raise
@@ -89,18 +99,19 @@ class _TokenizeBatch:
             where = f"{self.source}[{index}]"
             try:
                 if row_format(row, where) != self.fmt:
-                    raise DataError(f"{where}: row is {row_format(row, where)} but the file started as {self.fmt}; "
-                                    "use one format per file")
+                    raise DataError(
+                        f"{where}: row is {row_format(row, where)} but the file started as {self.fmt}; "
+                        "use one format per file"
+                    )
                 ex = self.tokenize(row, where, self.fmt)
             except DataError as err:
                 raise DataError(str(err).replace(where, self._line_where(index), 1)) from None
-            labels = ex.labels[:self.seq_len]
+            labels = ex.labels[: self.seq_len]
             keep = any(label != IGNORE for label in labels[1:])
-            ids_out.append(ex.input_ids[:self.seq_len] if keep else [])
+            ids_out.append(ex.input_ids[: self.seq_len] if keep else [])
             labels_out.append(labels if keep else [])
             truncated.append(keep and len(ex.input_ids) > self.seq_len)
         return {"input_ids": ids_out, "labels": labels_out, "truncated": truncated}
-
 
     def _line_where(self, index: int) -> str:
         """'file:line' for row `index` of a JSONL file, as the uncached path names it; found by reading the
@@ -130,7 +141,7 @@ class TokenizedRows(Sequence[Example]):
 
     def __iter__(self) -> Iterator[Example]:
         for batch in self.dataset.iter(batch_size=1024):
-            yield from (Example(i, l) for i, l in zip(batch["input_ids"], batch["labels"]))
+            yield from (Example(ids, labels) for ids, labels in zip(batch["input_ids"], batch["labels"]))
 
     def lengths(self) -> list[int]:
         """Tokens per example from the Arrow list offsets alone (the tokens stay on disk)."""
@@ -152,8 +163,15 @@ class TokenizedRows(Sequence[Example]):
         return [*self, *other]
 
 
-def tokenize_to_cache(source: str | Path, tokenizer, seq_len: int, cache_dir: Path, num_proc: int,
-                      packing: bool = False, log: Callable[[str], None] = print) -> Path:
+def tokenize_to_cache(
+    source: str | Path,
+    tokenizer,
+    seq_len: int,
+    cache_dir: Path,
+    num_proc: int,
+    packing: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Tokenize `source` into <cache_dir>/<key>/ unless it is there already; returns that folder."""
 
     target = cache_dir / cache_key(source, tokenizer, seq_len, packing)
@@ -165,17 +183,31 @@ def tokenize_to_cache(source: str | Path, tokenizer, seq_len: int, cache_dir: Pa
     fmt = row_format(raw[0], f"{source}[0]")
     # the key names the result: datasets' own hashing of the map function (and tokenizer) is not needed
     with _quiet_datasets():
-        tokenized = raw.map(_TokenizeBatch(tokenizer, seq_len, str(source), fmt), batched=True, with_indices=True,
-                            batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-                            remove_columns=raw.column_names, new_fingerprint=target.name, load_from_cache_file=False)
-    kept = tokenized.filter(lambda rows: [len(ids) > 0 for ids in rows], input_columns="input_ids", batched=True,
-                            num_proc=num_proc if num_proc > 1 else None, new_fingerprint=target.name + "-kept")
+        tokenized = raw.map(
+            _TokenizeBatch(tokenizer, seq_len, str(source), fmt),
+            batched=True,
+            with_indices=True,
+            batch_size=1000,
+            num_proc=num_proc if num_proc > 1 else None,
+            remove_columns=raw.column_names,
+            new_fingerprint=target.name,
+            load_from_cache_file=False,
+        )
+    kept = tokenized.filter(
+        lambda rows: [len(ids) > 0 for ids in rows],
+        input_columns="input_ids",
+        batched=True,
+        num_proc=num_proc if num_proc > 1 else None,
+        new_fingerprint=target.name + "-kept",
+    )
     dropped, truncated = len(tokenized) - len(kept), sum(kept["truncated"])
     if truncated:
         log(f"data: {source}: truncated {truncated} of {len(raw)} rows to data.seq_len={seq_len} tokens")
     if dropped:
-        log(f"data: {source}: dropped {dropped} of {len(raw)} rows whose loss tokens all fall past "
-            f"data.seq_len={seq_len} (raise data.seq_len to keep them)")
+        log(
+            f"data: {source}: dropped {dropped} of {len(raw)} rows whose loss tokens all fall past "
+            f"data.seq_len={seq_len} (raise data.seq_len to keep them)"
+        )
     if len(kept) == 0:
         raise DataError(f"{source}: no usable rows: every row's loss tokens fall past data.seq_len={seq_len}")
     # one partial folder per writer: with data.cache_shared=false on a file system several nodes see, the first
@@ -208,9 +240,18 @@ class _quiet_datasets:
             datasets.utils.logging.enable_progress_bar()
 
 
-def cached_examples(source: str | Path, tokenizer, seq_len: int, cache_dir: str | Path, num_proc: int,
-                    tokenizes: bool, barrier: Callable[[], None], max_examples: Optional[int] = None,
-                    packing: bool = False, log: Callable[[str], None] = print) -> TokenizedRows:
+def cached_examples(
+    source: str | Path,
+    tokenizer,
+    seq_len: int,
+    cache_dir: str | Path,
+    num_proc: int,
+    tokenizes: bool,
+    barrier: Callable[[], None],
+    max_examples: Optional[int] = None,
+    packing: bool = False,
+    log: Callable[[str], None] = print,
+) -> TokenizedRows:
     """The tokenized examples of `source`, memory-mapped; `tokenizes` is true on the one rank per node (or per
     job) that builds the cache; every rank calls `barrier` once."""
     import datasets
@@ -228,8 +269,10 @@ def cached_examples(source: str | Path, tokenizer, seq_len: int, cache_dir: str 
         raise failure
     target = cache_dir / cache_key(source, tokenizer, seq_len, packing)
     if not (target / "dataset_info.json").is_file():
-        raise DataError(f"data.cache_dir: {target} was not written by the tokenizing rank; with several nodes set "
-                        "data.cache_shared=false unless data.cache_dir is one shared file system")
+        raise DataError(
+            f"data.cache_dir: {target} was not written by the tokenizing rank; with several nodes set "
+            "data.cache_shared=false unless data.cache_dir is one shared file system"
+        )
     dataset = datasets.load_from_disk(str(target))
     if max_examples:
         dataset = dataset.select(range(min(max_examples, len(dataset))))

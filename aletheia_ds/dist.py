@@ -98,8 +98,10 @@ def build_ds_config(cfg: RunConfig, world_size: int, dtype: torch.dtype) -> dict
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
     if "scheduler" in ds:
-        raise ConfigError(f"deepspeed.config: {str(path)!r} has a 'scheduler' section; remove it and set "
-                          "train.lr_scheduler / train.warmup_steps instead")
+        raise ConfigError(
+            f"deepspeed.config: {str(path)!r} has a 'scheduler' section; remove it and set "
+            "train.lr_scheduler / train.warmup_steps instead"
+        )
     return ds
 
 
@@ -242,11 +244,16 @@ class DistContext:
         optimizer = None
         if "optimizer" not in self.ds_config:
             fused = self.device.type == "cuda"
-            optimizer = torch.optim.AdamW(param_groups, lr=lr, fused=fused) if fused else \
-                torch.optim.AdamW(param_groups, lr=lr)
+            optimizer = (
+                torch.optim.AdamW(param_groups, lr=lr, fused=fused) if fused else torch.optim.AdamW(param_groups, lr=lr)
+            )
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=param_groups if optimizer is None else None,
-            lr_scheduler=scheduler_fn, config=self.ds_config)
+            model=model,
+            optimizer=optimizer,
+            model_parameters=param_groups if optimizer is None else None,
+            lr_scheduler=scheduler_fn,
+            config=self.ds_config,
+        )
         return engine, optimizer, scheduler
 
     def save_engine_state(self, engine, directory: Path) -> None:
@@ -261,8 +268,13 @@ class DistContext:
         _load_weights_only(engine)
         try:
             # not strict: the checkpoint holds the trainable parameters only (exclude_frozen_parameters)
-            path, _ = engine.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=False,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+            path, _ = engine.load_checkpoint(
+                str(directory),
+                tag=ENGINE_TAG,
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
         except FileNotFoundError as err:
             raise ConfigError(f"train.resume: {directory} is incomplete ({err})") from None
         if path is None:
@@ -369,9 +381,13 @@ def gathered_parameters(model: nn.Module) -> list[str]:
     between passes there should be none."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    return [name for name, p in model.named_parameters()
-            if hasattr(p, "ds_status") and p.ds_status != ZeroParamStatus.NOT_AVAILABLE
-            and not getattr(p, "ds_persist", False)]
+    return [
+        name
+        for name, p in model.named_parameters()
+        if hasattr(p, "ds_status")
+        and p.ds_status != ZeroParamStatus.NOT_AVAILABLE
+        and not getattr(p, "ds_persist", False)
+    ]
 
 
 def held_parameter_elements(model: nn.Module) -> tuple[int, int]:

@@ -19,8 +19,14 @@ def predicted_tokens(batch: dict) -> int:
 
 
 @torch.no_grad()
-def held_out_loss(forward: Callable[[dict], torch.Tensor], batches: Sequence[dict], *, rank: int = 0,
-                  world_size: int = 1, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> float:
+def held_out_loss(
+    forward: Callable[[dict], torch.Tensor],
+    batches: Sequence[dict],
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> float:
     """`forward(batch)` returns the model's mean token loss; batches are dealt round-robin over ranks."""
     if not batches:
         return float("nan")
@@ -53,9 +59,15 @@ def prompt_completion_rows(source: str, limit: int) -> list[tuple[str, str]]:
 def greedy_completion(model, tokenizer, prompt: str, max_new_tokens: int, device: torch.device) -> str:
     """The completion greedy decoding writes after `prompt`, tokenized as training sees it (special tokens on)."""
     ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def exact_match(model, tokenizer, rows: Sequence[tuple[str, str]], max_new_tokens: int, device: torch.device) -> dict:
@@ -67,14 +79,29 @@ def exact_match(model, tokenizer, rows: Sequence[tuple[str, str]], max_new_token
         hits += got.strip() == completion.strip()
         if len(samples) < 3:
             samples.append({"prompt": prompt, "reference": completion, "generated": got[:200]})
-    return {"exact_match": hits / len(rows) if rows else float("nan"), "rows": len(rows), "matches": hits,
-            "samples": samples}
+    return {
+        "exact_match": hits / len(rows) if rows else float("nan"),
+        "rows": len(rows),
+        "matches": hits,
+        "samples": samples,
+    }
 
 
-def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str | None = None, seq_len: int = 1024,
-                     batches: int = 8, batch_size: int = 4, verify_logits: str | None = None,
-                     random_init: bool = False, forgetting_data: str | None = None, exact_match_rows: int = 0,
-                     max_new_tokens: int = 64, trust_remote_code: bool = False) -> dict:
+def evaluate_adapter(
+    model: str,
+    adapter: str | None,
+    data: str,
+    tokenizer: str | None = None,
+    seq_len: int = 1024,
+    batches: int = 8,
+    batch_size: int = 4,
+    verify_logits: str | None = None,
+    random_init: bool = False,
+    forgetting_data: str | None = None,
+    exact_match_rows: int = 0,
+    max_new_tokens: int = 64,
+    trust_remote_code: bool = False,
+) -> dict:
     """Reload base (+ adapter) with plain transformers/PEFT, as any user would, and score them.
 
     Returns base_loss / base_perplexity (and adapter_* with an adapter) on `data`; with `exact_match_rows`,
@@ -91,8 +118,12 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {adapter!r} has no adapter_config.json")
-    for flag, path in (("--model", model), ("--data", data), ("--forgetting-data", forgetting_data),
-                       ("--verify-logits", verify_logits)):
+    for flag, path in (
+        ("--model", model),
+        ("--data", data),
+        ("--forgetting-data", forgetting_data),
+        ("--verify-logits", verify_logits),
+    ):
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{flag}: {path!r} does not exist")
     if verify_logits and adapter is None:
@@ -102,12 +133,18 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
     tok = load_tokenizer(tokenizer or model, trust_remote_code)
     quiet = lambda *_: None  # noqa: E731 (the JSON result is the output)
     eval_batches = fixed_batches(load_examples(data, tok, seq_len, log=quiet), batch_size, batches, tok.pad_token_id)
-    forget_batches = fixed_batches(load_examples(forgetting_data, tok, seq_len, log=quiet), batch_size, batches,
-                                   tok.pad_token_id) if forgetting_data else []
+    forget_batches = (
+        fixed_batches(load_examples(forgetting_data, tok, seq_len, log=quiet), batch_size, batches, tok.pad_token_id)
+        if forgetting_data
+        else []
+    )
     em_rows = prompt_completion_rows(data, exact_match_rows) if exact_match_rows else []
-    base = load_model(ModelSection(path=model, random_init=random_init, dtype="float32",
-                                   trust_remote_code=trust_remote_code), torch.float32, device,
-                      contextlib.nullcontext).eval()
+    base = load_model(
+        ModelSection(path=model, random_init=random_init, dtype="float32", trust_remote_code=trust_remote_code),
+        torch.float32,
+        device,
+        contextlib.nullcontext,
+    ).eval()
 
     def forward_with(net):
         return lambda batch: net(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
@@ -145,8 +182,15 @@ def evaluate_adapter(model: str, adapter: str | None, data: str, tokenizer: str 
     if verify_logits:
         saved = load_safetensors(verify_logits)
         with torch.no_grad():
-            logits = tuned(input_ids=saved["input_ids"].to(device), attention_mask=saved["attention_mask"].to(device),
-                           use_cache=False).logits.float().cpu()
+            logits = (
+                tuned(
+                    input_ids=saved["input_ids"].to(device),
+                    attention_mask=saved["attention_mask"].to(device),
+                    use_cache=False,
+                )
+                .logits.float()
+                .cpu()
+            )
         mask = saved["attention_mask"].bool()
         diff = (logits - saved["logits"])[mask].abs()
         scale = saved["logits"][mask].abs().max()

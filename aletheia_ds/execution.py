@@ -86,8 +86,10 @@ class FrozenPrefix:
         for index in range(self.lowest):
             layer = self.layers[index]
             if any(p.requires_grad for p in layer.parameters()):
-                raise ValueError(f"frozen prefix: layer {index} below the lowest adapted layer {self.lowest} "
-                                 "has trainable parameters")
+                raise ValueError(
+                    f"frozen prefix: layer {index} below the lowest adapted layer {self.lowest} "
+                    "has trainable parameters"
+                )
             self._saved.append((patched_forward(layer, _no_grad), getattr(layer, "gradient_checkpointing", False)))
             if hasattr(layer, "gradient_checkpointing"):
                 layer.gradient_checkpointing = False  # nothing to recompute below the cut
@@ -144,11 +146,16 @@ class PrefixCache:
         self.lowest = lowest_adapted_layer
         if self.lowest == 0:
             raise PrefixCacheError("prefix cache: the plan adapts layer 0, there is no frozen prefix to cache")
-        dropouts = [name for index in range(self.lowest) for name, m in self.layers[index].named_modules()
-                    if isinstance(m, nn.Dropout) and m.p > 0]
+        dropouts = [
+            name
+            for index in range(self.lowest)
+            for name, m in self.layers[index].named_modules()
+            if isinstance(m, nn.Dropout) and m.p > 0
+        ]
         if dropouts:
-            raise PrefixCacheError(f"prefix cache: dropout is active in the frozen prefix ({dropouts[0]}); "
-                             "its output changes every epoch")
+            raise PrefixCacheError(
+                f"prefix cache: dropout is active in the frozen prefix ({dropouts[0]}); its output changes every epoch"
+            )
         self.store: dict[int, torch.Tensor] = {}
         self.stored_bytes = 0
         self.hits = self.misses = 0
@@ -173,8 +180,12 @@ class PrefixCache:
 
     def summary(self) -> dict[str, int]:
         """What the run's results record of the cache (eval.json "prefix_cache")."""
-        return {"examples": len(self.store), "bytes": self.stored_bytes, "replayed_micro_batches": self.hits,
-                "computed_micro_batches": self.misses}
+        return {
+            "examples": len(self.store),
+            "bytes": self.stored_bytes,
+            "replayed_micro_batches": self.hits,
+            "computed_micro_batches": self.misses,
+        }
 
     def begin(self, indices: list[int] | None, attention_mask: torch.Tensor | None = None) -> bool:
         """Name the next forward's examples; returns True when it will replay from the cache."""
@@ -219,7 +230,7 @@ class PrefixCache:
         stored = torch.zeros_like(hidden)
         for row, index in enumerate(self._indices):
             saved = self.store[index]
-            stored[row, :saved.shape[0]] = saved.to(hidden.device, hidden.dtype, non_blocking=True)
+            stored[row, : saved.shape[0]] = saved.to(hidden.device, hidden.dtype, non_blocking=True)
         if args:
             return (stored, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": stored}
@@ -304,8 +315,9 @@ class PreparedModel:
 
 
 @contextlib.contextmanager
-def prepared(model: nn.Module, plan: Plan, layout: Layout,
-             options: Optional[ExecutionOptions] = None) -> Iterator[PreparedModel]:
+def prepared(
+    model: nn.Module, plan: Plan, layout: Layout, options: Optional[ExecutionOptions] = None
+) -> Iterator[PreparedModel]:
     """`model` with `plan`'s adapters, run as `options` asks, for any loop on one device (a plain torch
     optimizer over the trainable parameters of `.peft_model`); on exit `model` is the plain base model again.
 

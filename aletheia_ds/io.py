@@ -134,18 +134,22 @@ class OutputLock:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, _umask_mode(False))
         except OSError as err:
-            raise ConfigError(f"{self.knob}: cannot write to {self.directory} ({err.strerror or err}); choose a "
-                              "writable directory") from None
+            raise ConfigError(
+                f"{self.knob}: cannot write to {self.directory} ({err.strerror or err}); choose a writable directory"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown process"
             os.close(fd)
-            raise ConfigError(f"{self.knob}: {self.directory} is in use by another run ({holder}); wait for it "
-                              "to end, or choose another output directory") from None
+            raise ConfigError(
+                f"{self.knob}: {self.directory} is in use by another run ({holder}); wait for it "
+                "to end, or choose another output directory"
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
+        )
         self.fd = fd
         return self
 
@@ -180,8 +184,9 @@ def file_digest(path: Path) -> str:
 
 def tree_manifest(root: Path) -> dict[str, list]:
     """{relative path: [size in bytes, sha256]} of every file under `root`."""
-    return {str(p.relative_to(root)): [p.stat().st_size, file_digest(p)]
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): [p.stat().st_size, file_digest(p)] for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def manifest_problem(root: Path, manifest: dict[str, list]) -> str | None:

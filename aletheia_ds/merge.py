@@ -80,16 +80,19 @@ def shard_files(model_dir: str | Path) -> dict[str, list[str]]:
     if (model_dir / SINGLE_FILE).is_file():
         with safe_open(str(model_dir / SINGLE_FILE), "pt") as handle:
             return {SINGLE_FILE: list(handle.keys())}
-    raise ConfigError(f"--model: {str(model_dir)!r} has no {SINGLE_FILE} or {INDEX_FILE}; the merge streams "
-                      "safetensors shards (convert *.bin checkpoints with save_pretrained(safe_serialization=True))")
+    raise ConfigError(
+        f"--model: {str(model_dir)!r} has no {SINGLE_FILE} or {INDEX_FILE}; the merge streams "
+        "safetensors shards (convert *.bin checkpoints with save_pretrained(safe_serialization=True))"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- deltas
 DeltaFn = Callable[[], torch.Tensor]
 
 
-def _peft_deltas(model_dir: str, adapter: str, trust_remote_code: bool = False
-                 ) -> tuple[dict[str, DeltaFn], torch.nn.Module]:
+def _peft_deltas(
+    model_dir: str, adapter: str, trust_remote_code: bool = False
+) -> tuple[dict[str, DeltaFn], torch.nn.Module]:
     """{in-memory parameter name: delta in float32} for every tensor the PEFT adapter adapts, and the
     weightless skeleton (revert_weight_conversion reads the family's key mappings from it)."""
     from peft import PeftModel
@@ -156,8 +159,15 @@ def _expert_deltas(adapter: str) -> dict[str, Callable[[torch.Tensor], torch.Ten
         raise ConfigError(f"{path}: cannot read the expert adapter ({type(err).__name__}: {err})") from None
     merges = {}
     for spec in banks:
-        lora = ExpertLoRA(spec["num_experts"], spec["experts"], spec["r"], spec["alpha"], spec["in_features"],
-                          spec["out_features"], spec["transposed"])
+        lora = ExpertLoRA(
+            spec["num_experts"],
+            spec["experts"],
+            spec["r"],
+            spec["alpha"],
+            spec["in_features"],
+            spec["out_features"],
+            spec["transposed"],
+        )
         with torch.no_grad():
             lora.lora_A.copy_(tensors[f"{spec['parameter']}.lora_A"])
             lora.lora_B.copy_(tensors[f"{spec['parameter']}.lora_B"])
@@ -175,13 +185,13 @@ def _on_disk(skeleton, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def _key_map(skeleton, deltas: dict[str, DeltaFn]) -> dict[str, list[str]]:
     """{in-memory name: [checkpoint names]}, found by reverting meta tensors of the parameters' shapes."""
     shapes = {_unwrapped(name): p.shape for name, p in skeleton.named_parameters()}
-    return {name: list(_on_disk(skeleton, {name: torch.empty(shapes[name], device="meta")}))
-            for name in deltas}
+    return {name: list(_on_disk(skeleton, {name: torch.empty(shapes[name], device="meta")})) for name in deltas}
 
 
 # ------------------------------------------------------------------------------------------------- merge
-def merged_shards(model: str, adapter: str, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False
-                  ) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def merged_shards(
+    model: str, adapter: str, dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False
+) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(shard file name, its merged tensors) one shard at a time; every adapted tensor is visited once."""
     from safetensors import safe_open
 
@@ -193,8 +203,10 @@ def merged_shards(model: str, adapter: str, dtype: Optional[torch.dtype] = None,
     present = {name for names in shards.values() for name in names}
     missing = sorted(set(owner_of) - present) + sorted(set(experts) - present)
     if missing:
-        raise ConfigError(f"--adapter: adapts {missing[0]} ({len(missing)} tensors in all), which the base "
-                          f"checkpoint {model!r} does not hold; is it the adapter of this model?")
+        raise ConfigError(
+            f"--adapter: adapts {missing[0]} ({len(missing)} tensors in all), which the base "
+            f"checkpoint {model!r} does not hold; is it the adapter of this model?"
+        )
     for file, names in sorted(shards.items()):
         wanted = {owner_of[n] for n in names if n in owner_of}
         # deltas of this shard's tensors only; a bank split across shards is recomputed in each
@@ -213,8 +225,15 @@ def merged_shards(model: str, adapter: str, dtype: Optional[torch.dtype] = None,
         del tensors, deltas
 
 
-def export_merged(model: str, adapter: str, out: str, tokenizer: Optional[str] = None, dtype: str = "auto",
-                  overwrite: bool = False, trust_remote_code: bool = False) -> Path:
+def export_merged(
+    model: str,
+    adapter: str,
+    out: str,
+    tokenizer: Optional[str] = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    trust_remote_code: bool = False,
+) -> Path:
     """base + adapter -> one merged model directory (config.json, model*.safetensors, index, tokenizer files)."""
     from safetensors.torch import save_file
 

@@ -36,8 +36,9 @@ def check_backends(report_to: list[str]) -> None:
     for name in report_to:
         module, install = BACKENDS[name]
         if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.report_to: {name} is not installed; {install}, or remove {name} from "
-                              "train.report_to")
+            raise ConfigError(
+                f"train.report_to: {name} is not installed; {install}, or remove {name} from train.report_to"
+            )
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -97,8 +98,12 @@ class WandbSink(MetricsSink):
         os.environ.setdefault("WANDB_MODE", "offline")  # nothing leaves the machine unless the user says so
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "aletheia-ds"), name=out_dir.name,
-                              dir=str(out_dir), config=config or {})
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "aletheia-ds"),
+            name=out_dir.name,
+            dir=str(out_dir),
+            config=config or {},
+        )
 
     def write(self, row: dict) -> None:
         self.run.log(scalars(row), step=int(row["step"]))
@@ -144,8 +149,9 @@ class Sinks(MetricsSink):
             sink.close()
 
 
-def open_metrics(out_dir: Path, report_to: list[str], enabled: bool, append: bool = False,
-                 config: Optional[dict] = None) -> MetricsSink:
+def open_metrics(
+    out_dir: Path, report_to: list[str], enabled: bool, append: bool = False, config: Optional[dict] = None
+) -> MetricsSink:
     """metrics.jsonl + the asked-for backends on rank 0 (`enabled`); the no-op sink elsewhere."""
     if not enabled:
         return MetricsSink()

@@ -26,11 +26,14 @@ def _model_config(section: ModelSection):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(section.path, local_files_only=True,
-                                          trust_remote_code=section.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            section.path, local_files_only=True, trust_remote_code=section.trust_remote_code
+        )
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"model.path: cannot read the config of {section.path!r} "
-                          f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+        raise ConfigError(
+            f"model.path: cannot read the config of {section.path!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+        ) from None
 
 
 def check_sequence_lengths(section: ModelSection, lengths: dict[str, int]) -> None:
@@ -50,8 +53,9 @@ def check_sequence_lengths(section: ModelSection, lengths: dict[str, int]) -> No
         return
     for knob, length in lengths.items():
         if length > limit:
-            raise ConfigError(f"{knob}={length} exceeds the model's {key}={limit} ({section.path}); "
-                              f"set {knob} <= {limit}")
+            raise ConfigError(
+                f"{knob}={length} exceeds the model's {key}={limit} ({section.path}); set {knob} <= {limit}"
+            )
 
 
 def check_vocabulary(section: ModelSection, tokenizer) -> None:
@@ -63,13 +67,17 @@ def check_vocabulary(section: ModelSection, tokenizer) -> None:
     vocab_size = getattr(text_config, "vocab_size", None)
     where = f"model.tokenizer: {section.tokenizer or section.path}"
     if isinstance(vocab_size, int) and len(tokenizer) > vocab_size:
-        raise ConfigError(f"{where} has {len(tokenizer)} tokens, the model ({section.path}) embeds {vocab_size}; "
-                          "use the model's own tokenizer")
+        raise ConfigError(
+            f"{where} has {len(tokenizer)} tokens, the model ({section.path}) embeds {vocab_size}; "
+            "use the model's own tokenizer"
+        )
     model_eos = getattr(text_config, "eos_token_id", None)
     model_eos = set(model_eos) if isinstance(model_eos, list) else {model_eos} - {None}
     if model_eos and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in model_eos:
-        raise ConfigError(f"{where} ends sequences with id {tokenizer.eos_token_id}, the model ({section.path}) "
-                          f"with {sorted(model_eos)}; use the model's own tokenizer")
+        raise ConfigError(
+            f"{where} ends sequences with id {tokenizer.eos_token_id}, the model ({section.path}) "
+            f"with {sorted(model_eos)}; use the model's own tokenizer"
+        )
 
 
 def fingerprint(section: ModelSection) -> dict:
@@ -122,15 +130,17 @@ def check_safetensors_shards(model_dir: str | Path, knob: str = "model.path") ->
                 header = json.loads(handle.read(header_bytes))
             data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
         except (struct.error, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{knob}: {shard} is not a readable safetensors file ({err}); "
-                              "copy it again") from None
+            raise ConfigError(f"{knob}: {shard} is not a readable safetensors file ({err}); copy it again") from None
         if 8 + header_bytes + data_end > size:
-            raise ConfigError(f"{knob}: {shard} is truncated ({size} bytes, its header needs "
-                              f"{8 + header_bytes + data_end}); copy it again")
+            raise ConfigError(
+                f"{knob}: {shard} is truncated ({size} bytes, its header needs "
+                f"{8 + header_bytes + data_end}); copy it again"
+            )
 
 
-def load_model(section: ModelSection, dtype: torch.dtype, device: torch.device, init_context, seed: int = 0,
-               zero3: bool = False) -> nn.Module:
+def load_model(
+    section: ModelSection, dtype: torch.dtype, device: torch.device, init_context, seed: int = 0, zero3: bool = False
+) -> nn.Module:
     """Local weights only (no hub); `model.random_init` allows a config-only directory (seeded weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -139,8 +149,10 @@ def load_model(section: ModelSection, dtype: torch.dtype, device: torch.device, 
         kwargs["attn_implementation"] = section.attn_implementation
     weights = has_weights(section.path)
     if not weights and not section.random_init:
-        raise ConfigError(f"model.path: {section.path!r} has config.json but no weights "
-                          "(*.safetensors/*.bin); set model.random_init=true to train from random weights")
+        raise ConfigError(
+            f"model.path: {section.path!r} has config.json but no weights "
+            "(*.safetensors/*.bin); set model.random_init=true to train from random weights"
+        )
     if any(Path(section.path).glob("*.bin")) and not any(Path(section.path).glob("*.safetensors")):
         # pickled checkpoints run code on load; transformers refuses them with torch < 2.6 anyway
         kwargs["use_safetensors"] = False
@@ -151,14 +163,16 @@ def load_model(section: ModelSection, dtype: torch.dtype, device: torch.device, 
             if weights:
                 model = AutoModelForCausalLM.from_pretrained(section.path, dtype=dtype, local_files_only=True, **kwargs)
             else:
-                config = AutoConfig.from_pretrained(section.path, local_files_only=True,
-                                                    trust_remote_code=section.trust_remote_code)
+                config = AutoConfig.from_pretrained(
+                    section.path, local_files_only=True, trust_remote_code=section.trust_remote_code
+                )
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
         except (OSError, ValueError, KeyError) as err:
-            raise ConfigError(f"model.path: cannot load {section.path!r} "
-                              f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+            raise ConfigError(
+                f"model.path: cannot load {section.path!r} ({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+            ) from None
     model.requires_grad_(False)
     model.config.use_cache = False
     if not zero3:

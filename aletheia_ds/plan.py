@@ -125,45 +125,69 @@ class Plan:
                 yield layer, experts, bank, self.module_name(layer, bank.path)
 
     def planned_layers(self) -> list[int]:
-        return sorted({m.layer for m in self.modules} | {e.layer for e in self.experts} |
-                      {m.layer for m in self.routers})
+        return sorted(
+            {m.layer for m in self.modules} | {e.layer for e in self.experts} | {m.layer for m in self.routers}
+        )
 
     def to_json(self) -> dict:
         """The plan alone; plan.json adds the exact LoraConfig fields (adapters.peft_config.plan_json)."""
-        return {"model": self.model, "rule": self.rule, "settings": self.settings, "num_layers": self.num_layers,
-                "layers_path": self.layers_path, "layers": self.layers,
-                "lowest_adapted_layer": self.lowest_adapted_layer, "score_captured": self.score_captured,
-                "predicted": self.predicted, "modules": [asdict(m) for m in self.modules],
-                "experts": [asdict(e) for e in self.experts], "routers": [asdict(m) for m in self.routers],
-                "moe": {str(k): v.to_json() for k, v in sorted(self.moe.items())}}
+        return {
+            "model": self.model,
+            "rule": self.rule,
+            "settings": self.settings,
+            "num_layers": self.num_layers,
+            "layers_path": self.layers_path,
+            "layers": self.layers,
+            "lowest_adapted_layer": self.lowest_adapted_layer,
+            "score_captured": self.score_captured,
+            "predicted": self.predicted,
+            "modules": [asdict(m) for m in self.modules],
+            "experts": [asdict(e) for e in self.experts],
+            "routers": [asdict(m) for m in self.routers],
+            "moe": {str(k): v.to_json() for k, v in sorted(self.moe.items())},
+        }
 
     @classmethod
     def from_json(cls, blob: dict, where: str = "plan.json") -> "Plan":
         parsed = PlanJson.parse(blob, where)
-        plan = cls(rule=parsed.rule, num_layers=parsed.num_layers, layers_path=parsed.layers_path,
-                   layers=sorted(parsed.layers), modules=list(parsed.modules),
-                   score_captured=parsed.score_captured, settings=parsed.settings, predicted=parsed.predicted,
-                   model=parsed.model, experts=list(parsed.experts),
-                   routers=list(parsed.routers),
-                   moe=moe_from_json({"moe": {k: block.model_dump() for k, block in parsed.moe.items()}}))
+        plan = cls(
+            rule=parsed.rule,
+            num_layers=parsed.num_layers,
+            layers_path=parsed.layers_path,
+            layers=sorted(parsed.layers),
+            modules=list(parsed.modules),
+            score_captured=parsed.score_captured,
+            settings=parsed.settings,
+            predicted=parsed.predicted,
+            model=parsed.model,
+            experts=list(parsed.experts),
+            routers=list(parsed.routers),
+            moe=moe_from_json({"moe": {k: block.model_dump() for k, block in parsed.moe.items()}}),
+        )
         return plan.check(where)
 
     def check(self, where: str = "plan") -> "Plan":
         if not self.modules and not self.experts and not self.routers:
             raise ConfigError(f"{where}: the plan adapts no module")
-        bad_layers = sorted({m.layer for m in self.modules + self.routers if not 0 <= m.layer < self.num_layers} |
-                            {e.layer for e in self.experts if not 0 <= e.layer < self.num_layers})
+        bad_layers = sorted(
+            {m.layer for m in self.modules + self.routers if not 0 <= m.layer < self.num_layers}
+            | {e.layer for e in self.experts if not 0 <= e.layer < self.num_layers}
+        )
         if bad_layers:
-            raise ConfigError(f"{where}: layers {bad_layers} do not exist (the model has {self.num_layers}: "
-                              f"0..{self.num_layers - 1})")
-        bad_ranks = [f"{m.layer}:{m.key}" for m in self.modules + self.routers if m.r <= 0 or m.alpha <= 0] + \
-            [f"{e.layer}:expert {e.expert}" for e in self.experts if e.r <= 0 or e.alpha <= 0]
+            raise ConfigError(
+                f"{where}: layers {bad_layers} do not exist (the model has {self.num_layers}: 0..{self.num_layers - 1})"
+            )
+        bad_ranks = [f"{m.layer}:{m.key}" for m in self.modules + self.routers if m.r <= 0 or m.alpha <= 0] + [
+            f"{e.layer}:expert {e.expert}" for e in self.experts if e.r <= 0 or e.alpha <= 0
+        ]
         if bad_ranks:
             raise ConfigError(f"{where}: rank and alpha must be > 0 (modules {bad_ranks[:5]})")
         self._check_experts(where)
         if self.planned_layers() != self.layers:
-            raise ConfigError(f"{where}: 'layers' {self.layers} disagrees with the planned modules' and experts' "
-                              f"layers {self.planned_layers()}")
+            raise ConfigError(
+                f"{where}: 'layers' {self.layers} disagrees with the planned modules' and experts' "
+                f"layers {self.planned_layers()}"
+            )
         return self
 
     def check_fits(self, layout: Layout, where: str) -> "Plan":
@@ -173,13 +197,17 @@ class Plan:
         if self.num_layers != layout.num_layers:
             raise ConfigError(f"{where}: made for {self.num_layers} layers, the model has {layout.num_layers}")
         if self.layers_path != layout.layers_path:
-            raise ConfigError(f"{where}: layers_path {self.layers_path!r} is not where the model's decoder layers "
-                              f"are ({layout.layers_path!r}); plan again for this model")
+            raise ConfigError(
+                f"{where}: layers_path {self.layers_path!r} is not where the model's decoder layers "
+                f"are ({layout.layers_path!r}); plan again for this model"
+            )
         for module in self.modules:
             paths = {t.path for t in layout.layer_targets[module.layer]}
             if module.path not in paths:
-                raise ConfigError(f"{where}: layer {module.layer} has no module {module.path!r} (its targets: "
-                                  f"{', '.join(sorted(paths))}); plan again for this model")
+                raise ConfigError(
+                    f"{where}: layer {module.layer} has no module {module.path!r} (its targets: "
+                    f"{', '.join(sorted(paths))}); plan again for this model"
+                )
         moe_layers = sorted({e.layer for e in self.experts} - set(layout.moe))
         if moe_layers:
             raise ConfigError(f"{where}: experts planned in layers {moe_layers}, which are not MoE layers of the model")
@@ -189,21 +217,27 @@ class Plan:
         moe_layers = sorted(self.moe)
         for layer in sorted({e.layer for e in self.experts} | {m.layer for m in self.routers}):
             if layer not in self.moe:
-                raise ConfigError(f"{where}: experts or a router planned in layer {layer}, which is not a MoE layer "
-                                  f"(MoE layers in the plan's 'moe': {moe_layers or 'none'})")
+                raise ConfigError(
+                    f"{where}: experts or a router planned in layer {layer}, which is not a MoE layer "
+                    f"(MoE layers in the plan's 'moe': {moe_layers or 'none'})"
+                )
         seen = set()
         for e in self.experts:
             count = self.moe[e.layer].num_experts
             if not 0 <= e.expert < count:
-                raise ConfigError(f"{where}: expert {e.expert} of layer {e.layer} does not exist (layer {e.layer} has "
-                                  f"{count} experts: 0..{count - 1})")
+                raise ConfigError(
+                    f"{where}: expert {e.expert} of layer {e.layer} does not exist (layer {e.layer} has "
+                    f"{count} experts: 0..{count - 1})"
+                )
             if (e.layer, e.expert) in seen:
                 raise ConfigError(f"{where}: expert {e.expert} of layer {e.layer} is planned twice")
             seen.add((e.layer, e.expert))
         for layer, group in self.experts_by_layer().items():
             if len({(e.r, e.alpha) for e in group}) > 1:
-                raise ConfigError(f"{where}: the experts of layer {layer} have different ranks/alphas; one fused bank "
-                                  "carries one rank, so give every expert of a layer the same r and alpha")
+                raise ConfigError(
+                    f"{where}: the experts of layer {layer} have different ranks/alphas; one fused bank "
+                    "carries one rank, so give every expert of a layer the same r and alpha"
+                )
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_json())
@@ -232,8 +266,9 @@ def select_top_pct(report: ProbeReport, top_pct: float, score: str = "raw") -> l
 
 def total_energy(report: ProbeReport) -> float:
     """Sum of squared scores of every adapter target: module linears and experts."""
-    return sum(s * s for layer in report.layers for s in layer.modules.values()) + \
-        sum(e.score * e.score for e in report.experts)
+    return sum(s * s for layer in report.layers for s in layer.modules.values()) + sum(
+        e.score * e.score for e in report.experts
+    )
 
 
 def _moe_layers(report: ProbeReport) -> set[int]:
@@ -274,10 +309,10 @@ def choose_experts(report: ProbeReport, layer: int, settings: PlanSection) -> li
     if rule == "all":
         return [e.expert for e in experts]
     if rule == "top_k":
-        return sorted(e.expert for e in sorted(experts, key=lambda e: (-e.score, e.expert))[:settings.expert_top_k])
+        return sorted(e.expert for e in sorted(experts, key=lambda e: (-e.score, e.expert))[: settings.expert_top_k])
     if rule == "load":
         ranked = sorted(experts, key=lambda e: (-e.tokens, -e.score, e.expert))
-        return sorted(e.expert for e in ranked[:settings.expert_top_k])
+        return sorted(e.expert for e in ranked[: settings.expert_top_k])
     if rule == "energy":
         energy = sum(e.score * e.score for e in experts)
         if energy <= 0:
@@ -307,11 +342,15 @@ def add_moe(plan: Plan, report: ProbeReport, settings: PlanSection) -> Plan:
         if layer not in blocks:
             continue
         for expert in choose_experts(report, layer, settings):
-            plan.experts.append(PlannedExpert(layer, expert, settings.expert_r, alpha,
-                                              scores[(layer, expert)].tokens / tokens))
+            plan.experts.append(
+                PlannedExpert(layer, expert, settings.expert_r, alpha, scores[(layer, expert)].tokens / tokens)
+            )
         if settings.routers == "lora":
-            plan.routers.append(PlannedModule(layer, "router", f"{blocks[layer].router_path}.weight", "router",
-                                              settings.router_r, router_alpha))
+            plan.routers.append(
+                PlannedModule(
+                    layer, "router", f"{blocks[layer].router_path}.weight", "router", settings.router_r, router_alpha
+                )
+            )
     if settings.shared_experts == "all_moe_layers":
         present = {(m.layer, m.key) for m in plan.modules}
         for layer in sorted(blocks):
@@ -342,14 +381,25 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model: Optional[C
             plan.predicted = {**plan.predicted, **cost.describe(plan)}
         return plan.check()
     elif settings.rule == "upper":
-        layers = list(range(report.num_layers - max(1, math.ceil(report.num_layers * settings.top_pct / 100 - 1e-9)),
-                            report.num_layers))
+        layers = list(
+            range(
+                report.num_layers - max(1, math.ceil(report.num_layers * settings.top_pct / 100 - 1e-9)),
+                report.num_layers,
+            )
+        )
     else:
         raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget, cut, upper or all")
     modules = modules_for_layers(report, layers, settings)
-    plan = Plan(rule=settings.rule, num_layers=report.num_layers, layers_path=report.layout["layers_path"],
-                layers=layers, modules=modules, score_captured=captured(report, modules),
-                settings=settings.model_dump(exclude={"plan"}), model=report.model)
+    plan = Plan(
+        rule=settings.rule,
+        num_layers=report.num_layers,
+        layers_path=report.layout["layers_path"],
+        layers=layers,
+        modules=modules,
+        score_captured=captured(report, modules),
+        settings=settings.model_dump(exclude={"plan"}),
+        model=report.model,
+    )
     plan = add_moe(plan, report, settings)
     if cost_model is not None:
         plan.predicted = cost_model.describe(plan)
@@ -393,8 +443,10 @@ def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostM
         per_layer: dict[int, list[_Item]] = {}
         for item in items:
             per_layer.setdefault(item.layer, []).append(item)
-        items = [_Item(layer, "*", sum(i.energy for i in group), sum(i.seconds for i in group))
-                 for layer, group in per_layer.items()]
+        items = [
+            _Item(layer, "*", sum(i.energy for i in group), sum(i.seconds for i in group))
+            for layer, group in per_layer.items()
+        ]
     best: tuple[float, float, list[_Item]] | None = None
     cheapest = math.inf
     for cut in range(report.num_layers):
@@ -407,8 +459,9 @@ def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostM
         if room < 0:
             continue
         chosen = [in_cut[0]]
-        for item in sorted((i for i in items if i.layer >= cut and i is not in_cut[0]),
-                           key=lambda i: -i.energy / i.seconds):
+        for item in sorted(
+            (i for i in items if i.layer >= cut and i is not in_cut[0]), key=lambda i: -i.energy / i.seconds
+        ):
             if item.seconds <= room:
                 chosen.append(item)
                 room -= item.seconds
@@ -417,16 +470,28 @@ def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostM
         if best is None or energy > best[0] or (energy == best[0] and spent < best[1]):
             best = (energy, spent, chosen)
     if best is None:
-        raise ConfigError(f"plan.budget={settings.budget} is below the cheapest possible plan "
-                          f"({cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); "
-                          "raise plan.budget")
+        raise ConfigError(
+            f"plan.budget={settings.budget} is below the cheapest possible plan "
+            f"({cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); "
+            "raise plan.budget"
+        )
     chosen_keys = {(i.layer, i.key) for i in best[2]}
     layers = sorted({layer for layer, _ in chosen_keys})
-    modules = [m for m in modules_for_layers(report, layers, settings)
-               if (m.layer, m.key) in chosen_keys or (m.layer, "*") in chosen_keys]
-    plan = Plan(rule="budget", num_layers=report.num_layers, layers_path=report.layout["layers_path"], layers=layers,
-                modules=modules, score_captured=captured(report, modules),
-                settings=settings.model_dump(exclude={"plan"}), model=report.model)
+    modules = [
+        m
+        for m in modules_for_layers(report, layers, settings)
+        if (m.layer, m.key) in chosen_keys or (m.layer, "*") in chosen_keys
+    ]
+    plan = Plan(
+        rule="budget",
+        num_layers=report.num_layers,
+        layers_path=report.layout["layers_path"],
+        layers=layers,
+        modules=modules,
+        score_captured=captured(report, modules),
+        settings=settings.model_dump(exclude={"plan"}),
+        model=report.model,
+    )
     plan.predicted = cost.describe(plan)
     return plan.check()
 
@@ -439,6 +504,7 @@ def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostM
 # refuses a cut that leaves too much of the score below it (Aletheia's observation that adaptation need is
 # uneven, applied to ranks instead of to which layers are skipped; LISA / layer-freezing work such as
 # Egeria and FreezeOut for freezing a contiguous bottom block).
+
 
 def rank_levels(min_r: int, max_r: int) -> list[int]:
     """min_r, 2 min_r, 4 min_r, ... up to max_r (max_r always included)."""
@@ -474,8 +540,10 @@ def scaled_alpha(r: int, settings: PlanSection) -> float:
 
 def _span_modules(report: ProbeReport, cut: int, ranks: dict[int, int], settings: PlanSection) -> list[PlannedModule]:
     modules = modules_for_layers(report, list(range(cut, report.num_layers)), settings)
-    return [PlannedModule(m.layer, m.key, m.path, m.kind, ranks[m.layer], scaled_alpha(ranks[m.layer], settings))
-            for m in modules]
+    return [
+        PlannedModule(m.layer, m.key, m.path, m.kind, ranks[m.layer], scaled_alpha(ranks[m.layer], settings))
+        for m in modules
+    ]
 
 
 def lowest_cut_within(cost: CostModel, target_s: float, modules_for_cut) -> int | None:
@@ -497,11 +565,25 @@ def guarded_cut(cut: int, energy: list[float], guard: float) -> int:
     return cut
 
 
-def _cut_plan(report: ProbeReport, rule: str, cut: int, modules: list[PlannedModule], settings: PlanSection,
-              cost: CostModel, notes: dict) -> Plan:
-    plan = Plan(rule=rule, num_layers=report.num_layers, layers_path=report.layout["layers_path"],
-                layers=sorted({m.layer for m in modules}), modules=modules, score_captured=captured(report, modules),
-                settings=settings.model_dump(exclude={"plan"}), model=report.model)
+def _cut_plan(
+    report: ProbeReport,
+    rule: str,
+    cut: int,
+    modules: list[PlannedModule],
+    settings: PlanSection,
+    cost: CostModel,
+    notes: dict,
+) -> Plan:
+    plan = Plan(
+        rule=rule,
+        num_layers=report.num_layers,
+        layers_path=report.layout["layers_path"],
+        layers=sorted({m.layer for m in modules}),
+        modules=modules,
+        score_captured=captured(report, modules),
+        settings=settings.model_dump(exclude={"plan"}),
+        model=report.model,
+    )
     plan.predicted = {**cost.describe(plan), **notes}
     return plan
 
@@ -529,11 +611,14 @@ def select_cut(report: ProbeReport, settings: PlanSection, cost: CostModel) -> P
 
     cut = lowest_cut_within(cost, target, modules_for_cut)
     if cut is None:
-        cheapest = cost.predict([(m.layer, m.r, *cost.module_shapes[m.key])
-                                 for m in modules_for_cut(report.num_layers - 1)])
-        raise ConfigError(f"plan.budget={settings.budget} is below the cheapest cut plan (the top layer alone: "
-                          f"{cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); raise "
-                          "plan.budget or lower plan.min_r")
+        cheapest = cost.predict(
+            [(m.layer, m.r, *cost.module_shapes[m.key]) for m in modules_for_cut(report.num_layers - 1)]
+        )
+        raise ConfigError(
+            f"plan.budget={settings.budget} is below the cheapest cut plan (the top layer alone: "
+            f"{cheapest / cost.uniform_seconds():.2f} of uniform LoRA's predicted step time); raise "
+            "plan.budget or lower plan.min_r"
+        )
     return cut_plan(report, guarded_cut(cut, energy, settings.guard), settings, cost, {"budget_cut": cut})
 
 
@@ -583,6 +668,13 @@ def transfer_plan(plan: Plan, report: ProbeReport, settings: PlanSection | None 
                 modules.append(PlannedModule(m.layer, m.key, m.path, m.kind, r, alpha))
     if not modules:
         raise ConfigError(f"transfer: the plan adapts no module kind the target model has ({sorted(source)[:3]})")
-    return Plan(rule=f"{plan.rule} (transferred from {plan.num_layers} layers)", num_layers=report.num_layers,
-                layers_path=report.layout["layers_path"], layers=sorted({m.layer for m in modules}), modules=modules,
-                score_captured=captured(report, modules), settings=dict(plan.settings), model=report.model).check()
+    return Plan(
+        rule=f"{plan.rule} (transferred from {plan.num_layers} layers)",
+        num_layers=report.num_layers,
+        layers_path=report.layout["layers_path"],
+        layers=sorted({m.layer for m in modules}),
+        modules=modules,
+        score_captured=captured(report, modules),
+        settings=dict(plan.settings),
+        model=report.model,
+    ).check()

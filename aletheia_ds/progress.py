@@ -15,8 +15,11 @@ from typing import Optional
 
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
-        f"{seconds // 60:02d}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60:02d}:{seconds % 60:02d}"
+    )
 
 
 class Progress:
@@ -25,8 +28,9 @@ class Progress:
 
         self.desc, self.total, self.unit = desc, total, unit
         self.lines = enabled and (quiet or not sys.stderr.isatty())
-        self.bar = tqdm(total=total, initial=start, desc=desc, unit=unit, dynamic_ncols=True,
-                        disable=not enabled or self.lines)
+        self.bar = tqdm(
+            total=total, initial=start, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled or self.lines
+        )
         self.every = max(1, total // 10)
         self.started = time.perf_counter()
         self.tokens = 0
@@ -52,8 +56,11 @@ class Progress:
             eta = elapsed / (done - self.start) * (self.total - done) if done > self.start else 0.0
             values = "".join(f"  {k} {v:.2e}" if k == "lr" else f"  {k} {v:.4g}" for k, v in extra.items())
             loss_text = f"  loss {loss:.4f}" if loss is not None else ""
-            print(f"{self.desc} {done}/{self.total}{loss_text}{values}  tokens/s {self.tokens_per_s():,.0f}  "
-                  f"elapsed {_clock(elapsed)}  eta {_clock(eta)}", flush=True)
+            print(
+                f"{self.desc} {done}/{self.total}{loss_text}{values}  tokens/s {self.tokens_per_s():,.0f}  "
+                f"elapsed {_clock(elapsed)}  eta {_clock(eta)}",
+                flush=True,
+            )
 
     def close(self) -> None:
         self.bar.close()

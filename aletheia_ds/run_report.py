@@ -48,12 +48,19 @@ class RunResults:
     prefix_cache: Optional[dict[str, int]] = None  # PrefixCache.summary(), when train.prefix_cache was on
 
     def to_json(self) -> dict[str, Any]:
-        out = {"seconds": dict(self.seconds), "peak_memory_gib": dict(self.peak_memory_gib),
-               "base_parameters": {"total": self.base_parameters_total,
-                                   "held_by_rank": list(self.base_parameters_held_by_rank)},
-               "peak_host_rss_gib_by_rank": list(self.peak_host_rss_gib_by_rank),
-               "eval_loss_before": self.eval_loss_before, "eval_loss_after": self.eval_loss_after,
-               "steps": self.steps, "skipped_steps": self.skipped_steps}
+        out = {
+            "seconds": dict(self.seconds),
+            "peak_memory_gib": dict(self.peak_memory_gib),
+            "base_parameters": {
+                "total": self.base_parameters_total,
+                "held_by_rank": list(self.base_parameters_held_by_rank),
+            },
+            "peak_host_rss_gib_by_rank": list(self.peak_host_rss_gib_by_rank),
+            "eval_loss_before": self.eval_loss_before,
+            "eval_loss_after": self.eval_loss_after,
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+        }
         if self.prefix_cache is not None:
             out["prefix_cache"] = dict(self.prefix_cache)
         return out
@@ -62,13 +69,18 @@ class RunResults:
     def from_json(cls, data: dict[str, Any]) -> "RunResults":
         """An eval.json as written by `to_json`; keys an older or unfinished run lacks keep their defaults."""
         base = data.get("base_parameters") or {}
-        return cls(seconds=dict(data.get("seconds") or {}), peak_memory_gib=dict(data.get("peak_memory_gib") or {}),
-                   base_parameters_total=int(base.get("total", 0)),
-                   base_parameters_held_by_rank=list(base.get("held_by_rank", [])),
-                   peak_host_rss_gib_by_rank=list(data.get("peak_host_rss_gib_by_rank") or []),
-                   eval_loss_before=data.get("eval_loss_before"), eval_loss_after=data.get("eval_loss_after"),
-                   steps=data.get("steps"), skipped_steps=data.get("skipped_steps"),
-                   prefix_cache=data.get("prefix_cache"))
+        return cls(
+            seconds=dict(data.get("seconds") or {}),
+            peak_memory_gib=dict(data.get("peak_memory_gib") or {}),
+            base_parameters_total=int(base.get("total", 0)),
+            base_parameters_held_by_rank=list(base.get("held_by_rank", [])),
+            peak_host_rss_gib_by_rank=list(data.get("peak_host_rss_gib_by_rank") or []),
+            eval_loss_before=data.get("eval_loss_before"),
+            eval_loss_after=data.get("eval_loss_after"),
+            steps=data.get("steps"),
+            skipped_steps=data.get("skipped_steps"),
+            prefix_cache=data.get("prefix_cache"),
+        )
 
 
 def _pyplot():
@@ -100,8 +112,11 @@ def plot_probe(report: ProbeReport, plan: Plan | None, out: Path) -> Path:
     ax.bar(range(report.num_layers), scores, color=colors)
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("layer score  " + r"$\sqrt{\sum \|\partial L/\partial W\|_F^2}$")
-    ax.set_xticks(range(report.num_layers), [str(i) for i in range(report.num_layers)],
-                  fontsize=8 if report.num_layers <= 40 else 6)
+    ax.set_xticks(
+        range(report.num_layers),
+        [str(i) for i in range(report.num_layers)],
+        fontsize=8 if report.num_layers <= 40 else 6,
+    )
     title = f"{_model_name(report)}: {report.batches} probe batches, {report.tokens} tokens"
     if plan:
         title += f"\norange: plan '{plan.rule}' ({len(plan.layers)} layers, {plan.score_captured:.0%} of energy)"
@@ -137,8 +152,9 @@ def plot_probe_heatmap(report: ProbeReport, out: Path) -> Path:
     ax.set_yticks(range(0, report.num_layers, step), [str(i) for i in range(0, report.num_layers, step)], fontsize=8)
     ax.set_xlabel("module")
     ax.set_ylabel("decoder layer")
-    ax.set_title(f"{_model_name(report)}: probe module scores, {report.batches} batches, {report.tokens} tokens",
-                 fontsize=9)
+    ax.set_title(
+        f"{_model_name(report)}: probe module scores, {report.batches} batches, {report.tokens} tokens", fontsize=9
+    )
     bar = fig.colorbar(im, ax=ax)
     bar.set_label(NORM + " (RMS over probe batches)", fontsize=9)
     fig.tight_layout()
@@ -161,8 +177,10 @@ def plot_experts(report: ProbeReport, out: Path) -> Path | None:
         score[row[e.layer], e.expert] = e.score
         load[row[e.layer], e.expert] = e.tokens
     fig, axes = plt.subplots(1, 2, figsize=(max(8, n_experts * 0.5), max(3, len(layers) * 0.35 + 1.8)))
-    for ax, grid, title, unit in ((axes[0], score, "expert gradient score", NORM + " over the expert's banks"),
-                                  (axes[1], load, "routing load", "tokens routed (all probe batches)")):
+    for ax, grid, title, unit in (
+        (axes[0], score, "expert gradient score", NORM + " over the expert's banks"),
+        (axes[1], load, "routing load", "tokens routed (all probe batches)"),
+    ):
         im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("expert")
@@ -205,14 +223,28 @@ def plot_plan(plan: Plan, report: ProbeReport | None, out: Path) -> Path:
         ax.axhspan(-1.5, lowest - 0.5, color="tab:blue", alpha=0.08, lw=0)
     for i in range(n):
         adapted = i in labels
-        ax.barh(i, scores[i] / top, height=0.8, color="tab:orange" if adapted else "lightgray",
-                edgecolor="black" if adapted else "none", linewidth=0.5)
+        ax.barh(
+            i,
+            scores[i] / top,
+            height=0.8,
+            color="tab:orange" if adapted else "lightgray",
+            edgecolor="black" if adapted else "none",
+            linewidth=0.5,
+        )
         if adapted:
             ax.text(scores[i] / top + 0.01, i, labels[i], va="center", fontsize=7)
     ax.axhline(lowest - 0.5, color="tab:red", lw=1.5, ls="--")
     below = f"; layers 0-{lowest - 1}: frozen prefix, no backward" if lowest > 0 else "; every layer gets backward"
-    ax.text(1.73, lowest - 0.6, f"backward stops here (lowest adapted layer {lowest}){below}", ha="right", va="top",
-            fontsize=8, color="tab:red", bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1))
+    ax.text(
+        1.73,
+        lowest - 0.6,
+        f"backward stops here (lowest adapted layer {lowest}){below}",
+        ha="right",
+        va="top",
+        fontsize=8,
+        color="tab:red",
+        bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1),
+    )
     ax.set_ylim(-1.5, n - 0.3)
     ax.set_xlim(0, 1.75)
     step = max(1, n // 32)
@@ -221,16 +253,27 @@ def plot_plan(plan: Plan, report: ProbeReport | None, out: Path) -> Path:
     ax.set_xlabel("probe layer score / max" if report else "")
     predicted = ""
     if plan.predicted:
-        predicted = f"; predicted step time {1 / plan.predicted['speedup_vs_uniform']:.2f} x uniform r16 LoRA's " \
+        predicted = (
+            f"; predicted step time {1 / plan.predicted['speedup_vs_uniform']:.2f} x uniform r16 LoRA's "
             f"({plan.predicted['speedup_vs_uniform']:.2f}x speed, {plan.predicted['source']})"
-    ax.set_title(f"plan '{plan.rule}': {len(plan.planned_layers())} of {n} layers adapted, "
-                 f"{plan.score_captured:.0%} of the probe energy{predicted}".replace("; ", "\n", 1), fontsize=9)
+        )
+    ax.set_title(
+        f"plan '{plan.rule}': {len(plan.planned_layers())} of {n} layers adapted, "
+        f"{plan.score_captured:.0%} of the probe energy{predicted}".replace("; ", "\n", 1),
+        fontsize=9,
+    )
     from matplotlib.patches import Patch
 
-    fig.legend(handles=[Patch(color="tab:orange", label="adapted (ranks written)"),
-                        Patch(color="lightgray", label="frozen"),
-                        Patch(color="tab:blue", alpha=0.15, label="frozen prefix (no_grad)")],
-               loc="lower center", ncol=3, fontsize=8)
+    fig.legend(
+        handles=[
+            Patch(color="tab:orange", label="adapted (ranks written)"),
+            Patch(color="lightgray", label="frozen"),
+            Patch(color="tab:blue", alpha=0.15, label="frozen prefix (no_grad)"),
+        ],
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     return _save(fig, out)
 
@@ -262,11 +305,22 @@ def plot_loss(metrics_path: Path, out: Path, results: Optional[RunResults] = Non
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", lw=1.2,
-                label="training loss (mean over the step's micro-batches)")
+        ax.plot(
+            [r["step"] for r in train],
+            [r["loss"] for r in train],
+            color="tab:blue",
+            lw=1.2,
+            label="training loss (mean over the step's micro-batches)",
+        )
     if held_out:
-        ax.plot([s for s, _ in held_out], [v for _, v in held_out], "o--", color="tab:orange", ms=5,
-                label="held-out loss (step 0: before training)")
+        ax.plot(
+            [s for s, _ in held_out],
+            [v for _, v in held_out],
+            "o--",
+            color="tab:orange",
+            ms=5,
+            label="held-out loss (step 0: before training)",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per predicted token)")
     ax.grid(alpha=0.3)
@@ -296,12 +350,22 @@ def plot_speed(bench: dict, out: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 4.2), squeeze=False)
     for ax, ((shape, ckpt), group) in zip(axes[0], groups.items()):
         names = [r["row"] for r in group]
-        bars = ax.bar(range(len(group)), [r["tokens_per_s"] for r in group],
-                      color=["tab:gray" if n.startswith("uniform") else "tab:blue" if n == "paper" else "tab:orange"
-                             for n in names])
+        bars = ax.bar(
+            range(len(group)),
+            [r["tokens_per_s"] for r in group],
+            color=[
+                "tab:gray" if n.startswith("uniform") else "tab:blue" if n == "paper" else "tab:orange" for n in names
+            ],
+        )
         for bar, r in zip(bars, group):
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{r['speedup_vs_uniform']:.2f}x",
-                    ha="center", va="bottom", fontsize=7)
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                bar.get_height(),
+                f"{r['speedup_vs_uniform']:.2f}x",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
         ax.set_xticks(range(len(group)), names, rotation=35, ha="right", fontsize=8)
         ax.set_ylabel("training throughput (tokens/s)")
         ax.set_title(f"{shape}, checkpointing {'on' if ckpt else 'off'}\n(labels: speedup vs uniform r16)", fontsize=9)
@@ -321,30 +385,53 @@ def _read_json(path: Path) -> Optional[dict]:
     return read_json_object(path, path.name) if path.is_file() else None
 
 
-def render_markdown(run_dir: Path, report: ProbeReport, plan: Optional[Plan], results: Optional[RunResults],
-                    metrics_path: Path, bench: Optional[dict], images: dict[str, Path], out_dir: Path) -> str:
+def render_markdown(
+    run_dir: Path,
+    report: ProbeReport,
+    plan: Optional[Plan],
+    results: Optional[RunResults],
+    metrics_path: Path,
+    bench: Optional[dict],
+    images: dict[str, Path],
+    out_dir: Path,
+) -> str:
     def image(key: str, alt: str) -> list[str]:
         if key not in images:
             return []
         return [f"![{alt}]({images[key].relative_to(out_dir).as_posix()})", ""]
 
-    md = [f"# Run report: {run_dir.name or run_dir}", "",
-          f"Run directory `{run_dir}`; model `{report.model}` ({report.layout.get('family', 'unknown family')}, "
-          f"{report.num_layers} decoder layers).", ""]
+    md = [
+        f"# Run report: {run_dir.name or run_dir}",
+        "",
+        f"Run directory `{run_dir}`; model `{report.model}` ({report.layout.get('family', 'unknown family')}, "
+        f"{report.num_layers} decoder layers).",
+        "",
+    ]
     if results:
-        md += ["## Result", "", "| held-out loss before | after | perplexity before | after | steps | skipped steps |",
-               "|---|---|---|---|---|---|"]
+        md += [
+            "## Result",
+            "",
+            "| held-out loss before | after | perplexity before | after | steps | skipped steps |",
+            "|---|---|---|---|---|---|",
+        ]
         before, after = results.eval_loss_before, results.eval_loss_after
         from .evaluate import perplexity
 
         ppl = lambda v: _fmt(perplexity(v), ".3f") if v is not None else "–"  # noqa: E731
         steps = results.steps if results.steps is not None else "–"
-        md += [f"| {_fmt(before)} | {_fmt(after)} | {ppl(before)} | {ppl(after)} | {steps} | "
-               f"{results.skipped_steps or 0} |", ""]
-    md += ["## Probe", "",
-           f"{report.batches} batches of {report.batch_size} x up to {report.seq_len} tokens ({report.tokens} tokens) "
-           f"on {report.world_size} rank(s), {report.seconds:.2f} s. Module score = RMS over batches of "
-           "||dL/dW||_F; layer score = sqrt(sum of its module (and expert) scores squared).", ""]
+        md += [
+            f"| {_fmt(before)} | {_fmt(after)} | {ppl(before)} | {ppl(after)} | {steps} | "
+            f"{results.skipped_steps or 0} |",
+            "",
+        ]
+    md += [
+        "## Probe",
+        "",
+        f"{report.batches} batches of {report.batch_size} x up to {report.seq_len} tokens ({report.tokens} tokens) "
+        f"on {report.world_size} rank(s), {report.seconds:.2f} s. Module score = RMS over batches of "
+        "||dL/dW||_F; layer score = sqrt(sum of its module (and expert) scores squared).",
+        "",
+    ]
     md += image("probe_heatmap", "probe heat map: layer x module")
     md += image("probe", "layer scores with the plan's layers")
     ranked = sorted(report.layers, key=lambda layer: (-layer.score, layer.index))
@@ -354,24 +441,37 @@ def render_markdown(run_dir: Path, report: ProbeReport, plan: Optional[Plan], re
         md.append(f"| {place} | {layer.index} | {layer.score:.6g} | {best[0]} ({best[1]:.6g}) |")
     md.append("")
     if report.experts:
-        md += ["### Experts", "", f"{len(report.experts)} experts in {len({e.layer for e in report.experts})} MoE "
-               f"layers; {sum(e.tokens for e in report.experts)} routed tokens.", ""]
+        md += [
+            "### Experts",
+            "",
+            f"{len(report.experts)} experts in {len({e.layer for e in report.experts})} MoE "
+            f"layers; {sum(e.tokens for e in report.experts)} routed tokens.",
+            "",
+        ]
         md += image("experts", "expert heat maps: gradient score and routing load")
     if plan:
-        md += ["## Plan", "",
-               f"Rule `{plan.rule}`: {len(plan.planned_layers())} of {plan.num_layers} layers, {len(plan.modules)} "
-               f"adapted modules{f', {len(plan.experts)} experts' if plan.experts else ''}; captures "
-               f"{plan.score_captured:.1%} of the probe's gradient energy. Lowest adapted layer "
-               f"{plan.lowest_adapted_layer}: backward stops there, layers 0..{plan.lowest_adapted_layer - 1} "
-               "form the frozen prefix." if plan.lowest_adapted_layer > 0 else
-               f"Rule `{plan.rule}`: {len(plan.planned_layers())} of {plan.num_layers} layers, {len(plan.modules)} "
-               f"adapted modules{f', {len(plan.experts)} experts' if plan.experts else ''}; captures "
-               f"{plan.score_captured:.1%} of the probe's gradient energy. Lowest adapted layer 0: backward runs "
-               "through every layer.", ""]
+        md += [
+            "## Plan",
+            "",
+            f"Rule `{plan.rule}`: {len(plan.planned_layers())} of {plan.num_layers} layers, {len(plan.modules)} "
+            f"adapted modules{f', {len(plan.experts)} experts' if plan.experts else ''}; captures "
+            f"{plan.score_captured:.1%} of the probe's gradient energy. Lowest adapted layer "
+            f"{plan.lowest_adapted_layer}: backward stops there, layers 0..{plan.lowest_adapted_layer - 1} "
+            "form the frozen prefix."
+            if plan.lowest_adapted_layer > 0
+            else f"Rule `{plan.rule}`: {len(plan.planned_layers())} of {plan.num_layers} layers, {len(plan.modules)} "
+            f"adapted modules{f', {len(plan.experts)} experts' if plan.experts else ''}; captures "
+            f"{plan.score_captured:.1%} of the probe's gradient energy. Lowest adapted layer 0: backward runs "
+            "through every layer.",
+            "",
+        ]
         if plan.predicted:
             p = plan.predicted
-            md += [f"Predicted step time {_fmt(p.get('step_seconds'), '.4g')} s vs uniform r16 LoRA "
-                   f"{_fmt(p.get('uniform_step_seconds'), '.4g')} s: {p['speedup_vs_uniform']:.2f}x ({p['source']}).", ""]
+            md += [
+                f"Predicted step time {_fmt(p.get('step_seconds'), '.4g')} s vs uniform r16 LoRA "
+                f"{_fmt(p.get('uniform_step_seconds'), '.4g')} s: {p['speedup_vs_uniform']:.2f}x ({p['source']}).",
+                "",
+            ]
         md += image("plan", "the plan on the layer stack")
         md += ["| layer | adapted modules | ranks |", "|---|---|---|"]
         md += [f"| {r['layer']} | {r['modules']} | {r['ranks']} |" for r in plan_rows(plan)]
@@ -381,23 +481,33 @@ def render_markdown(run_dir: Path, report: ProbeReport, plan: Optional[Plan], re
         md += ["## Training", ""]
         if train:
             speeds = [r["tokens_per_s"] for r in train if r.get("tokens_per_s")]
-            md += [f"{len(train)} logged steps; loss {train[0]['loss']:.4f} at step {train[0]['step']} -> "
-                   f"{train[-1]['loss']:.4f} at step {train[-1]['step']}"
-                   + (f"; median {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s (all ranks)" if speeds else "") + ".",
-                   ""]
+            md += [
+                f"{len(train)} logged steps; loss {train[0]['loss']:.4f} at step {train[0]['step']} -> "
+                f"{train[-1]['loss']:.4f} at step {train[-1]['step']}"
+                + (f"; median {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s (all ranks)" if speeds else "")
+                + ".",
+                "",
+            ]
         if held_out:
             md += ["Held-out loss: " + ", ".join(f"step {s}: {v:.4f}" for s, v in held_out) + ".", ""]
         md += image("loss", "loss curves")
     if bench:
-        md += ["## Speed", "", f"From `bench_speed.json` ({bench.get('device', '?')}, torch {bench.get('torch', '?')}; "
-               f"`{bench.get('command', '')}`).", "",
-               "| shape | checkpointing | row | layers (lowest) | ms/step | tokens/s | peak GiB | speedup |",
-               "|---|---|---|---|---|---|---|---|"]
+        md += [
+            "## Speed",
+            "",
+            f"From `bench_speed.json` ({bench.get('device', '?')}, torch {bench.get('torch', '?')}; "
+            f"`{bench.get('command', '')}`).",
+            "",
+            "| shape | checkpointing | row | layers (lowest) | ms/step | tokens/s | peak GiB | speedup |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in bench_rows(bench):
-            md.append(f"| {r['shape']} | {'on' if r['checkpointing'] else 'off'} | {r['row']} | "
-                      f"{len(r.get('layers', []))} ({r.get('lowest_adapted_layer', '–')}) | "
-                      f"{r['median_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | "
-                      f"{_fmt(r.get('peak_memory_gib'), '.1f')} | {r['speedup_vs_uniform']:.2f}x |")
+            md.append(
+                f"| {r['shape']} | {'on' if r['checkpointing'] else 'off'} | {r['row']} | "
+                f"{len(r.get('layers', []))} ({r.get('lowest_adapted_layer', '–')}) | "
+                f"{r['median_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | "
+                f"{_fmt(r.get('peak_memory_gib'), '.1f')} | {r['speedup_vs_uniform']:.2f}x |"
+            )
         md.append("")
         md += image("speed", "throughput per plan")
     return "\n".join(md)
@@ -428,8 +538,10 @@ def write_run_report(run_dir: Path, out_dir: Optional[Path] = None, fmt: str = "
             read_metrics(metrics_path)
         except (ValueError, UnicodeDecodeError) as err:
             raise ConfigError(f"{metrics_path}: not JSON lines ({err})") from None
-    images: dict[str, Path] = {"probe_heatmap": plot_probe_heatmap(report, out_dir / "probe_heatmap.png"),
-                               "probe": plot_probe(report, plan, out_dir / "probe.png")}
+    images: dict[str, Path] = {
+        "probe_heatmap": plot_probe_heatmap(report, out_dir / "probe_heatmap.png"),
+        "probe": plot_probe(report, plan, out_dir / "probe.png"),
+    }
     if report.experts:
         images["experts"] = plot_experts(report, out_dir / "experts.png")
     if plan:
@@ -445,10 +557,12 @@ def write_run_report(run_dir: Path, out_dir: Optional[Path] = None, fmt: str = "
         import markdown
 
         body = markdown.markdown(text, extensions=["tables"])
-        page = (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{run_dir.name}</title>"
-                "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
-                "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>\n"
-                f"{body}\n</body></html>\n")
+        page = (
+            f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{run_dir.name}</title>"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>\n"
+            f"{body}\n</body></html>\n"
+        )
         target = out_dir / "report.html"
         write_text_atomic(target, page)
     else:

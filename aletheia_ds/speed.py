@@ -18,16 +18,22 @@ import torch.nn as nn
 
 from .arch import Layout
 from .cost import AdapterShape, CostModel, measurement_plans
-from .plan import Plan, PlannedModule
 from .execution import ExecutionOptions, prepared
+from .plan import Plan, PlannedModule
 
 
 def plan_from_adapters(layout: Layout, adapters: Sequence[tuple[int, str, int]], rule: str = "custom") -> Plan:
     """A Plan from explicit (layer, module key, rank) triples, alpha = 2r."""
     kinds, paths = layout.kinds(), layout.paths()
     modules = [PlannedModule(layer, key, paths[key], kinds[key], r, 2.0 * r) for layer, key, r in adapters]
-    return Plan(rule=rule, num_layers=layout.num_layers, layers_path=layout.layers_path,
-                layers=sorted({m.layer for m in modules}), modules=modules, score_captured=float("nan")).check()
+    return Plan(
+        rule=rule,
+        num_layers=layout.num_layers,
+        layers_path=layout.layers_path,
+        layers=sorted({m.layer for m in modules}),
+        modules=modules,
+        score_captured=float("nan"),
+    ).check()
 
 
 def shapes_to_plan(layout: Layout, adapters: Sequence[AdapterShape], rule: str) -> Plan:
@@ -58,17 +64,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, steps: int = 10, warmup: int = 3,
-              checkpointing: bool = False, frozen_prefix: bool = True, adapter_dtype: torch.dtype | None = None,
-              compile_layers: bool = False, prefix_cache: bool = False) -> StepTiming:
+def time_plan(
+    model: nn.Module,
+    layout: Layout,
+    plan: Plan,
+    batch: dict,
+    *,
+    steps: int = 10,
+    warmup: int = 3,
+    checkpointing: bool = False,
+    frozen_prefix: bool = True,
+    adapter_dtype: torch.dtype | None = None,
+    compile_layers: bool = False,
+    prefix_cache: bool = False,
+) -> StepTiming:
     """Attach `plan`, run warm-up + timed optimizer steps on `batch`, detach. Median seconds per step.
 
     `prefix_cache`: the steady state of later epochs (the batch's prefix output stored once, then replayed).
     """
     device = next(model.parameters()).device
-    options = ExecutionOptions(adapter_dtype=adapter_dtype, checkpointing=checkpointing, frozen_prefix=frozen_prefix,
-                               input_require_grads=checkpointing and not frozen_prefix, prefix_cache=prefix_cache,
-                               compile_layers=compile_layers)
+    options = ExecutionOptions(
+        adapter_dtype=adapter_dtype,
+        checkpointing=checkpointing,
+        frozen_prefix=frozen_prefix,
+        input_require_grads=checkpointing and not frozen_prefix,
+        prefix_cache=prefix_cache,
+        compile_layers=compile_layers,
+    )
     with prepared(model, plan, layout, options) as execution:
         peft_model, cache = execution.peft_model, execution.prefix_cache
         if cache is not None:
@@ -103,25 +125,54 @@ def time_plan(model: nn.Module, layout: Layout, plan: Plan, batch: dict, *, step
         return StepTiming(median, times, tokens / median, peak, loss)
 
 
-def calibrate(model: nn.Module, layout: Layout, batch: dict, *, checkpointing: bool = False, steps: int = 5,
-              warmup: int = 2, adapter_dtype: torch.dtype | None = None,
-              log: Callable[[str], None] = print) -> CostModel:
+def calibrate(
+    model: nn.Module,
+    layout: Layout,
+    batch: dict,
+    *,
+    checkpointing: bool = False,
+    steps: int = 5,
+    warmup: int = 2,
+    adapter_dtype: torch.dtype | None = None,
+    log: Callable[[str], None] = print,
+) -> CostModel:
     """Time the configurations of cost.measurement_plans (frozen prefix on) and fit the cost model."""
     measured = []
     configs = measurement_plans(layout.num_layers, layout.shapes())
     # a throw-away run first: clocks, allocator and kernels warm, so the first timed configuration is not slow
-    time_plan(model, layout, shapes_to_plan(layout, configs["uniform_r16"], "warm-up"), batch, steps=1,
-              warmup=warmup, checkpointing=checkpointing, adapter_dtype=adapter_dtype)
+    time_plan(
+        model,
+        layout,
+        shapes_to_plan(layout, configs["uniform_r16"], "warm-up"),
+        batch,
+        steps=1,
+        warmup=warmup,
+        checkpointing=checkpointing,
+        adapter_dtype=adapter_dtype,
+    )
     for name, adapters in configs.items():
         plan = shapes_to_plan(layout, adapters, name)
-        timing = time_plan(model, layout, plan, batch, steps=steps, warmup=warmup, checkpointing=checkpointing,
-                           adapter_dtype=adapter_dtype)
+        timing = time_plan(
+            model,
+            layout,
+            plan,
+            batch,
+            steps=steps,
+            warmup=warmup,
+            checkpointing=checkpointing,
+            adapter_dtype=adapter_dtype,
+        )
         log(f"calibrate: {name}: {timing.median_s * 1000:.1f} ms/step")
         measured.append((adapters, timing.median_s))
     mean = sum(layout.layer_params) / len(layout.layer_params)
-    return CostModel.fit(measured, [p / mean for p in layout.layer_params], layout.shapes(), checkpointing,
-                         tokens_per_step=int(batch["attention_mask"].sum()),
-                         source=f"calibrated on {device_name()} ({len(measured)} configurations)")
+    return CostModel.fit(
+        measured,
+        [p / mean for p in layout.layer_params],
+        layout.shapes(),
+        checkpointing,
+        tokens_per_step=int(batch["attention_mask"].sum()),
+        source=f"calibrated on {device_name()} ({len(measured)} configurations)",
+    )
 
 
 def device_name() -> str:
@@ -144,14 +195,15 @@ def calibrate_cli(args) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_model(ModelSection(path=args.model, random_init=args.random_init), dtype, device,
-                       contextlib.nullcontext)
+    model = load_model(
+        ModelSection(path=args.model, random_init=args.random_init), dtype, device, contextlib.nullcontext
+    )
     layout = describe(model)
     batch = random_batch(args.batch_size, args.seq_len, layout.vocab_size)
-    cost = calibrate(model, layout, batch, checkpointing=args.checkpointing, steps=args.steps,
-                     adapter_dtype=dtype)
+    cost = calibrate(model, layout, batch, checkpointing=args.checkpointing, steps=args.steps, adapter_dtype=dtype)
     cost.save(args.out)
-    print(f"wrote {args.out}: base {cost.base_s * 1000:.1f} ms, depth {cost.depth_s * 1000:.2f} ms/layer, "
-          f"adapter {cost.adapter_fixed_s * 1000:.3f} ms + {cost.adapter_width_s * 1e9:.3f} ns per r(d_in+d_out); "
-          f"fit residuals {[f'{r:+.1%}' for r in cost.fit_residuals]}")
-
+    print(
+        f"wrote {args.out}: base {cost.base_s * 1000:.1f} ms, depth {cost.depth_s * 1000:.2f} ms/layer, "
+        f"adapter {cost.adapter_fixed_s * 1000:.3f} ms + {cost.adapter_width_s * 1e9:.3f} ns per r(d_in+d_out); "
+        f"fit residuals {[f'{r:+.1%}' for r in cost.fit_residuals]}"
+    )

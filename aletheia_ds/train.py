@@ -1,21 +1,21 @@
 """One job: setup -> probe -> plan -> LoRA training -> adapter export, on one process or many.
 
-    cfg = load_config(argv)
-    with distributed(cfg) as ctx, lock_output_dir(ctx, cfg):  # one job per output_dir
-        resume = find_resume(ctx, cfg)     # train.resume: the checkpoint to continue from, checked against cfg
-        run = Run.setup(ctx, cfg)          # tokenizer, data, frozen base model (zero.Init under ZeRO-3)
-        if resume:
-            plan = run.resume_plan(resume) # the checkpoint's plan: no probe, no planning
-        else:
-            run.check_given_inputs()       # plan.plan, probe.report: this model's, before any compute
-            report = run.probe()           # one forward + backward per probe batch, norms all-reduced
-            plan = run.plan(report)        # rank 0 plans, every rank receives the same plan
-        run.prepare_training(plan, resume) # adapters attached and verified, frozen prefix..., DeepSpeed engine
-        for step in run.remaining_steps():
-            run.train_step(step)           # micro-batches, non-finite guard, metrics, evaluation, checkpoints
-            run.stop_if_asked(step)        # SIGTERM on any rank: every rank checkpoints this step, exit 75
-        run.finish()                       # held-out loss after training, run results
-        run.export()                       # PEFT adapter gathered from ZeRO-3 partitions, rank 0 writes eval.json
+cfg = load_config(argv)
+with distributed(cfg) as ctx, lock_output_dir(ctx, cfg):  # one job per output_dir
+    resume = find_resume(ctx, cfg)     # train.resume: the checkpoint to continue from, checked against cfg
+    run = Run.setup(ctx, cfg)          # tokenizer, data, frozen base model (zero.Init under ZeRO-3)
+    if resume:
+        plan = run.resume_plan(resume) # the checkpoint's plan: no probe, no planning
+    else:
+        run.check_given_inputs()       # plan.plan, probe.report: this model's, before any compute
+        report = run.probe()           # one forward + backward per probe batch, norms all-reduced
+        plan = run.plan(report)        # rank 0 plans, every rank receives the same plan
+    run.prepare_training(plan, resume) # adapters attached and verified, frozen prefix..., DeepSpeed engine
+    for step in run.remaining_steps():
+        run.train_step(step)           # micro-batches, non-finite guard, metrics, evaluation, checkpoints
+        run.stop_if_asked(step)        # SIGTERM on any rank: every rank checkpoints this step, exit 75
+    run.finish()                       # held-out loss after training, run results
+    run.export()                       # PEFT adapter gathered from ZeRO-3 partitions, rank 0 writes eval.json
 """
 
 from __future__ import annotations
@@ -38,19 +38,33 @@ from .adapters.export import export_adapter
 from .adapters.peft_config import plan_json
 from .arch import Layout, describe
 from .checkpoint import Checkpoint, find_resume, restore_checkpoint, save_checkpoint, step_name
-from .config import (INTERRUPTED_EXIT, PREEMPTED_EXIT, ConfigError, RunConfig, Stopped, TrainingError, exit_code,
-                     load_config)
+from .config import (
+    INTERRUPTED_EXIT,
+    PREEMPTED_EXIT,
+    ConfigError,
+    RunConfig,
+    Stopped,
+    TrainingError,
+    exit_code,
+    load_config,
+)
 from .cost import CostModel
-from .dist import (DistContext, distributed, held_parameter_elements, peak_host_rss_gib, print0, resolve_dtype,
-                   write_json0)
+from .dist import (
+    DistContext,
+    distributed,
+    held_parameter_elements,
+    peak_host_rss_gib,
+    print0,
+    resolve_dtype,
+    write_json0,
+)
 from .evaluate import held_out_loss
+from .execution import ExecutionOptions, PrefixCache, PrefixCacheError, PreparedModel
 from .io import OutputLock, save_safetensors_atomic, write_json_atomic
 from .metrics import check_backends, open_metrics
-from .model import check_sequence_lengths, check_vocabulary, load_model
+from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model
 from .model import fingerprint as model_fingerprint
-from .model import fingerprint_digest
 from .plan import Plan, make_plan
-from .execution import ExecutionOptions, PreparedModel, PrefixCache, PrefixCacheError
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 from .progress import Progress
@@ -97,25 +111,36 @@ class NonFiniteGuard:
         self.policy, self.max_skips, self.skips = policy, max_skips, skips
         self.loss_scaling = loss_scaling  # fp16: DeepSpeed's loss scaler owns gradient overflow
 
-    def check(self, step: int, loss: float, grad_norm: Optional[float], applied: bool,
-              last_checkpoint: Optional[Path]) -> bool:
+    def check(
+        self, step: int, loss: float, grad_norm: Optional[float], applied: bool, last_checkpoint: Optional[Path]
+    ) -> bool:
         """True when the step was skipped; raises TrainingError when the run must stop."""
         grad_bad = grad_norm is not None and not math.isfinite(grad_norm) and not self.loss_scaling
         if math.isfinite(loss) and not grad_bad:
             return False
-        what = f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} " \
-               f"(loss {loss}, grad norm {grad_norm})"
-        resume = f"last good checkpoint: {last_checkpoint} (continue with --resume auto)" if last_checkpoint \
+        what = (
+            f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+            f"(loss {loss}, grad norm {grad_norm})"
+        )
+        resume = (
+            f"last good checkpoint: {last_checkpoint} (continue with --resume auto)"
+            if last_checkpoint
             else "no checkpoint written yet"
+        )
         if applied:
-            raise TrainingError(f"train: {what} and the optimizer applied the update (it does not skip "
-                                f"non-finite steps; use a ZeRO stage >= 1); {resume}")
+            raise TrainingError(
+                f"train: {what} and the optimizer applied the update (it does not skip "
+                f"non-finite steps; use a ZeRO stage >= 1); {resume}"
+            )
         if self.policy == "stop":
-            raise TrainingError(f"train: {what}; the update was not applied; {resume}; lower train.lr or check "
-                                "this step's data, or set train.nan_policy=skip")
+            raise TrainingError(
+                f"train: {what}; the update was not applied; {resume}; lower train.lr or check "
+                "this step's data, or set train.nan_policy=skip"
+            )
         if self.skips >= self.max_skips:
-            raise TrainingError(f"train: {what}; {self.skips} steps skipped already, train.max_nan_skips="
-                                f"{self.max_skips}; {resume}")
+            raise TrainingError(
+                f"train: {what}; {self.skips} steps skipped already, train.max_nan_skips={self.max_skips}; {resume}"
+            )
         self.skips += 1
         print0(f"train: {what}; update skipped ({self.skips}/{self.max_skips} allowed by train.max_nan_skips)")
         return True
@@ -176,10 +201,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def scheduler_factory(cfg: RunConfig, total_steps: int):
     from transformers import get_scheduler
 
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
-        int(math.ceil(cfg.train.warmup_ratio * total_steps))
-    return lambda optimizer: get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup,
-                                           num_training_steps=total_steps)
+    warmup = (
+        cfg.train.warmup_steps
+        if cfg.train.warmup_steps is not None
+        else int(math.ceil(cfg.train.warmup_ratio * total_steps))
+    )
+    return lambda optimizer: get_scheduler(
+        cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
 
 
 @dataclass
@@ -224,10 +253,13 @@ class Run:
     def setup(cls, ctx: DistContext, cfg: RunConfig, observer: Optional[RunObserver] = None) -> "Run":
         torch.manual_seed(cfg.train.seed)
         out = Path(cfg.train.output_dir)
-        check_sequence_lengths(cfg.model, {"data.seq_len": cfg.data.seq_len,
-                                           **({"probe.seq_len": cfg.probe.seq_len} if cfg.probe.seq_len else {})})
-        tokenizer = data_mod.load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code,
-                                            cfg.data.chat_template)
+        check_sequence_lengths(
+            cfg.model,
+            {"data.seq_len": cfg.data.seq_len, **({"probe.seq_len": cfg.probe.seq_len} if cfg.probe.seq_len else {})},
+        )
+        tokenizer = data_mod.load_tokenizer(
+            cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.data.chat_template
+        )
         check_vocabulary(cfg.model, tokenizer)
         log = print0
         load = data_mod.load_examples
@@ -236,16 +268,30 @@ class Run:
 
             tokenizes = ctx.rank == 0 if cfg.data.cache_shared else ctx.local_rank == 0
             load = lambda source, tok, seq_len, limit, log: cached_examples(  # noqa: E731
-                source, tok, seq_len, cfg.data.cache_dir, cfg.data.num_proc, tokenizes, ctx.barrier, limit,
-                cfg.data.packing, log)
+                source,
+                tok,
+                seq_len,
+                cfg.data.cache_dir,
+                cfg.data.num_proc,
+                tokenizes,
+                ctx.barrier,
+                limit,
+                cfg.data.packing,
+                log,
+            )
         sources = cfg.data.train_sources()
         # one source: max_examples lets the uncached path stop tokenizing early; a mixture is cut after mixing
         limit = cfg.data.max_examples if len(sources) == 1 else None
-        examples = data_mod.mixture([load(s.path, tokenizer, cfg.data.seq_len, limit, log) for s in sources],
-                                    [s.weight for s in sources], cfg.train.seed, cfg.data.mix_until,
-                                    [s.path for s in sources], log)
+        examples = data_mod.mixture(
+            [load(s.path, tokenizer, cfg.data.seq_len, limit, log) for s in sources],
+            [s.weight for s in sources],
+            cfg.train.seed,
+            cfg.data.mix_until,
+            [s.path for s in sources],
+            log,
+        )
         if cfg.data.max_examples:
-            examples = examples[:cfg.data.max_examples]
+            examples = examples[: cfg.data.max_examples]
         if cfg.data.eval:
             train_examples = examples
             eval_examples = load(cfg.data.eval, tokenizer, cfg.data.seq_len, None, log)
@@ -257,10 +303,12 @@ class Run:
         build_seconds = time.perf_counter() - started
         layout = describe(model, cfg.lora.target_modules)
         ctx.set_z3_leaf_modules(model, layout.moe_block_classes(model))  # MoE blocks: one ZeRO-3 fetch each
-        print0(f"model: {cfg.model.path} ({layout.family}, {layout.num_layers} layers, "
-               f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
-               f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
-               f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}")
+        print0(
+            f"model: {cfg.model.path} ({layout.family}, {layout.num_layers} layers, "
+            f"{sum(len(t) for t in layout.layer_targets)} target linears, {dtype}); "
+            f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
+            f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}"
+        )
         observer = observer or RunObserver()
         observer.started(ctx, model)
         run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, observer=observer)
@@ -303,9 +351,12 @@ class Run:
 
     def _given_report(self) -> ProbeReport:
         path = self.cfg.probe.report
-        return ProbeReport.load(path).check_fits(self.layout.to_json(), self.layout.num_layers,
-                                                 fingerprint_digest(model_fingerprint(self.cfg.model)),
-                                                 f"probe.report: {path}")
+        return ProbeReport.load(path).check_fits(
+            self.layout.to_json(),
+            self.layout.num_layers,
+            fingerprint_digest(model_fingerprint(self.cfg.model)),
+            f"probe.report: {path}",
+        )
 
     def _given_plan(self) -> Plan:
         return Plan.load(self.cfg.plan.plan).check_fits(self.layout, f"plan.plan: {self.cfg.plan.plan}")
@@ -321,8 +372,10 @@ class Run:
             rows = [ex for ex in rows if any(label != data_mod.IGNORE for label in ex.labels[1:])]
             batches = data_mod.fixed_batches(rows, cfg.probe.batch_size, cfg.probe.batches, self.pad_id)
             if not batches:
-                raise ConfigError("probe: no probe batches; data.train has no example with loss tokens "
-                                  f"within probe.seq_len={seq_len}")
+                raise ConfigError(
+                    "probe: no probe batches; data.train has no example with loss tokens "
+                    f"within probe.seq_len={seq_len}"
+                )
             checkpointing = cfg.probe.gradient_checkpointing
             if checkpointing is None:
                 checkpointing = cfg.train.gradient_checkpointing
@@ -330,11 +383,19 @@ class Run:
             passes = len(data_mod.shard_indices(len(batches), self.ctx.rank, self.ctx.world_size))
             progress = Progress("probe", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
             with self.ctx.probe_session(self.model) as forward:
-                report = run_probe(self.model, self.layout, batches, forward, model_name=cfg.model.path,
-                                   rank=self.ctx.rank, world_size=self.ctx.world_size,
-                                   all_reduce_sum=self.ctx.all_reduce_sum, checkpointing=checkpointing,
-                                   sketch_dim=cfg.probe.sketch_dim,
-                                   on_batch=lambda tokens: progress.update(progress.done + 1, tokens))
+                report = run_probe(
+                    self.model,
+                    self.layout,
+                    batches,
+                    forward,
+                    model_name=cfg.model.path,
+                    rank=self.ctx.rank,
+                    world_size=self.ctx.world_size,
+                    all_reduce_sum=self.ctx.all_reduce_sum,
+                    checkpointing=checkpointing,
+                    sketch_dim=cfg.probe.sketch_dim,
+                    on_batch=lambda tokens: progress.update(progress.done + 1, tokens),
+                )
             progress.close()
             report.validate()
             report.model_fingerprint = fingerprint_digest(model_fingerprint(self.cfg.model))
@@ -353,8 +414,11 @@ class Run:
                 plan = self._given_plan()
                 print0(f"plan: reusing {cfg.plan.plan}")
             else:
-                cost = CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost) if cfg.plan.cost else \
-                    CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
+                cost = (
+                    CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost)
+                    if cfg.plan.cost
+                    else CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
+                )
                 plan = make_plan(report, cfg.plan, cost)
             write_json_atomic(self.out / "plan.json", plan_json(plan))
             plot_probe(report, plan, self.out / "probe.png")
@@ -364,9 +428,11 @@ class Run:
             raise ConfigError(f"plan: made for {plan.num_layers} layers, the model has {self.layout.num_layers}")
         predicted = predicted_speed_text(plan, self.ctx.device.type)
         experts = f" + {len(plan.experts)} experts in {len(plan.experts_by_layer())} MoE layers" if plan.experts else ""
-        print0(f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
-               f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
-               f"{predicted}")
+        print0(
+            f"plan ({plan.rule}): layers {plan.layers}; {len(plan.modules)} adapters{experts}; lowest adapted layer "
+            f"{plan.lowest_adapted_layer}; captures {plan.score_captured:.1%} of the probe's gradient energy"
+            f"{predicted}"
+        )
         self.observer.planned(report, plan)
         return plan
 
@@ -376,17 +442,22 @@ class Run:
         plan = checkpoint.plan()
         if not (self.out / "plan.json").is_file():
             write_json0(self.out / "plan.json", plan_json(plan))
-        print0(f"plan ({plan.rule}): the checkpoint's, layers {plan.layers}; {len(plan.modules)} adapters "
-               "(no probe on resume)")
+        print0(
+            f"plan ({plan.rule}): the checkpoint's, layers {plan.layers}; {len(plan.modules)} adapters "
+            "(no probe on resume)"
+        )
         self.observer.planned(None, plan)
         return plan
 
     def fingerprints(self) -> dict:
         """What a checkpoint records to recognise this run's model and data on resume."""
         if self._fingerprints is None:
-            self._fingerprints = {"model": model_fingerprint(self.cfg.model),
-                                  "data": data_mod.fingerprint(self.train_examples + self.eval_examples),
-                                  "train_rows": len(self.train_examples), "eval_rows": len(self.eval_examples)}
+            self._fingerprints = {
+                "model": model_fingerprint(self.cfg.model),
+                "data": data_mod.fingerprint(self.train_examples + self.eval_examples),
+                "train_rows": len(self.train_examples),
+                "eval_rows": len(self.eval_examples),
+            }
         return self._fingerprints
 
     # ---------------------------------------------------------------- train
@@ -397,13 +468,19 @@ class Run:
         return self.engine(**data_mod.model_inputs(batch, self.attn_implementation), use_cache=False).loss
 
     def evaluate(self) -> float:
-        batches = data_mod.fixed_batches(self.eval_examples, self.cfg.train.micro_batch_size,
-                                         self.cfg.data.eval_batches, self.pad_id)
+        batches = data_mod.fixed_batches(
+            self.eval_examples, self.cfg.train.micro_batch_size, self.cfg.data.eval_batches, self.pad_id
+        )
         if not batches:
             return float("nan")
         self.engine.eval()
-        loss = held_out_loss(self._forward_loss, batches, rank=self.ctx.rank, world_size=self.ctx.world_size,
-                             all_reduce_sum=self.ctx.all_reduce_sum)
+        loss = held_out_loss(
+            self._forward_loss,
+            batches,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            all_reduce_sum=self.ctx.all_reduce_sum,
+        )
         self.engine.train()
         return loss
 
@@ -411,25 +488,35 @@ class Run:
         """The train.* execution knobs for this plan; what DeepSpeed cannot run is refused here."""
         train = self.cfg.train
         if train.compile and self.ctx.zero3:
-            raise ConfigError("train.compile: not supported under ZeRO-3 (its parameter hooks break the "
-                              "compiled graphs); use ds_configs/zero2.json or set train.compile=false")
+            raise ConfigError(
+                "train.compile: not supported under ZeRO-3 (its parameter hooks break the "
+                "compiled graphs); use ds_configs/zero2.json or set train.compile=false"
+            )
         prefix_cache = train.prefix_cache
         if self.cfg.data.packing:
             data_mod.check_packing(self.attn_implementation)
             if prefix_cache and data_mod.varlen_attention(self.attn_implementation):
-                raise ConfigError("train.prefix_cache: not supported with data.packing under flash attention (its "
-                                  "packed rows are flattened into one); set one of them false")
+                raise ConfigError(
+                    "train.prefix_cache: not supported with data.packing under flash attention (its "
+                    "packed rows are flattened into one); set one of them false"
+                )
         if prefix_cache and plan.lowest_adapted_layer == 0:
             print0("prefix cache: off, the plan adapts layer 0 (there is no frozen prefix)")
             prefix_cache = False
         elif prefix_cache and self.ctx.zero3:
-            raise ConfigError("train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
-                              "layers while gathering parameters collectively); use ZeRO stage 0-2")
+            raise ConfigError(
+                "train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
+                "layers while gathering parameters collectively); use ZeRO stage 0-2"
+            )
         # adapter dtype left to PEFT: the DeepSpeed engine casts the trainable parameters itself; checkpointing
         # set again here because the probe switched its own off
-        return ExecutionOptions(lora=self.cfg.lora, checkpointing=train.gradient_checkpointing,
-                                frozen_prefix=train.frozen_prefix, prefix_cache=prefix_cache,
-                                compile_layers=train.compile)
+        return ExecutionOptions(
+            lora=self.cfg.lora,
+            checkpointing=train.gradient_checkpointing,
+            frozen_prefix=train.frozen_prefix,
+            prefix_cache=prefix_cache,
+            compile_layers=train.compile,
+        )
 
     def prepare_training(self, plan: Plan, resume: Optional[Checkpoint] = None) -> None:
         """Adapters attached and verified and the model prepared (checkpointing, frozen prefix, compile, prefix
@@ -444,28 +531,44 @@ class Run:
             raise ConfigError(f"train.prefix_cache: {err}") from None
         self.model = self.execution.peft_model
         rows = data_mod.pack(self.train_examples, cfg.data.seq_len) if cfg.data.packing else self.train_examples
-        schedule = data_mod.StepSchedule(len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum,
-                                         ctx.world_size, cfg.train.seed)
+        schedule = data_mod.StepSchedule(
+            len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.train.seed
+        )
         total_steps = cfg.train.max_steps or schedule.steps_for_epochs(cfg.train.epochs)
         groups = param_groups(self.model, cfg.train.weight_decay)
         trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
-        self.engine, optimizer, scheduler = ctx.initialize(self.model, groups, scheduler_factory(cfg, total_steps),
-                                                           cfg.train.lr)
+        self.engine, optimizer, scheduler = ctx.initialize(
+            self.model, groups, scheduler_factory(cfg, total_steps), cfg.train.lr
+        )
         print0(f"train: {total_steps} steps x {schedule.global_batch} examples; {trainable:,} trainable parameters")
-        guard = NonFiniteGuard(cfg.train.nan_policy, cfg.train.max_nan_skips,
-                               loss_scaling=bool(ctx.ds_config.get("fp16", {}).get("enabled")))
+        guard = NonFiniteGuard(
+            cfg.train.nan_policy,
+            cfg.train.max_nan_skips,
+            loss_scaling=bool(ctx.ds_config.get("fp16", {}).get("enabled")),
+        )
         start_step = self._resume(resume, total_steps, guard) if resume else 0
         if resume is None:
             self.results.eval_loss_before = self.evaluate()
             print0(f"held-out loss before training: {self.results.eval_loss_before:.4f}")
         self.last_checkpoint = resume.path if resume else None
-        metrics = open_metrics(self.out, cfg.train.report_to, ctx.is_main, append=resume is not None,
-                               config=cfg.model_dump())
+        metrics = open_metrics(
+            self.out, cfg.train.report_to, ctx.is_main, append=resume is not None, config=cfg.model_dump()
+        )
         self.engine.train()
         progress = Progress("train", total_steps, ctx.is_main, cfg.train.quiet, start=start_step)
         ctx.reset_peak_memory()
-        self.training = TrainingState(plan, rows, schedule, total_steps, start_step, scheduler, guard, metrics,
-                                      progress, loop_started=time.perf_counter())
+        self.training = TrainingState(
+            plan,
+            rows,
+            schedule,
+            total_steps,
+            start_step,
+            scheduler,
+            guard,
+            metrics,
+            progress,
+            loop_started=time.perf_counter(),
+        )
         self.steps_done = start_step
         self.stop_signal.install()
 
@@ -492,8 +595,9 @@ class Run:
             self.engine.step()
             losses.append(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        totals = ctx.all_reduce_sum(torch.tensor(
-            [float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64))
+        totals = ctx.all_reduce_sum(
+            torch.tensor([float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64)
+        )
         seconds = time.perf_counter() - started
         step_loss = float(totals[0] / totals[1])
         grad_norm = self.engine.get_global_grad_norm()
@@ -502,9 +606,16 @@ class Run:
         row = None
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps or skipped:
             finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (strict JSON)
-            row = dict(step=step + 1, loss=finite(step_loss), lr=lr, tokens_per_s=float(totals[2]) / seconds,
-                       grad_norm=finite(grad_norm), step_seconds=seconds, epoch=training.schedule.epoch_of(step + 1),
-                       **({"skipped": True} if skipped else {}))
+            row = dict(
+                step=step + 1,
+                loss=finite(step_loss),
+                lr=lr,
+                tokens_per_s=float(totals[2]) / seconds,
+                grad_norm=finite(grad_norm),
+                step_seconds=seconds,
+                epoch=training.schedule.epoch_of(step + 1),
+                **({"skipped": True} if skipped else {}),
+            )
             training.metrics.write(row)
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < total_steps:
             eval_loss = self.evaluate()
@@ -522,8 +633,11 @@ class Run:
         """After step `step`: when any rank has had SIGTERM, every rank learns it from one all-reduce, a
         checkpoint of this step is written together (unless there is one, or the last save took longer than
         what is left of train.stop_grace_s), and Stopped ends the job with PREEMPTED_EXIT."""
-        asked, waited = self.ctx.all_reduce_sum(torch.tensor(
-            [float(self.stop_signal.received_at is not None), self.stop_signal.seconds_since()], dtype=torch.float64))
+        asked, waited = self.ctx.all_reduce_sum(
+            torch.tensor(
+                [float(self.stop_signal.received_at is not None), self.stop_signal.seconds_since()], dtype=torch.float64
+            )
+        )
         if asked == 0:
             return
         done, grace = step + 1, self.cfg.train.stop_grace_s
@@ -534,10 +648,14 @@ class Run:
         elif waited + self.last_save_seconds <= grace:
             saved = f"checkpoint {self.save(done, self.training.total_steps, self.training.plan, self.training.guard)}"
         else:
-            saved = (f"no checkpoint: {grace - waited:.0f} s of train.stop_grace_s={grace:g} left, the last save took "
-                     f"{self.last_save_seconds:.0f} s; the last one is {self.last_checkpoint or 'none'}")
-        raise Stopped(f"SIGTERM: stopped after step {done} of {self.training.total_steps}; {saved}; resume with "
-                      "--resume auto", PREEMPTED_EXIT)
+            saved = (
+                f"no checkpoint: {grace - waited:.0f} s of train.stop_grace_s={grace:g} left, the last save took "
+                f"{self.last_save_seconds:.0f} s; the last one is {self.last_checkpoint or 'none'}"
+            )
+        raise Stopped(
+            f"SIGTERM: stopped after step {done} of {self.training.total_steps}; {saved}; resume with --resume auto",
+            PREEMPTED_EXIT,
+        )
 
     def finish(self) -> None:
         """After the last step: training time and memory peak, the held-out loss after training, the results."""
@@ -554,16 +672,26 @@ class Run:
         if self.prefix_cache is not None:
             cache = self.prefix_cache
             self.results.prefix_cache = cache.summary()
-            print0(f"prefix cache: {len(cache.store)} examples, {cache.stored_bytes / 2**20:.1f} MiB on rank 0; "
-                   f"{cache.hits} micro-batches replayed, {cache.misses} computed")
+            print0(
+                f"prefix cache: {len(cache.store)} examples, {cache.stored_bytes / 2**20:.1f} MiB on rank 0; "
+                f"{cache.hits} micro-batches replayed, {cache.misses} computed"
+            )
         print0(f"held-out loss after training:  {self.results.eval_loss_after:.4f}")
 
     def save(self, step: int, total_steps: int, plan: Plan, guard: NonFiniteGuard) -> Path:
         """A resumable checkpoint of this step (every rank takes part)."""
-        state = {"total_steps": total_steps, "world_size": self.ctx.world_size, "zero_stage": self.ctx.zero_stage,
-                 "nan_skips": guard.skips, "eval_loss_before": self.results.eval_loss_before,
-                 "config": self.cfg.model_dump(), "deepspeed": self.ctx.ds_config, "plan": plan_json(plan),
-                 "fingerprints": self.fingerprints(), "versions": _versions()}
+        state = {
+            "total_steps": total_steps,
+            "world_size": self.ctx.world_size,
+            "zero_stage": self.ctx.zero_stage,
+            "nan_skips": guard.skips,
+            "eval_loss_before": self.results.eval_loss_before,
+            "config": self.cfg.model_dump(),
+            "deepspeed": self.ctx.ds_config,
+            "plan": plan_json(plan),
+            "fingerprints": self.fingerprints(),
+            "versions": _versions(),
+        }
         keep_last = None if self.observer.keeps_checkpoints else self.cfg.train.keep_last
         started = time.perf_counter()
         self.last_checkpoint = save_checkpoint(self.ctx, self.engine, self.model, self.out, step, state, keep_last)
@@ -575,8 +703,10 @@ class Run:
         """Engine, RNG and metrics as they were after the checkpoint's step; returns that step."""
         saved_total = int(checkpoint.state["total_steps"])
         if saved_total != total_steps:
-            raise ConfigError(f"train.resume: {checkpoint.path} belongs to a run of {saved_total} steps, this "
-                              f"one has {total_steps}; set train.max_steps={saved_total}")
+            raise ConfigError(
+                f"train.resume: {checkpoint.path} belongs to a run of {saved_total} steps, this "
+                f"one has {total_steps}; set train.max_steps={saved_total}"
+            )
         restore_checkpoint(self.ctx, self.engine, self.model, checkpoint, self.out)
         self.results.eval_loss_before = checkpoint.state.get("eval_loss_before")
         guard.skips = int(checkpoint.state.get("nan_skips", 0))
@@ -587,17 +717,19 @@ class Run:
     @torch.no_grad()
     def sample_logits(self) -> None:
         """Logits of the trained model on the first held-out batch: a reloaded adapter must reproduce them."""
-        batch = data_mod.fixed_batches(self.eval_examples or self.train_examples, self.cfg.train.micro_batch_size,
-                                       1, self.pad_id)[0]
+        batch = data_mod.fixed_batches(
+            self.eval_examples or self.train_examples, self.cfg.train.micro_batch_size, 1, self.pad_id
+        )[0]
         self.engine.eval()
         if self.prefix_cache is not None:
             self.prefix_cache.begin(None)
         logits = self.engine(**{k: v.to(self.ctx.device) for k, v in batch.items()}, use_cache=False).logits
         self.engine.train()
         if self.ctx.is_main:
-            save_safetensors_atomic(self.out / "sample_logits.safetensors",
-                                    {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                                     "logits": logits.float()})
+            save_safetensors_atomic(
+                self.out / "sample_logits.safetensors",
+                {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "logits": logits.float()},
+            )
 
     def export(self) -> Optional[Path]:
         started = time.perf_counter()
@@ -629,8 +761,12 @@ def _versions() -> dict:
     import peft
     import transformers
 
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+    return {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def main(cfg: RunConfig, observer: Optional[RunObserver] = None) -> RunResults:

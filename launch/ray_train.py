@@ -1,4 +1,5 @@
-"""ray job submit --working-dir . -- python launch/ray_train.py --config launch/configs/tiny_ray.yaml [section.key=value ...]
+"""ray job submit --working-dir . -- \
+    python launch/ray_train.py --config launch/configs/tiny_ray.yaml [section.key=value ...]
 
 Ray Train: ray.num_workers workers, each running probe -> plan -> LoRA training -> adapter export
 (aletheia_ds.train.main) with DeepSpeed inside; outputs in ray.storage_path/ray.name. See docs/RAY.md.

@@ -14,10 +14,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), os.environ.
 
 # after the environment: huggingface_hub and DeepSpeed read it when first imported
 import torch  # noqa: E402
-
-from aletheia_ds.arch import Layout, describe  # noqa: E402
 from helpers.families import random_batches, tiny_model  # noqa: E402
 from helpers.ranks import ROOT  # noqa: E402
+
+from aletheia_ds.arch import Layout, describe  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,10 +44,12 @@ class TinyFrozen(NamedTuple):
 def tiny_frozen():
     """`tiny_frozen(family, batches=(count, batch_size, seq_len), seed=3, **config_overrides)`: a tiny model of
     `family` with every weight frozen, as the probe and LoRA find the base, its layout, and random batches."""
+
     def build(family: str, batches: tuple[int, int, int] = (2, 2, 10), seed: int = 3, **overrides) -> TinyFrozen:
         model = tiny_model(family, **overrides)
         model.requires_grad_(False)
         return TinyFrozen(model, describe(model), random_batches(*batches, seed=seed))
+
     return build
 
 

@@ -22,12 +22,34 @@ import time
 from pathlib import Path
 
 from _common import ROOT  # first: it puts this checkout on sys.path
+
 from aletheia_ds.io import write_json_atomic, write_text_atomic
 from aletheia_ds.launchers.deepspeed import free_port, rank_env
 
 TOKENIZER = ROOT / "examples/tiny/tokenizer"
-WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "seven", "north", "light", "paper",
-         "table", "green", "quick", "house", "water", "metal", "forty", "under", "after", "round"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "stone",
+    "cloud",
+    "seven",
+    "north",
+    "light",
+    "paper",
+    "table",
+    "green",
+    "quick",
+    "house",
+    "water",
+    "metal",
+    "forty",
+    "under",
+    "after",
+    "round",
+]
 
 
 def write_chat_rows(path: Path, rows: int, seed: int = 0) -> None:
@@ -36,8 +58,10 @@ def write_chat_rows(path: Path, rows: int, seed: int = 0) -> None:
         for _ in range(rows):
             ask = " ".join(rng.choices(WORDS, k=rng.randint(8, 40)))
             answer = " ".join(rng.choices(WORDS, k=rng.randint(8, 60)))
-            handle.write(json.dumps({"messages": [{"role": "user", "content": ask},
-                                                  {"role": "assistant", "content": answer}]}) + "\n")
+            handle.write(
+                json.dumps({"messages": [{"role": "user", "content": ask}, {"role": "assistant", "content": answer}]})
+                + "\n"
+            )
 
 
 def worker(args) -> None:
@@ -51,15 +75,31 @@ def worker(args) -> None:
     cfg = RunConfig()
     with distributed(cfg, use_deepspeed=False) as ctx:
         tokenizer = load_tokenizer(str(TOKENIZER))
-        examples = cached_examples(args.data, tokenizer, args.seq_len, args.cache, args.num_proc,
-                                   ctx.local_rank == 0, ctx.barrier, log=lambda line: None)
+        examples = cached_examples(
+            args.data,
+            tokenizer,
+            args.seq_len,
+            args.cache,
+            args.num_proc,
+            ctx.local_rank == 0,
+            ctx.barrier,
+            log=lambda line: None,
+        )
         seconds = time.perf_counter() - started
         first = examples[len(examples) - 1]  # touch the memory-mapped table
         assert first.input_ids
         rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        Path(args.result).write_text(json.dumps({"rank": ctx.rank, "tokenizes": ctx.local_rank == 0,
-                                                 "seconds": seconds, "peak_rss_gib": rss_gib,
-                                                 "examples": len(examples)}))
+        Path(args.result).write_text(
+            json.dumps(
+                {
+                    "rank": ctx.rank,
+                    "tokenizes": ctx.local_rank == 0,
+                    "seconds": seconds,
+                    "peak_rss_gib": rss_gib,
+                    "examples": len(examples),
+                }
+            )
+        )
         ctx.barrier()
 
 
@@ -67,11 +107,29 @@ def run_ranks(args, work: Path, label: str) -> list[dict]:
     port = free_port()
     procs = []
     for rank in range(args.ranks):
-        env = rank_env(cpu=True, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cmd = [sys.executable, __file__, "--worker", "--data", str(work / "chat.jsonl"), "--cache",
-               str(work / "cache"), "--seq-len", str(args.seq_len), "--num-proc", str(args.num_proc),
-               "--result", str(work / f"{label}-rank{rank}.json")]
+        env = rank_env(
+            cpu=True,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(args.ranks),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--data",
+            str(work / "chat.jsonl"),
+            "--cache",
+            str(work / "cache"),
+            "--seq-len",
+            str(args.seq_len),
+            "--num-proc",
+            str(args.num_proc),
+            "--result",
+            str(work / f"{label}-rank{rank}.json"),
+        ]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
     if any(p.wait(timeout=args.timeout) != 0 for p in procs):
         raise SystemExit(f"error: {label} run failed")
@@ -105,18 +163,33 @@ def main() -> None:
 
         shutil.rmtree(work / "cache")
     runs = {"first": run_ranks(args, work, "first"), "cached": run_ranks(args, work, "cached")}
-    summary = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "rows": args.rows,
-               "ranks": args.ranks, "num_proc": args.num_proc, "seq_len": args.seq_len,
-               "jsonl_bytes": (work / "chat.jsonl").stat().st_size, "generate_seconds": generate_seconds,
-               "cpu_count": os.cpu_count(), "runs": runs}
+    summary = {
+        "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "rows": args.rows,
+        "ranks": args.ranks,
+        "num_proc": args.num_proc,
+        "seq_len": args.seq_len,
+        "jsonl_bytes": (work / "chat.jsonl").stat().st_size,
+        "generate_seconds": generate_seconds,
+        "cpu_count": os.cpu_count(),
+        "runs": runs,
+    }
     write_json_atomic(out / "data.json", summary)
-    lines = [f"`{summary['command']}`", "",
-             f"{args.rows:,} chat rows ({summary['jsonl_bytes'] / 2**20:.0f} MiB JSONL), {args.ranks} CPU ranks, "
-             f"{args.num_proc} tokenizer processes, {os.cpu_count()} cores", "",
-             "| run | rank | tokenizes | seconds to examples ready | peak RSS (GiB) |", "|---|---|---|---|---|"]
+    lines = [
+        f"`{summary['command']}`",
+        "",
+        f"{args.rows:,} chat rows ({summary['jsonl_bytes'] / 2**20:.0f} MiB JSONL), {args.ranks} CPU ranks, "
+        f"{args.num_proc} tokenizer processes, {os.cpu_count()} cores",
+        "",
+        "| run | rank | tokenizes | seconds to examples ready | peak RSS (GiB) |",
+        "|---|---|---|---|---|",
+    ]
     for label, ranks in runs.items():
-        lines += [f"| {label} | {r['rank']} | {'yes' if r['tokenizes'] and label == 'first' else 'no'} | "
-                  f"{r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |" for r in ranks]
+        lines += [
+            f"| {label} | {r['rank']} | {'yes' if r['tokenizes'] and label == 'first' else 'no'} | "
+            f"{r['seconds']:.1f} | {r['peak_rss_gib']:.2f} |"
+            for r in ranks
+        ]
     write_text_atomic(out / "data.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

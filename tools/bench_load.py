@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 from _common import ROOT, add_job_args, finish_job_args, run_logged  # first: it puts this checkout on sys.path
-from aletheia_ds.io import write_json_atomic, write_text_atomic
 from bench_scale import launcher, run_config, write_data
+
+from aletheia_ds.io import write_json_atomic, write_text_atomic
 
 
 def read_once_seconds(model_dir: Path) -> tuple[float, int]:
@@ -56,32 +57,56 @@ def main() -> None:
     (out / "run.yaml").write_text(yaml.safe_dump(config))
     read_seconds, read_bytes = read_once_seconds(model_dir) if args.read_once else (None, None)
     started = time.perf_counter()
-    run_logged(launcher(args, str(ROOT / "launch/train.py"), ["--config", str(out / "run.yaml"), *args.set]),
-               out / "log.txt", cpu=args.cpu, timeout=args.timeout)
+    run_logged(
+        launcher(args, str(ROOT / "launch/train.py"), ["--config", str(out / "run.yaml"), *args.set]),
+        out / "log.txt",
+        cpu=args.cpu,
+        timeout=args.timeout,
+    )
     results = json.loads((out / "run/eval.json").read_text())
     shard_bytes = [p.stat().st_size for p in model_dir.glob("*.safetensors")]
     held = results["base_parameters"]["held_by_rank"]
     summary = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "model": str(model_dir), "ranks": args.gpus, "device": "cpu" if args.cpu else "gpu",
-        "checkpoint_bytes": sum(shard_bytes), "largest_shard_bytes": max(shard_bytes), "shards": len(shard_bytes),
-        "load_seconds": results["seconds"]["build"], "read_once_seconds": read_seconds, "read_bytes": read_bytes,
+        "model": str(model_dir),
+        "ranks": args.gpus,
+        "device": "cpu" if args.cpu else "gpu",
+        "checkpoint_bytes": sum(shard_bytes),
+        "largest_shard_bytes": max(shard_bytes),
+        "shards": len(shard_bytes),
+        "load_seconds": results["seconds"]["build"],
+        "read_once_seconds": read_seconds,
+        "read_bytes": read_bytes,
         "peak_host_rss_gib_by_rank": results["peak_host_rss_gib_by_rank"],
-        "base_parameters_total": results["base_parameters"]["total"], "base_parameters_held_by_rank": held,
+        "base_parameters_total": results["base_parameters"]["total"],
+        "base_parameters_held_by_rank": held,
         "held_fraction_by_rank": [h / results["base_parameters"]["total"] for h in held],
         "job_wall_seconds": time.perf_counter() - started,
     }
     write_json_atomic(out / "load.json", summary)
     gib = 2**30
-    lines = [f"`{summary['command']}`", "",
-             f"checkpoint: {summary['shards']} shards, {summary['checkpoint_bytes'] / gib:.1f} GiB "
-             f"(largest shard {summary['largest_shard_bytes'] / gib:.2f} GiB); {args.gpus} ranks", "",
-             "| rank | peak host RSS (GiB) | base weights held (share of the model) |", "|---|---|---|"]
-    lines += [f"| {rank} | {rss:.2f} | {share:.1%} |" for rank, (rss, share) in
-              enumerate(zip(summary["peak_host_rss_gib_by_rank"], summary["held_fraction_by_rank"]))]
-    lines += ["", f"load: {summary['load_seconds']:.1f} s" + (
-        f"; one sequential read of the shards: {read_seconds:.1f} s ({read_bytes / gib / read_seconds:.2f} GiB/s)"
-        if read_seconds else "")]
+    lines = [
+        f"`{summary['command']}`",
+        "",
+        f"checkpoint: {summary['shards']} shards, {summary['checkpoint_bytes'] / gib:.1f} GiB "
+        f"(largest shard {summary['largest_shard_bytes'] / gib:.2f} GiB); {args.gpus} ranks",
+        "",
+        "| rank | peak host RSS (GiB) | base weights held (share of the model) |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {rank} | {rss:.2f} | {share:.1%} |"
+        for rank, (rss, share) in enumerate(zip(summary["peak_host_rss_gib_by_rank"], summary["held_fraction_by_rank"]))
+    ]
+    lines += [
+        "",
+        f"load: {summary['load_seconds']:.1f} s"
+        + (
+            f"; one sequential read of the shards: {read_seconds:.1f} s ({read_bytes / gib / read_seconds:.2f} GiB/s)"
+            if read_seconds
+            else ""
+        ),
+    ]
     write_text_atomic(out / "load.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

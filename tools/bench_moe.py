@@ -1,4 +1,5 @@
-"""python tools/bench_moe.py --shape qwen3-30b-a3b --layers 8 --batch-size 4 --seq-len 2048 --steps 12 --out bench_moe.json
+"""python tools/bench_moe.py --shape qwen3-30b-a3b --layers 8 --batch-size 4 --seq-len 2048 --steps 12 \
+    --out bench_moe.json
 
 Uniform expert LoRA vs an expert-aware plan on a MoE model of a real shape (fewer layers, random weights, one GPU):
   uniform       LoRA r16 on every attention linear and on every expert of every layer (PEFT target_parameters)
@@ -24,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import MOE_SHAPES, arm_section, model_config, random_model  # first: it puts this checkout on sys.path
+
 from aletheia_ds.adapters.attach import attach
 from aletheia_ds.arch import describe
 from aletheia_ds.config import PlanSection
@@ -42,8 +43,9 @@ def token_batches(count: int, batch_size: int, seq_len: int, vocab: int, device:
     out = []
     for _ in range(count):
         ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
-        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                    "labels": ids.to(device)})
+        out.append(
+            {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+        )
     return out
 
 
@@ -60,8 +62,9 @@ def time_variant(name: str, plan, args, dtype, device) -> dict:
     tuned.train()
     params = [p for p in tuned.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    batches = token_batches(args.warmup + args.steps, args.batch_size, args.seq_len, model.config.vocab_size, device,
-                            seed=7)
+    batches = token_batches(
+        args.warmup + args.steps, args.batch_size, args.seq_len, model.config.vocab_size, device, seed=7
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = []
@@ -75,16 +78,28 @@ def time_variant(name: str, plan, args, dtype, device) -> dict:
         if step >= args.warmup:
             seconds.append(time.perf_counter() - started)
     median = statistics.median(seconds)
-    row = {"variant": name, "shape": args.shape, "layers": args.layers, "batch_size": args.batch_size,
-           "seq_len": args.seq_len, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-           "checkpointing": args.checkpointing, "steps_timed": len(seconds), "median_step_s": median,
-           "min_step_s": min(seconds), "max_step_s": max(seconds),
-           "tokens_per_s": args.batch_size * args.seq_len / median,
-           "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "trainable_params": sum(p.numel() for p in params), "adapted_layers": len(plan.layers),
-           "module_adapters": len(plan.modules), "expert_adapters": len(plan.experts),
-           "experts_total": sum(b.num_experts for b in plan.moe.values()),
-           "score_captured": plan.score_captured}
+    row = {
+        "variant": name,
+        "shape": args.shape,
+        "layers": args.layers,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "checkpointing": args.checkpointing,
+        "steps_timed": len(seconds),
+        "median_step_s": median,
+        "min_step_s": min(seconds),
+        "max_step_s": max(seconds),
+        "tokens_per_s": args.batch_size * args.seq_len / median,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "trainable_params": sum(p.numel() for p in params),
+        "adapted_layers": len(plan.layers),
+        "module_adapters": len(plan.modules),
+        "expert_adapters": len(plan.experts),
+        "experts_total": sum(b.num_experts for b in plan.moe.values()),
+        "score_captured": plan.score_captured,
+    }
     del tuned, model, optimizer, params
     gc.collect()
     if device.type == "cuda":
@@ -94,8 +109,12 @@ def time_variant(name: str, plan, args, dtype, device) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="qwen3-30b-a3b", choices=[*sorted(MOE_SHAPES), "smoke"],
-                        help="smoke: tiny-moe, the --smoke shape")
+    parser.add_argument(
+        "--shape",
+        default="qwen3-30b-a3b",
+        choices=[*sorted(MOE_SHAPES), "smoke"],
+        help="smoke: tiny-moe, the --smoke shape",
+    )
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -118,8 +137,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.shape, args.layers, args.batch_size, args.seq_len = "tiny-moe", 2, 2, 32
         args.steps, args.warmup, args.probe_batches, args.expert_top_k = 3, 1, 2, 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[args.dtype]
+    dtype = {
+        "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[args.dtype]
 
     # the expert-aware plan comes from a probe of the same (seeded) model on the same kind of batches
     model = build_model(args, dtype, device)
@@ -131,9 +153,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ranks = dict(attention_r=args.rank, mlp_r=args.rank, expert_r=args.rank)
     plans = {
         "uniform": make_plan(report, arm_section("uniform", expert_rule="all", **ranks)),
-        "expert_aware": make_plan(report, PlanSection(rule="top_pct", top_pct=args.top_pct,
-                                                      expert_rule=args.expert_rule, expert_energy=args.expert_energy,
-                                                      expert_top_k=args.expert_top_k, **ranks)),
+        "expert_aware": make_plan(
+            report,
+            PlanSection(
+                rule="top_pct",
+                top_pct=args.top_pct,
+                expert_rule=args.expert_rule,
+                expert_energy=args.expert_energy,
+                expert_top_k=args.expert_top_k,
+                **ranks,
+            ),
+        ),
     }
     rows = []
     for name, plan in plans.items():
@@ -142,11 +172,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     uniform, aware = rows
-    print(f"expert-aware vs uniform: {uniform['median_step_s'] / aware['median_step_s']:.2f}x step speed, "
-          f"{aware['expert_adapters']}/{uniform['expert_adapters']} experts adapted in {aware['adapted_layers']}/"
-          f"{uniform['adapted_layers']} layers, {aware['score_captured']:.0%} of the probe's gradient energy"
-          + (f", peak memory {aware['peak_memory_gib']:.1f} vs {uniform['peak_memory_gib']:.1f} GiB"
-             if device.type == "cuda" else ""), flush=True)
+    print(
+        f"expert-aware vs uniform: {uniform['median_step_s'] / aware['median_step_s']:.2f}x step speed, "
+        f"{aware['expert_adapters']}/{uniform['expert_adapters']} experts adapted in {aware['adapted_layers']}/"
+        f"{uniform['adapted_layers']} layers, {aware['score_captured']:.0%} of the probe's gradient energy"
+        + (
+            f", peak memory {aware['peak_memory_gib']:.1f} vs {uniform['peak_memory_gib']:.1f} GiB"
+            if device.type == "cuda"
+            else ""
+        ),
+        flush=True,
+    )
     Path(args.out).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return rows
 

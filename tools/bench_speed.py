@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import SHAPES, arm_section, model_config, random_model  # first: it puts this checkout on sys.path
 
 from aletheia_ds.arch import describe
@@ -61,8 +60,13 @@ def probe(model, layout, batches):
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return run_probe(model, layout, batches, lambda b: model(**{k: v.to(device) for k, v in b.items()},
-                                                                 use_cache=False).loss, model_name="random")
+    return run_probe(
+        model,
+        layout,
+        batches,
+        lambda b: model(**{k: v.to(device) for k, v in b.items()}, use_cache=False).loss,
+        model_name="random",
+    )
 
 
 def predicted_seconds(cost: CostModel, plan: Plan, frozen_prefix: bool, checkpointing: bool) -> float:
@@ -81,34 +85,59 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
     log(f"[{name}] built in {time.perf_counter() - t0:.1f} s on {device_name()}")
     vocab = shape["vocab_size"]
     batch = random_batch(args.batch_size, args.seq_len, vocab, seed=1)
-    probe_batches = [random_batch(args.batch_size, args.seq_len, vocab, seed=100 + i) for i in range(args.probe_batches)]
+    probe_batches = [
+        random_batch(args.batch_size, args.seq_len, vocab, seed=100 + i) for i in range(args.probe_batches)
+    ]
 
     probe(model, layout, probe_batches[:1])  # warm-up (kernels, allocator)
     report = probe(model, layout, probe_batches)
     peak_probe = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     reference_s = chunked_reference_probe(model, layout, probe_batches)
-    log(f"[{name}] probe {report.seconds:.2f} s for {len(probe_batches)} batches; chunked reference {reference_s:.2f} s")
-    result = {"shape": name, "config": shape, "batch": [args.batch_size, args.seq_len],
-              "probe": {"seconds": report.seconds, "batches": len(probe_batches), "chunked_reference_seconds": reference_s,
-                        "speedup_vs_reference": reference_s / report.seconds, "peak_memory_gib": peak_probe,
-                        "top_layers": sorted(range(report.num_layers), key=lambda i: -report.layers[i].score)[:8]},
-              "modes": {}}
+    log(
+        f"[{name}] probe {report.seconds:.2f} s for {len(probe_batches)} batches; chunked reference {reference_s:.2f} s"
+    )
+    result = {
+        "shape": name,
+        "config": shape,
+        "batch": [args.batch_size, args.seq_len],
+        "probe": {
+            "seconds": report.seconds,
+            "batches": len(probe_batches),
+            "chunked_reference_seconds": reference_s,
+            "speedup_vs_reference": reference_s / report.seconds,
+            "peak_memory_gib": peak_probe,
+            "top_layers": sorted(range(report.num_layers), key=lambda i: -report.layers[i].score)[:8],
+        },
+        "modes": {},
+    }
     for checkpointing in (False, True):
         mode = "checkpointing" if checkpointing else "no_checkpointing"
         if time.perf_counter() > args.deadline:
             log(f"[{name}/{mode}] skipped (--time-budget-s reached)")
             continue
         t1 = time.perf_counter()
-        cost = calibrate(model, layout, batch, checkpointing=checkpointing, steps=args.calibration_steps,
-                         adapter_dtype=dtype, log=lambda m: log(f"[{name}/{mode}] {m}"))
+        cost = calibrate(
+            model,
+            layout,
+            batch,
+            checkpointing=checkpointing,
+            steps=args.calibration_steps,
+            adapter_dtype=dtype,
+            log=lambda m: log(f"[{name}/{mode}] {m}"),
+        )
         calibration_s = time.perf_counter() - t1
-        plans = {"uniform": make_plan(report, arm_section("uniform"), cost),
-                 "paper": make_plan(report, arm_section("paper"), cost),
-                 "budget": make_plan(report, arm_section("budget", budget=args.budget, mlp_r=args.budget_mlp_r),
-                                     cost)}
+        plans = {
+            "uniform": make_plan(report, arm_section("uniform"), cost),
+            "paper": make_plan(report, arm_section("paper"), cost),
+            "budget": make_plan(report, arm_section("budget", budget=args.budget, mlp_r=args.budget_mlp_r), cost),
+        }
         # (row, plan, frozen prefix, adapter dtype, compiled, prefix cache)
-        rows = [("uniform", "uniform", False, dtype, False, False), ("paper", "paper", False, dtype, False, False),
-                ("budget", "budget", True, dtype, False, False), ("budget_no_prefix", "budget", False, dtype, False, False)]
+        rows = [
+            ("uniform", "uniform", False, dtype, False, False),
+            ("paper", "paper", False, dtype, False, False),
+            ("budget", "budget", True, dtype, False, False),
+            ("budget_no_prefix", "budget", False, dtype, False, False),
+        ]
         if not checkpointing:
             rows.insert(1, ("uniform_fp32", "uniform", False, None, False, False))
         if args.compile and not checkpointing:
@@ -121,20 +150,43 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
                 log(f"[{name}/{mode}] {row}: skipped (--time-budget-s reached)")
                 continue
             plan = plans[plan_name]
-            timing = time_plan(model, layout, plan, batch, steps=args.steps, warmup=args.warmup,
-                               checkpointing=checkpointing, frozen_prefix=frozen_prefix, adapter_dtype=adapter_dtype,
-                               compile_layers=compiled, prefix_cache=cached)
-            measured[row] = {"plan": plan_name, "layers": plan.layers, "lowest_adapted_layer": plan.lowest_adapted_layer,
-                             "adapters": len(plan.modules), "score_captured": plan.score_captured,
-                             "frozen_prefix": frozen_prefix, "adapter_dtype": str(adapter_dtype or "fp32 (PEFT default)"),
-                             "compiled": compiled, "prefix_cache": cached,
-                             "prefix_cache_bytes_per_token": shape["hidden_size"] * (2 if dtype == torch.bfloat16 else 4)
-                             if cached else 0, "median_step_s": timing.median_s, "step_times_s": timing.steps,
-                             "tokens_per_s": timing.tokens_per_s, "peak_memory_gib": timing.peak_memory_gib,
-                             "predicted_step_s": predicted_seconds(cost, plan, frozen_prefix, checkpointing)}
-            log(f"[{name}/{mode}] {row}: {timing.median_s * 1000:.1f} ms/step (predicted "
+            timing = time_plan(
+                model,
+                layout,
+                plan,
+                batch,
+                steps=args.steps,
+                warmup=args.warmup,
+                checkpointing=checkpointing,
+                frozen_prefix=frozen_prefix,
+                adapter_dtype=adapter_dtype,
+                compile_layers=compiled,
+                prefix_cache=cached,
+            )
+            measured[row] = {
+                "plan": plan_name,
+                "layers": plan.layers,
+                "lowest_adapted_layer": plan.lowest_adapted_layer,
+                "adapters": len(plan.modules),
+                "score_captured": plan.score_captured,
+                "frozen_prefix": frozen_prefix,
+                "adapter_dtype": str(adapter_dtype or "fp32 (PEFT default)"),
+                "compiled": compiled,
+                "prefix_cache": cached,
+                "prefix_cache_bytes_per_token": shape["hidden_size"] * (2 if dtype == torch.bfloat16 else 4)
+                if cached
+                else 0,
+                "median_step_s": timing.median_s,
+                "step_times_s": timing.steps,
+                "tokens_per_s": timing.tokens_per_s,
+                "peak_memory_gib": timing.peak_memory_gib,
+                "predicted_step_s": predicted_seconds(cost, plan, frozen_prefix, checkpointing),
+            }
+            log(
+                f"[{name}/{mode}] {row}: {timing.median_s * 1000:.1f} ms/step (predicted "
                 f"{measured[row]['predicted_step_s'] * 1000:.1f}), {timing.tokens_per_s:,.0f} tok/s, "
-                f"{timing.peak_memory_gib:.1f} GiB, layers {plan.layers[0]}..{plan.layers[-1]} ({len(plan.layers)})")
+                f"{timing.peak_memory_gib:.1f} GiB, layers {plan.layers[0]}..{plan.layers[-1]} ({len(plan.layers)})"
+            )
         if "uniform" not in measured:
             continue
         uniform = measured["uniform"]["median_step_s"]
@@ -150,24 +202,34 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| shape | checkpointing | row | layers (lowest) | ms/step | pred. ms | tokens/s | peak GiB | speedup | net speedup (1000 steps, with probe) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | checkpointing | row | layers (lowest) | ms/step | pred. ms | tokens/s | peak GiB | speedup "
+        "| net speedup (1000 steps, with probe) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for res in results:
         for mode, body in res["modes"].items():
             for row, r in body["rows"].items():
-                lines.append(f"| {res['shape']} | {'on' if mode == 'checkpointing' else 'off'} | {row} | "
-                             f"{len(r['layers'])} ({r['lowest_adapted_layer']}) | {r['median_step_s'] * 1000:.1f} | "
-                             f"{r['predicted_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_gib']:.1f} | "
-                             f"{r['speedup_vs_uniform']:.2f}x | {r['net_speedup_1000_steps']:.2f}x |")
-    lines += ["", "| shape | probe s (batches) | chunked reference s | probe speedup | probe / uniform step per batch |",
-              "|---|---|---|---|---|"]
+                lines.append(
+                    f"| {res['shape']} | {'on' if mode == 'checkpointing' else 'off'} | {row} | "
+                    f"{len(r['layers'])} ({r['lowest_adapted_layer']}) | {r['median_step_s'] * 1000:.1f} | "
+                    f"{r['predicted_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_gib']:.1f} | "
+                    f"{r['speedup_vs_uniform']:.2f}x | {r['net_speedup_1000_steps']:.2f}x |"
+                )
+    lines += [
+        "",
+        "| shape | probe s (batches) | chunked reference s | probe speedup | probe / uniform step per batch |",
+        "|---|---|---|---|---|",
+    ]
     for res in results:
         p = res["probe"]
         if "no_checkpointing" not in res["modes"]:
             continue
         uniform = res["modes"]["no_checkpointing"]["rows"]["uniform"]["median_step_s"]
-        lines.append(f"| {res['shape']} | {p['seconds']:.2f} ({p['batches']}) | {p['chunked_reference_seconds']:.2f} | "
-                     f"{p['speedup_vs_reference']:.1f}x | {p['seconds'] / p['batches'] / uniform:.2f} |")
+        lines.append(
+            f"| {res['shape']} | {p['seconds']:.2f} ({p['batches']}) | {p['chunked_reference_seconds']:.2f} | "
+            f"{p['speedup_vs_reference']:.1f}x | {p['seconds'] / p['batches'] / uniform:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -181,9 +243,13 @@ def chart(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False)
     for ax, (shape, mode, rows) in zip(axes[0], groups):
         names = list(rows)
-        ax.bar(range(len(names)), [rows[n]["tokens_per_s"] for n in names],
-               color=["tab:gray" if n.startswith("uniform") else "tab:blue" if n == "paper" else "tab:orange"
-                      for n in names])
+        ax.bar(
+            range(len(names)),
+            [rows[n]["tokens_per_s"] for n in names],
+            color=[
+                "tab:gray" if n.startswith("uniform") else "tab:blue" if n == "paper" else "tab:orange" for n in names
+            ],
+        )
         ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
         ax.set_title(f"{shape}, checkpointing {'on' if mode == 'checkpointing' else 'off'}", fontsize=9)
         ax.set_ylabel("tokens/s")
@@ -230,19 +296,35 @@ def main() -> None:
         # the MoE row: uniform expert LoRA vs the expert-aware plan, same harness conventions (tools/bench_moe.py)
         import bench_moe
 
-        moe_argv = ["--smoke"] if args.smoke else ["--shape", args.moe_shape, "--layers", str(args.moe_layers),
-                                                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        moe_argv = (
+            ["--smoke"]
+            if args.smoke
+            else [
+                "--shape",
+                args.moe_shape,
+                "--layers",
+                str(args.moe_layers),
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+        )
         moe_rows = bench_moe.main(moe_argv + ["--out", str(out / "bench_moe.json")])
         blob["moe"] = moe_rows
         (out / "bench_speed.json").write_text(json.dumps(blob, indent=1))
         uniform = next(r for r in moe_rows if r["variant"] == "uniform")
-        text += "\n| MoE shape | row | layers | experts adapted | ms/step | tokens/s | peak GiB | speedup |\n" \
-                "|---|---|---|---|---|---|---|---|\n"
+        text += (
+            "\n| MoE shape | row | layers | experts adapted | ms/step | tokens/s | peak GiB | speedup |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+        )
         for r in moe_rows:
-            text += (f"| {r['shape']} ({r['layers']} layers) | {r['variant']} | {r['adapted_layers']} | "
-                     f"{r['expert_adapters']}/{r['experts_total']} | {r['median_step_s'] * 1000:.1f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['peak_memory_gib'] or float('nan'):.1f} | "
-                     f"{uniform['median_step_s'] / r['median_step_s']:.2f}x |\n")
+            text += (
+                f"| {r['shape']} ({r['layers']} layers) | {r['variant']} | {r['adapted_layers']} | "
+                f"{r['expert_adapters']}/{r['experts_total']} | {r['median_step_s'] * 1000:.1f} | "
+                f"{r['tokens_per_s']:,.0f} | {r['peak_memory_gib'] or float('nan'):.1f} | "
+                f"{uniform['median_step_s'] / r['median_step_s']:.2f}x |\n"
+            )
         (out / "bench_speed.md").write_text(text)
     chart(results, out / "bench_speed.png")
     print(text)

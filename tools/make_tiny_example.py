@@ -54,11 +54,14 @@ def build_tokenizer(texts: list[str], out: Path, vocab_size: int) -> int:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
-                                   eos_token="<|eos|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
     return len(fast)
@@ -93,16 +96,28 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows = [problem(rng) for _ in range(args.train + args.eval)]
     out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train.jsonl", rows[:args.train]), ("eval.jsonl", rows[args.train:])):
+    for name, part in (("train.jsonl", rows[: args.train]), ("eval.jsonl", rows[args.train :])):
         with (out / name).open("w", encoding="utf-8") as handle:
             for row in part:
                 handle.write(json.dumps(row) + "\n")
     vocab = build_tokenizer([r["prompt"] + r["completion"] for r in rows], out / "tokenizer", 512)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": 128,
-        "intermediate_size": 352, "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "initializer_range": 0.02,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": 128,
+        "intermediate_size": 352,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "initializer_range": 0.02,
     }
     (out / "model").mkdir(exist_ok=True)
     (out / "model" / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -80,8 +80,14 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
         seconds = time.perf_counter() - self.started
-        self.rows.append({"step": state.global_step, "loss": None, "tokens_per_s": self.tokens_per_step / seconds,
-                          "step_seconds": seconds})
+        self.rows.append(
+            {
+                "step": state.global_step,
+                "loss": None,
+                "tokens_per_s": self.tokens_per_step / seconds,
+                "step_seconds": seconds,
+            }
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # logging_steps=1: the log of step N follows its on_step_end
@@ -118,8 +124,13 @@ def lora_coverage(model, layers_path: str) -> dict:
             ranks.add(int(param.shape[1]))
             trained += bool(torch.count_nonzero(param.detach()) > 0)
         adapters += 1
-    return {"layers": sorted(layers), "modules": sorted(modules), "ranks": sorted(ranks), "adapters": adapters,
-            "adapters_trained": trained}
+    return {
+        "layers": sorted(layers),
+        "modules": sorted(modules),
+        "ranks": sorted(ranks),
+        "adapters": adapters,
+        "adapters_trained": trained,
+    }
 
 
 def run(args) -> dict:
@@ -143,19 +154,39 @@ def run(args) -> dict:
     # TrainingArguments(deepspeed=...) before the model: it registers the HfDeepSpeedConfig that makes
     # from_config build under zero.Init, as LLaMA-Factory and axolotl do
     training_args = TrainingArguments(
-        output_dir=str(out / "trainer"), deepspeed=str(Path(args.ds_config).resolve()), bf16=cuda,
-        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=1,
-        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=args.checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}, logging_steps=1, save_strategy="no",
-        report_to=[], seed=args.seed, data_seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0,
-        disable_tqdm=True, accelerator_config={"use_configured_state": not cuda})
+        output_dir=str(out / "trainer"),
+        deepspeed=str(Path(args.ds_config).resolve()),
+        bf16=cuda,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        gradient_checkpointing=args.checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        data_seed=args.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        accelerator_config={"use_configured_state": not cuda},
+    )
     tokenizer = load_tokenizer(args.tokenizer)
-    rows = [ex for ex in pack(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
-            if len(ex.input_ids) == args.seq_len]  # full rows only: every step carries the same tokens
+    rows = [
+        ex
+        for ex in pack(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
+        if len(ex.input_ids) == args.seq_len
+    ]  # full rows only: every step carries the same tokens
     if len(rows) < args.micro_batch * world:  # fewer than the steps need is fine: the Trainer runs more epochs
-        raise SystemExit(f"error: --train: {len(rows)} rows of {args.seq_len} tokens, one step needs "
-                         f"{args.micro_batch * world}")
+        raise SystemExit(
+            f"error: --train: {len(rows)} rows of {args.seq_len} tokens, one step needs {args.micro_batch * world}"
+        )
 
     started = time.perf_counter()
     config = AutoConfig.from_pretrained(args.model, local_files_only=True)
@@ -166,12 +197,26 @@ def run(args) -> dict:
     held, total = held_parameter_elements(model)
     layout = describe(model)
     targets = sorted({t.path.rsplit(".", 1)[-1] for targets in layout.layer_targets for t in targets})
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=PEER_RANK, lora_alpha=PEER_ALPHA,
-                                             lora_dropout=0.0, bias="none", target_modules=targets))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=PEER_RANK,
+            lora_alpha=PEER_ALPHA,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=targets,
+        ),
+    )
 
     timer = StepTimer(args.micro_batch * args.seq_len * world, out / "metrics.jsonl", rank == 0, cuda)
-    trainer = Trainer(model=model, args=training_args, train_dataset=rows,
-                      data_collator=lambda batch: collate(batch, tokenizer.pad_token_id), callbacks=[timer])
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=rows,
+        data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        callbacks=[timer],
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trained_at = time.perf_counter()
@@ -185,22 +230,33 @@ def run(args) -> dict:
     shapes = layout.shapes()
     layer_matmul = [sum(i * o for i, o in shapes.values())] * layout.num_layers
     adapters = [(layer, PEER_RANK, *shapes[key]) for layer in range(layout.num_layers) for key in shapes]
-    flops_per_token = lora_step_flops_per_token(layer_matmul, config.hidden_size, config.vocab_size, args.seq_len,
-                                                adapters)
+    flops_per_token = lora_step_flops_per_token(
+        layer_matmul, config.hidden_size, config.vocab_size, args.seq_len, adapters
+    )
     losses = [r["loss"] for r in timer.rows if r["loss"] is not None]
     summary = {
-        "arm": args.arm, "rule": "trainer+peft", "layers_adapted": len(coverage["layers"]), "lowest_adapted_layer":
-        min(coverage["layers"], default=None), "adapters": coverage["adapters"],
+        "arm": args.arm,
+        "rule": "trainer+peft",
+        "layers_adapted": len(coverage["layers"]),
+        "lowest_adapted_layer": min(coverage["layers"], default=None),
+        "adapters": coverage["adapters"],
         **throughput(timer.rows, args.warmup, world, flops_per_token, args.peak_tflops),
-        "predicted_speedup": None, "seconds": {"build": build_seconds, "train": train_seconds},
+        "predicted_speedup": None,
+        "seconds": {"build": build_seconds, "train": train_seconds},
         "peak_memory_gib": {"train": [g["peak"] for g in gathered] if cuda else None},
-        "eval_loss_before": None, "eval_loss_after": None,
+        "eval_loss_before": None,
+        "eval_loss_after": None,
         "base_held_fraction_by_rank": [g["held"] / total for g in gathered],
-        "host_rss_gib_by_rank": [g["rss"] for g in gathered], "adapter_bytes": None, "run_dir": str(out),
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "host_rss_gib_by_rank": [g["rss"] for g in gathered],
+        "adapter_bytes": None,
+        "run_dir": str(out),
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
         "lora": {**coverage, "target_modules": targets, "alpha": PEER_ALPHA},
-        "ds_config": str(args.ds_config), "resolved_zero_optimization": trainer.accelerator.state.deepspeed_plugin
-        .deepspeed_config.get("zero_optimization"),
+        "ds_config": str(args.ds_config),
+        "resolved_zero_optimization": trainer.accelerator.state.deepspeed_plugin.deepspeed_config.get(
+            "zero_optimization"
+        ),
     }
     if rank == 0:
         write_json_atomic(out / "summary.json", summary)
@@ -218,12 +274,16 @@ def main(argv=None) -> None:
         if isinstance(err, SystemExit) and not str(err).startswith("error"):
             raise
         rank = os.environ.get("RANK", "0")
-        write_json_atomic(out / f"failed_rank{rank}.json", {"arm": args.arm, "rank": int(rank),
-                                                            "reason": failure_reason(err)})
+        write_json_atomic(
+            out / f"failed_rank{rank}.json", {"arm": args.arm, "rank": int(rank), "reason": failure_reason(err)}
+        )
         raise
     if os.environ.get("RANK", "0") == "0":
-        print(f"{args.arm}: {summary['step_seconds']:.2f} s/step, {summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
-              f"MFU {summary['mfu']:.1%}", flush=True)
+        print(
+            f"{args.arm}: {summary['step_seconds']:.2f} s/step, {summary['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+            f"MFU {summary['mfu']:.1%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from _common import ROOT, start_logged  # first: it puts this checkout on sys.path
+
 from aletheia_ds.launchers.deepspeed import local_command
 
 
@@ -78,8 +79,11 @@ def main() -> int:
     launcher = launch(args, [*common, f"train.output_dir={crashed}"], out / "crashed.log")
     while launcher.poll() is None and max((r["step"] for r in steps_logged(crashed)), default=0) < kill_at:
         time.sleep(0.05)
-    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if f"--local_rank={victim}" in " ".join(p.cmdline())]
+    ranks = [
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if f"--local_rank={victim}" in " ".join(p.cmdline())
+    ]
     if launcher.poll() is not None or not ranks:
         raise SystemExit(f"the run ended before the kill; see {out / 'crashed.log'}")
     os.kill(ranks[0].pid, signal.SIGKILL)

@@ -21,7 +21,6 @@ import zlib
 from pathlib import Path
 
 import torch
-
 from _common import SHAPES  # it puts this checkout on sys.path
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -48,8 +47,9 @@ def random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: i
     return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
 
-def write_checkpoint(shape: dict, out: Path, shard_bytes: int, dtype: str = "bfloat16", layers: int | None = None,
-                     seed: int = 0) -> dict:
+def write_checkpoint(
+    shape: dict, out: Path, shard_bytes: int, dtype: str = "bfloat16", layers: int | None = None, seed: int = 0
+) -> dict:
     """Write the checkpoint; returns {"files", "total_bytes", "seconds"}."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
@@ -94,10 +94,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    result = write_checkpoint(SHAPES[args.shape], Path(args.out), int(args.shard_gb * 2**30), args.dtype,
-                              args.layers, args.seed)
-    print(f"{args.out}: {result['files']} shards, {result['total_bytes'] / 2**30:.2f} GiB, "
-          f"{result['seconds']:.0f} s")
+    result = write_checkpoint(
+        SHAPES[args.shape], Path(args.out), int(args.shard_gb * 2**30), args.dtype, args.layers, args.seed
+    )
+    print(f"{args.out}: {result['files']} shards, {result['total_bytes'] / 2**30:.2f} GiB, {result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

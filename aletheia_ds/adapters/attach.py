@@ -39,15 +39,21 @@ def check_plan_fits(model: nn.Module, plan: Plan) -> None:
     for layer, block in sorted(plan.moe.items()):
         found = find_moe_block(layers[layer]) if layer < len(layers) else None
         if found is None:
-            raise ConfigError(f"plan: layer {layer} of the model is not a MoE layer, but the plan puts experts or a "
-                              "router there; re-plan from this model's probe")
+            raise ConfigError(
+                f"plan: layer {layer} of the model is not a MoE layer, but the plan puts experts or a "
+                "router there; re-plan from this model's probe"
+            )
         planned = [e.expert for e in plan.experts if e.layer == layer]
         if planned and max(planned) >= found.num_experts:
-            raise ConfigError(f"plan: expert {max(planned)} of layer {layer} does not exist (the model's layer {layer} "
-                              f"has {found.num_experts} experts: 0..{found.num_experts - 1})")
+            raise ConfigError(
+                f"plan: expert {max(planned)} of layer {layer} does not exist (the model's layer {layer} "
+                f"has {found.num_experts} experts: 0..{found.num_experts - 1})"
+            )
         if {b.path for b in block.banks} != {b.path for b in found.banks} or block.style != found.style:
-            raise ConfigError(f"plan: layer {layer}'s expert banks {[b.path for b in block.banks]} differ from the "
-                              f"model's {[b.path for b in found.banks]}; re-plan from this model's probe")
+            raise ConfigError(
+                f"plan: layer {layer}'s expert banks {[b.path for b in block.banks]} differ from the "
+                f"model's {[b.path for b in found.banks]}; re-plan from this model's probe"
+            )
 
 
 def attach(model: nn.Module, plan: Plan, section: LoraSection | None = None):
@@ -142,15 +148,18 @@ def adapter_modules(peft_model: nn.Module, adapter: str = "default") -> dict[str
 def verify_adapters(peft_model: nn.Module, plan: Plan, adapter: str = "default") -> None:
     """Exactly the planned (layer, module) pairs carry adapters of the planned rank and alpha; nothing else trains."""
     param_keys = {(m.layer, m.key) for m in by_parameter(plan)}
-    expected = {plan.module_name(m.layer, m.path): (m.r, m.alpha) for m in plan.modules
-                if (m.layer, m.key) not in param_keys}
+    expected = {
+        plan.module_name(m.layer, m.path): (m.r, m.alpha) for m in plan.modules if (m.layer, m.key) not in param_keys
+    }
     expected.update(parameter_ranks(plan))
     found = adapter_modules(peft_model, adapter)
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
-    wrong = sorted(f"{name} r={found[name][0]} alpha={found[name][1]} (planned r={r} alpha={a})"
-                   for name, (r, a) in expected.items() if name in found and
-                   (found[name][0] != r or abs(found[name][1] - a) > 1e-9))
+    wrong = sorted(
+        f"{name} r={found[name][0]} alpha={found[name][1]} (planned r={r} alpha={a})"
+        for name, (r, a) in expected.items()
+        if name in found and (found[name][0] != r or abs(found[name][1] - a) > 1e-9)
+    )
     trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n)
     problems = _expert_problems(peft_model, plan, adapter)
     if missing:

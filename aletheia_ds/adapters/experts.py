@@ -44,8 +44,16 @@ WEIGHTS_FILE = "expert_adapter.safetensors"
 class ExpertLoRA(nn.Module):
     """Parametrization of a (E*F, H) bank: adds s * B_e A_e to the rows of each planned expert e."""
 
-    def __init__(self, num_experts: int, experts: list[int], r: int, alpha: float, in_features: int,
-                 out_features: int, transposed: bool):
+    def __init__(
+        self,
+        num_experts: int,
+        experts: list[int],
+        r: int,
+        alpha: float,
+        in_features: int,
+        out_features: int,
+        transposed: bool,
+    ):
         super().__init__()
         self.num_experts, self.experts = num_experts, sorted(experts)
         self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
@@ -68,9 +76,16 @@ class ExpertLoRA(nn.Module):
         return per_expert.index_add(0, self.index.to(weight.device), delta.to(weight.dtype)).view_as(weight)
 
     def describe(self, parameter: str) -> dict:
-        return {"parameter": parameter, "num_experts": self.num_experts, "experts": self.experts, "r": self.r,
-                "alpha": self.alpha, "in_features": self.in_features, "out_features": self.out_features,
-                "transposed": self.transposed}
+        return {
+            "parameter": parameter,
+            "num_experts": self.num_experts,
+            "experts": self.experts,
+            "r": self.r,
+            "alpha": self.alpha,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "transposed": self.transposed,
+        }
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -89,10 +104,19 @@ def add_expert_lora(model: nn.Module, parameter: str, spec: dict) -> ExpertLoRA:
     shape = tuple(getattr(weight, "ds_shape", None) or weight.shape)
     rows = spec["num_experts"] * (spec["in_features"] if spec["transposed"] else spec["out_features"])
     if len(shape) != 2 or shape[0] != rows:
-        raise ConfigError(f"expert adapter: {parameter} has shape {list(shape)}, expected ({rows}, ...) for "
-                          f"{spec['num_experts']} experts")
-    lora = ExpertLoRA(spec["num_experts"], spec["experts"], spec["r"], spec["alpha"], spec["in_features"],
-                      spec["out_features"], spec["transposed"]).to(weight.device)
+        raise ConfigError(
+            f"expert adapter: {parameter} has shape {list(shape)}, expected ({rows}, ...) for "
+            f"{spec['num_experts']} experts"
+        )
+    lora = ExpertLoRA(
+        spec["num_experts"],
+        spec["experts"],
+        spec["r"],
+        spec["alpha"],
+        spec["in_features"],
+        spec["out_features"],
+        spec["transposed"],
+    ).to(weight.device)
     parametrize.register_parametrization(owner, name, lora, unsafe=True)
     owner.parametrizations[name].original.requires_grad_(False)
     return lora
@@ -101,9 +125,15 @@ def add_expert_lora(model: nn.Module, parameter: str, spec: dict) -> ExpertLoRA:
 def attach_expert_lora(model: nn.Module, plan) -> None:
     """Per-expert LoRA on every megablocks bank with planned experts (the rest of the plan is PEFT's)."""
     for layer, experts, bank, name in plan.expert_banks("megablocks"):
-        spec = {"num_experts": plan.moe[layer].num_experts, "experts": [e.expert for e in experts], "r": experts[0].r,
-                "alpha": experts[0].alpha, "in_features": bank.in_features, "out_features": bank.out_features,
-                "transposed": bank.name == "w2"}
+        spec = {
+            "num_experts": plan.moe[layer].num_experts,
+            "experts": [e.expert for e in experts],
+            "r": experts[0].r,
+            "alpha": experts[0].alpha,
+            "in_features": bank.in_features,
+            "out_features": bank.out_features,
+            "transposed": bank.name == "w2",
+        }
         add_expert_lora(model, name, spec)
 
 
@@ -130,11 +160,15 @@ def expert_lora_deltas(model: nn.Module) -> dict[str, list[float]]:
 
 
 def expert_lora_problems(model: nn.Module, plan) -> list[str]:
-    expected = {name: ([e.expert for e in experts], experts[0].r)
-                for _, experts, _, name in plan.expert_banks("megablocks")}
+    expected = {
+        name: ([e.expert for e in experts], experts[0].r) for _, experts, _, name in plan.expert_banks("megablocks")
+    }
     found = {name: (lora.experts, lora.r) for name, lora in expert_loras(model).items()}
-    problems = [f"{name} has expert adapters {found.get(name)}, the plan {want}"
-                for name, want in expected.items() if found.get(name) != (sorted(want[0]), want[1])]
+    problems = [
+        f"{name} has expert adapters {found.get(name)}, the plan {want}"
+        for name, want in expected.items()
+        if found.get(name) != (sorted(want[0]), want[1])
+    ]
     problems += [f"{name} has expert adapters the plan does not name" for name in sorted(set(found) - set(expected))]
     return problems
 

@@ -45,8 +45,10 @@ def check_adapter_fits(model: nn.Module, adapter: str | Path) -> None:
         if (shape[1] if part[0] == "A" else shape[0]) != (in_features if part[0] == "A" else out_features):
             misfits.append(f"{name}.lora_{part[0]} {shape} for a {in_features} -> {out_features} linear")
     if misfits:
-        raise ConfigError(f"--adapter: {adapter} was trained on another model: {len(misfits)} LoRA tensors do not "
-                          f"fit (first: {misfits[0]}); use the base model it was trained on")
+        raise ConfigError(
+            f"--adapter: {adapter} was trained on another model: {len(misfits)} LoRA tensors do not "
+            f"fit (first: {misfits[0]}); use the base model it was trained on"
+        )
 
 
 def lora_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

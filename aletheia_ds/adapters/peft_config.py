@@ -73,18 +73,25 @@ def lora_config_fields(plan: Plan) -> dict:
     rank_pattern.update(_pattern({p: next(iter(v)) for p, v in by_path_r.items() if len(v) == 1}, r))
     alpha_pattern.update(_pattern({p: next(iter(v)) for p, v in by_path_alpha.items() if len(v) == 1}, alpha))
     planned = {(m.layer, m.path) for m in modules}
-    exclude = sorted(plan.module_name(layer, path) for layer in plan.layers for path in paths
-                     if (layer, path) not in planned)
+    exclude = sorted(
+        plan.module_name(layer, path) for layer in plan.layers for path in paths if (layer, path) not in planned
+    )
     # parameters by full name: PEFT matches target_parameters and the patterns on it
     for name, (pr, pa) in parameters.items():
         if pr != r:
             rank_pattern[re.escape(name)] = pr
         if pa != alpha:
             alpha_pattern[re.escape(name)] = pa
-    fields = {"r": int(r), "lora_alpha": float(alpha), "target_modules": paths,
-              "layers_to_transform": plan.layers if paths else None,
-              "layers_pattern": plan.layers_path.rsplit(".", 1)[-1] if paths else None, "rank_pattern": rank_pattern,
-              "alpha_pattern": alpha_pattern, "exclude_modules": exclude or None}
+    fields = {
+        "r": int(r),
+        "lora_alpha": float(alpha),
+        "target_modules": paths,
+        "layers_to_transform": plan.layers if paths else None,
+        "layers_pattern": plan.layers_path.rsplit(".", 1)[-1] if paths else None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "exclude_modules": exclude or None,
+    }
     if parameters:
         fields["target_parameters"] = sorted(parameters)
     return fields
@@ -96,8 +103,10 @@ def build_lora_config(plan: Plan, section: LoraSection | None = None):
     section = section or LoraSection()
     fields = lora_config_fields(plan)
     if fields.get("target_parameters") and section.dropout:
-        raise ConfigError(f"lora.dropout={section.dropout}: expert and router adapters (PEFT target_parameters) "
-                          "cannot apply dropout; set lora.dropout=0")
+        raise ConfigError(
+            f"lora.dropout={section.dropout}: expert and router adapters (PEFT target_parameters) "
+            "cannot apply dropout; set lora.dropout=0"
+        )
     return LoraConfig(task_type="CAUSAL_LM", lora_dropout=section.dropout, bias="none", **fields)
 
 

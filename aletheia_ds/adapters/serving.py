@@ -30,14 +30,17 @@ def serving_facts(adapter_dir: str | Path) -> dict:
         ranks += [int(bank["r"]) for bank in banks]
     highest = max(ranks)
     serve_rank = next((r for r in VLLM_RANKS if r >= highest), highest)
-    return {"max_lora_rank": highest,
-            "target_modules": sorted(config.get("target_modules") or []),
-            "target_parameters": sorted(config.get("target_parameters") or []),
-            "expert_banks": [{k: bank[k] for k in ("parameter", "num_experts", "experts", "r")} for bank in banks],
-            "vllm": f"vllm serve BASE_MODEL_DIR --enable-lora --max-lora-rank {serve_rank} "
-                    "--lora-modules adapter=ADAPTER_DIR"}
+    return {
+        "max_lora_rank": highest,
+        "target_modules": sorted(config.get("target_modules") or []),
+        "target_parameters": sorted(config.get("target_parameters") or []),
+        "expert_banks": [{k: bank[k] for k in ("parameter", "num_experts", "experts", "r")} for bank in banks],
+        "vllm": f"vllm serve BASE_MODEL_DIR --enable-lora --max-lora-rank {serve_rank} "
+        "--lora-modules adapter=ADAPTER_DIR",
+    }
 
 
 def write_serving_facts(adapter_dir: str | Path) -> None:
-    (Path(adapter_dir) / SERVING_FILE).write_text(json.dumps(serving_facts(adapter_dir), indent=2) + "\n",
-                                                  encoding="utf-8")
+    (Path(adapter_dir) / SERVING_FILE).write_text(
+        json.dumps(serving_facts(adapter_dir), indent=2) + "\n", encoding="utf-8"
+    )

@@ -40,11 +40,20 @@ def runner() -> list[str]:
     return [found] if found else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def deepspeed_command(script: str, script_args: Sequence[str], *, num_gpus: Optional[int] = None,
-                      include: Optional[str] = None, hostfile: Optional[str] = None,
-                      num_nodes: Optional[int] = None, node_rank: Optional[int] = None,
-                      master_addr: Optional[str] = None, master_port: Optional[int] = None,
-                      module: bool = False, interpreter_runner: bool = False) -> list[str]:
+def deepspeed_command(
+    script: str,
+    script_args: Sequence[str],
+    *,
+    num_gpus: Optional[int] = None,
+    include: Optional[str] = None,
+    hostfile: Optional[str] = None,
+    num_nodes: Optional[int] = None,
+    node_rank: Optional[int] = None,
+    master_addr: Optional[str] = None,
+    master_port: Optional[int] = None,
+    module: bool = False,
+    interpreter_runner: bool = False,
+) -> list[str]:
     """`deepspeed [--hostfile F] [--num_nodes M] [--num_gpus N | --include host:ids] [--no_ssh --node_rank R]
     [--master_addr A --master_port P] script args`.
 
@@ -74,8 +83,14 @@ def deepspeed_command(script: str, script_args: Sequence[str], *, num_gpus: Opti
 
 def local_command(script: str, script_args: Sequence[str], num_gpus: int) -> list[str]:
     """`num_gpus` ranks on this machine over loopback on a fresh port (tools and tests)."""
-    return deepspeed_command(script, script_args, num_gpus=num_gpus, master_addr="127.0.0.1",
-                             master_port=free_port(), interpreter_runner=True)
+    return deepspeed_command(
+        script,
+        script_args,
+        num_gpus=num_gpus,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+        interpreter_runner=True,
+    )
 
 
 def hostfile_text(hosts: Sequence[str], ranks_per_node: int) -> str:
@@ -83,14 +98,31 @@ def hostfile_text(hosts: Sequence[str], ranks_per_node: int) -> str:
     return "".join(f"{host} slots={ranks_per_node}\n" for host in hosts)
 
 
-def node_commands(script: str, script_args: Sequence[str], hostfile: str, num_nodes: int, ranks_per_node: int,
-                  master_addr: str, master_port: int) -> list[list[str]]:
+def node_commands(
+    script: str,
+    script_args: Sequence[str],
+    hostfile: str,
+    num_nodes: int,
+    ranks_per_node: int,
+    master_addr: str,
+    master_port: int,
+) -> list[list[str]]:
     """One launcher command per node of `hostfile`, each starting only its node's ranks (no ssh): what srun runs
     on each node of a SLURM job, and what the tests run side by side on one host to simulate nodes."""
-    return [deepspeed_command(script, script_args, hostfile=hostfile, num_nodes=num_nodes, num_gpus=ranks_per_node,
-                              node_rank=node_rank, master_addr=master_addr, master_port=master_port,
-                              interpreter_runner=True)
-            for node_rank in range(num_nodes)]
+    return [
+        deepspeed_command(
+            script,
+            script_args,
+            hostfile=hostfile,
+            num_nodes=num_nodes,
+            num_gpus=ranks_per_node,
+            node_rank=node_rank,
+            master_addr=master_addr,
+            master_port=master_port,
+            interpreter_runner=True,
+        )
+        for node_rank in range(num_nodes)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
@@ -131,9 +163,11 @@ class SlurmLaunch:
 
     def describe(self) -> str:
         """The launch in words and the hostfile, as `#` lines a shell would skip."""
-        lines = [f"# SLURM job {self.job_id}: node {self.node_rank} of {len(self.hosts)} ({' '.join(self.hosts)}), "
-                 f"{self.ranks_per_node} ranks per node, master {self.master_addr}:{self.master_port}",
-                 f"# hostfile {self.hostfile} (written on each node):"]
+        lines = [
+            f"# SLURM job {self.job_id}: node {self.node_rank} of {len(self.hosts)} ({' '.join(self.hosts)}), "
+            f"{self.ranks_per_node} ranks per node, master {self.master_addr}:{self.master_port}",
+            f"# hostfile {self.hostfile} (written on each node):",
+        ]
         hostfile = hostfile_text(self.hosts, self.ranks_per_node).splitlines()
         return "\n".join(lines + [f"#   {line}" for line in hostfile])
 
@@ -146,42 +180,68 @@ def slurm_port(job_id: str) -> int:
 def _slurm_int(env: Mapping[str, str], key: str) -> int:
     value = env.get(key, "")
     if not value.isdigit():
-        raise ConfigError(f"--slurm: {key} is {value!r}, not a number; run inside an allocation (sbatch/srun, one "
-                          "task per node)")
+        raise ConfigError(
+            f"--slurm: {key} is {value!r}, not a number; run inside an allocation (sbatch/srun, one task per node)"
+        )
     return int(value)
 
 
-def slurm_launch(env: Mapping[str, str], script: str, script_args: Sequence[str], *, module: bool = False,
-                 ranks_per_node: Optional[int] = None, master_port: Optional[int] = None) -> SlurmLaunch:
+def slurm_launch(
+    env: Mapping[str, str],
+    script: str,
+    script_args: Sequence[str],
+    *,
+    module: bool = False,
+    ranks_per_node: Optional[int] = None,
+    master_port: Optional[int] = None,
+) -> SlurmLaunch:
     """The launch of this node of a SLURM job (one task per node), from SLURM_JOB_NODELIST, SLURM_NNODES,
     SLURM_NODEID, SLURM_JOB_ID and SLURM_GPUS_ON_NODE: master = the first host of the node list."""
     if not env.get("SLURM_JOB_NODELIST"):
-        raise ConfigError("--slurm: SLURM_JOB_NODELIST is unset; run inside an allocation (sbatch/srun, one task per "
-                          "node)")
+        raise ConfigError(
+            "--slurm: SLURM_JOB_NODELIST is unset; run inside an allocation (sbatch/srun, one task per node)"
+        )
     hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])
     num_nodes, node_rank = _slurm_int(env, "SLURM_NNODES"), _slurm_int(env, "SLURM_NODEID")
     if num_nodes != len(hosts) or node_rank >= num_nodes:
-        raise ConfigError(f"--slurm: SLURM_NNODES={num_nodes} and SLURM_NODEID={node_rank} do not fit "
-                          f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} ({len(hosts)} hosts)")
+        raise ConfigError(
+            f"--slurm: SLURM_NNODES={num_nodes} and SLURM_NODEID={node_rank} do not fit "
+            f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} ({len(hosts)} hosts)"
+        )
     if ranks_per_node is None:
         if not env.get("SLURM_GPUS_ON_NODE", "").isdigit():
-            raise ConfigError("--num-gpus: give the ranks per node (SLURM_GPUS_ON_NODE is unset: the job asked for "
-                              "no --gpus-per-node)")
+            raise ConfigError(
+                "--num-gpus: give the ranks per node (SLURM_GPUS_ON_NODE is unset: the job asked for "
+                "no --gpus-per-node)"
+            )
         ranks_per_node = int(env["SLURM_GPUS_ON_NODE"])
     job_id = env.get("SLURM_JOB_ID", "0")
     port = master_port or slurm_port(job_id)
     hostfile = Path(env.get("TMPDIR") or "/tmp") / f"aletheia_ds-hosts-{job_id}"
-    command = deepspeed_command(script, script_args, hostfile=str(hostfile), num_nodes=num_nodes,
-                                num_gpus=ranks_per_node, node_rank=node_rank, master_addr=hosts[0], master_port=port,
-                                module=module)
+    command = deepspeed_command(
+        script,
+        script_args,
+        hostfile=str(hostfile),
+        num_nodes=num_nodes,
+        num_gpus=ranks_per_node,
+        node_rank=node_rank,
+        master_addr=hosts[0],
+        master_port=port,
+        module=module,
+    )
     return SlurmLaunch(job_id, hosts, node_rank, ranks_per_node, hosts[0], port, hostfile, command)
 
 
 def rank_env(cpu: bool, **extra: str) -> dict[str, str]:
     """The environment launched ranks need: this checkout importable, no hub access, unbuffered output; on CPU
     also DeepSpeed's CPU accelerator, gloo on loopback and one OpenMP thread per rank."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     if cpu:
         env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     else:

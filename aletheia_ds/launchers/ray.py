@@ -25,8 +25,17 @@ from ..config import ConfigError, RunConfig, TrainingError, exit_code, load_conf
 from ..io import write_json_atomic
 
 # config keys holding local paths: the driver makes them absolute, the workers run in other directories
-PATH_KEYS = (("model", "path"), ("model", "tokenizer"), ("data", "train"), ("data", "eval"), ("data", "chat_template"),
-             ("probe", "report"), ("plan", "plan"), ("plan", "cost"), ("deepspeed", "config"))
+PATH_KEYS = (
+    ("model", "path"),
+    ("model", "tokenizer"),
+    ("data", "train"),
+    ("data", "eval"),
+    ("data", "chat_template"),
+    ("probe", "report"),
+    ("plan", "plan"),
+    ("plan", "cost"),
+    ("deepspeed", "config"),
+)
 WORKERS_DIR = "workers"
 CONNECT_TIMEOUT_S = 5.0
 
@@ -50,9 +59,11 @@ def for_ray(cfg: RunConfig, cwd: Path) -> RunConfig:
     if not storage.is_absolute():
         if "_ray_pkg_" in str(cwd):
             # `ray job submit --working-dir` runs the driver in an unpacked copy that Ray deletes later
-            raise ConfigError(f"ray.storage_path: {cfg.ray.storage_path!r} is relative and this job runs in Ray's "
-                              f"temporary copy of the working directory ({cwd}); give an absolute path on storage "
-                              "every node sees")
+            raise ConfigError(
+                f"ray.storage_path: {cfg.ray.storage_path!r} is relative and this job runs in Ray's "
+                f"temporary copy of the working directory ({cwd}); give an absolute path on storage "
+                "every node sees"
+            )
         storage = cwd / storage
     name = cfg.ray.name or Path(cfg.train.output_dir).name or "aletheia_ds"
     tree["ray"].update(storage_path=str(storage), name=name)
@@ -81,26 +92,32 @@ def connect(address: Optional[str]) -> str:
         try:
             socket.create_connection(host_port, timeout=CONNECT_TIMEOUT_S).close()
         except OSError as err:
-            raise ConfigError(f"ray.address: cannot reach a Ray cluster at {target} "
-                              f"({err.strerror or type(err).__name__}); {hint}") from None
+            raise ConfigError(
+                f"ray.address: cannot reach a Ray cluster at {target} ({err.strerror or type(err).__name__}); {hint}"
+            ) from None
     try:
         ray.init(address=address, log_to_driver=True)
     except Exception as err:  # ray.init raises ConnectionError, RuntimeError or ValueError, by cause
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise ConfigError(f"ray.address: cannot connect to the Ray cluster at {target or 'auto'} ({first}); "
-                          f"{hint}") from None
+        raise ConfigError(
+            f"ray.address: cannot connect to the Ray cluster at {target or 'auto'} ({first}); {hint}"
+        ) from None
     return target or ray.get_runtime_context().gcs_address
 
 
 def worker_resources(scaling) -> dict[str, float]:
     """What Ray Train will ask for each worker (its own defaults included)."""
-    need = {"CPU": scaling.num_cpus_per_worker, "GPU": scaling.num_gpus_per_worker,
-            **scaling.additional_resources_per_worker}
+    need = {
+        "CPU": scaling.num_cpus_per_worker,
+        "GPU": scaling.num_gpus_per_worker,
+        **scaling.additional_resources_per_worker,
+    }
     return {k: float(v) for k, v in need.items() if v}
 
 
-def missing_resources(need: dict[str, float], workers: int, nodes: list[dict[str, float]],
-                      one_per_node: bool = False) -> Optional[str]:
+def missing_resources(
+    need: dict[str, float], workers: int, nodes: list[dict[str, float]], one_per_node: bool = False
+) -> Optional[str]:
     """None when `workers` bundles of `need` fit on `nodes` (a worker's bundle lies on one node; with
     `one_per_node`, as STRICT_SPREAD places them, no two on the same node), else what is missing, in words."""
     fits = [min(math.floor(node.get(k, 0.0) / amount + 1e-9) for k, amount in need.items()) for node in nodes]
@@ -112,16 +129,21 @@ def missing_resources(need: dict[str, float], workers: int, nodes: list[dict[str
     for key, amount in need.items():
         have = sum(node.get(key, 0.0) for node in nodes)
         if workers * amount > have + 1e-9:
-            short.append(f"{key}: {workers} workers x {amount:g} = {workers * amount:g} needed, the cluster has "
-                         f"{have:g}")
+            short.append(
+                f"{key}: {workers} workers x {amount:g} = {workers * amount:g} needed, the cluster has {have:g}"
+            )
     if short:
         return "; ".join(short)
     if one_per_node:
-        return (f"STRICT_SPREAD puts each worker on a node of its own and only {sum(fits)} of the "
-                f"{len(nodes)} nodes can hold one of {need}")
+        return (
+            f"STRICT_SPREAD puts each worker on a node of its own and only {sum(fits)} of the "
+            f"{len(nodes)} nodes can hold one of {need}"
+        )
     offer = ", ".join("{" + ", ".join(f"{k}: {node.get(k, 0.0):g}" for k in need) + "}" for node in nodes)
-    return (f"only {sum(fits)} of {workers} workers fit: each needs {need} on one node, the nodes offer "
-            f"{offer or 'nothing'}")
+    return (
+        f"only {sum(fits)} of {workers} workers fit: each needs {need} on one node, the nodes offer "
+        f"{offer or 'nothing'}"
+    )
 
 
 def check_cluster_fits(cfg: RunConfig, scaling, address: str) -> None:
@@ -131,9 +153,11 @@ def check_cluster_fits(cfg: RunConfig, scaling, address: str) -> None:
     nodes = [{k: float(v) for k, v in node["Resources"].items()} for node in ray.nodes() if node.get("Alive")]
     missing = missing_resources(need, cfg.ray.num_workers, nodes, cfg.ray.placement_strategy == "STRICT_SPREAD")
     if missing:
-        raise ConfigError(f"ray: the cluster at {address} cannot run ray.num_workers={cfg.ray.num_workers} workers "
-                          f"of {need}: {missing}; lower ray.num_workers or ray.resources_per_worker, or add nodes "
-                          "(ray.check_resources=false waits for an autoscaler instead)")
+        raise ConfigError(
+            f"ray: the cluster at {address} cannot run ray.num_workers={cfg.ray.num_workers} workers "
+            f"of {need}: {missing}; lower ray.num_workers or ray.resources_per_worker, or add nodes "
+            "(ray.check_resources=false waits for an autoscaler instead)"
+        )
     free = ray.available_resources()
     busy = [k for k, amount in need.items() if free.get(k, 0.0) + 1e-9 < cfg.ray.num_workers * amount]
     if busy:
@@ -148,26 +172,42 @@ def fit(cfg: RunConfig) -> Any:
 
     if not is_v2_enabled():
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0: launch/ray_train.py uses Ray Train's current API; unset it")
-    scaling = ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                      resources_per_worker=cfg.ray.resources_per_worker,
-                                      placement_strategy=cfg.ray.placement_strategy)
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.ray.num_workers,
+        use_gpu=cfg.ray.use_gpu,
+        resources_per_worker=cfg.ray.resources_per_worker,
+        placement_strategy=cfg.ray.placement_strategy,
+    )
     # Ray Train lists the run's checkpoints (<run>/checkpoints/step-N, written in place) and deletes the ones
     # beyond train.keep_last; a restarted worker group resumes from the newest
-    run_config = ray.train.RunConfig(storage_path=cfg.ray.storage_path, name=cfg.ray.name,
-                                     failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-                                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last))
+    run_config = ray.train.RunConfig(
+        storage_path=cfg.ray.storage_path,
+        name=cfg.ray.name,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
+    )
     address = connect(cfg.ray.address)
     if cfg.ray.check_resources:
         check_cluster_fits(cfg, scaling, address)
-    print(f"ray: {cfg.ray.num_workers} workers of {worker_resources(scaling)} on {address}; run directory "
-          f"{cfg.train.output_dir}", flush=True)
+    print(
+        f"ray: {cfg.ray.num_workers} workers of {worker_resources(scaling)} on {address}; run directory "
+        f"{cfg.train.output_dir}",
+        flush=True,
+    )
     if (Path(cfg.train.output_dir) / "checkpoint_manager_snapshot.json").is_file():
-        print(f"ray: {cfg.train.output_dir} holds checkpoints of an earlier job named {cfg.ray.name!r}: this job "
-              "continues from the newest (another ray.name starts afresh)", flush=True)
+        print(
+            f"ray: {cfg.train.output_dir} holds checkpoints of an earlier job named {cfg.ray.name!r}: this job "
+            "continues from the newest (another ray.name starts afresh)",
+            flush=True,
+        )
     # Ray Train would send each line a worker prints to its log and to stdout; the job's log shows it twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # passed on to the workers by Ray Train
-    trainer = TorchTrainer(worker_loop, train_loop_config={"config": cfg.model_dump(mode="json")},
-                           scaling_config=scaling, run_config=run_config)
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={"config": cfg.model_dump(mode="json")},
+        scaling_config=scaling,
+        run_config=run_config,
+    )
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -195,9 +235,11 @@ def cli(argv: Optional[list[str]] = None) -> int:
         return 1
     out = Path(cfg.train.output_dir)
     results = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
-    print(f"ray: done in {result.path}: probe.json, plan.json, metrics.jsonl, eval.json, adapter/; held-out loss "
-          f"{results.get('eval_loss_before', float('nan')):.4f} -> {results.get('eval_loss_after', float('nan')):.4f}",
-          flush=True)
+    print(
+        f"ray: done in {result.path}: probe.json, plan.json, metrics.jsonl, eval.json, adapter/; held-out loss "
+        f"{results.get('eval_loss_before', float('nan')):.4f} -> {results.get('eval_loss_after', float('nan')):.4f}",
+        flush=True,
+    )
     return 0
 
 
@@ -224,13 +266,20 @@ class RayObserver:
 
         held, total = held_parameter_elements(model)
         train_ctx = ray.train.get_context()
-        self.note = {"rank": ctx.rank, "world_size": ctx.world_size, "local_rank": train_ctx.get_local_rank(),
-                     "node_rank": train_ctx.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id(),
-                     "hostname": socket.gethostname(), "pid": os.getpid(), "device": str(ctx.device),
-                     "zero_stage": ctx.zero_stage,
-                     # right after the build, before any DeepSpeed engine: what zero.Init left on this rank
-                     "base_parameter_elements": {"held": held, "total": total},
-                     "peak_host_rss_gib_after_build": peak_host_rss_gib()}
+        self.note = {
+            "rank": ctx.rank,
+            "world_size": ctx.world_size,
+            "local_rank": train_ctx.get_local_rank(),
+            "node_rank": train_ctx.get_node_rank(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(ctx.device),
+            "zero_stage": ctx.zero_stage,
+            # right after the build, before any DeepSpeed engine: what zero.Init left on this rank
+            "base_parameter_elements": {"held": held, "total": total},
+            "peak_host_rss_gib_after_build": peak_host_rss_gib(),
+        }
 
     def planned(self, report, plan) -> None:
         import ray.train
@@ -238,12 +287,24 @@ class RayObserver:
         from ..adapters.peft_config import plan_json
 
         # a resumed run (report None) trains the checkpoint's plan: no probe this time
-        self.note.update(plan_sha256=digest(plan_json(plan)), plan_layers=plan.layers, resumed=report is None,
-                         probe_sha256=digest(report.to_json()) if report is not None else None)
+        self.note.update(
+            plan_sha256=digest(plan_json(plan)),
+            plan_layers=plan.layers,
+            resumed=report is None,
+            probe_sha256=digest(report.to_json()) if report is not None else None,
+        )
         write_json_atomic(self.out / WORKERS_DIR / f"rank-{self.note['rank']:05d}.json", self.note)
         probe = {"probe_tokens": report.tokens, "probe_seconds": report.seconds} if report is not None else {}
-        ray.train.report({"stage": "planned", "layers": plan.layers, "adapters": len(plan.modules),
-                          "score_captured": plan.score_captured, "resumed": report is None, **probe})
+        ray.train.report(
+            {
+                "stage": "planned",
+                "layers": plan.layers,
+                "adapters": len(plan.modules),
+                "score_captured": plan.score_captured,
+                "resumed": report is None,
+                **probe,
+            }
+        )
 
     def step(self, row: dict, checkpoint: Optional[Path] = None) -> None:
         import ray.train
@@ -251,8 +312,11 @@ class RayObserver:
         metrics = {"stage": "train", **row}
         if checkpoint is not None and self.note["rank"] == 0:
             # already complete in the run's storage (every rank wrote its part): listed, not copied
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint(str(checkpoint)),
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint(str(checkpoint)),
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+            )
         else:
             ray.train.report(metrics)
 

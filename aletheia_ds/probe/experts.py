@@ -43,8 +43,13 @@ class ExpertProbe(Rendezvous):
     `token_mask` and `batch_weight` are set per batch by the caller (run_probe), as for GradNormHooks.
     """
 
-    def __init__(self, model: nn.Module, layout: Layout, compute_dtype: torch.dtype | None = None,
-                 phase: CheckpointPhase | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: Layout,
+        compute_dtype: torch.dtype | None = None,
+        phase: CheckpointPhase | None = None,
+    ):
         super().__init__()  # keys: ("bank", layer slot, expert, bank) and ("router", layer slot)
         self.phase = phase
         self.entries: list[tuple[int, MoeBlock, nn.Module]] = list(layout.iter_moe(model))
@@ -230,12 +235,20 @@ class ExpertProbe(Rendezvous):
 
         def watch(module: nn.Module, inputs: tuple, output) -> None:
             logits = output[0] if isinstance(output, (tuple, list)) else output
-            if torch.is_grad_enabled() and isinstance(logits, torch.Tensor) and logits.requires_grad \
-                    and self._watches_outputs():
+            if (
+                torch.is_grad_enabled()
+                and isinstance(logits, torch.Tensor)
+                and logits.requires_grad
+                and self._watches_outputs()
+            ):
                 self._buffers(logits.device)
                 weight = self.batch_weight
-                logits.register_hook(lambda g: self._arrive(
-                    key, g=flat_tokens(g.detach(), self.token_mask, self.compute_dtype), weight=weight))
+                logits.register_hook(
+                    lambda g: self._arrive(
+                        key, g=flat_tokens(g.detach(), self.token_mask, self.compute_dtype), weight=weight
+                    )
+                )
+
         return take, watch
 
     @contextlib.contextmanager
@@ -270,15 +283,23 @@ class ExpertProbe(Rendezvous):
         n, e, b = len(self.entries), self.max_experts, self.max_banks
         totals = totals.double().cpu()
         sq = totals[: n * e * b].view(n, e, b)
-        tokens = totals[n * e * b: n * e * b + n * e].view(n, e)
-        router = totals[n * e * b + n * e:]
+        tokens = totals[n * e * b : n * e * b + n * e].view(n, e)
+        router = totals[n * e * b + n * e :]
         experts, routers = [], {}
         for slot, (layer, block, _) in enumerate(self.entries):
             routers[layer] = math.sqrt(max(float(router[slot]), 0.0) / batches)
             for expert in range(block.num_experts):
-                banks = {bank.name: math.sqrt(max(float(sq[slot, expert, i]), 0.0) / batches)
-                         for i, bank in enumerate(block.banks)}
-                experts.append(ExpertScore(layer=layer, expert=expert,
-                                           score=math.sqrt(sum(s * s for s in banks.values())),
-                                           tokens=int(round(float(tokens[slot, expert]))), banks=banks))
+                banks = {
+                    bank.name: math.sqrt(max(float(sq[slot, expert, i]), 0.0) / batches)
+                    for i, bank in enumerate(block.banks)
+                }
+                experts.append(
+                    ExpertScore(
+                        layer=layer,
+                        expert=expert,
+                        score=math.sqrt(sum(s * s for s in banks.values())),
+                        tokens=int(round(float(tokens[slot, expert]))),
+                        banks=banks,
+                    )
+                )
         return experts, routers

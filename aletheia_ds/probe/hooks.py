@@ -32,7 +32,7 @@ SKETCH_SEED = 20_260_415  # Omega must be identical on every rank and in every r
 def sketch_matrix(d_in: int, k: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Omega (d_in x k), entries N(0, 1/k), a function of (d_in, k) alone: every rank draws the same one."""
     generator = torch.Generator().manual_seed(SKETCH_SEED + 7919 * d_in + k)
-    return (torch.randn(d_in, k, generator=generator, dtype=torch.float32) / k ** 0.5).to(device)
+    return (torch.randn(d_in, k, generator=generator, dtype=torch.float32) / k**0.5).to(device)
 
 
 def sketch_product(x: torch.Tensor, g: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
@@ -52,23 +52,27 @@ def weight_grad_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         # Gram route: fewer multiply-adds and a (tokens x tokens) block instead of (out x in)
         rows = max(1, BLOCK_ELEMENTS // tokens)
         for start in range(0, tokens, rows):
-            gram_x = x[start:start + rows] @ x.T
-            gram_g = g[start:start + rows] @ g.T
+            gram_x = x[start : start + rows] @ x.T
+            gram_g = g[start : start + rows] @ g.T
             total += (gram_x.double() * gram_g.double()).sum()
         return total
     rows = max(1, BLOCK_ELEMENTS // d_in)
     for start in range(0, d_out, rows):
-        block = g[:, start:start + rows].T @ x
+        block = g[:, start : start + rows].T @ x
         # squared norm accumulated in float32 or wider without a float64 copy of the block
-        total += torch.linalg.vector_norm(block, dtype=torch.float64 if block.dtype == torch.float64 else
-                                          torch.float32).double().square()
+        total += (
+            torch.linalg.vector_norm(block, dtype=torch.float64 if block.dtype == torch.float64 else torch.float32)
+            .double()
+            .square()
+        )
     return total
 
 
 def compute_dtype_for(t: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.dtype:
     """Half-precision products on CPU are slow and inexact: measure in float32 there unless told otherwise."""
-    return compute_dtype or (torch.float32 if t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu"
-                             else t.dtype)
+    return compute_dtype or (
+        torch.float32 if t.dtype in (torch.float16, torch.bfloat16) and t.device.type == "cpu" else t.dtype
+    )
 
 
 def drop_padding_here(t: torch.Tensor) -> bool:
@@ -135,8 +139,13 @@ class GradNormHooks(Rendezvous):
     checkpointed forward (run under no_grad, recomputed in backward) is measured on its recompute.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], compute_dtype: torch.dtype | None = None,
-                 phase: CheckpointPhase | None = None, sketch_dim: int = 0):
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        compute_dtype: torch.dtype | None = None,
+        phase: CheckpointPhase | None = None,
+        sketch_dim: int = 0,
+    ):
         self.modules = modules
         self.sketch_dim = sketch_dim
         self.sketch_sums: list[torch.Tensor | None] = [None] * len(modules)  # sum_b s_b per module
@@ -173,15 +182,22 @@ class GradNormHooks(Rendezvous):
                 x = None  # free the activation as soon as its norm is taken
 
             output.register_hook(grad_hook)
+
         return hook
 
     def _recompute_pre_hook(self, index: int) -> Callable:
         """The recompute may stop inside the layer's last linear, once it has what backward needs (torch's
         early stop, which ZeRO-3's weight release relies on): take the input before the module runs."""
+
         def hook(module: nn.Module, inputs: tuple) -> None:
-            if self.phase.state == "recompute" and torch.is_grad_enabled() and isinstance(inputs[0], torch.Tensor) \
-                    and inputs[0].requires_grad:
+            if (
+                self.phase.state == "recompute"
+                and torch.is_grad_enabled()
+                and isinstance(inputs[0], torch.Tensor)
+                and inputs[0].requires_grad
+            ):
                 self._arrive(index, x=self._flat(inputs[0].detach()))
+
         return hook
 
     def _measure(self, index: int, weight: float, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -209,8 +225,11 @@ class GradNormHooks(Rendezvous):
         parts = []
         for index, module in enumerate(self.modules.values()):
             total = self.sketch_sums[index]
-            parts.append(total.reshape(-1).double() if total is not None else
-                         torch.zeros(module.out_features * self.sketch_dim, dtype=torch.float64, device=device))
+            parts.append(
+                total.reshape(-1).double()
+                if total is not None
+                else torch.zeros(module.out_features * self.sketch_dim, dtype=torch.float64, device=device)
+            )
         sq = self.sketch_sq if self.sketch_sq is not None else torch.zeros(len(self.names), dtype=torch.float64)
         return torch.cat([p.to(device) for p in parts] + [sq.to(device)])
 
@@ -227,10 +246,15 @@ class GradNormHooks(Rendezvous):
         outputs would carry no gradient at all.
         """
         handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(self.modules.values())]
-        handles += [m.register_forward_pre_hook(self._recompute_pre_hook(i)) for i, m in enumerate(self.modules.values())]
+        handles += [
+            m.register_forward_pre_hook(self._recompute_pre_hook(i)) for i, m in enumerate(self.modules.values())
+        ]
         if input_embeddings is not None:
-            handles.append(input_embeddings.register_forward_hook(
-                lambda _m, _i, out: out.requires_grad_(True) if torch.is_grad_enabled() else out))
+            handles.append(
+                input_embeddings.register_forward_hook(
+                    lambda _m, _i, out: out.requires_grad_(True) if torch.is_grad_enabled() else out
+                )
+            )
         try:
             yield self
         finally:
@@ -241,4 +265,3 @@ class GradNormHooks(Rendezvous):
         if self.sq_norms is None:
             return {name: 0.0 for name in self.names}
         return {name: float(v) for name, v in zip(self.names, self.sq_norms.cpu())}
-

@@ -25,7 +25,6 @@ from pydantic import BaseModel
 from ..config import ArtefactSchema, ConfigError
 from ..io import read_json_object
 
-
 SCORE_KINDS = ("raw", "signal", "lowrank", "relative")
 
 
@@ -115,8 +114,9 @@ class ProbeReport:
         """Attach expert and router scores; expert energy joins its layer's score (experts are adapter targets)."""
         self.experts, self.routers = experts, routers
         for layer in self.layers:
-            energy = sum(s * s for s in layer.modules.values()) + \
-                sum(e.score * e.score for e in experts if e.layer == layer.index)
+            energy = sum(s * s for s in layer.modules.values()) + sum(
+                e.score * e.score for e in experts if e.layer == layer.index
+            )
             layer.score = math.sqrt(energy)
         return self
 
@@ -139,11 +139,15 @@ class ProbeReport:
         if kind == "raw":
             return [dict(layer.modules) for layer in self.layers]
         if not self.has_sketch:
-            raise ConfigError(f"plan.score={kind} needs a probe report with signal scores (probe.sketch_dim > 0); "
-                              "this one has raw scores only: probe again, or use plan.score=raw")
+            raise ConfigError(
+                f"plan.score={kind} needs a probe report with signal scores (probe.sketch_dim > 0); "
+                "this one has raw scores only: probe again, or use plan.score=raw"
+            )
         if kind == "relative":
-            return [{k: v / layer.weight_norm[k] if layer.weight_norm.get(k) else 0.0 for k, v in layer.signal.items()}
-                    for layer in self.layers]
+            return [
+                {k: v / layer.weight_norm[k] if layer.weight_norm.get(k) else 0.0 for k, v in layer.signal.items()}
+                for layer in self.layers
+            ]
         return [dict(getattr(layer, kind)) for layer in self.layers]
 
     def layer_energy(self, kind: str = "raw") -> list[float]:
@@ -151,8 +155,10 @@ class ProbeReport:
         experts: dict[int, float] = {}
         for e in self.experts:
             experts[e.layer] = experts.get(e.layer, 0.0) + e.score * e.score
-        return [sum(s * s for s in modules.values()) + experts.get(index, 0.0)
-                for index, modules in enumerate(self.module_scores(kind))]
+        return [
+            sum(s * s for s in modules.values()) + experts.get(index, 0.0)
+            for index, modules in enumerate(self.module_scores(kind))
+        ]
 
     def layer_experts(self, layer: int) -> list[ExpertScore]:
         return sorted((e for e in self.experts if e.layer == layer), key=lambda e: e.expert)
@@ -166,18 +172,31 @@ class ProbeReport:
             raise ConfigError(f"{where}: no module scores; the probe measured nothing")
         if any(not math.isfinite(s) for s in scores):
             bad = [layer.index for layer in self.layers if any(not math.isfinite(s) for s in layer.modules.values())]
-            raise ConfigError(f"{where}: non-finite probe scores in layers {bad}; check the data and model dtype "
-                              "(try model.dtype=float32)")
+            raise ConfigError(
+                f"{where}: non-finite probe scores in layers {bad}; check the data and model dtype "
+                "(try model.dtype=float32)"
+            )
         if all(s == 0.0 for s in scores):
-            raise ConfigError(f"{where}: every probe score is zero; the probe batches carry no loss "
-                              "(are all labels masked? check data.train and probe.seq_len)")
+            raise ConfigError(
+                f"{where}: every probe score is zero; the probe batches carry no loss "
+                "(are all labels masked? check data.train and probe.seq_len)"
+            )
         return self
 
     def to_json(self) -> dict:
-        blob = {"model": self.model, "num_layers": self.num_layers, "tokens": self.tokens,
-                "seconds": round(self.seconds, 4), "batches": self.batches, "world_size": self.world_size,
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "model_fingerprint": self.model_fingerprint,
-                "layers": [asdict(layer) for layer in self.layers], "layout": self.layout}
+        blob = {
+            "model": self.model,
+            "num_layers": self.num_layers,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "batches": self.batches,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "model_fingerprint": self.model_fingerprint,
+            "layers": [asdict(layer) for layer in self.layers],
+            "layout": self.layout,
+        }
         if self.experts:
             blob["experts"] = [asdict(e) for e in self.experts]
             blob["routers"] = {str(k): v for k, v in self.routers.items()}
@@ -186,9 +205,11 @@ class ProbeReport:
     @classmethod
     def from_json(cls, blob: dict, where: str = "probe.json") -> "ProbeReport":
         parsed = ProbeJson.parse(blob, where)
-        report = cls(**parsed.model_dump(exclude={"layers", "experts"}),
-                     layers=[LayerScore(**x.model_dump()) for x in parsed.layers],
-                     experts=[ExpertScore(**e.model_dump()) for e in parsed.experts])
+        report = cls(
+            **parsed.model_dump(exclude={"layers", "experts"}),
+            layers=[LayerScore(**x.model_dump()) for x in parsed.layers],
+            experts=[ExpertScore(**e.model_dump()) for e in parsed.experts],
+        )
         if report.num_layers != len(report.layers):
             raise ConfigError(f"{where}: num_layers={report.num_layers} but {len(report.layers)} layer entries")
         if not report.layout.get("module_kinds"):
@@ -197,8 +218,10 @@ class ProbeReport:
         described = set(report.layout["module_kinds"]) & set(report.layout.get("module_paths") or {})
         scored = sorted({key for layer in report.layers for key in layer.modules} - described)
         if scored:
-            raise ConfigError(f"{where}: layers score modules {scored[:5]} that layout.module_kinds/module_paths "
-                              "do not describe; regenerate it with `aletheia-ds probe`")
+            raise ConfigError(
+                f"{where}: layers score modules {scored[:5]} that layout.module_kinds/module_paths "
+                "do not describe; regenerate it with `aletheia-ds probe`"
+            )
         return report.validate(where)
 
     def check_fits(self, model_layout: dict, num_layers: int, model_fingerprint: str, where: str) -> "ProbeReport":
@@ -207,8 +230,10 @@ class ProbeReport:
         mine = self.layout
 
         def differs(what: str, then, now) -> ConfigError:
-            return ConfigError(f"{where} was made on another model ({what}: {then} in the report, {now} in this "
-                               "model); probe this model (leave probe.report unset) or give its own probe.json")
+            return ConfigError(
+                f"{where} was made on another model ({what}: {then} in the report, {now} in this "
+                "model); probe this model (leave probe.report unset) or give its own probe.json"
+            )
 
         if self.num_layers != num_layers:
             raise differs("decoder layers", self.num_layers, num_layers)
@@ -216,16 +241,20 @@ class ProbeReport:
             raise differs("layers at", mine.get("layers_path"), model_layout.get("layers_path"))
         then_paths, now_paths = mine.get("module_paths") or {}, model_layout.get("module_paths") or {}
         if then_paths != now_paths:
-            names = sorted(set(then_paths) ^ set(now_paths)) or \
-                sorted(k for k in then_paths if then_paths[k] != now_paths[k])
+            names = sorted(set(then_paths) ^ set(now_paths)) or sorted(
+                k for k in then_paths if then_paths[k] != now_paths[k]
+            )
             raise differs(f"modules {names[:5]}", sorted(then_paths)[:8], sorted(now_paths)[:8])
         then_shapes, now_shapes = mine.get("module_shapes") or {}, model_layout.get("module_shapes") or {}
         changed = sorted(k for k in then_shapes if k in now_shapes and list(then_shapes[k]) != list(now_shapes[k]))
         if changed:
             key = changed[0]
             raise differs(f"{key} in x out features", then_shapes[key], now_shapes[key])
-        if mine.get("hidden_size") and model_layout.get("hidden_size") and \
-                mine["hidden_size"] != model_layout["hidden_size"]:
+        if (
+            mine.get("hidden_size")
+            and model_layout.get("hidden_size")
+            and mine["hidden_size"] != model_layout["hidden_size"]
+        ):
             raise differs("hidden size", mine["hidden_size"], model_layout["hidden_size"])
         return self.check_fingerprint(model_fingerprint, where)
 
@@ -233,9 +262,11 @@ class ProbeReport:
         """Refuse a report whose recorded model fingerprint (model.fingerprint_digest) is not `model_fingerprint`;
         a report older than the fingerprint passes."""
         if self.model_fingerprint and model_fingerprint and self.model_fingerprint != model_fingerprint:
-            raise ConfigError(f"{where} was made on another model (fingerprint of config.json and weight file "
-                              f"sizes: {self.model_fingerprint} in the report, {model_fingerprint} in this model); "
-                              "probe this model (leave probe.report unset) or give its own probe.json")
+            raise ConfigError(
+                f"{where} was made on another model (fingerprint of config.json and weight file "
+                f"sizes: {self.model_fingerprint} in the report, {model_fingerprint} in this model); "
+                "probe this model (leave probe.report unset) or give its own probe.json"
+            )
         return self
 
     @classmethod

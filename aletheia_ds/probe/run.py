@@ -22,11 +22,21 @@ from .report import ProbeReport
 Batch = dict[str, torch.Tensor]
 
 
-def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forward: Callable[[Batch], torch.Tensor],
-              *, model_name: str = "", rank: int = 0, world_size: int = 1,
-              all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-              compute_dtype: torch.dtype | None = None, checkpointing: bool = False,
-              on_batch: Callable[[int], None] | None = None, sketch_dim: int = 0) -> ProbeReport:
+def run_probe(
+    model: nn.Module,
+    layout: Layout,
+    batches: Sequence[Batch],
+    forward: Callable[[Batch], torch.Tensor],
+    *,
+    model_name: str = "",
+    rank: int = 0,
+    world_size: int = 1,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    compute_dtype: torch.dtype | None = None,
+    checkpointing: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+    sketch_dim: int = 0,
+) -> ProbeReport:
     """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss.
 
     `checkpointing`: non-reentrant activation checkpointing of the decoder layers for the probe, so that one
@@ -64,12 +74,16 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
             loss = forward(batch)
             loss.backward()
             if hooks.pending or experts.pending:
-                raise RuntimeError(f"probe: no recompute reached modules {sorted(hooks.pending)} / experts "
-                                   f"{sorted(experts.pending)[:8]} (a checkpointed layer whose forward was not "
-                                   "run again in backward, or an output that got no gradient)")
+                raise RuntimeError(
+                    f"probe: no recompute reached modules {sorted(hooks.pending)} / experts "
+                    f"{sorted(experts.pending)[:8]} (a checkpointed layer whose forward was not "
+                    "run again in backward, or an output that got no gradient)"
+                )
             batch_tokens = 0
             if weight:
-                batch_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                batch_tokens = (
+                    int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                )
                 tokens += batch_tokens
             if on_batch is not None:
                 on_batch(batch_tokens)
@@ -79,22 +93,30 @@ def run_probe(model: nn.Module, layout: Layout, batches: Sequence[Batch], forwar
     local = hooks.sq_norms if hooks.sq_norms is not None else torch.zeros(len(modules), dtype=torch.float64)
     device = local.device
     # one all-reduce for everything: module norms, expert norms/loads/router norms, tokens
-    totals = all_reduce_sum(torch.cat([local, experts.local(device),
-                                       torch.tensor([float(tokens)], dtype=torch.float64, device=device)]))
+    totals = all_reduce_sum(
+        torch.cat([local, experts.local(device), torch.tensor([float(tokens)], dtype=torch.float64, device=device)])
+    )
     seconds = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
     seconds = float(all_reduce_sum(seconds)) / world_size
-    sums = {key: float(v) for key, v in zip(keys, totals[:len(keys)].cpu())}
-    report = ProbeReport.from_sq_norms(sums, batches=len(batches), num_layers=layout.num_layers, model=model_name,
-                                       tokens=int(totals[-1]), seconds=seconds, layout=layout.to_json(),
-                                       world_size=world_size, batch_size=int(batches[0]["input_ids"].shape[0]),
-                                       seq_len=max(int(b["input_ids"].shape[1]) for b in batches))
+    sums = {key: float(v) for key, v in zip(keys, totals[: len(keys)].cpu())}
+    report = ProbeReport.from_sq_norms(
+        sums,
+        batches=len(batches),
+        num_layers=layout.num_layers,
+        model=model_name,
+        tokens=int(totals[-1]),
+        seconds=seconds,
+        layout=layout.to_json(),
+        world_size=world_size,
+        batch_size=int(batches[0]["input_ids"].shape[0]),
+        seq_len=max(int(b["input_ids"].shape[1]) for b in batches),
+    )
     if experts.entries:
-        report.add_experts(*experts.scores(totals[len(keys):-1], len(batches)))
+        report.add_experts(*experts.scores(totals[len(keys) : -1], len(batches)))
     if sketch_dim:
         sketches = all_reduce_sum(hooks.sketches(device))
         weights = all_reduce_sum(local_weight_sq_norms(list(modules.values()), rank, device))
-        report.add_sketch_stats(sketch_stats(keys, list(modules.values()), sketches, weights, len(batches),
-                                             sketch_dim))
+        report.add_sketch_stats(sketch_stats(keys, list(modules.values()), sketches, weights, len(batches), sketch_dim))
     return report
 
 
@@ -115,15 +137,21 @@ def local_weight_sq_norms(modules: list[nn.Module], rank: int, device: torch.dev
 LOWRANK_R = 16  # the rank whose capturable share `lowrank` reports (the uniform baseline's)
 
 
-def sketch_stats(keys: list[tuple[int, str]], modules: list[nn.Module], sketches: torch.Tensor,
-                 weight_sq: torch.Tensor, batches: int, k: int) -> dict[tuple[int, str], dict]:
+def sketch_stats(
+    keys: list[tuple[int, str]],
+    modules: list[nn.Module],
+    sketches: torch.Tensor,
+    weight_sq: torch.Tensor,
+    batches: int,
+    k: int,
+) -> dict[tuple[int, str], dict]:
     """Per module: signal = sqrt of the unbiased ||mean_b G_b||^2 (clamped at 0), lowrank = signal x the share of
     the mean sketch's energy in its top LOWRANK_R singular values, weight = ||W||_F."""
     stats, offset = {}, 0
-    tail = sketches[-len(keys):]
+    tail = sketches[-len(keys) :]
     for index, (key, module) in enumerate(zip(keys, modules)):
         size = module.out_features * k
-        total = sketches[offset:offset + size].reshape(module.out_features, k)
+        total = sketches[offset : offset + size].reshape(module.out_features, k)
         offset += size
         total_sq, per_batch_sq = float(total.square().sum()), float(tail[index])
         if batches > 1:
@@ -132,6 +160,9 @@ def sketch_stats(keys: list[tuple[int, str]], modules: list[nn.Module], sketches
             signal_sq = total_sq  # one batch: no noise estimate, the whole gradient counts
         singular = torch.linalg.svdvals(total.float().cpu()).double().square()
         share = float(singular[:LOWRANK_R].sum() / singular.sum()) if float(singular.sum()) > 0 else 0.0
-        stats[key] = {"signal": signal_sq ** 0.5, "lowrank": (signal_sq * share) ** 0.5,
-                      "weight": float(weight_sq[index]) ** 0.5}
+        stats[key] = {
+            "signal": signal_sq**0.5,
+            "lowrank": (signal_sq * share) ** 0.5,
+            "weight": float(weight_sq[index]) ** 0.5,
+        }
     return stats

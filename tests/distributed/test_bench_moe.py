@@ -5,17 +5,23 @@ import subprocess
 import sys
 
 import pytest
+from helpers.ranks import ROOT
 
 from aletheia_ds.launchers.deepspeed import rank_env
-from helpers.ranks import ROOT
 
 pytestmark = pytest.mark.distributed
 
 
 def test_bench_moe_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_moe.py"), "--smoke", "--out", str(out)], cwd=ROOT,
-                          env=rank_env(cpu=True), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools/bench_moe.py"), "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=rank_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     uniform, aware = json.loads(out.read_text())
     assert (uniform["variant"], aware["variant"]) == ("uniform", "expert_aware")

@@ -7,18 +7,42 @@ import subprocess
 import sys
 
 import pytest
+from helpers.ranks import ROOT
 
 from aletheia_ds.launchers.deepspeed import rank_env
-from helpers.ranks import ROOT
 
 pytestmark = pytest.mark.distributed
 
 
 def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     out = tmp_path / "scale"
-    cmd = [sys.executable, "tools/bench_scale.py", "--shape", "tiny", "--gpus", "2", "--cpu", "--out", str(out),
-           "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len", "64", "--arms", "uniform", "budget",
-           "--link-rate", "--link-mb", "1", "--set", "plan.budget=0.7"]
+    cmd = [
+        sys.executable,
+        "tools/bench_scale.py",
+        "--shape",
+        "tiny",
+        "--gpus",
+        "2",
+        "--cpu",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "64",
+        "--arms",
+        "uniform",
+        "budget",
+        "--link-rate",
+        "--link-mb",
+        "1",
+        "--set",
+        "plan.budget=0.7",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())
@@ -37,13 +61,21 @@ def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     assert "probe" not in arms["budget"]["seconds"]  # the budget arm reused the first arm's probe.json
     assert "| budget (budget) |" in (out / "scale.md").read_text()
     # a later call into the same directory adds an arm, reusing the probe; the earlier arms stay
-    proc = subprocess.run(cmd[:cmd.index("--arms")] + ["--arms", "paper"], cwd=ROOT, env=rank_env(cpu=True),
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        cmd[: cmd.index("--arms")] + ["--arms", "paper"],
+        cwd=ROOT,
+        env=rank_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())
     assert [a["arm"] for a in result["arms"]] == ["uniform", "budget", "paper"]
     assert "probe" not in result["arms"][2]["seconds"]
-    assert json.loads((out / "paper" / "probe.json").read_text()) == json.loads((out / "uniform" / "probe.json").read_text())
+    assert json.loads((out / "paper" / "probe.json").read_text()) == json.loads(
+        (out / "uniform" / "probe.json").read_text()
+    )
 
 
 def test_all_gather_volume_counts_the_partitioned_weights():
@@ -75,9 +107,28 @@ def test_peer_arms_run_trainer_peft_zero3_in_the_same_table(tmp_path):
     """The peer arms (tools/peer_trainer.py: transformers Trainer + PEFT + ZeRO-3) through the launcher, next to
     nothing else: every layer's seven linears at r16, trained, a finite loss, in scale.json and scale.md."""
     out = tmp_path / "scale"
-    cmd = [sys.executable, "tools/bench_scale.py", "--shape", "tiny", "--gpus", "2", "--cpu", "--out", str(out),
-           "--steps", "3", "--warmup", "1", "--micro-batch", "2", "--seq-len", "64", "--arms", "peer_tuned",
-           "peer_stock"]
+    cmd = [
+        sys.executable,
+        "tools/bench_scale.py",
+        "--shape",
+        "tiny",
+        "--gpus",
+        "2",
+        "--cpu",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "64",
+        "--arms",
+        "peer_tuned",
+        "peer_stock",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())

@@ -5,17 +5,22 @@ import subprocess
 import sys
 
 import pytest
+from helpers.ranks import ROOT
 
 from aletheia_ds.launchers.deepspeed import rank_env
-from helpers.ranks import ROOT
 
 pytestmark = pytest.mark.distributed
 
 
 def test_bench_speed_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_speed.py"), "--smoke", "--moe-shape", "smoke",
-                           "--out", str(tmp_path)], cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools/bench_speed.py"), "--smoke", "--moe-shape", "smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=rank_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     blob = json.loads((tmp_path / "bench_speed.json").read_text())
     (result,) = blob["results"]
@@ -30,4 +35,6 @@ def test_bench_speed_smoke(tmp_path):
         # the budgeted plan was planned within its budget by the calibrated model
         assert budget["layers"] and len(budget["layers"]) <= len(rows["uniform"]["layers"])
     assert {r["variant"] for r in blob["moe"]} == {"uniform", "expert_aware"}
-    assert (tmp_path / "bench_speed.png").stat().st_size > 0 and "| MoE shape |" in (tmp_path / "bench_speed.md").read_text()
+    assert (tmp_path / "bench_speed.png").stat().st_size > 0 and "| MoE shape |" in (
+        tmp_path / "bench_speed.md"
+    ).read_text()

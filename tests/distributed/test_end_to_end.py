@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-
-from aletheia_ds.evaluate import evaluate_adapter
-from aletheia_ds.adapters.attach import adapter_modules
-from aletheia_ds.plan import Plan
 from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, single_process_probe, tiny_run_config
+
+from aletheia_ds.adapters.attach import adapter_modules
+from aletheia_ds.evaluate import evaluate_adapter
+from aletheia_ds.plan import Plan
 
 pytestmark = pytest.mark.distributed
 
@@ -21,8 +21,13 @@ def test_probe_plan_train_export(tmp_path, variant):
         cfg = tiny_run_config(model_dir, out)
         run_train(cfg, tmp_path, nprocs=2)
     else:
-        cfg = tiny_run_config(model_dir, out, train={"gradient_checkpointing": True, "grad_accum": 2},
-                              data={"packing": True}, deepspeed={"config": str(ROOT / "ds_configs/zero2.json")})
+        cfg = tiny_run_config(
+            model_dir,
+            out,
+            train={"gradient_checkpointing": True, "grad_accum": 2},
+            data={"packing": True},
+            deepspeed={"config": str(ROOT / "ds_configs/zero2.json")},
+        )
         run_train(cfg, tmp_path, nprocs=0)
 
     # 1. probe: the sharded run equals one process on the same batches
@@ -58,9 +63,16 @@ def test_probe_plan_train_export(tmp_path, variant):
     lora = {n: p for n, p in tuned.named_parameters() if "lora_" in n}
     assert lora and all(p.numel() > 0 for p in lora.values())
     assert all(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained away from zero init
-    result = evaluate_adapter(model=str(model_dir), adapter=str(out / "adapter"), data=cfg["data"]["eval"],
-                              tokenizer=cfg["model"]["tokenizer"], seq_len=48, batches=3, batch_size=4,
-                              verify_logits=str(out / "sample_logits.safetensors"))
+    result = evaluate_adapter(
+        model=str(model_dir),
+        adapter=str(out / "adapter"),
+        data=cfg["data"]["eval"],
+        tokenizer=cfg["model"]["tokenizer"],
+        seq_len=48,
+        batches=3,
+        batch_size=4,
+        verify_logits=str(out / "sample_logits.safetensors"),
+    )
     assert result["logits_match"], result
     eval_json = json.loads((out / "eval.json").read_text())
     assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)
@@ -76,10 +88,14 @@ def test_prefix_cache_run_equals_plain_run(tmp_path):
     adapters = []
     for cache in (False, True):
         out = tmp_path / f"run-{cache}"
-        cfg = tiny_run_config(model_dir, out, data={"max_examples": 20, "eval_batches": 1},
-                              plan={"rule": "upper", "top_pct": 50},
-                              train={"max_steps": 10, "prefix_cache": cache},
-                              deepspeed={"config": str(ROOT / "ds_configs/zero2.json")})
+        cfg = tiny_run_config(
+            model_dir,
+            out,
+            data={"max_examples": 20, "eval_batches": 1},
+            plan={"rule": "upper", "top_pct": 50},
+            train={"max_steps": 10, "prefix_cache": cache},
+            deepspeed={"config": str(ROOT / "ds_configs/zero2.json")},
+        )
         run_train(cfg, tmp_path, nprocs=0)
         adapters.append(load_file(str(out / "adapter/adapter_model.safetensors")))
         if cache:

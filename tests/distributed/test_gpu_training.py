@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from helpers.ranks import ROOT, run_train, save_tiny_llama, tiny_run_config
 
 from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.launchers.deepspeed import rank_env
-from helpers.ranks import ROOT, run_train, save_tiny_llama, tiny_run_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 
@@ -14,14 +14,26 @@ pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
 def test_training_path_on_one_gpu_zero2_bf16_compiled(tmp_path):
     model_dir = save_tiny_llama(tmp_path / "model", layers=6)
     out = tmp_path / "run"
-    cfg = tiny_run_config(model_dir, out, train={"gradient_checkpointing": True, "compile": True, "max_steps": 8},
-                          deepspeed={"config": str(ROOT / "ds_configs/zero2.json")}, plan={"rule": "budget", "budget": 0.7})
+    cfg = tiny_run_config(
+        model_dir,
+        out,
+        train={"gradient_checkpointing": True, "compile": True, "max_steps": 8},
+        deepspeed={"config": str(ROOT / "ds_configs/zero2.json")},
+        plan={"rule": "budget", "budget": 0.7},
+    )
     run_train(cfg, tmp_path, nprocs=0, timeout=600, env=rank_env(cpu=False))
     plan = json.loads((out / "plan.json").read_text())
     assert plan["rule"] == "budget" and plan["predicted"]["fraction_of_uniform"] <= 0.7
-    result = evaluate_adapter(model=str(model_dir), adapter=str(out / "adapter"), data=cfg["data"]["eval"],
-                              tokenizer=cfg["model"]["tokenizer"], seq_len=48, batches=3, batch_size=4,
-                              verify_logits=str(out / "sample_logits.safetensors"))
+    result = evaluate_adapter(
+        model=str(model_dir),
+        adapter=str(out / "adapter"),
+        data=cfg["data"]["eval"],
+        tokenizer=cfg["model"]["tokenizer"],
+        seq_len=48,
+        batches=3,
+        batch_size=4,
+        verify_logits=str(out / "sample_logits.safetensors"),
+    )
     # the run computed in bf16, the reload in float32: equal up to bf16 rounding
     assert result["logits_max_abs_diff"] < 0.1, result
     assert result["adapter_loss"] < result["base_loss"]

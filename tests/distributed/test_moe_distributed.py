@@ -14,15 +14,15 @@ import subprocess
 
 import pytest
 import torch
-
-from aletheia_ds.arch import describe
-from aletheia_ds.adapters.attach import adapter_modules, expert_deltas
-from aletheia_ds.plan import Plan
-from aletheia_ds.launchers.deepspeed import local_command, rank_env
-from aletheia_ds.probe.report import ProbeReport
 from helpers.families import MOE, ListExpertsMoe, random_batches, routed_experts, split_routing_model, tiny_model
 from helpers.moe_reference import assert_experts_match, brute_force_moe
 from helpers.ranks import ROOT
+
+from aletheia_ds.adapters.attach import adapter_modules, expert_deltas
+from aletheia_ds.arch import describe
+from aletheia_ds.launchers.deepspeed import local_command, rank_env
+from aletheia_ds.plan import Plan
+from aletheia_ds.probe.report import ProbeReport
 
 pytestmark = pytest.mark.distributed
 
@@ -33,8 +33,15 @@ TIMEOUT_S = 420
 def launch_worker(models, out, *flags, timeout=TIMEOUT_S) -> tuple[int | None, str]:
     """Run the worker on 2 ranks in its own process group; (None, output) when it outlives `timeout`."""
     cmd = local_command(WORKER, ["--models", str(models), "--out", str(out), *flags], 2)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=rank_env(cpu=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=rank_env(cpu=True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode, output
@@ -83,7 +90,6 @@ def test_two_zero3_ranks_probe_experts_like_brute_force_on_one_process(zero3_run
 
 def test_ranks_routing_to_disjoint_experts_probe_train_and_export_exactly(zero3_run, models):
     from peft import PeftModel
-
     from workers.moe_zero3_worker import SPLIT_HIGH, SPLIT_LOW, split_probe_batches, split_train_batches
 
     out, output = zero3_run
@@ -105,16 +111,24 @@ def test_ranks_routing_to_disjoint_experts_probe_train_and_export_exactly(zero3_
     assert {e // 2 for _, e in planned} == {0, 1}, "experts of both ranks' pairs should be planned"
     assert all(len(group) == 3 for group in plan.experts_by_layer().values())  # one expert per layer left out
     tuned = PeftModel.from_pretrained(load_reference_model(models / "split"), str(out / "adapter"))
-    live = {(int(name.split(".")[2]), e) for name, norms in expert_deltas(tuned).items()
-            for e, norm in enumerate(norms) if norm > 0}
+    live = {
+        (int(name.split(".")[2]), e)
+        for name, norms in expert_deltas(tuned).items()
+        for e, norm in enumerate(norms)
+        if norm > 0
+    }
     assert live == planned
     assert set(adapter_modules(tuned)) >= {f"model.layers.{m.layer}.{m.path}" for m in plan.modules}
     from aletheia_ds.io import load_safetensors
 
     saved = load_safetensors(out / "logits.safetensors")
     with torch.no_grad():
-        logits = tuned(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"], labels=saved["labels"],
-                       use_cache=False).logits
+        logits = tuned(
+            input_ids=saved["input_ids"],
+            attention_mask=saved["attention_mask"],
+            labels=saved["labels"],
+            use_cache=False,
+        ).logits
     assert torch.allclose(logits, saved["logits"], atol=1e-5)
 
 
@@ -140,15 +154,26 @@ def test_without_leaf_modules_list_expert_blocks_do_not_complete(models, tmp_pat
 def test_whole_job_on_a_deepseek_style_model(tmp_path):
     """launch/train.py end to end (one process, ZeRO-3): dense first layer, shared experts, expert plan, export,
     plain-PEFT reload with the same logits, expert heat map."""
-    from aletheia_ds.evaluate import evaluate_adapter
     from helpers.ranks import run_train, tiny_run_config
+
+    from aletheia_ds.evaluate import evaluate_adapter
 
     model_dir = tmp_path / "model"
     tiny_model("deepseek_v3", vocab_size=512).save_pretrained(str(model_dir))
     out = tmp_path / "run"
-    cfg = tiny_run_config(model_dir, out, plan={"top_pct": 50, "attention_r": 4, "mlp_r": 8, "expert_r": 4,
-                                                "expert_rule": "energy", "expert_energy": 0.6},
-                          train={"max_steps": 4})
+    cfg = tiny_run_config(
+        model_dir,
+        out,
+        plan={
+            "top_pct": 50,
+            "attention_r": 4,
+            "mlp_r": 8,
+            "expert_r": 4,
+            "expert_rule": "energy",
+            "expert_energy": 0.6,
+        },
+        train={"max_steps": 4},
+    )
     run_train(cfg, tmp_path, nprocs=0, timeout=TIMEOUT_S)
     probe = json.loads((out / "probe.json").read_text())
     assert {e["layer"] for e in probe["experts"]} == {1, 2, 3} and set(probe["routers"]) == {"1", "2", "3"}
@@ -158,10 +183,21 @@ def test_whole_job_on_a_deepseek_style_model(tmp_path):
     from peft import PeftModel
 
     tuned = PeftModel.from_pretrained(load_reference_model(model_dir), str(out / "adapter"))
-    live = {(int(name.split(".")[2]), e) for name, norms in expert_deltas(tuned).items()
-            for e, norm in enumerate(norms) if norm > 0}
+    live = {
+        (int(name.split(".")[2]), e)
+        for name, norms in expert_deltas(tuned).items()
+        for e, norm in enumerate(norms)
+        if norm > 0
+    }
     assert live == {(e.layer, e.expert) for e in plan.experts}
-    result = evaluate_adapter(model=str(model_dir), adapter=str(out / "adapter"), data=cfg["data"]["eval"],
-                              tokenizer=cfg["model"]["tokenizer"], seq_len=48, batches=3, batch_size=4,
-                              verify_logits=str(out / "sample_logits.safetensors"))
+    result = evaluate_adapter(
+        model=str(model_dir),
+        adapter=str(out / "adapter"),
+        data=cfg["data"]["eval"],
+        tokenizer=cfg["model"]["tokenizer"],
+        seq_len=48,
+        batches=3,
+        batch_size=4,
+        verify_logits=str(out / "sample_logits.safetensors"),
+    )
     assert result["logits_match"], result

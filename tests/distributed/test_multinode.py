@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 import torch
+from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config, train_cmd
 
 from aletheia_ds.launchers.deepspeed import free_port, hostfile_text, node_commands, rank_env
-from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config, train_cmd
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -20,10 +20,21 @@ def run_two_nodes(config: dict, tmp_path) -> list[str]:
     hostfile = tmp_path / "hosts"
     hostfile.write_text(hostfile_text(["node-0", "node-1"], 1))  # names only: no ssh reaches them
     script_args = train_cmd(config, tmp_path, nprocs=0)[2:]  # the written config, without `python launch/train.py`
-    commands = node_commands(str(ROOT / "launch/train.py"), script_args, str(hostfile), num_nodes=2,
-                             ranks_per_node=1, master_addr="127.0.0.1", master_port=free_port())
-    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=rank_env(cpu=True), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    commands = node_commands(
+        str(ROOT / "launch/train.py"),
+        script_args,
+        str(hostfile),
+        num_nodes=2,
+        ranks_per_node=1,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+    )
+    nodes = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=rank_env(cpu=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for cmd in commands
+    ]
     logs = []
     try:
         for node in nodes:
@@ -43,8 +54,7 @@ def test_two_nodes_equal_one_node_of_two_ranks(tmp_path):
     model_dir = save_tiny_llama(tmp_path / "model")
     one_node, two_nodes = tmp_path / "one-node", tmp_path / "two-nodes"
     run_train(tiny_run_config(model_dir, one_node), tmp_path, nprocs=2)
-    logs = run_two_nodes(tiny_run_config(model_dir, two_nodes, data={"cache_dir": str(tmp_path / "cache")}),
-                         tmp_path)
+    logs = run_two_nodes(tiny_run_config(model_dir, two_nodes, data={"cache_dir": str(tmp_path / "cache")}), tmp_path)
 
     # each launcher started one rank of a world of 2: node 1's rank is global rank 1
     assert "node_rank=1" in logs[1] and "'node-1': [1]" in logs[1] and "dist_world_size=2" in logs[1]

@@ -13,9 +13,9 @@ import json
 
 import pytest
 import torch
+from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
 
 from aletheia_ds.data import StepSchedule, load_examples, load_tokenizer
-from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 
@@ -56,9 +56,18 @@ def setup(tmp_path_factory):
 
 def job(setup, name, **train):
     tmp, model_dir, data, seed, _ = setup
-    cfg = tiny_run_config(model_dir, tmp / name, train={"max_steps": STEPS, "micro_batch_size": MICRO_BATCH,
-                                                          "seed": seed, "save_every": 1, "keep_last": STEPS,
-                                                          **train})
+    cfg = tiny_run_config(
+        model_dir,
+        tmp / name,
+        train={
+            "max_steps": STEPS,
+            "micro_batch_size": MICRO_BATCH,
+            "seed": seed,
+            "save_every": 1,
+            "keep_last": STEPS,
+            **train,
+        },
+    )
     cfg["data"].update(train=str(data), max_examples=None)
     return cfg
 
@@ -106,8 +115,11 @@ def test_skip_drops_exactly_that_update_and_carries_on(setup):
 
 def test_absurd_learning_rate_is_skipped_up_to_the_limit_then_stops(setup):
     tmp, model_dir, *_ = setup
-    cfg = tiny_run_config(model_dir, tmp / "lr", train={"lr": 1e30, "nan_policy": "skip", "max_nan_skips": 2,
-                                                        "save_every": 1, "keep_last": 1})
+    cfg = tiny_run_config(
+        model_dir,
+        tmp / "lr",
+        train={"lr": 1e30, "nan_policy": "skip", "max_nan_skips": 2, "save_every": 1, "keep_last": 1},
+    )
     proc = run_train(cfg, tmp, nprocs=0, check=False)
     assert proc.returncode == 3, proc.stderr[-3000:]
     rows = read_jsonl(tmp / "lr" / "metrics.jsonl")

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 import torch
+from helpers.ranks import ROOT, save_tiny_llama
 
 from aletheia_ds.launchers.deepspeed import local_command, rank_env
-from helpers.ranks import ROOT, save_tiny_llama
 
 pytestmark = pytest.mark.distributed
 
@@ -17,8 +17,11 @@ pytestmark = pytest.mark.distributed
 def test_frozen_prefix_under_deepspeed(tmp_path, zero):
     model_dir = save_tiny_llama(tmp_path / "model", layers=5)
     out = tmp_path / "result.json"
-    cmd = local_command(str(ROOT / "tests/workers/prefix_check.py"),
-                        [str(out), str(ROOT / f"ds_configs/{zero}.json"), str(model_dir)], 2)
+    cmd = local_command(
+        str(ROOT / "tests/workers/prefix_check.py"),
+        [str(out), str(ROOT / f"ds_configs/{zero}.json"), str(model_dir)],
+        2,
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

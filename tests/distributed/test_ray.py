@@ -17,14 +17,14 @@ import time
 import pytest
 import torch
 import yaml
-
-from aletheia_ds.evaluate import evaluate_adapter
-from aletheia_ds.adapters.attach import adapter_modules
-from aletheia_ds.plan import Plan
-from aletheia_ds.launchers.ray import digest
-from aletheia_ds.launchers.deepspeed import free_port, rank_env
 from helpers.ranks import ROOT, read_jsonl, save_tiny_llama, single_process_probe, tiny_run_config
 from helpers.ray_cluster import local_ray
+
+from aletheia_ds.adapters.attach import adapter_modules
+from aletheia_ds.evaluate import evaluate_adapter
+from aletheia_ds.launchers.deepspeed import free_port, rank_env
+from aletheia_ds.launchers.ray import digest
+from aletheia_ds.plan import Plan
 
 pytestmark = pytest.mark.ray
 
@@ -76,8 +76,11 @@ def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, mo
     # 1. the probe, its batches dealt over 2 workers and reduced, equals one process on all of them (a worker
     #    that probed every batch would double the squared norms)
     probe = json.loads((run / "probe.json").read_text())
-    reference_cfg = dict(config, model=dict(config["model"], tokenizer=str(ROOT / "examples/tiny/tokenizer")),
-                         data=dict(config["data"], train=str(ROOT / "examples/tiny/train.jsonl")))
+    reference_cfg = dict(
+        config,
+        model=dict(config["model"], tokenizer=str(ROOT / "examples/tiny/tokenizer")),
+        data=dict(config["data"], train=str(ROOT / "examples/tiny/train.jsonl")),
+    )
     reference = single_process_probe(model_dir, reference_cfg)
     assert probe["world_size"] == 2 and probe["tokens"] == reference.tokens
     for got, want in zip(probe["layers"], reference.layers, strict=True):
@@ -132,10 +135,16 @@ def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, mo
     tuned = PeftModel.from_pretrained(base, str(run / "adapter"))
     plan = Plan.load(run / "plan.json")
     assert adapter_modules(tuned) == {f"model.layers.{m.layer}.{m.path}": (m.r, m.alpha) for m in plan.modules}
-    result = evaluate_adapter(model=str(model_dir), adapter=str(run / "adapter"),
-                              data=str(ROOT / "examples/tiny/eval.jsonl"),
-                              tokenizer=str(ROOT / "examples/tiny/tokenizer"), seq_len=48, batches=3, batch_size=4,
-                              verify_logits=str(run / "sample_logits.safetensors"))
+    result = evaluate_adapter(
+        model=str(model_dir),
+        adapter=str(run / "adapter"),
+        data=str(ROOT / "examples/tiny/eval.jsonl"),
+        tokenizer=str(ROOT / "examples/tiny/tokenizer"),
+        seq_len=48,
+        batches=3,
+        batch_size=4,
+        verify_logits=str(run / "sample_logits.safetensors"),
+    )
     assert result["logits_match"], result
     eval_json = json.loads((run / "eval.json").read_text())
     assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)
@@ -179,14 +188,20 @@ def test_cluster_too_small_is_one_line_not_a_hang(cluster, model_dir, tmp_path):
     proc = cluster.submit(["--config", str(write_config(config, tmp_path))], timeout=240)
     assert proc.returncode != 0
     assert "error: ray: the cluster at " in proc.stdout
-    assert "cannot run ray.num_workers=3 workers of {'CPU': 1.0}: CPU: 3 workers x 1 = 3 needed, the cluster has 2" \
+    assert (
+        "cannot run ray.num_workers=3 workers of {'CPU': 1.0}: CPU: 3 workers x 1 = 3 needed, the cluster has 2"
         in proc.stdout
+    )
     # straight to the cluster's address: GPUs this cluster does not have
     config = ray_config(model_dir, tmp_path, use_gpu=True, address=cluster.gcs_address)
-    proc = subprocess.run([sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
-                          cwd=ROOT,
-                          env=rank_env(cpu=True, **{k: v for k, v in cluster.env.items() if k.startswith("RAY_")}),
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
+        cwd=ROOT,
+        env=rank_env(cpu=True, **{k: v for k, v in cluster.env.items() if k.startswith("RAY_")}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "GPU: 2 workers x 1 = 2 needed, the cluster has 0" in error[0], proc.stderr[-3000:]
@@ -196,12 +211,19 @@ def test_cluster_too_small_is_one_line_not_a_hang(cluster, model_dir, tmp_path):
 def test_unreachable_address_is_one_line(model_dir, tmp_path):
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     config = ray_config(model_dir, tmp_path, address=address)
-    proc = subprocess.run([sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
-                          cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "launch/ray_train.py", "--config", str(write_config(config, tmp_path))],
+        cwd=ROOT,
+        env=rank_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: ray.address: cannot reach a Ray cluster at {address} (Connection refused); start one with "
-        "`ray start --head`, or fix ray.address / RAY_ADDRESS"]
+        "`ray start --head`, or fix ray.address / RAY_ADDRESS"
+    ]
 
 
 @pytest.mark.gpu

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from helpers.ranks import ROOT, read_jsonl, save_tiny_llama, tiny_run_config
 
 from aletheia_ds.launchers.deepspeed import free_port, rank_env
-from helpers.ranks import ROOT, read_jsonl, save_tiny_llama, tiny_run_config
 
 pytestmark = pytest.mark.distributed
 
@@ -20,8 +20,14 @@ TOKENIZER = ROOT / "examples/tiny/tokenizer"
 
 
 def cli(args, cwd=ROOT, timeout=300):
-    return subprocess.run([sys.executable, "-m", "aletheia_ds.cli", *args], cwd=cwd, env=rank_env(cpu=True),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "aletheia_ds.cli", *args],
+        cwd=cwd,
+        env=rank_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +42,20 @@ def run(tmp_path_factory):
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     cfg = tiny_run_config(model_dir, out, train={"max_steps": 8, "eval_every": 4, "report_to": report_to})
     (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
-    proc = cli(["train", "--config", str(tmp / "config.yaml"), "--num-gpus", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(free_port()), "--quiet"])
+    proc = cli(
+        [
+            "train",
+            "--config",
+            str(tmp / "config.yaml"),
+            "--num-gpus",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "--quiet",
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launch/train.py --config" in proc.stdout.splitlines()[0]  # the launcher command, printed first
     assert re.search(r"^train 8/8  loss \d", proc.stdout, re.M) and "tokens/s" in proc.stdout  # quiet: plain lines
@@ -73,10 +91,14 @@ def test_report_files_and_numbers(run):
         assert f"| {layer} | 7 | attention r4, mlp r8 |" in md
     # training: first and last loss, held-out losses before / during / after
     assert f"loss {train_rows[0]['loss']:.4f} at step 1 -> {train_rows[-1]['loss']:.4f} at step 8" in md
-    assert (f"step 0: {results['eval_loss_before']:.4f}, step 4: {eval_rows[0]['eval_loss']:.4f}, "
-            f"step 8: {results['eval_loss_after']:.4f}") in md
-    assert f"| {results['eval_loss_before']:.4f} | {results['eval_loss_after']:.4f} | " \
-           f"{math.exp(results['eval_loss_before']):.3f} | {math.exp(results['eval_loss_after']):.3f} | 8 | 0 |" in md
+    assert (
+        f"step 0: {results['eval_loss_before']:.4f}, step 4: {eval_rows[0]['eval_loss']:.4f}, "
+        f"step 8: {results['eval_loss_after']:.4f}"
+    ) in md
+    assert (
+        f"| {results['eval_loss_before']:.4f} | {results['eval_loss_after']:.4f} | "
+        f"{math.exp(results['eval_loss_before']):.3f} | {math.exp(results['eval_loss_after']):.3f} | 8 | 0 |" in md
+    )
     # speed: the bench rows as measured
     assert "| qwen2.5-7b | off | budget | 9 (19) | 185.4 | 22,088 | 29.9 | 1.65x |" in md
 
@@ -95,17 +117,24 @@ def test_tensorboard_events_equal_metrics(run):
     acc = EventAccumulator(str(run["dir"] / "tensorboard"))
     acc.Reload()
     rows = read_jsonl(run["dir"] / "metrics.jsonl")
-    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == \
-        [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows if "loss" in r]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows if "loss" in r
+    ]
     assert [e.step for e in acc.Scalars("eval/loss")] == [4, 8]
 
 
 def greedy(model, tok, prompt, max_new_tokens):
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_eval_exact_match_perplexity_forgetting(run, tmp_path):
@@ -115,8 +144,9 @@ def test_eval_exact_match_perplexity_forgetting(run, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(run["model"])).eval(),
-                                      str(run["dir"] / "adapter")).eval()
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(run["model"])).eval(), str(run["dir"] / "adapter")
+    ).eval()
     rows = [json.loads(line) for line in (ROOT / "examples/tiny/eval.jsonl").read_text().splitlines()[:8]]
     # half the references are what the adapted model writes, so exact match is not trivially 0
     for row in rows[:4]:
@@ -130,10 +160,33 @@ def test_eval_exact_match_perplexity_forgetting(run, tmp_path):
     assert expected["adapter"] >= 4
 
     out = tmp_path / "eval.json"
-    proc = cli(["eval", "--model", str(run["model"]), "--tokenizer", str(TOKENIZER), "--adapter",
-                str(run["dir"] / "adapter"), "--data", str(data), "--forgetting-data", str(ROOT / "examples/tiny/train.jsonl"),
-                "--seq-len", "48", "--batches", "2", "--batch-size", "4", "--exact-match-rows", "8",
-                "--max-new-tokens", "12", "--out", str(out)])
+    proc = cli(
+        [
+            "eval",
+            "--model",
+            str(run["model"]),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--adapter",
+            str(run["dir"] / "adapter"),
+            "--data",
+            str(data),
+            "--forgetting-data",
+            str(ROOT / "examples/tiny/train.jsonl"),
+            "--seq-len",
+            "48",
+            "--batches",
+            "2",
+            "--batch-size",
+            "4",
+            "--exact-match-rows",
+            "8",
+            "--max-new-tokens",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["adapter_exact_match"]["matches"] == expected["adapter"]
@@ -150,16 +203,29 @@ def test_export_merged_equals_base_plus_adapter(run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    proc = cli(["export", "--model", str(run["model"]), "--tokenizer", str(TOKENIZER), "--adapter",
-                str(run["dir"] / "adapter"), "--out", str(out), "--merge"])
+    proc = cli(
+        [
+            "export",
+            "--model",
+            str(run["model"]),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--adapter",
+            str(run["dir"] / "adapter"),
+            "--out",
+            str(out),
+            "--merge",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert (out / "tokenizer.json").is_file()
     assert not list(tmp_path.glob(".merged.*"))  # no temporary directory left
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert not any("lora_" in n for n, _ in merged.named_parameters())
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(run["model"])),
-                                      str(run["dir"] / "adapter")).eval()
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(run["model"])), str(run["dir"] / "adapter")
+    ).eval()
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = tuned(input_ids=ids).logits
@@ -170,7 +236,8 @@ def test_export_merged_equals_base_plus_adapter(run, tmp_path):
 
     # a second export into the same non-empty directory is refused and leaves it as it was
     before = sorted(p.name for p in out.iterdir())
-    proc = cli(["export", "--model", str(run["model"]), "--adapter", str(run["dir"] / "adapter"), "--out", str(out),
-                "--merge"])
+    proc = cli(
+        ["export", "--model", str(run["model"]), "--adapter", str(run["dir"] / "adapter"), "--out", str(out), "--merge"]
+    )
     assert proc.returncode == 2 and "--out:" in proc.stderr and "not empty" in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == before

@@ -25,13 +25,13 @@ import time
 import psutil
 import pytest
 import torch
+from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config, train_cmd
 
 from aletheia_ds.checkpoint import Checkpoint, find_resume, resolve_checkpoint
 from aletheia_ds.config import ConfigError, load_config, validate_tree
 from aletheia_ds.dist import DistContext, build_ds_config
-from aletheia_ds.plan import Plan
 from aletheia_ds.launchers.deepspeed import rank_env
-from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config, train_cmd
+from aletheia_ds.plan import Plan
 
 pytestmark = pytest.mark.distributed
 
@@ -53,8 +53,12 @@ def workdir(tmp_path_factory):
 
 def job(workdir, name: str) -> dict:
     # lora.dropout > 0: a resumed run that did not restore the RNG state would draw other dropout masks
-    return tiny_run_config(workdir / "model", workdir / name, lora={"dropout": 0.1},
-                           train={"max_steps": STEPS, "save_every": SAVE_EVERY, "keep_last": 2})
+    return tiny_run_config(
+        workdir / "model",
+        workdir / name,
+        lora={"dropout": 0.1},
+        train={"max_steps": STEPS, "save_every": SAVE_EVERY, "keep_last": 2},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +124,9 @@ def test_rank_killed_at_a_random_step_resumes_exactly(workdir, reference):
     out = workdir / "killed"
     cfg = job(workdir, "killed")
     log = (workdir / "killed.log").open("w")
-    launcher = subprocess.Popen(train_cmd(cfg, workdir), cwd=ROOT, env=rank_env(cpu=True), stdout=log,
-                                stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen(
+        train_cmd(cfg, workdir), cwd=ROOT, env=rank_env(cpu=True), stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and launcher.poll() is None and logged_steps(out) < kill_at:
         time.sleep(0.05)
@@ -143,8 +148,13 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(workdir, referen
     out = workdir / f"crash-{point}"
     cfg = job(workdir, out.name)
     crash_step = 2 * SAVE_EVERY
-    proc = run_train(cfg, workdir, script="tests/workers/crash_in_checkpoint.py", check=False,
-                     env=rank_env(cpu=True, CRASH_STEP=str(crash_step), CRASH_POINT=point, CRASH_RANK="1"))
+    proc = run_train(
+        cfg,
+        workdir,
+        script="tests/workers/crash_in_checkpoint.py",
+        check=False,
+        env=rank_env(cpu=True, CRASH_STEP=str(crash_step), CRASH_POINT=point, CRASH_RANK="1"),
+    )
     assert proc.returncode != 0 and "SIGKILLs itself" in proc.stdout, proc.stdout[-3000:]
     root = out / "checkpoints"
     assert latest_step(out) == SAVE_EVERY  # `latest` still names the previous, complete checkpoint
@@ -166,16 +176,19 @@ def changed(base: dict, **sections) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("change,named", [
-    ({"train": {"lr": 0.02}}, "train.lr: 0.01 in the checkpoint, 0.02 now"),
-    ({"data": {"seq_len": 40}}, "data.seq_len: 48 in the checkpoint, 40 now"),
-    ({"train": {"micro_batch_size": 2}}, "train.micro_batch_size"),
-    ({"train": {"grad_accum": 2}}, "train.grad_accum"),
-    ({"train": {"lr_scheduler": "linear"}}, "train.lr_scheduler"),
-    ({"train": {"seed": 4}}, "train.seed"),
-    ({"plan": {"attention_r": 8}}, "plan.attention_r"),
-    ({"deepspeed": {"overrides": {"zero_optimization": {"stage": 2}}}}, "deepspeed zero_optimization.stage: 3"),
-])
+@pytest.mark.parametrize(
+    "change,named",
+    [
+        ({"train": {"lr": 0.02}}, "train.lr: 0.01 in the checkpoint, 0.02 now"),
+        ({"data": {"seq_len": 40}}, "data.seq_len: 48 in the checkpoint, 40 now"),
+        ({"train": {"micro_batch_size": 2}}, "train.micro_batch_size"),
+        ({"train": {"grad_accum": 2}}, "train.grad_accum"),
+        ({"train": {"lr_scheduler": "linear"}}, "train.lr_scheduler"),
+        ({"train": {"seed": 4}}, "train.seed"),
+        ({"plan": {"attention_r": 8}}, "plan.attention_r"),
+        ({"deepspeed": {"overrides": {"zero_optimization": {"stage": 2}}}}, "deepspeed zero_optimization.stage: 3"),
+    ],
+)
 def test_resume_with_a_changed_setting_is_refused(workdir, reference, change, named):
     checkpoint = Checkpoint.read(resolve_checkpoint("auto", reference))
     cfg = validate_tree(changed(job(workdir, "reference"), **change), "test")
@@ -186,8 +199,13 @@ def test_resume_with_a_changed_setting_is_refused(workdir, reference, change, na
 
 def test_resume_allows_operational_changes_and_refuses_other_plans_models_and_data(workdir, reference, tmp_path):
     checkpoint = Checkpoint.read(resolve_checkpoint("auto", reference))
-    cfg = validate_tree(changed(job(workdir, "reference"), train={"save_every": 1, "keep_last": 5,
-                                                                 "output_dir": str(tmp_path), "log_every": 3}), "t")
+    cfg = validate_tree(
+        changed(
+            job(workdir, "reference"),
+            train={"save_every": 1, "keep_last": 5, "output_dir": str(tmp_path), "log_every": 3},
+        ),
+        "t",
+    )
     checkpoint.check_compatible(cfg.model_dump(), 2, build_ds_config(cfg, 2, torch.float32))  # no error
 
     with pytest.raises(ConfigError, match=r"written by 2 ranks, this run has 1; resume on 2 ranks"):
@@ -195,7 +213,9 @@ def test_resume_allows_operational_changes_and_refuses_other_plans_models_and_da
 
     plan = Plan.load(reference / "plan.json")
     moved = [dataclasses.replace(m, layer=1) for m in plan.modules if m.layer == plan.layers[0]]
-    Plan(plan.rule, plan.num_layers, plan.layers_path, [1], moved, plan.score_captured).save(tmp_path / "other_plan.json")
+    Plan(plan.rule, plan.num_layers, plan.layers_path, [1], moved, plan.score_captured).save(
+        tmp_path / "other_plan.json"
+    )
     cfg_plan = validate_tree(changed(job(workdir, "reference"), plan={"plan": str(tmp_path / "other_plan.json")}), "t")
     with pytest.raises(ConfigError, match=r"plan.plan: .* adapts layers \[1\] .* the checkpoint .* layers"):
         checkpoint.check_compatible(cfg_plan.model_dump(), 2, build_ds_config(cfg_plan, 2, torch.float32))
@@ -223,10 +243,16 @@ def test_one_process_resuming_a_two_rank_checkpoint_gets_one_line(workdir, refer
 
 def test_which_checkpoint_a_run_continues_from(workdir, reference, tmp_path):
     def resume_of(output_dir, resume=None):
-        cfg = validate_tree(changed(job(workdir, "reference"), train={"output_dir": str(output_dir),
-                                                                     "resume": resume}), "t")
-        ctx = DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"),
-                          ds_config=build_ds_config(cfg, 2, torch.float32))
+        cfg = validate_tree(
+            changed(job(workdir, "reference"), train={"output_dir": str(output_dir), "resume": resume}), "t"
+        )
+        ctx = DistContext(
+            rank=0,
+            world_size=2,
+            local_rank=0,
+            device=torch.device("cpu"),
+            ds_config=build_ds_config(cfg, 2, torch.float32),
+        )
         return find_resume(ctx, cfg)
 
     assert resume_of(reference, "auto").step == STEPS
@@ -276,7 +302,10 @@ def test_a_load_that_disagrees_with_the_saved_adapter_is_caught(reference, tmp_p
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] = torch.nextafter(tensors[name].view(-1)[0], torch.tensor(1e9))  # one ulp
     save_file(tensors, str(tmp_path / "fresh" / "adapter_model.safetensors"))
-    assert _adapter_difference(saved, tmp_path / "fresh") == f"adapter_model.safetensors: 1 LoRA tensors differ (first: {name})"
+    assert (
+        _adapter_difference(saved, tmp_path / "fresh")
+        == f"adapter_model.safetensors: 1 LoRA tensors differ (first: {name})"
+    )
 
 
 def start_paused(cfg, workdir, out, after_step):
@@ -285,9 +314,13 @@ def start_paused(cfg, workdir, out, after_step):
     pause = workdir / f"{out.name}.pause"
     pause.touch()
     log = (workdir / f"{out.name}.log").open("w")
-    launcher = subprocess.Popen(train_cmd(cfg, workdir, script="tests/workers/pause_between_steps.py"), cwd=ROOT,
-                                env=rank_env(cpu=True, PAUSE_FILE=str(pause), PAUSE_AFTER_STEP=str(after_step)),
-                                stdout=log, stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen(
+        train_cmd(cfg, workdir, script="tests/workers/pause_between_steps.py"),
+        cwd=ROOT,
+        env=rank_env(cpu=True, PAUSE_FILE=str(pause), PAUSE_AFTER_STEP=str(after_step)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and launcher.poll() is None and logged_steps(out) < after_step:
         time.sleep(0.05)
@@ -311,8 +344,10 @@ def test_second_job_refused_then_sigterm_checkpoints_and_resumes_exactly(workdir
     log = (workdir / "preempted.log").read_text()
     stopped = [line for line in log.splitlines() if line.startswith("stopped: SIGTERM")]
     assert len(stopped) == 1 and "Traceback" not in log, log[-3000:]
-    assert stopped[0] == (f"stopped: SIGTERM: stopped after step 3 of {STEPS}; checkpoint "
-                          f"{out / 'checkpoints' / 'step-00000003'}; resume with --resume auto")
+    assert stopped[0] == (
+        f"stopped: SIGTERM: stopped after step 3 of {STEPS}; checkpoint "
+        f"{out / 'checkpoints' / 'step-00000003'}; resume with --resume auto"
+    )
     assert latest_step(out) == 3 and not (out / "eval.json").exists()
 
     proc = run_train(cfg, workdir, extra=["--resume", "auto"])
@@ -331,8 +366,14 @@ def test_ctrl_c_is_one_line_and_resumes_exactly(workdir, reference):
     pause.unlink()
     log = (workdir / "interrupted.log").read_text()
     lines = [line for line in log.splitlines() if "interrupted at" in line]
-    assert lines == [f"stopped: interrupted at step 3 (last checkpoint: {out / 'checkpoints' / 'step-00000002'}); "
-                     "resume with --resume auto"] and "Traceback" not in log, log[-3000:]
+    assert (
+        lines
+        == [
+            f"stopped: interrupted at step 3 (last checkpoint: {out / 'checkpoints' / 'step-00000002'}); "
+            "resume with --resume auto"
+        ]
+        and "Traceback" not in log
+    ), log[-3000:]
 
     proc = run_train(cfg, workdir, extra=["--resume", "auto"])
     assert f"step-00000002, step 2 of {STEPS}" in proc.stdout
@@ -346,9 +387,15 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(workdir, 
     out = workdir / "damaged"
     shutil.copytree(reference, out)
     newest = out / "checkpoints" / f"step-{STEPS:08d}"
-    victim = seeded_random("damaged file").choice(sorted(
-        [*(newest / "ds").rglob("*optim_states.pt"), *(newest / "ds").rglob("*model_states.pt"),
-         *(newest / "rng").glob("*.safetensors")]))
+    victim = seeded_random("damaged file").choice(
+        sorted(
+            [
+                *(newest / "ds").rglob("*optim_states.pt"),
+                *(newest / "ds").rglob("*model_states.pt"),
+                *(newest / "rng").glob("*.safetensors"),
+            ]
+        )
+    )
     with open(victim, "r+b") as handle:
         handle.truncate(victim.stat().st_size // 2)
     proc = run_train(job(workdir, out.name), workdir, extra=["--resume", "auto"])
@@ -366,7 +413,10 @@ def test_no_intact_checkpoint_is_one_line(reference, tmp_path):
     shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
     for step in (4, 6):
         (tmp_path / "checkpoints" / f"step-{step:08d}" / "rng" / "rank-00001.safetensors").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"^train.resume: no intact checkpoint in .*step-00000006: "
-                                          r"rng/rank-00001.safetensors has 0 bytes.*step-00000004: ") as info:
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.resume: no intact checkpoint in .*step-00000006: "
+        r"rng/rank-00001.safetensors has 0 bytes.*step-00000004: ",
+    ) as info:
         first_intact(checkpoint_candidates("auto", tmp_path))
     assert "\n" not in str(info.value)

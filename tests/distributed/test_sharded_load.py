@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-
-from aletheia_ds.config import ConfigError, ModelSection
-from aletheia_ds.model import load_model
-from aletheia_ds.launchers.deepspeed import rank_env
 from _common import SHAPES
 from helpers.ranks import ROOT, run_train
 from write_sharded_checkpoint import write_checkpoint
+
+from aletheia_ds.config import ConfigError, ModelSection
+from aletheia_ds.launchers.deepspeed import rank_env
+from aletheia_ds.model import load_model
 
 
 def _load(path):
@@ -57,10 +57,33 @@ def test_zero3_two_ranks_load_the_sharded_checkpoint_like_one_process(tmp_path):
     # tiny weights sit below DeepSpeed's default persistence threshold and would never be partitioned
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/bench_load.py"), "--model", str(tmp_path / "model"),
-                           "--out", str(out), "--cpu", "--gpus", "2", "--steps", "1", "--seq-len", "64",
-                           "--micro-batch", "2", "--read-once", "--ds-config", str(tmp_path / "zero3.json")],
-                          cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/bench_load.py"),
+            "--model",
+            str(tmp_path / "model"),
+            "--out",
+            str(out),
+            "--cpu",
+            "--gpus",
+            "2",
+            "--steps",
+            "1",
+            "--seq-len",
+            "64",
+            "--micro-batch",
+            "2",
+            "--read-once",
+            "--ds-config",
+            str(tmp_path / "zero3.json"),
+        ],
+        cwd=ROOT,
+        env=rank_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     load = json.loads((out / "load.json").read_text())
     assert load["shards"] > 3 and len(load["held_fraction_by_rank"]) == 2

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import torch
 
-COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-              tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
 
 DENSE = {
     "llama": dict(),
@@ -21,14 +31,38 @@ DENSE = {
 
 MOE = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                      shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8,
-                      decoder_sparse_step=1, mlp_only_layers=[]),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
+    "qwen3_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        head_dim=8,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
-    "deepseek_v3": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, first_k_dense_replace=1,
-                        n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
-                        qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1, num_key_value_heads=4),
+    "deepseek_v3": dict(
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_shared_experts=1,
+        num_key_value_heads=4,
+    ),
 }
 
 FAMILIES = list(DENSE)
@@ -102,6 +136,7 @@ def routed_experts(model, batch) -> dict[int, set[int]]:
 
             def hook(_m, _i, out, layer=layer):
                 chosen[layer] = set(out[2][mask].flatten().tolist())
+
             handles.append(module.register_forward_hook(hook))
     model(**batch, use_cache=False)
     for h in handles:
@@ -133,8 +168,13 @@ class ListExpertsMoe(torch.nn.Module):
         super().__init__()
         self.gate = gate
         self.experts = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(hidden, intermediate, bias=False), torch.nn.SiLU(),
-                                torch.nn.Linear(intermediate, hidden, bias=False)) for _ in range(num_experts))
+            torch.nn.Sequential(
+                torch.nn.Linear(hidden, intermediate, bias=False),
+                torch.nn.SiLU(),
+                torch.nn.Linear(intermediate, hidden, bias=False),
+            )
+            for _ in range(num_experts)
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 
-
 def brute_force_moe(model, layout, batches) -> dict:
     """Unfreeze every expert bank and router weight, backprop each batch's loss, slice .grad per expert.
 
@@ -27,6 +26,7 @@ def brute_force_moe(model, layout, batches) -> dict:
             real = state["mask"].reshape(-1).bool()
             for expert in range(n):
                 counts[(layer, expert)] = counts.get((layer, expert), 0) + int((chosen[real] == expert).sum())
+
         if block.style == "hf":
             handles.append(router.register_forward_hook(count))
     for p in params.values():
@@ -52,9 +52,11 @@ def brute_force_moe(model, layout, batches) -> dict:
         p.requires_grad_(False)
         p.grad = None
     n = len(batches)
-    return {"experts": {k: math.sqrt(v / n) for k, v in sums.items() if k[0] != "router"},
-            "routers": {k[1]: math.sqrt(v / n) for k, v in sums.items() if k[0] == "router"},
-            "tokens": counts}
+    return {
+        "experts": {k: math.sqrt(v / n) for k, v in sums.items() if k[0] != "router"},
+        "routers": {k[1]: math.sqrt(v / n) for k, v in sums.items() if k[0] == "router"},
+        "tokens": counts,
+    }
 
 
 def assert_experts_match(report, reference: dict, rtol: float = 1e-4, check_tokens: bool = True) -> None:
@@ -63,7 +65,9 @@ def assert_experts_match(report, reference: dict, rtol: float = 1e-4, check_toke
     for e in report.experts:
         for bank, score in e.banks.items():
             ref = reference["experts"][(e.layer, e.expert, bank)]
-            assert abs(score - ref) <= rtol * max(ref, 1e-30), f"layer {e.layer} expert {e.expert} {bank}: {score} vs {ref}"
+            assert abs(score - ref) <= rtol * max(ref, 1e-30), (
+                f"layer {e.layer} expert {e.expert} {bank}: {score} vs {ref}"
+            )
         assert e.score == sum(s * s for s in e.banks.values()) ** 0.5
         if check_tokens:
             assert e.tokens == reference["tokens"][(e.layer, e.expert)], (e.layer, e.expert)

@@ -13,8 +13,9 @@ from aletheia_ds.launchers.deepspeed import local_command, rank_env
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def train_cmd(config: dict, tmp: Path, nprocs: int = 2, extra: list[str] | None = None,
-              script: str = "launch/train.py") -> list[str]:
+def train_cmd(
+    config: dict, tmp: Path, nprocs: int = 2, extra: list[str] | None = None, script: str = "launch/train.py"
+) -> list[str]:
     """Write `config` as YAML; the command that runs `script` on `nprocs` ranks (one plain process when 0)."""
     import yaml
 
@@ -26,9 +27,16 @@ def train_cmd(config: dict, tmp: Path, nprocs: int = 2, extra: list[str] | None 
     return local_command(str(ROOT / script), args, nprocs)
 
 
-def run_train(config: dict, tmp: Path, nprocs: int = 2, timeout: int = 300, extra: list[str] | None = None,
-              check: bool = True, env: dict | None = None, script: str = "launch/train.py"
-              ) -> subprocess.CompletedProcess:
+def run_train(
+    config: dict,
+    tmp: Path,
+    nprocs: int = 2,
+    timeout: int = 300,
+    extra: list[str] | None = None,
+    check: bool = True,
+    env: dict | None = None,
+    script: str = "launch/train.py",
+) -> subprocess.CompletedProcess:
     """Run launch/train.py (or a wrapper `script`) with `config` on `nprocs` ranks; fail loudly if `check`."""
     cmd = train_cmd(config, tmp, nprocs, extra, script)
     proc = subprocess.run(cmd, cwd=ROOT, env=env or rank_env(cpu=True), capture_output=True, text=True, timeout=timeout)
@@ -45,15 +53,28 @@ def tiny_run_config(model_dir: Path, out: Path, **sections) -> dict:
     """A small, fast job on the shipped tokenizer/data and a tiny saved model."""
     config = {
         "model": {"path": str(model_dir), "tokenizer": str(ROOT / "examples/tiny/tokenizer")},
-        "data": {"train": str(ROOT / "examples/tiny/train.jsonl"), "eval": str(ROOT / "examples/tiny/eval.jsonl"),
-                 "seq_len": 48, "max_examples": 400, "eval_batches": 3},
+        "data": {
+            "train": str(ROOT / "examples/tiny/train.jsonl"),
+            "eval": str(ROOT / "examples/tiny/eval.jsonl"),
+            "seq_len": 48,
+            "max_examples": 400,
+            "eval_batches": 3,
+        },
         "probe": {"batches": 3, "batch_size": 4},
         "plan": {"top_pct": 50, "attention_r": 4, "mlp_r": 8},
-        "train": {"output_dir": str(out), "max_steps": 6, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 1,
-                  "seed": 3},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "seed": 3,
+        },
         # tiny weights sit below DeepSpeed's default persistence threshold and would never be partitioned
-        "deepspeed": {"config": str(ROOT / "ds_configs/zero3.json"),
-                      "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "deepspeed": {
+            "config": str(ROOT / "ds_configs/zero3.json"),
+            "overrides": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        },
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
@@ -65,10 +86,25 @@ def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, family: str = "l
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(family, **{**dict(
-        vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        tie_word_embeddings=False), **overrides})
+    config = AutoConfig.for_model(
+        family,
+        **{
+            **dict(
+                vocab_size=512,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                tie_word_embeddings=False,
+            ),
+            **overrides,
+        },
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(path))
     return path

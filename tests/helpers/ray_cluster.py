@@ -25,11 +25,22 @@ from helpers.ranks import ROOT
 
 VENV_BIN = str(Path(sys.executable).parent)
 # what the workers need, passed the way a user passes it: the job's runtime_env
-CPU_WORKER_ENV = {"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-                  "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+CPU_WORKER_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "GLOO_SOCKET_IFNAME": "lo",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
 # NVLink multicast stays off on shared GPU hosts (one program using it can take the host's GPUs out of service)
-GPU_WORKER_ENV = {"NCCL_SOCKET_IFNAME": "lo", "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                  "NVSHMEM_DISABLE_NVLS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+GPU_WORKER_ENV = {
+    "NCCL_SOCKET_IFNAME": "lo",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 @dataclass
@@ -43,27 +54,46 @@ class LocalRay:
 
     def submit_cmd(self, args: list[str]) -> list[str]:
         """`ray job submit --working-dir <repo> -- python launch/ray_train.py ARGS` (it waits for the job)."""
-        return [os.path.join(VENV_BIN, "ray"), "job", "submit", "--address", self.dashboard_url,
-                "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": self.worker_env}), "--",
-                "python", "launch/ray_train.py", *args]
+        return [
+            os.path.join(VENV_BIN, "ray"),
+            "job",
+            "submit",
+            "--address",
+            self.dashboard_url,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps({"env_vars": self.worker_env}),
+            "--",
+            "python",
+            "launch/ray_train.py",
+            *args,
+        ]
 
     def submit(self, args: list[str], timeout: int) -> subprocess.CompletedProcess:
-        return subprocess.run(self.submit_cmd(args), cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            self.submit_cmd(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
     def start(self, args: list[str], log: Path) -> subprocess.Popen:
         """The job submitted in the background; its output goes to `log`."""
         with log.open("w") as handle:
-            return subprocess.Popen(self.submit_cmd(args), cwd=ROOT, env=self.env, stdout=handle,
-                                    stderr=subprocess.STDOUT, text=True)
+            return subprocess.Popen(
+                self.submit_cmd(args), cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, text=True
+            )
 
 
 def cluster_env(token: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
-    env.update(PATH=os.pathsep.join([VENV_BIN, env.get("PATH", "")]),
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # otherwise Ray binds the machine's external address
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="0",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        PATH=os.pathsep.join([VENV_BIN, env.get("PATH", "")]),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # otherwise Ray binds the machine's external address
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_DEDUP_LOGS="0",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
@@ -100,23 +130,57 @@ def _stop_session(proc: subprocess.Popen) -> None:
 
 def _own_ports() -> list[str]:
     """Every port of a node's own, so that parallel test runs (and a second node) on this machine do not collide."""
-    return ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--object-store-memory", str(300 * 2**20)]
+    return [
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--dashboard-agent-grpc-port",
+        str(free_port()),
+        "--runtime-env-agent-port",
+        str(free_port()),
+        "--metrics-export-port",
+        str(free_port()),
+        "--node-manager-port",
+        str(free_port()),
+        "--object-manager-port",
+        str(free_port()),
+        "--object-store-memory",
+        str(300 * 2**20),
+    ]
 
 
 @contextlib.contextmanager
-def local_ray(num_cpus: int, num_gpus: int = 0, startup_timeout: float = 180.0,
-              resources: dict[str, float] | None = None) -> Iterator[LocalRay]:
+def local_ray(
+    num_cpus: int, num_gpus: int = 0, startup_timeout: float = 180.0, resources: dict[str, float] | None = None
+) -> Iterator[LocalRay]:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = cluster_env(secrets.token_hex(16))
     port, dashboard_port = free_port(), free_port()
     log = temp_dir / "head.log"
-    cmd = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-           "--dashboard-host", "127.0.0.1", "--port", str(port), "--dashboard-port", str(dashboard_port),
-           "--num-cpus", str(num_cpus), "--num-gpus", str(num_gpus), "--temp-dir", str(temp_dir),
-           "--resources", json.dumps(resources or {}), "--ray-client-server-port", str(free_port()), *_own_ports()]
+    cmd = [
+        os.path.join(VENV_BIN, "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-port",
+        str(dashboard_port),
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        str(num_gpus),
+        "--temp-dir",
+        str(temp_dir),
+        "--resources",
+        json.dumps(resources or {}),
+        "--ray-client-server-port",
+        str(free_port()),
+        *_own_ports(),
+    ]
     with log.open("w") as handle:
         head = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -3,16 +3,17 @@
 tests/distributed/test_cli_errors.py.)"""
 
 import pytest
+from helpers.ranks import ROOT
 
 from aletheia_ds.cli import EXAMPLES, build_parser, main
 from aletheia_ds.config import RunConfig, config_reference_markdown
-from helpers.ranks import ROOT
 
 
 def test_committed_config_reference_equals_the_generated_one():
     committed = (ROOT / "docs/CONFIG.md").read_text(encoding="utf-8")
-    assert committed == config_reference_markdown(), \
+    assert committed == config_reference_markdown(), (
         "docs/CONFIG.md is stale: run `aletheia-ds defaults --markdown > docs/CONFIG.md`"
+    )
 
 
 def test_config_reference_lists_every_key_with_its_default():
@@ -37,8 +38,25 @@ def test_train_prints_the_deepspeed_command(tmp_path, capsys):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
     config = ROOT / "launch/configs/tiny_cpu.yaml"
-    assert main(["train", "--config", str(config), "--num-gpus", "2", "--master-port", "29999", "--dry-run",
-                 "--quiet", "plan.top_pct=25", "--train.lr", "1e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(config),
+                "--num-gpus",
+                "2",
+                "--master-port",
+                "29999",
+                "--dry-run",
+                "--quiet",
+                "plan.top_pct=25",
+                "--train.lr",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "deepspeed" in line and "--num_gpus 2 --master_port 29999" in line
     assert line.endswith(f"launch/train.py --config {config} plan.top_pct=25 --train.lr 1e-3 train.quiet=true")

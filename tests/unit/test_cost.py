@@ -1,11 +1,11 @@
 """Cost model: prediction structure, calibration recovers known coefficients, budgeted selection."""
 
 import pytest
+from helpers.reports import SHAPES, known_model, report_with
 
 from aletheia_ds.config import ConfigError, PlanSection
 from aletheia_ds.cost import CostModel, measurement_plans
 from aletheia_ds.plan import make_plan, select_within_budget
-from helpers.reports import SHAPES, known_model, report_with
 
 
 def test_depth_is_paid_down_to_the_lowest_adapted_layer_only():
@@ -39,7 +39,9 @@ def test_budget_plan_respects_budget_and_prefers_high_cut_when_depth_dominates()
     assert plan.score_captured >= max(
         make_plan(report, PlanSection(rule="upper", top_pct=100 * k / 8), cost).score_captured
         for k in range(1, 9)
-        if make_plan(report, PlanSection(rule="upper", top_pct=100 * k / 8), cost).predicted["fraction_of_uniform"] <= 0.6)
+        if make_plan(report, PlanSection(rule="upper", top_pct=100 * k / 8), cost).predicted["fraction_of_uniform"]
+        <= 0.6
+    )
 
 
 def test_budget_takes_low_layers_when_depth_is_cheap():
@@ -88,19 +90,35 @@ def test_lora_step_flops_match_torch_flop_counter(lowest):
     from aletheia_ds.cost import lora_step_flops_per_token
 
     hidden, inter, layers, vocab, heads, kv, seq, batch, r = 64, 160, 4, 320, 4, 2, 24, 2, 4
-    config = AutoConfig.for_model("qwen2", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                                  num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
-                                  tie_word_embeddings=False, attn_implementation="eager")
+    config = AutoConfig.for_model(
+        "qwen2",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.requires_grad_(False)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=r, target_modules=targets, lora_dropout=0.0,
-                                             layers_to_transform=list(range(lowest, layers))))
+    model = get_peft_model(
+        model,
+        LoraConfig(r=r, target_modules=targets, lora_dropout=0.0, layers_to_transform=list(range(lowest, layers))),
+    )
     head_dim = hidden // heads
-    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv * head_dim), "v_proj": (hidden, kv * head_dim),
-              "o_proj": (hidden, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-              "down_proj": (inter, hidden)}
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv * head_dim),
+        "v_proj": (hidden, kv * head_dim),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
     ids = torch.randint(0, vocab, (batch, seq))
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids, labels=ids).loss.backward()

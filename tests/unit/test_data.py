@@ -4,8 +4,17 @@ import json
 
 import pytest
 
-from aletheia_ds.data import (IGNORE, DataError, StepSchedule, collate, load_examples, load_tokenizer, pack,
-                              read_rows, shard_indices)
+from aletheia_ds.data import (
+    IGNORE,
+    DataError,
+    StepSchedule,
+    collate,
+    load_examples,
+    load_tokenizer,
+    pack,
+    read_rows,
+    shard_indices,
+)
 
 TOK = "examples/tiny/tokenizer"
 
@@ -36,8 +45,12 @@ def test_text_trains_on_every_token(tok, tmp_path):
 
 
 def test_messages_use_the_chat_template_and_train_on_assistant_turns(tok, tmp_path):
-    messages = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
-                {"role": "user", "content": "and 3 + 3?"}, {"role": "assistant", "content": "6"}]
+    messages = [
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3 + 3?"},
+        {"role": "assistant", "content": "6"},
+    ]
     f = write_jsonl(tmp_path / "d.jsonl", [{"messages": messages}])
     (ex,) = load_examples(f, tok, 128)
     full = tok.apply_chat_template(messages, tokenize=False)
@@ -59,28 +72,35 @@ def test_parquet_and_datasets_dir(tok, tmp_path):
     assert [e.input_ids for e in a] == [e.input_ids for e in b] == [e.input_ids for e in c]
 
 
-@pytest.mark.parametrize("content,match", [
-    (b'{"text": "ok"}\n{"text": "broken"\n', r"d.jsonl:2: malformed JSON"),
-    (b'{"text": "ok"}\n\xff\xfe\n', r"d.jsonl:2: not UTF-8"),
-    (b'["a list"]\n', r"d.jsonl:1: each line must be a JSON object"),
-    (b'{"text": 5}\n', r"d.jsonl:1: field 'text' must be a string"),
-    (b'{"text": "  "}\n', r"d.jsonl:1: field 'text' is empty"),
-    (b'{"prompt": "only a prompt"}\n', r"d.jsonl:1: field 'completion' must be a string"),
-    (b'{"foo": 1}\n', r"d.jsonl:1: row has none of the fields"),
-    (b'{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', r"d.jsonl:2: row is prompt_completion but"),
-    (b'', r"the dataset is empty"),
-    (b'\n\n', r"the dataset is empty"),
-    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"no assistant turn"),
-    (b'{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
-     r"d.jsonl:1: messages\[0\].role 'wizard' is not one of system, user, assistant, tool$"),
-    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, '
-     b'{"role": "user", "content": "?"}, {"role": "asistant", "content": "no"}]}\n',
-     r"messages\[3\].role 'asistant' is not one of .* \(did you mean 'assistant'\?\)"),
-    (b'{"text": "a\\ud800b"}\n', r"d.jsonl:1: field 'text' holds invalid Unicode \('\\ud800' at character 1"),
-    (b'[' * 100000 + b']' * 100000 + b'\n', r"d.jsonl:1: JSON nested too deeply to read"),
-    (b'{"text": "x", "n": 1' + b'0' * 5000 + b'}\n', r"d.jsonl:1: unreadable JSON value \(Exceeds the limit"),
-    (b'[\n{"text": "x"},\n]\n', r"d.jsonl:1: malformed JSON .* the file must be JSON Lines"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b'{"text": "ok"}\n{"text": "broken"\n', r"d.jsonl:2: malformed JSON"),
+        (b'{"text": "ok"}\n\xff\xfe\n', r"d.jsonl:2: not UTF-8"),
+        (b'["a list"]\n', r"d.jsonl:1: each line must be a JSON object"),
+        (b'{"text": 5}\n', r"d.jsonl:1: field 'text' must be a string"),
+        (b'{"text": "  "}\n', r"d.jsonl:1: field 'text' is empty"),
+        (b'{"prompt": "only a prompt"}\n', r"d.jsonl:1: field 'completion' must be a string"),
+        (b'{"foo": 1}\n', r"d.jsonl:1: row has none of the fields"),
+        (b'{"text": "a"}\n{"prompt": "p", "completion": "c"}\n', r"d.jsonl:2: row is prompt_completion but"),
+        (b"", r"the dataset is empty"),
+        (b"\n\n", r"the dataset is empty"),
+        (b'{"messages": [{"role": "user", "content": "hi"}]}\n', r"no assistant turn"),
+        (
+            b'{"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+            r"d.jsonl:1: messages\[0\].role 'wizard' is not one of system, user, assistant, tool$",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, '
+            b'{"role": "user", "content": "?"}, {"role": "asistant", "content": "no"}]}\n',
+            r"messages\[3\].role 'asistant' is not one of .* \(did you mean 'assistant'\?\)",
+        ),
+        (b'{"text": "a\\ud800b"}\n', r"d.jsonl:1: field 'text' holds invalid Unicode \('\\ud800' at character 1"),
+        (b"[" * 100000 + b"]" * 100000 + b"\n", r"d.jsonl:1: JSON nested too deeply to read"),
+        (b'{"text": "x", "n": 1' + b"0" * 5000 + b"}\n", r"d.jsonl:1: unreadable JSON value \(Exceeds the limit"),
+        (b'[\n{"text": "x"},\n]\n', r"d.jsonl:1: malformed JSON .* the file must be JSON Lines"),
+    ],
+)
 def test_bad_rows_name_the_line(tok, tmp_path, content, match):
     f = tmp_path / "d.jsonl"
     f.write_bytes(content)
@@ -97,8 +117,10 @@ def test_byte_order_mark_and_crlf_are_accepted(tok, tmp_path):
 
 def test_rows_past_seq_len_are_truncated_or_counted(tok, tmp_path):
     long_prompt = "word " * 200
-    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": long_prompt, "completion": " x"},
-                                            {"prompt": "short", "completion": " y" * 100}])
+    f = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": long_prompt, "completion": " x"}, {"prompt": "short", "completion": " y" * 100}],
+    )
     messages = []
     examples = load_examples(f, tok, 16, log=messages.append)
     assert len(examples) == 1 and len(examples[0].input_ids) == 16
@@ -116,11 +138,10 @@ def test_pack_and_collate(tok, tmp_path):
     # whole examples, in order, none split and none lost; no row grows past seq_len, and no two neighbours fit one
     assert [t for row in packed for t in row.input_ids] == [t for e in examples for t in e.input_ids]
     assert all(len(row.input_ids) <= 16 for row in packed) and len(packed) < len(examples)
-    assert all(len(a.input_ids) + len(examples[packed.starts[r + 1]].input_ids) > 16
-               for r, a in enumerate(packed[:-1]))
+    assert all(len(a.input_ids) + len(examples[packed.starts[r + 1]].input_ids) > 16 for r, a in enumerate(packed[:-1]))
     first = packed[0]
     length = len(examples[0].input_ids)
-    assert first.position_ids[:length + 2] == [*range(length), 0, 1]  # positions restart at each example
+    assert first.position_ids[: length + 2] == [*range(length), 0, 1]  # positions restart at each example
     assert first.labels[0] == first.labels[length] == IGNORE  # nothing learned across the boundary
     assert first.labels[1:length] == examples[0].labels[1:length]
     batch = collate(examples[:3], tok.pad_token_id)

@@ -19,8 +19,9 @@ def tok(root):
 
 
 def _cached(path, tok, cache, seq_len=48):
-    return cached_examples(path, tok, seq_len, cache, num_proc=1, tokenizes=True, barrier=lambda: None,
-                           log=lambda line: None)
+    return cached_examples(
+        path, tok, seq_len, cache, num_proc=1, tokenizes=True, barrier=lambda: None, log=lambda line: None
+    )
 
 
 def test_cached_examples_equal_uncached_and_second_load_skips_tokenizing(tok, root, tmp_path, monkeypatch):

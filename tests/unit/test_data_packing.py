@@ -28,8 +28,9 @@ def _token_losses(model, inputs: dict) -> torch.Tensor:
     """Cross-entropy of every position's next-token prediction, 0 where the label is IGNORE (shape of labels)."""
     logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits.float()
     labels = inputs["labels"]
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE,
-                                               reduction="none")
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
+    )
     return torch.nn.functional.pad(losses, (1, 0))
 
 
@@ -40,8 +41,10 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(family, attention):
     implementation = "sdpa" if attention == "flattened" else attention
     model = tiny_model(family, attn_implementation=implementation)
     with torch.no_grad():
-        unpacked = [float(_token_losses(model, collate([ex], PAD))[0].sum()) / sum(l != IGNORE for l in ex.labels[1:])
-                    for ex in examples]
+        unpacked = [
+            float(_token_losses(model, collate([ex], PAD))[0].sum()) / sum(label != IGNORE for label in ex.labels[1:])
+            for ex in examples
+        ]
         rows = pack(examples, 48)
         assert len(rows) < len(examples)  # several examples share rows
         batch = collate(rows[:], PAD)
@@ -59,7 +62,9 @@ def test_packed_batch_gives_each_example_its_unpacked_loss(family, attention):
             for index in range(rows.starts[row], rows.starts[row + 1]):
                 ex = examples[index]
                 n = len(ex.input_ids)
-                packed.append(float(losses[row][offset:offset + n].sum()) / sum(l != IGNORE for l in ex.labels[1:]))
+                packed.append(
+                    float(losses[row][offset : offset + n].sum()) / sum(label != IGNORE for label in ex.labels[1:])
+                )
                 offset += n
     assert packed == pytest.approx(unpacked, rel=1e-5, abs=1e-5)
 

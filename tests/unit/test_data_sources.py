@@ -25,8 +25,9 @@ def write_jsonl(path, rows):
 
 
 def _cached(path, tok, cache, seq_len=48, max_examples=None):
-    return cached_examples(path, tok, seq_len, cache, num_proc=1, tokenizes=True, barrier=lambda: None,
-                           max_examples=max_examples, **QUIET)
+    return cached_examples(
+        path, tok, seq_len, cache, num_proc=1, tokenizes=True, barrier=lambda: None, max_examples=max_examples, **QUIET
+    )
 
 
 def _sources(tmp_path):
@@ -46,8 +47,14 @@ def test_mixture_follows_weights_and_seed_and_the_cache_gives_the_same_rows(tok,
     again = mixture(parts, [0.75, 0.25], 7, "first_exhausted", ["a", "b"], **QUIET)
     other = mixture(parts, [0.75, 0.25], 8, "first_exhausted", ["a", "b"], **QUIET)
     assert [e.input_ids for e in again] == [e.input_ids for e in mixed] != [e.input_ids for e in other]
-    cached = mixture([_cached(a, tok, tmp_path / "c", 32), _cached(b, tok, tmp_path / "c", 32)], [0.75, 0.25], 7,
-                     "first_exhausted", ["a", "b"], **QUIET)
+    cached = mixture(
+        [_cached(a, tok, tmp_path / "c", 32), _cached(b, tok, tmp_path / "c", 32)],
+        [0.75, 0.25],
+        7,
+        "first_exhausted",
+        ["a", "b"],
+        **QUIET,
+    )
     assert [(e.input_ids, e.labels) for e in cached] == [(e.input_ids, e.labels) for e in mixed]
     everything = mixture(parts, [0.75, 0.25], 7, "all_exhausted", ["a", "b"], **QUIET)
     assert {tuple(e.input_ids) for e in everything} == {tuple(e.input_ids) for p in parts for e in p}
@@ -58,20 +65,27 @@ def test_data_train_as_a_list_and_its_errors_name_the_entry(tmp_path):
     cfg = RunConfig(data={"train": [{"path": "a.jsonl", "weight": 0.7}, {"path": "b.parquet", "weight": 0.3}]})
     assert [(s.path, s.weight) for s in cfg.data.train_sources()] == [("a.jsonl", 0.7), ("b.parquet", 0.3)]
     assert [s.path for s in RunConfig(data={"train": "a.jsonl"}).data.train_sources()] == ["a.jsonl"]
-    for train, message in [([{"path": "a", "weight": 0}], r"data.train\[0\].weight: must be a finite number > 0"),
-                           ([{"path": "a"}, {"path": "b", "wieght": 1}], r"data.train\[1\]: unknown key 'wieght'"),
-                           ([{"weight": 1}], r"data.train\[0\].path"), (["a"], r"data.train\[0\]: must be")]:
+    for train, message in [
+        ([{"path": "a", "weight": 0}], r"data.train\[0\].weight: must be a finite number > 0"),
+        ([{"path": "a"}, {"path": "b", "wieght": 1}], r"data.train\[1\]: unknown key 'wieght'"),
+        ([{"weight": 1}], r"data.train\[0\].path"),
+        (["a"], r"data.train\[0\]: must be"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             RunConfig(data={"train": train})
 
 
 def test_chat_template_file_is_used_and_keys_the_cache(root, tmp_path):
     template = tmp_path / "chat.jinja"
-    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
-                        "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    template.write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     plain, custom = load_tokenizer(str(root / TOK)), load_tokenizer(str(root / TOK), chat_template=str(template))
-    rows = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "2 + 2?"},
-                                                              {"role": "assistant", "content": "4"}]}])
+    rows = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}],
+    )
     (ex,) = load_examples(rows, custom, 64)
     assert custom.decode(ex.input_ids).startswith("<user>2 + 2?<assistant>4")
     assert cache_key(rows, plain, 64, False) != cache_key(rows, custom, 64, False)

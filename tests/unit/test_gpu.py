@@ -5,14 +5,14 @@ import copy
 
 import pytest
 import torch
-
-from aletheia_ds.arch import describe
-from aletheia_ds.config import PlanSection
-from aletheia_ds.adapters.attach import attach
-from aletheia_ds.plan import make_plan
-from aletheia_ds.execution import FrozenPrefix, base_model, compile_adapted_layers
 from helpers.families import random_batches, tiny_model
 from helpers.reports import fake_report
+
+from aletheia_ds.adapters.attach import attach
+from aletheia_ds.arch import describe
+from aletheia_ds.config import PlanSection
+from aletheia_ds.execution import FrozenPrefix, base_model, compile_adapted_layers
+from aletheia_ds.plan import make_plan
 
 pytestmark = pytest.mark.gpu
 

@@ -42,7 +42,7 @@ def imported_names(name: str, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 anchor = here.split(".")
-                anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+                anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             else:
                 base = node.module or ""
@@ -76,7 +76,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for target in sorted(edges.get(node, ())):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state:
                 cycle = visit(target)
                 if cycle:
@@ -131,6 +131,7 @@ def test_pure_core_imports_no_distributed_runtime(name):
         seen.add(current)
         todo.extend(edges[current])
     for reached in sorted(seen - {name}):
-        hits = sorted(i for i in imported_names(reached, modules[reached])
-                      if any(i == b or i.startswith(b + ".") for b in banned))
+        hits = sorted(
+            i for i in imported_names(reached, modules[reached]) if any(i == b or i.startswith(b + ".") for b in banned)
+        )
         assert not hits, f"{_show(name)} reaches {_show(reached)}, which imports {hits}"

@@ -10,8 +10,15 @@ import threading
 import pytest
 
 from aletheia_ds.config import ConfigError
-from aletheia_ds.io import (LOCK_NAME, OutputLock, atomic_dir, manifest_problem, save_safetensors_atomic,
-                            tree_manifest, write_json_atomic)
+from aletheia_ds.io import (
+    LOCK_NAME,
+    OutputLock,
+    atomic_dir,
+    manifest_problem,
+    save_safetensors_atomic,
+    tree_manifest,
+    write_json_atomic,
+)
 from aletheia_ds.metrics import JsonlSink
 
 
@@ -56,11 +63,18 @@ time.sleep(float(sys.argv[2]))
 
 
 def test_a_held_output_dir_is_refused_in_one_line_and_a_dead_holder_releases_it(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path), "60"], stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path), "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(ConfigError, match=rf"^train.output_dir: {tmp_path} is in use by another run "
-                                          rf"\(pid {holder.pid} on .*, since .*\); wait for it") as info:
+    with pytest.raises(
+        ConfigError,
+        match=rf"^train.output_dir: {tmp_path} is in use by another run "
+        rf"\(pid {holder.pid} on .*, since .*\); wait for it",
+    ) as info:
         OutputLock(tmp_path).acquire()
     assert "\n" not in str(info.value)
     holder.kill()  # a crashed job: its lock file stays, its lock does not

@@ -29,13 +29,34 @@ def megablocks_llama(seed: int = 0, dtype=torch.bfloat16):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model("llama", vocab_size=96, hidden_size=HIDDEN, intermediate_size=FFN,
-                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=96,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    args = Arguments(hidden_size=HIDDEN, ffn_hidden_size=FFN, moe_num_experts=EXPERTS, moe_top_k=TOP_K,
-                     mlp_type="glu", mlp_impl="grouped", activation_fn=F.silu, bias=False, return_bias=False,
-                     bf16=dtype == torch.bfloat16, fp16=False, moe_loss_weight=0.0, device=torch.cuda.current_device())
+    args = Arguments(
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        moe_num_experts=EXPERTS,
+        moe_top_k=TOP_K,
+        mlp_type="glu",
+        mlp_impl="grouped",
+        activation_fn=F.silu,
+        bias=False,
+        return_bias=False,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        moe_loss_weight=0.0,
+        device=torch.cuda.current_device(),
+    )
     for layer in model.model.layers:
         layer.mlp = dMoE(args)
     model.cuda()
@@ -59,16 +80,20 @@ def test_layout_is_found():
     assert sorted(layout.moe) == [0, 1, 2]
     block = layout.moe[0]
     assert (block.style, block.router_path, block.num_experts, block.top_k) == ("megablocks", "mlp.router.layer", 4, 2)
-    assert [(b.name, b.in_features, b.out_features) for b in block.banks] == \
-        [("w1", HIDDEN, FFN), ("v1", HIDDEN, FFN), ("w2", FFN, HIDDEN)]
+    assert [(b.name, b.in_features, b.out_features) for b in block.banks] == [
+        ("w1", HIDDEN, FFN),
+        ("v1", HIDDEN, FFN),
+        ("w2", FFN, HIDDEN),
+    ]
     assert not any("router" in t.path for targets in layout.layer_targets for t in targets)
 
 
 def test_probe_loop_reproduces_dmoe_and_equals_brute_force():
+    from helpers.moe_reference import assert_experts_match
+
     from aletheia_ds.arch import describe
     from aletheia_ds.probe.experts import ExpertProbe
     from aletheia_ds.probe.run import run_probe
-    from helpers.moe_reference import assert_experts_match
 
     model = megablocks_llama()
     layout = describe(model)
@@ -85,7 +110,9 @@ def test_probe_loop_reproduces_dmoe_and_equals_brute_force():
     report = run_probe(model32, layout, batches, lambda b: model32(**b).loss)
     reference = brute_force_in_loop(model32, layout, batches)
     assert_experts_match(report, reference, rtol=1e-4, check_tokens=False)
-    assert sum(e.tokens for e in report.layer_experts(0)) == TOP_K * sum(int(b["attention_mask"].sum()) for b in batches)
+    assert sum(e.tokens for e in report.layer_experts(0)) == TOP_K * sum(
+        int(b["attention_mask"].sum()) for b in batches
+    )
 
     # 3. bf16: hooks == megablocks' own grouped-GEMM backward, to bf16 precision
     model16 = megablocks_llama()
@@ -96,8 +123,9 @@ def test_probe_loop_reproduces_dmoe_and_equals_brute_force():
 
 
 def brute_force_in_loop(model, layout, batches):
-    from aletheia_ds.probe.experts import ExpertProbe
     from helpers.moe_reference import brute_force_moe
+
+    from aletheia_ds.probe.experts import ExpertProbe
 
     with ExpertProbe(model, layout).attached():  # megablocks' grouped GEMM is bf16-only: autograd through the loop
         return brute_force_moe(model, layout, batches)
@@ -106,12 +134,12 @@ def brute_force_in_loop(model, layout, batches):
 def test_expert_lora_trains_only_planned_experts_and_reloads(tmp_path):
     from peft import PeftModel
 
-    from aletheia_ds.arch import describe
+    from aletheia_ds.adapters.attach import attach, expert_deltas
+    from aletheia_ds.adapters.experts import load_expert_adapter
     from aletheia_ds.adapters.export import export_adapter
+    from aletheia_ds.arch import describe
     from aletheia_ds.config import PlanSection
     from aletheia_ds.dist import DistContext
-    from aletheia_ds.adapters.experts import load_expert_adapter
-    from aletheia_ds.adapters.attach import attach, expert_deltas
     from aletheia_ds.plan import make_plan
     from aletheia_ds.probe.run import run_probe
 
@@ -129,8 +157,12 @@ def test_expert_lora_trains_only_planned_experts_and_reloads(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     tuned.eval()
-    live = {(int(name.split(".")[2]), e) for name, norms in expert_deltas(tuned).items()
-            for e, norm in enumerate(norms) if norm > 0}
+    live = {
+        (int(name.split(".")[2]), e)
+        for name, norms in expert_deltas(tuned).items()
+        for e, norm in enumerate(norms)
+        if norm > 0
+    }
     assert live == planned
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
     export_adapter(ctx, tuned, tmp_path / "adapter")

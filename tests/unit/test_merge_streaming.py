@@ -9,18 +9,22 @@ import textwrap
 
 import pytest
 import torch
+from helpers.families import random_batches, tiny_model
 
 from aletheia_ds.adapters.serving import serving_facts
 from aletheia_ds.config import ConfigError
 from aletheia_ds.merge import export_merged
-from helpers.families import random_batches, tiny_model
 
 
 def _adapter(model, path, seed=3, r=4):
     from peft import LoraConfig, get_peft_model
 
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"],
-                                                  rank_pattern={"down_proj": 2 * r}))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"], rank_pattern={"down_proj": 2 * r}
+        ),
+    )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -44,9 +48,9 @@ def test_sharded_bf16_merge_equals_base_plus_adapter(tmp_path):
     assert (tmp_path / "merged/model.safetensors.index.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
     assert merged.dtype == torch.bfloat16
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"),
-                                                                               dtype=torch.float32),
-                                          str(tmp_path / "adapter")).eval()
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float32), str(tmp_path / "adapter")
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model"), dtype=torch.float32).eval()
     batch = random_batches(1, 2, 12, seed=8)[0]
     with torch.no_grad():
@@ -67,14 +71,25 @@ def test_megablocks_expert_adapter_is_merged_per_expert(tmp_path):
     tiny_model("llama").save_pretrained(str(tmp_path / "model"))
     _adapter(AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")), tmp_path / "adapter")
     bank = "model.layers.1.mlp.gate_proj.weight"  # (48, 32): two "experts" of 24 rows each
-    spec = {"parameter": bank, "num_experts": 2, "experts": [1], "r": 4, "alpha": 8.0, "in_features": 32,
-            "out_features": 24, "transposed": False}
+    spec = {
+        "parameter": bank,
+        "num_experts": 2,
+        "experts": [1],
+        "r": 4,
+        "alpha": 8.0,
+        "in_features": 32,
+        "out_features": 24,
+        "transposed": False,
+    }
     lora = ExpertLoRA(2, [1], 4, 8.0, 32, 24, False)
     torch.nn.init.normal_(lora.lora_B, std=0.1)
-    save_file({f"{bank}.lora_A": lora.lora_A.detach(), f"{bank}.lora_B": lora.lora_B.detach()},
-              str(tmp_path / "adapter/expert_adapter.safetensors"))
-    (tmp_path / "adapter/expert_adapter.json").write_text(json.dumps(
-        {"format": "aletheia_ds.adapters.experts", "version": 1, "banks": [spec]}))
+    save_file(
+        {f"{bank}.lora_A": lora.lora_A.detach(), f"{bank}.lora_B": lora.lora_B.detach()},
+        str(tmp_path / "adapter/expert_adapter.safetensors"),
+    )
+    (tmp_path / "adapter/expert_adapter.json").write_text(
+        json.dumps({"format": "aletheia_ds.adapters.experts", "version": 1, "banks": [spec]})
+    )
 
     export_merged(str(tmp_path / "model"), str(tmp_path / "adapter"), str(tmp_path / "merged"))
     base = load_file(str(tmp_path / "model/model.safetensors"))[bank]
@@ -116,15 +131,27 @@ def test_merge_peak_memory_is_about_one_shard(tmp_path):
     """A ~100 MB float32 model in ~12 MB shards: the merge process grows by a few shards, not by the model."""
     from transformers import AutoModelForCausalLM
 
-    model = tiny_model("llama", hidden_size=512, intermediate_size=1536, num_hidden_layers=8, vocab_size=1024,
-                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64)
+    model = tiny_model(
+        "llama",
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        vocab_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=64,
+    )
     model.save_pretrained(str(tmp_path / "model"), max_shard_size="12MB")
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
     shard_bytes = max(p.stat().st_size for p in (tmp_path / "model").glob("*.safetensors"))
     del model
     _adapter(AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")), tmp_path / "adapter", r=8)
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path / "model"), str(tmp_path / "adapter"),
-                           str(tmp_path / "merged")], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(tmp_path / "model"), str(tmp_path / "adapter"), str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     grew = json.loads(proc.stdout.strip().splitlines()[-1])["grew_bytes"]
     assert model_bytes > 90e6 and shard_bytes < 15e6

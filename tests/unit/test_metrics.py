@@ -12,9 +12,11 @@ from aletheia_ds.config import ConfigError
 from aletheia_ds.metrics import MetricsSink, open_metrics, scalars
 from aletheia_ds.progress import Progress
 
-ROWS = [{"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 100.0, "grad_norm": None, "epoch": 0.5},
-        {"step": 2, "loss": 2.25, "lr": 5e-4, "tokens_per_s": 120.0, "grad_norm": 0.75, "skipped": True},
-        {"step": 2, "eval_loss": 2.4}]
+ROWS = [
+    {"step": 1, "loss": 2.5, "lr": 1e-3, "tokens_per_s": 100.0, "grad_norm": None, "epoch": 0.5},
+    {"step": 2, "loss": 2.25, "lr": 5e-4, "tokens_per_s": 120.0, "grad_norm": 0.75, "skipped": True},
+    {"step": 2, "eval_loss": 2.4},
+]
 
 
 def read_events(log_dir):
@@ -55,8 +57,11 @@ def test_not_rank_zero_writes_nothing(tmp_path):
 def test_missing_backend_is_one_line_naming_the_knob(tmp_path, monkeypatch):
     real = metrics_mod.importlib.util.find_spec
     monkeypatch.setattr(metrics_mod.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
-    with pytest.raises(ConfigError, match=r"^train.report_to: wandb is not installed; pip install wandb, or remove "
-                                          r"wandb from train.report_to$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^train.report_to: wandb is not installed; pip install wandb, or remove "
+        r"wandb from train.report_to$",
+    ):
         open_metrics(tmp_path, ["wandb"], enabled=True)
     assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -82,7 +87,8 @@ def test_wandb_and_mlflow_stay_local(tmp_path, monkeypatch):
         start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
         log_params=lambda params: calls.append(("mlflow.params", params)),
         log_metrics=lambda values, step: calls.append(("mlflow.log", step, values)),
-        end_run=lambda: calls.append(("mlflow.end",)))
+        end_run=lambda: calls.append(("mlflow.end",)),
+    )
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=wandb_init))
     monkeypatch.setitem(sys.modules, "mlflow", mlflow)
     monkeypatch.setattr(metrics_mod.importlib.util, "find_spec", lambda name: object())
@@ -97,8 +103,11 @@ def test_wandb_and_mlflow_stay_local(tmp_path, monkeypatch):
     assert ("wandb.log", 1, scalars(ROWS[0])) in calls
     assert ("mlflow.uri", (run / "mlruns").resolve().as_uri()) in calls
     assert ("mlflow.params", {"train.lr": "0.001"}) in calls
-    assert ("mlflow.log", 1, {"train_loss": 2.5, "train_lr": 1e-3, "train_tokens_per_s": 100.0,
-                              "train_epoch": 0.5}) in calls
+    assert (
+        "mlflow.log",
+        1,
+        {"train_loss": 2.5, "train_lr": 1e-3, "train_tokens_per_s": 100.0, "train_epoch": 0.5},
+    ) in calls
     assert calls[-2:] == [("wandb.finish",), ("mlflow.end",)]
 
 

@@ -1,12 +1,12 @@
 """Inputs that belong to another model or cannot be written, refused in one line before anything heavy runs."""
 
 import pytest
+from helpers.ranks import ROOT, save_tiny_llama
 
 from aletheia_ds.cli import build_parser
 from aletheia_ds.config import ConfigError, ModelSection
 from aletheia_ds.data import load_tokenizer
 from aletheia_ds.model import check_vocabulary
-from helpers.ranks import ROOT, save_tiny_llama
 
 TOKENIZER = str(ROOT / "examples/tiny/tokenizer")
 
@@ -27,8 +27,9 @@ def test_another_models_tokenizer_is_refused_by_its_end_of_sequence_id(tmp_path)
 
 @pytest.mark.parametrize("command", ["eval", "export"])
 def test_eval_and_export_take_trust_remote_code(command):
-    args, _ = build_parser().parse_known_args([command, "--model", "m", "--adapter", "a", "--data", "d",
-                                               "--out", "o", "--trust-remote-code"])
+    args, _ = build_parser().parse_known_args(
+        [command, "--model", "m", "--adapter", "a", "--data", "d", "--out", "o", "--trust-remote-code"]
+    )
     assert args.trust_remote_code is True
     args, _ = build_parser().parse_known_args([command, "--model", "m", "--adapter", "a", "--data", "d", "--out", "o"])
     assert args.trust_remote_code is False
@@ -36,11 +37,11 @@ def test_eval_and_export_take_trust_remote_code(command):
 
 def _probe_of(model_dir, **report_fields):
     """A probe report of the saved model at `model_dir` (scores made up), as `aletheia-ds probe` records it."""
+    from helpers.reports import fake_report
     from transformers import AutoModelForCausalLM
 
     from aletheia_ds.arch import describe
     from aletheia_ds.model import fingerprint, fingerprint_digest
-    from helpers.reports import fake_report
 
     layout = describe(AutoModelForCausalLM.from_pretrained(str(model_dir)))
     report = fake_report(layout, [1.0, 2.0, 3.0, 4.0])
@@ -59,15 +60,22 @@ def test_a_probe_of_another_model_with_the_same_layer_count_is_refused(tmp_path)
     digest = fingerprint_digest(fingerprint(ModelSection(path=str(model))))
     assert report.check_fits(layout.to_json(), layout.num_layers, digest, "probe.report: p") is report
     other, other_layout = _probe_of(wider)
-    with pytest.raises(ConfigError, match=r"^probe.report: p was made on another model \(down_proj in x out features: "
-                                          r"\[64, 64\] in the report, \[64, 32\] in this model\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^probe.report: p was made on another model \(down_proj in x out features: "
+        r"\[64, 64\] in the report, \[64, 32\] in this model\)",
+    ):
         other.check_fits(layout.to_json(), layout.num_layers, digest, "probe.report: p")
     # same architecture, other weights (another seed, its files the same size): the config-and-sizes fingerprint
     # cannot tell; another config (here the vocabulary) can
     bigger_vocab = save_tiny_llama(tmp_path / "vocab", vocab_size=1024)
     with pytest.raises(ConfigError, match=r"fingerprint of config.json and weight file sizes"):
-        report.check_fits(layout.to_json(), layout.num_layers,
-                          fingerprint_digest(fingerprint(ModelSection(path=str(bigger_vocab)))), "probe.report: p")
+        report.check_fits(
+            layout.to_json(),
+            layout.num_layers,
+            fingerprint_digest(fingerprint(ModelSection(path=str(bigger_vocab)))),
+            "probe.report: p",
+        )
 
 
 def test_a_probe_with_other_module_names_is_one_line_not_a_key_error(tmp_path):
@@ -104,10 +112,11 @@ def test_train_refuses_a_foreign_plan_or_probe_before_probing(tmp_path):
     refused run leaves no probe.json, probe.png or plan.json in output_dir."""
     import json
 
+    from helpers.ranks import tiny_run_config
+
     from aletheia_ds.config import PlanSection, RunConfig
     from aletheia_ds.plan import make_plan
     from aletheia_ds.train import main
-    from helpers.ranks import tiny_run_config
 
     model = save_tiny_llama(tmp_path / "model")
     report, _ = _probe_of(model)
@@ -116,8 +125,10 @@ def test_train_refuses_a_foreign_plan_or_probe_before_probing(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(plan_blob))
     wider, _ = _probe_of(save_tiny_llama(tmp_path / "wider", hidden_size=64))
     (tmp_path / "probe.json").write_text(json.dumps(wider.to_json()))
-    for knob, given, message in (("plan.plan", tmp_path / "plan.json", "layers_path 'model.decoder.layers'"),
-                                 ("probe.report", tmp_path / "probe.json", "was made on another model")):
+    for knob, given, message in (
+        ("plan.plan", tmp_path / "plan.json", "layers_path 'model.decoder.layers'"),
+        ("probe.report", tmp_path / "probe.json", "was made on another model"),
+    ):
         out = tmp_path / f"run-{knob}"
         config = tiny_run_config(model, out, deepspeed={"config": str(ROOT / "ds_configs/zero2.json")})
         section, key = knob.split(".")
@@ -147,13 +158,23 @@ def test_plan_checks_the_probe_against_a_given_model_and_says_when_it_cannot(tmp
 
     wider = save_tiny_llama(tmp_path / "wider", hidden_size=64)
     capsys.readouterr()
-    assert main(["plan", "--probe", str(probe_json), "--out", str(tmp_path / "plan.json"),
-                 f"model.path={wider}"]) == 2
+    assert main(["plan", "--probe", str(probe_json), "--out", str(tmp_path / "plan.json"), f"model.path={wider}"]) == 2
     assert "was made on another model (fingerprint" in _one_error_line(capsys)
     assert main(["plan", "--probe", str(probe_json), "--out", str(tmp_path / "plan.json")]) == 0
     assert "no model.path given: probe.json not checked against a model" in capsys.readouterr().out
-    assert main(["plan", "--probe", str(probe_json), "--out", str(tmp_path / "plan.json"),
-                 f"model.path={tmp_path / 'model'}"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--probe",
+                str(probe_json),
+                "--out",
+                str(tmp_path / "plan.json"),
+                f"model.path={tmp_path / 'model'}",
+            ]
+        )
+        == 0
+    )
     assert "checked against" in capsys.readouterr().out
 
 
@@ -164,11 +185,12 @@ def test_an_unwritable_out_is_one_line_before_any_work(command, tmp_path, probe_
     (tmp_path / "a_file").write_text("x")
     out = tmp_path / "a_file" / "out"  # inside a file: never writable, whoever runs it
     model = str(tmp_path / "model")
-    argv = {"plan": ["plan", "--probe", str(probe_json)],
-            "report": ["report", str(tmp_path)],
-            "eval": ["eval", "--model", model, "--data", str(ROOT / "examples/tiny/eval.jsonl"), "--tokenizer",
-                     TOKENIZER],
-            "export": ["export", "--model", model, "--adapter", model, "--merge"]}[command]
+    argv = {
+        "plan": ["plan", "--probe", str(probe_json)],
+        "report": ["report", str(tmp_path)],
+        "eval": ["eval", "--model", model, "--data", str(ROOT / "examples/tiny/eval.jsonl"), "--tokenizer", TOKENIZER],
+        "export": ["export", "--model", model, "--adapter", model, "--merge"],
+    }[command]
     capsys.readouterr()
     assert main([*argv, "--out", str(out)]) == 2
     assert f"{command} --out: cannot write" in _one_error_line(capsys)
@@ -183,8 +205,9 @@ def test_a_truncated_single_file_checkpoint_is_one_line_naming_the_file(tmp_path
     with open(weights, "r+b") as handle:
         handle.truncate(weights.stat().st_size // 2)
     with pytest.raises(ConfigError, match=rf"^--model: {weights} is truncated"):
-        evaluate_adapter(model=str(model), adapter=None, data=str(ROOT / "examples/tiny/eval.jsonl"),
-                         tokenizer=TOKENIZER)
+        evaluate_adapter(
+            model=str(model), adapter=None, data=str(ROOT / "examples/tiny/eval.jsonl"), tokenizer=TOKENIZER
+        )
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
@@ -207,8 +230,15 @@ def test_an_adapter_of_another_model_is_one_line_naming_it(tmp_path):
     get_peft_model(wider, LoraConfig(r=4, target_modules=["q_proj", "down_proj"])).save_pretrained(str(adapter))
     message = rf"^--adapter: {adapter} was trained on another model: 12 LoRA tensors do not fit \(first: "
     with pytest.raises(ConfigError, match=message):
-        evaluate_adapter(model=str(model), adapter=str(adapter), data=str(ROOT / "examples/tiny/eval.jsonl"),
-                         tokenizer=TOKENIZER, batches=1, batch_size=2, seq_len=32)
+        evaluate_adapter(
+            model=str(model),
+            adapter=str(adapter),
+            data=str(ROOT / "examples/tiny/eval.jsonl"),
+            tokenizer=TOKENIZER,
+            batches=1,
+            batch_size=2,
+            seq_len=32,
+        )
     with pytest.raises(ConfigError, match=message):
         export_merged(str(model), str(adapter), str(tmp_path / "merged"))
 

@@ -5,17 +5,17 @@ import math
 
 import pytest
 import torch
-
-from aletheia_ds.arch import describe
-from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.adapters.attach import adapter_modules, attach, expert_deltas, verify_adapters
-from aletheia_ds.adapters.peft_config import lora_config_fields, save_plan
-from aletheia_ds.plan import Plan, make_plan
-from aletheia_ds.probe.report import ExpertScore, LayerScore, ProbeReport
-from aletheia_ds.probe.run import run_probe
 from helpers.families import MOE, random_batches, tiny_model, with_list_experts
 from helpers.moe_reference import assert_experts_match, brute_force_moe
 from helpers.probe_reference import assert_scores_equal, brute_force_scores
+
+from aletheia_ds.adapters.attach import adapter_modules, attach, expert_deltas, verify_adapters
+from aletheia_ds.adapters.peft_config import lora_config_fields, save_plan
+from aletheia_ds.arch import describe
+from aletheia_ds.config import ConfigError, PlanSection
+from aletheia_ds.plan import Plan, make_plan
+from aletheia_ds.probe.report import ExpertScore, LayerScore, ProbeReport
+from aletheia_ds.probe.run import run_probe
 
 MOE_FAMILIES = list(MOE)
 
@@ -40,12 +40,19 @@ def test_expert_probe_equals_brute_force(family, tiny_frozen):
     for layer, block in layout.moe.items():
         assert sum(e.tokens for e in report.layer_experts(layer)) == block.top_k * real_tokens
     # the linears are still measured exactly, and a layer's score now includes its experts' energy
-    assert_scores_equal(ProbeReport.from_sq_norms(
-        {(x.index, k): v * v * len(batches) for x in report.layers for k, v in x.modules.items()},
-        batches=len(batches), num_layers=report.num_layers, model="", tokens=0, seconds=0.0),
-        brute_force_scores(model, layout, batches))
+    assert_scores_equal(
+        ProbeReport.from_sq_norms(
+            {(x.index, k): v * v * len(batches) for x in report.layers for k, v in x.modules.items()},
+            batches=len(batches),
+            num_layers=report.num_layers,
+            model="",
+            tokens=0,
+            seconds=0.0,
+        ),
+        brute_force_scores(model, layout, batches),
+    )
     for x in report.layers:
-        energy = sum(v * v for v in x.modules.values()) + sum(e.score ** 2 for e in report.layer_experts(x.index))
+        energy = sum(v * v for v in x.modules.values()) + sum(e.score**2 for e in report.layer_experts(x.index))
         assert x.score == pytest.approx(math.sqrt(energy), rel=1e-12)
 
 
@@ -85,8 +92,9 @@ def test_checkpointed_expert_probe_holds_one_layers_expert_inputs_at_a_time(fami
         model.train()
         with experts.attached():
             embeds = model.get_input_embeddings()(batch["input_ids"]).requires_grad_(True)
-            model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
-                  use_cache=False).loss.backward()
+            model(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+            ).loss.backward()
         model.gradient_checkpointing_disable()
         assert not experts.pending and float(experts.sq_norms.sum()) > 0 and float(experts.router_sq.min()) > 0
         held[checkpointing] = experts.max_pending
@@ -109,21 +117,35 @@ def test_probe_json_carries_experts_and_routers(tmp_path, tiny_frozen):
 
 def test_unknown_moe_layout_names_classes_and_the_fix():
     model = with_list_experts(tiny_model("qwen3_moe"))
-    with pytest.raises(ConfigError, match=r"has experts \(config.num_(local_)?experts=4\) but its MoE layout is not known; "
-                                          r"classes in the last decoder layer's MLP block: .*ListExpertsMoe.*"
-                                          r"aletheia_ds/arch.py find_moe_block"):
+    with pytest.raises(
+        ConfigError,
+        match=r"has experts \(config.num_(local_)?experts=4\) but its MoE layout is not known; "
+        r"classes in the last decoder layer's MLP block: .*ListExpertsMoe.*"
+        r"aletheia_ds/arch.py find_moe_block",
+    ):
         describe(model)
 
 
 # ---------------------------------------------------------------- plans
 def moe_report(layout, expert_scores: dict[int, list[float]], tokens: dict[int, list[int]], module_score=1.0):
     """A probe report with given per-expert scores and loads (everything else module_score)."""
-    layers = [LayerScore(i, 0.0, {t.key: module_score for t in layout.layer_targets[i]})
-              for i in range(layout.num_layers)]
-    report = ProbeReport(model="m", num_layers=layout.num_layers, tokens=100, seconds=0.0, batches=1, layers=layers,
-                         layout=layout.to_json())
-    experts = [ExpertScore(layer, e, score, tokens[layer][e]) for layer, scores in expert_scores.items()
-               for e, score in enumerate(scores)]
+    layers = [
+        LayerScore(i, 0.0, {t.key: module_score for t in layout.layer_targets[i]}) for i in range(layout.num_layers)
+    ]
+    report = ProbeReport(
+        model="m",
+        num_layers=layout.num_layers,
+        tokens=100,
+        seconds=0.0,
+        batches=1,
+        layers=layers,
+        layout=layout.to_json(),
+    )
+    experts = [
+        ExpertScore(layer, e, score, tokens[layer][e])
+        for layer, scores in expert_scores.items()
+        for e, score in enumerate(scores)
+    ]
     return report.add_experts(experts, {layer: 0.1 for layer in expert_scores})
 
 
@@ -136,8 +158,13 @@ def test_expert_rules_pick_by_score_energy_and_load(qwen2_moe_layout):
     scores = {0: [0.1, 0.1, 0.1, 0.1], 1: [3.0, 1.0, 2.0, 0.5], 2: [0.1] * 4, 3: [4.0, 0.0, 0.0, 1.0]}
     loads = {0: [1, 1, 1, 1], 1: [5, 40, 30, 25], 2: [1] * 4, 3: [60, 0, 0, 40]}
     report = moe_report(qwen2_moe_layout, scores, loads)
-    chosen = lambda **kw: {layer: sorted(e.expert for e in group) for layer, group in
-                           make_plan(report, PlanSection(top_pct=50, **kw)).experts_by_layer().items()}
+
+    def chosen(**kw):
+        return {
+            layer: sorted(e.expert for e in group)
+            for layer, group in make_plan(report, PlanSection(top_pct=50, **kw)).experts_by_layer().items()
+        }
+
     assert make_plan(report, PlanSection(top_pct=50)).layers == [1, 3]  # expert energy decides the layers
     assert chosen(expert_rule="top_k", expert_top_k=2) == {1: [0, 2], 3: [0, 3]}
     # energy 0.8: layer 1 has 9+1+4+0.25 = 14.25; 9 < 11.4 <= 9+4
@@ -146,25 +173,36 @@ def test_expert_rules_pick_by_score_energy_and_load(qwen2_moe_layout):
     assert chosen(expert_rule="all") == {1: [0, 1, 2, 3], 3: [0, 1, 2, 3]}
     assert chosen(expert_rule="none") == {}
     plan = make_plan(report, PlanSection(top_pct=50, expert_rule="top_k", expert_top_k=1, expert_r=8))
-    energy = sum(s * s for x in report.layers for s in x.modules.values()) + sum(e.score ** 2 for e in report.experts)
+    energy = sum(s * s for x in report.layers for s in x.modules.values()) + sum(e.score**2 for e in report.experts)
     planned = sum(1.0 for _ in plan.modules) + 9.0 + 16.0
     assert plan.score_captured == pytest.approx(planned / energy)
-    assert {(e.layer, e.expert): (e.r, e.alpha, e.token_share) for e in plan.experts} == \
-        {(1, 0): (8, 16.0, 0.05), (3, 0): (8, 16.0, 0.6)}
+    assert {(e.layer, e.expert): (e.r, e.alpha, e.token_share) for e in plan.experts} == {
+        (1, 0): (8, 16.0, 0.05),
+        (3, 0): (8, 16.0, 0.6),
+    }
 
 
 def test_attention_shared_experts_and_routers_follow_their_knobs(qwen2_moe_layout):
     report = moe_report(qwen2_moe_layout, {i: [1.0, 2.0, 3.0, 4.0] for i in range(4)}, {i: [1] * 4 for i in range(4)})
-    keys = lambda plan: {(m.layer, m.key) for m in plan.modules}
+
+    def keys(plan):
+        return {(m.layer, m.key) for m in plan.modules}
+
     default = make_plan(report, PlanSection(top_pct=25))
     assert default.layers == [0] and ("0", "q_proj") not in keys(default)
-    assert {k for _, k in keys(default)} == {"q_proj", "k_proj", "v_proj", "o_proj", "shared_expert.gate_proj",
-                                             "shared_expert.up_proj", "shared_expert.down_proj"}
+    assert {k for _, k in keys(default)} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "shared_expert.gate_proj",
+        "shared_expert.up_proj",
+        "shared_expert.down_proj",
+    }
     assert default.routers == []
     no_attention = make_plan(report, PlanSection(top_pct=25, moe_attention=False, shared_experts="none"))
     assert keys(no_attention) == set() and no_attention.layers == [0] and no_attention.experts
-    everywhere = make_plan(report, PlanSection(top_pct=25, shared_experts="all_moe_layers", routers="lora",
-                                               router_r=2))
+    everywhere = make_plan(report, PlanSection(top_pct=25, shared_experts="all_moe_layers", routers="lora", router_r=2))
     assert {layer for layer, key in keys(everywhere) if key.startswith("shared_expert.")} == {0, 1, 2, 3}
     assert everywhere.layers == [0, 1, 2, 3]
     assert [(m.layer, m.path, m.r) for m in everywhere.routers] == [(0, "mlp.gate.weight", 2)]
@@ -172,8 +210,12 @@ def test_attention_shared_experts_and_routers_follow_their_knobs(qwen2_moe_layou
 
 def test_moe_plan_round_trips_and_lists_its_peft_fields(qwen2_moe_layout, tmp_path):
     report = moe_report(qwen2_moe_layout, {i: [1.0, 2.0, 3.0, 4.0] for i in range(4)}, {i: [1] * 4 for i in range(4)})
-    plan = make_plan(report, PlanSection(top_pct=50, expert_rule="top_k", expert_top_k=2, expert_r=4, mlp_r=8,
-                                         attention_r=8, routers="lora"))
+    plan = make_plan(
+        report,
+        PlanSection(
+            top_pct=50, expert_rule="top_k", expert_top_k=2, expert_r=4, mlp_r=8, attention_r=8, routers="lora"
+        ),
+    )
     save_plan(plan, tmp_path / "plan.json")
     again = Plan.load(tmp_path / "plan.json")
     assert again.experts == plan.experts and again.routers == plan.routers and again.moe == plan.moe
@@ -185,14 +227,23 @@ def test_moe_plan_round_trips_and_lists_its_peft_fields(qwen2_moe_layout, tmp_pa
     assert fields["target_modules"] == ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda b: b["experts"].__setitem__(0, {**b["experts"][0], "expert": 9}),
-     r"plan.json: expert 9 of layer \d does not exist \(layer \d has 4 experts: 0..3\)"),
-    (lambda b: b["experts"].__setitem__(0, {**b["experts"][0], "layer": 7}),
-     r"plan.json: layers \[7\] do not exist \(the model has 4: 0..3\)"),
-    (lambda b: b["moe"].pop(str(b["experts"][0]["layer"])),
-     r"plan.json: experts or a router planned in layer \d, which is not a MoE layer"),
-])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda b: b["experts"].__setitem__(0, {**b["experts"][0], "expert": 9}),
+            r"plan.json: expert 9 of layer \d does not exist \(layer \d has 4 experts: 0..3\)",
+        ),
+        (
+            lambda b: b["experts"].__setitem__(0, {**b["experts"][0], "layer": 7}),
+            r"plan.json: layers \[7\] do not exist \(the model has 4: 0..3\)",
+        ),
+        (
+            lambda b: b["moe"].pop(str(b["experts"][0]["layer"])),
+            r"plan.json: experts or a router planned in layer \d, which is not a MoE layer",
+        ),
+    ],
+)
 def test_plan_naming_missing_expert_or_layer_is_one_clear_error(qwen2_moe_layout, edit, match):
     report = moe_report(qwen2_moe_layout, {i: [1.0, 2.0, 3.0, 4.0] for i in range(4)}, {i: [1] * 4 for i in range(4)})
     blob = make_plan(report, PlanSection(top_pct=50, expert_rule="top_k")).to_json()
@@ -209,8 +260,11 @@ def test_plan_for_another_model_is_refused_before_attaching():
     report = moe_report(layout, {i: [1.0, 2.0, 3.0, 4.0] for i in range(4)}, {i: [1] * 4 for i in range(4)})
     plan = make_plan(report, PlanSection(top_pct=50, expert_rule="all"))
     fewer = tiny_model("qwen3_moe", num_experts=2)
-    with pytest.raises(ConfigError, match=r"plan: expert 3 of layer \d does not exist \(the model's layer \d has 2 "
-                                          r"experts: 0..1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"plan: expert 3 of layer \d does not exist \(the model's layer \d has 2 "
+        r"experts: 0..1\)",
+    ):
         attach(fewer, plan)
 
 
@@ -220,8 +274,20 @@ def expert_plan(family, **settings):
     model.requires_grad_(False)
     layout = describe(model)
     report = probe(model, layout, random_batches(2, 2, 12, seed=1))
-    return model, make_plan(report, PlanSection(**{"top_pct": 50, "attention_r": 4, "mlp_r": 8, "expert_r": 4,
-                                                   "expert_rule": "top_k", "expert_top_k": 2, **settings}))
+    return model, make_plan(
+        report,
+        PlanSection(
+            **{
+                "top_pct": 50,
+                "attention_r": 4,
+                "mlp_r": 8,
+                "expert_r": 4,
+                "expert_rule": "top_k",
+                "expert_top_k": 2,
+                **settings,
+            }
+        ),
+    )
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -264,11 +330,16 @@ def test_verify_reports_an_adapter_on_an_unplanned_expert():
     peft_model = attach(model, plan)
     layer, experts = next(iter(plan.experts_by_layer().items()))
     unplanned = next(e for e in range(4) if e not in {x.expert for x in experts})
-    wrapper = next(m for n, m in peft_model.named_modules()
-                   if n.endswith(f"layers.{layer}.mlp.experts") and hasattr(m, "parameter_name"))
+    wrapper = next(
+        m
+        for n, m in peft_model.named_modules()
+        if n.endswith(f"layers.{layer}.mlp.experts") and hasattr(m, "parameter_name")
+    )
     with torch.no_grad():
         wrapper.lora_A["default"].weight.view(4, 4, -1)[unplanned] = 1.0
-    with pytest.raises(ConfigError, match=rf"experts\.{wrapper.parameter_name} has adapters on experts \[.*{unplanned}"):
+    with pytest.raises(
+        ConfigError, match=rf"experts\.{wrapper.parameter_name} has adapters on experts \[.*{unplanned}"
+    ):
         verify_adapters(peft_model, plan)
 
 
@@ -297,8 +368,9 @@ def test_cost_model_counts_expert_adapters_by_their_tokens():
     assert gate_up[1] == pytest.approx(sum(4 * e.token_share for e in experts))
     assert gate_up[2:] == (32, 96)
     cost = CostModel.analytic(report)
-    assert cost.predict(cost.plan_adapters(plan)) > cost.predict(cost.plan_adapters(
-        Plan(plan.rule, plan.num_layers, plan.layers_path, plan.layers, plan.modules, 0.0)))
+    assert cost.predict(cost.plan_adapters(plan)) > cost.predict(
+        cost.plan_adapters(Plan(plan.rule, plan.num_layers, plan.layers_path, plan.layers, plan.modules, 0.0))
+    )
 
 
 # ---------------------------------------------------------------- per-expert LoRA on 2-D (megablocks-layout) banks
@@ -364,7 +436,9 @@ class _MegablocksLayoutExperts(torch.nn.Module):
         n, h = self.num_experts, x.shape[-1]
         w1, v1, w2 = (getattr(self.mlp, k).view(n, -1, h)[top_experts] for k in ("w1", "v1", "w2"))  # (T, k, F, H)
         tokens = x.reshape(-1, h)
-        act = torch.nn.functional.silu(torch.einsum("th,tkfh->tkf", tokens, w1)) * torch.einsum("th,tkfh->tkf", tokens, v1)
+        act = torch.nn.functional.silu(torch.einsum("th,tkfh->tkf", tokens, w1)) * torch.einsum(
+            "th,tkfh->tkf", tokens, v1
+        )
         return torch.einsum("tkf,tkfh,tk->th", act, w2, expert_weights).view(x.shape)
 
 
@@ -382,10 +456,17 @@ def test_megablocks_probe_loop_reproduces_the_layout_and_equals_brute_force():
     layer.requires_grad_(False)
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([layer])
-    banks = (ExpertBank("w1", "mlp.experts.mlp.w1", hidden, ffn), ExpertBank("v1", "mlp.experts.mlp.v1", hidden, ffn),
-             ExpertBank("w2", "mlp.experts.mlp.w2", ffn, hidden))
-    layout = Layout("stand-in", "layers", [[]], moe={0: MoeBlock("megablocks", "mlp", "mlp.experts",
-                                                                 "mlp.router.layer", experts, top_k, banks, "X")})
+    banks = (
+        ExpertBank("w1", "mlp.experts.mlp.w1", hidden, ffn),
+        ExpertBank("v1", "mlp.experts.mlp.v1", hidden, ffn),
+        ExpertBank("w2", "mlp.experts.mlp.w2", ffn, hidden),
+    )
+    layout = Layout(
+        "stand-in",
+        "layers",
+        [[]],
+        moe={0: MoeBlock("megablocks", "mlp", "mlp.experts", "mlp.router.layer", experts, top_k, banks, "X")},
+    )
     target = torch.randn(3, 5, hidden)
 
     def loss_of(x):

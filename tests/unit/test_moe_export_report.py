@@ -3,14 +3,14 @@ banks, and the merged checkpoint gives base+adapter's logits; the report draws e
 
 import pytest
 import torch
+from helpers.families import random_batches, tiny_model
 
+from aletheia_ds.adapters.attach import attach
 from aletheia_ds.arch import describe
 from aletheia_ds.config import PlanSection
 from aletheia_ds.merge import export_merged
-from aletheia_ds.adapters.attach import attach
 from aletheia_ds.plan import make_plan
 from aletheia_ds.probe.run import run_probe
-from helpers.families import random_batches, tiny_model
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
@@ -23,8 +23,9 @@ def test_merged_moe_model_equals_base_plus_expert_adapter(family, tmp_path):
     model.requires_grad_(False)
     layout = describe(model)
     report = run_probe(model, layout, random_batches(2, 2, 12, seed=1), lambda b: model(**b, use_cache=False).loss)
-    plan = make_plan(report, PlanSection(top_pct=50, attention_r=4, mlp_r=8, expert_r=4, expert_rule="top_k",
-                                         expert_top_k=2))
+    plan = make_plan(
+        report, PlanSection(top_pct=50, attention_r=4, mlp_r=8, expert_r=4, expert_rule="top_k", expert_top_k=2)
+    )
     assert plan.experts
     peft_model = attach(model, plan)
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=0.05)
@@ -36,8 +37,9 @@ def test_merged_moe_model_equals_base_plus_expert_adapter(family, tmp_path):
 
     export_merged(str(tmp_path / "model"), str(tmp_path / "adapter"), str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")),
-                                          str(tmp_path / "adapter")).eval()
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")), str(tmp_path / "adapter")
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "model")).eval()
     batch = random_batches(1, 2, 12, seed=8)[0]
     with torch.no_grad():
@@ -59,7 +61,9 @@ def test_report_of_a_moe_run_has_expert_heat_maps(tmp_path, tiny_frozen):
     written = write_run_report(tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert tmp_path / "experts.png" in written and "](experts.png)" in md
-    assert f"{len(report.experts)} experts in {len({e.layer for e in report.experts})} MoE layers; " \
-           f"{sum(e.tokens for e in report.experts)} routed tokens" in md
+    assert (
+        f"{len(report.experts)} experts in {len({e.layer for e in report.experts})} MoE layers; "
+        f"{sum(e.tokens for e in report.experts)} routed tokens" in md
+    )
     for layer, experts in plan.experts_by_layer().items():
         assert f"2 experts r{experts[0].r}" in md

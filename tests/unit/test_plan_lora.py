@@ -3,14 +3,14 @@
 import json
 
 import pytest
-
-from aletheia_ds.arch import describe
-from aletheia_ds.config import ConfigError, PlanSection
-from aletheia_ds.adapters.attach import adapter_modules, attach, verify_adapters
-from aletheia_ds.adapters.peft_config import build_lora_config, lora_config_fields, save_plan
-from aletheia_ds.plan import Plan, make_plan, select_top_pct
 from helpers.families import FAMILIES, tiny_model
 from helpers.reports import fake_report
+
+from aletheia_ds.adapters.attach import adapter_modules, attach, verify_adapters
+from aletheia_ds.adapters.peft_config import build_lora_config, lora_config_fields, save_plan
+from aletheia_ds.arch import describe
+from aletheia_ds.config import ConfigError, PlanSection
+from aletheia_ds.plan import Plan, make_plan, select_top_pct
 
 
 def test_top_pct_keeps_highest_layers_with_ceil_and_ties_to_lower_index():
@@ -49,7 +49,9 @@ def test_asymmetric_ranks_and_default_alpha_round_trip(tmp_path):
     assert again.modules == plan.modules and again.layers == plan.layers
 
 
-@pytest.mark.parametrize("scores,match", [([0.0, 0.0, 0.0, 0.0], "zero"), ([1.0, float("nan"), 1.0, 1.0], "non-finite")])
+@pytest.mark.parametrize(
+    "scores,match", [([0.0, 0.0, 0.0, 0.0], "zero"), ([1.0, float("nan"), 1.0, 1.0], "non-finite")]
+)
 def test_degenerate_probe_scores_are_refused(scores, match):
     layout = describe(tiny_model("llama"))
     report = fake_report(layout, [1.0] * 4)
@@ -84,8 +86,10 @@ def test_per_layer_module_sets_and_ranks_attach_exactly():
     report = fake_report(layout, [1.0, 4.0, 2.0, 3.0])
     plan = make_plan(report, PlanSection(top_pct=50, attention_r=4, mlp_r=8))
     plan.modules = [m for m in plan.modules if not (m.layer == 1 and m.key == "down_proj")]
-    plan.modules = [m if not (m.layer == 3 and m.key == "q_proj") else
-                    type(m)(m.layer, m.key, m.path, m.kind, 2, 5.0) for m in plan.modules]
+    plan.modules = [
+        m if not (m.layer == 3 and m.key == "q_proj") else type(m)(m.layer, m.key, m.path, m.kind, 2, 5.0)
+        for m in plan.modules
+    ]
     fields = lora_config_fields(plan)
     assert fields["exclude_modules"] == ["model.layers.1.mlp.down_proj"]
     peft_model = attach(model, plan)

@@ -4,14 +4,14 @@ import copy
 
 import pytest
 import torch
-
-from aletheia_ds.arch import describe
-from aletheia_ds.config import PlanSection
-from aletheia_ds.adapters.attach import attach
-from aletheia_ds.plan import make_plan
-from aletheia_ds.execution import FrozenPrefix, base_model
 from helpers.families import random_batches, tiny_model
 from helpers.reports import fake_report
+
+from aletheia_ds.adapters.attach import attach
+from aletheia_ds.arch import describe
+from aletheia_ds.config import PlanSection
+from aletheia_ds.execution import FrozenPrefix, base_model
+from aletheia_ds.plan import make_plan
 
 
 class SavedByLayer:
@@ -115,7 +115,9 @@ def test_no_autograd_node_below_the_cut():
     layers = base_model(model).get_submodule(layout.layers_path)
     outputs = {}
     for index, layer in enumerate(layers):
-        layer.register_forward_hook(lambda _m, _a, out, i=index: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        layer.register_forward_hook(
+            lambda _m, _a, out, i=index: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+        )
     model(**random_batches(1, 2, 8)[0], use_cache=False).loss.backward()
     for index in range(plan.lowest_adapted_layer):
         assert outputs[index].grad_fn is None and not outputs[index].requires_grad
@@ -147,7 +149,7 @@ def test_prefix_cache_replays_exactly_and_skips_the_prefix():
     ran = []
     hook = layers[0].self_attn.register_forward_pre_hook(lambda *_a: ran.append(1))
     replays = []
-    for (order, (loss_ref, grads_ref)) in zip(([0, 1], [2, 3], [3, 0], [1, 2]), reference):
+    for order, (loss_ref, grads_ref) in zip(([0, 1], [2, 3], [3, 0], [1, 2]), reference):
         batch = collate([rows[i] for i in order], 0)
         replays.append(cache.begin(order, batch["attention_mask"]))
         calls_before = len(ran)

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from helpers.families import FAMILIES, random_batches, tiny_model
+from helpers.probe_reference import assert_scores_equal, brute_force_scores
 
 from aletheia_ds.arch import describe
 from aletheia_ds.probe.hooks import weight_grad_sq_norm
 from aletheia_ds.probe.report import ProbeReport
 from aletheia_ds.probe.run import run_probe
-from helpers.families import FAMILIES, random_batches, tiny_model
-from helpers.probe_reference import assert_scores_equal, brute_force_scores
 
 
 def hook_scores(model, layout, batches, checkpointing: bool = False) -> ProbeReport:
@@ -108,13 +108,25 @@ def test_probe_sharded_batches_reduce_to_the_same_scores(tiny_frozen):
         return tensor
 
     for rank in range(2):
-        run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, rank=rank, world_size=2,
-                  all_reduce_sum=collect)
+        run_probe(
+            model,
+            layout,
+            batches,
+            lambda b: model(**b, use_cache=False).loss,
+            rank=rank,
+            world_size=2,
+            all_reduce_sum=collect,
+        )
     # partial = [rank0 norms, rank0 seconds, rank1 norms, rank1 seconds]
     summed = partial[0] + partial[2]
     sharded = ProbeReport.from_sq_norms(
         {(layer, t.key): float(v) for (layer, t, _), v in zip(layout.iter_modules(model), summed[:-1])},
-        batches=3, num_layers=layout.num_layers, model="", tokens=int(summed[-1]), seconds=0.0)
+        batches=3,
+        num_layers=layout.num_layers,
+        model="",
+        tokens=int(summed[-1]),
+        seconds=0.0,
+    )
     assert sharded.tokens == single.tokens
     for a, b in zip(sharded.layers, single.layers):
         assert a.score == pytest.approx(b.score, rel=1e-9)

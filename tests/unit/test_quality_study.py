@@ -13,11 +13,11 @@ import sys
 from fractions import Fraction
 
 import pytest
+from helpers.ranks import ROOT
+from helpers.reports import known_model, report_with
 
 from aletheia_ds.config import PlanSection
 from aletheia_ds.plan import make_plan
-from helpers.ranks import ROOT
-from helpers.reports import known_model, report_with
 from tools.quality import arms, corpus, estimate, speed, tasks
 from tools.quality.settings import SMOKE, Settings
 
@@ -26,12 +26,14 @@ BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, 
 
 def evaluate_arithmetic(expression: str) -> Fraction:
     """The completion's expression, evaluated exactly (only + - * / on integers)."""
+
     def walk(node):
         if isinstance(node, ast.BinOp) and type(node.op) in BINARY:
             return BINARY[type(node.op)](walk(node.left), walk(node.right))
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
             return Fraction(node.value)
         raise ValueError(f"unexpected expression {ast.dump(node)}")
+
     return walk(ast.parse(expression, mode="eval").body)
 
 
@@ -54,13 +56,13 @@ ORACLES = {
     2: (lambda f, x: x // f["k"], [0, 17, -9]),
     3: (lambda f, n: n % f["k"] == 0, [0, 12, 35, 7]),
     4: (lambda f, s: "".join([s] * f["k"]), ["", "ab"]),
-    5: (lambda f, s: s[:f["k"]].upper(), ["hello world", "ab"]),
+    5: (lambda f, s: s[: f["k"]].upper(), ["hello world", "ab"]),
     6: (lambda f, s: "".join(reversed(s)), ["", "abc"]),
     7: (lambda f, s: "".join(f["c2"] if ch == f["c1"] else ch for ch in s), ["abcabc", "hgfe"]),
     8: (lambda f, xs: sum(v for v in xs if v > f["k"]), [[1, 5, 9, 12], []]),
     9: (lambda f, xs: sorted(xs)[::-1], [[3, 1, 2], []]),
     10: (lambda f, xs: sum(1 for v in xs if v == f["k"]), [[2, 3, 3, 9], []]),
-    11: (lambda f, xs: xs[len(xs) - min(f["k"], len(xs)):], [list(range(12)), [1, 2]]),
+    11: (lambda f, xs: xs[len(xs) - min(f["k"], len(xs)) :], [list(range(12)), [1, 2]]),
     12: (lambda f, words: {w: len(w) for w in words}, [["ab", "cde"], []]),
     13: (lambda f, words: [w for w in words if w[:1] == f["c1"]], [["apple", "bee", "abc", ""], []]),
 }
@@ -112,16 +114,23 @@ def test_task_rows_are_deterministic_and_distinct():
 def test_random_layers_keep_the_budget_plans_count_modules_and_ranks():
     report = report_with([8, 7, 6, 5, 4, 3, 2, 1])
     cost = known_model(depth_s=0.002)
-    budget = make_plan(report, PlanSection(rule="budget", budget=0.6, attention_r=16, mlp_r=64, granularity="module"), cost)
-    per_layer = sorted(tuple(sorted((m.key, m.r, m.alpha) for m in budget.modules if m.layer == layer))
-                       for layer in budget.layers)
+    budget = make_plan(
+        report, PlanSection(rule="budget", budget=0.6, attention_r=16, mlp_r=64, granularity="module"), cost
+    )
+    per_layer = sorted(
+        tuple(sorted((m.key, m.r, m.alpha) for m in budget.modules if m.layer == layer)) for layer in budget.layers
+    )
     drawn = set()
     for seed in range(12):
         plan = arms.random_layers_like(report, budget, seed, cost)
         assert plan == arms.random_layers_like(report, budget, seed, cost)  # seeded
         assert len(plan.layers) == len(budget.layers) and len(plan.modules) == len(budget.modules)
-        assert sorted(tuple(sorted((m.key, m.r, m.alpha) for m in plan.modules if m.layer == layer))
-                      for layer in plan.layers) == per_layer
+        assert (
+            sorted(
+                tuple(sorted((m.key, m.r, m.alpha) for m in plan.modules if m.layer == layer)) for layer in plan.layers
+            )
+            == per_layer
+        )
         assert plan.predicted["fraction_of_uniform"] > 0
         drawn.add(tuple(plan.layers))
     assert len(drawn) > 3  # really drawn, not the budgeted layers again
@@ -129,8 +138,9 @@ def test_random_layers_keep_the_budget_plans_count_modules_and_ranks():
 
 def test_stdlib_task_splits_by_module_and_reads_the_body_block():
     assert {tasks.module_split(m) for m in ("json.decoder", "json.encoder", "json")} == {tasks.module_split("json")}
-    rows = tasks.split_rows(tasks.TASKS_BY_NAME["stdlib_body"], 0, {"train": 50, "validation": 5, "test": 5,
-                                                                    "decode": 5}, 20)
+    rows = tasks.split_rows(
+        tasks.TASKS_BY_NAME["stdlib_body"], 0, {"train": 50, "validation": 5, "test": 5, "decode": 5}, 20
+    )
     modules = {split: {r["prompt"].split("\n")[0] for r in rows[split]} for split in rows}
     assert not modules["train"] & (modules["test"] | modules["decode"] | modules["validation"])
     for row in rows["test"]:
@@ -166,8 +176,14 @@ def test_smoke_study_end_to_end(tmp_path):
     """Every stage on CPU: bases, runs (tuned and final), speed of transferred plans, statistics and outputs."""
     out, cache = tmp_path / "quality", tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "tools.quality", "--smoke", "--out", str(out), "--cache", str(cache)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tools.quality", "--smoke", "--out", str(out), "--cache", str(cache)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     context = f"\nnotes: {results['notes']}\n{(out / 'table.md').read_text()}\n{proc.stdout[-2000:]}"
@@ -201,11 +217,34 @@ def test_smoke_study_end_to_end(tmp_path):
 
     # a second call resumes: nothing is run again, the report comes back the same from the records
     table = (out / "table.md").read_text()
-    again = subprocess.run([sys.executable, "-m", "tools.quality", "--smoke", "--stage", "arms", "--cache", str(cache)],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "tools.quality", "--smoke", "--stage", "arms", "--cache", str(cache)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and "0 tuning runs" in again.stdout and "all runs done" in again.stdout, again.stdout
-    report = subprocess.run([sys.executable, "-m", "tools.quality", "--smoke", "--stage", "report", "--out", str(out),
-                             "--cache", str(cache)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.quality",
+            "--smoke",
+            "--stage",
+            "report",
+            "--out",
+            str(out),
+            "--cache",
+            str(cache),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr[-2000:]
     assert (out / "table.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]  # all but the command line
 
@@ -214,9 +253,20 @@ def test_production_cost_gives_the_base_the_step_time_shares_of_the_production_s
     """A cut at the same share of layers with the same ranks costs the base what it costs the 80-layer shape."""
     from aletheia_ds.cost import CostModel
 
-    base = speed.uniform_report(speed.meta_layout(dict(
-        model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)))
+    base = speed.uniform_report(
+        speed.meta_layout(
+            dict(
+                model_type="llama",
+                hidden_size=64,
+                intermediate_size=160,
+                num_hidden_layers=8,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=512,
+                max_position_embeddings=256,
+            )
+        )
+    )
     cost = speed.production_cost(base, "qwen2-72b")
     big = speed.uniform_report(speed.meta_layout(speed.shape_table()["qwen2-72b"]))
     big.batch_size, big.seq_len = 8, 1024
@@ -224,6 +274,7 @@ def test_production_cost_gives_the_base_the_step_time_shares_of_the_production_s
     assert cost.uniform_seconds() == pytest.approx(big_cost.uniform_seconds(), rel=1e-9)
     for cut in (0, 4, 6):  # the same share of 8 and of 80 layers, r16 everywhere above it
         small = cost.predict([(layer, 16, *shape) for layer in range(cut, 8) for shape in cost.module_shapes.values()])
-        large = big_cost.predict([(layer, 16, *shape) for layer in range(cut * 10, 80)
-                                  for shape in big_cost.module_shapes.values()])
+        large = big_cost.predict(
+            [(layer, 16, *shape) for layer in range(cut * 10, 80) for shape in big_cost.module_shapes.values()]
+        )
         assert small / cost.uniform_seconds() == pytest.approx(large / big_cost.uniform_seconds(), rel=1e-6)

@@ -11,28 +11,39 @@ from aletheia_ds.launchers.ray import for_ray, missing_resources
 def test_missing_resources_names_what_is_short():
     two_nodes = [{"CPU": 8.0, "GPU": 4.0}, {"CPU": 8.0, "GPU": 4.0}]
     assert missing_resources({"GPU": 1.0}, 8, two_nodes) is None
-    assert missing_resources({"GPU": 1.0}, 9, two_nodes) == \
-        "GPU: 9 workers x 1 = 9 needed, the cluster has 8"
+    assert missing_resources({"GPU": 1.0}, 9, two_nodes) == "GPU: 9 workers x 1 = 9 needed, the cluster has 8"
     assert missing_resources({"CPU": 1.0}, 3, [{"CPU": 2.0}]) == "CPU: 3 workers x 1 = 3 needed, the cluster has 2"
     assert missing_resources({"GPU": 0.5}, 4, [{"GPU": 1.0}, {"GPU": 1.0}]) is None
     # enough in all, but a worker's bundle must lie on one node
-    assert missing_resources({"CPU": 6.0, "GPU": 1.0}, 2, [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}]) == \
-        "only 0 of 2 workers fit: each needs {'CPU': 6.0, 'GPU': 1.0} on one node, the nodes offer " \
+    assert (
+        missing_resources({"CPU": 6.0, "GPU": 1.0}, 2, [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}])
+        == "only 0 of 2 workers fit: each needs {'CPU': 6.0, 'GPU': 1.0} on one node, the nodes offer "
         "{CPU: 4, GPU: 2}, {CPU: 8, GPU: 0}"
+    )
     assert missing_resources({"TPU": 1.0}, 1, []) == "TPU: 1 workers x 1 = 1 needed, the cluster has 0"
     # STRICT_SPREAD: one worker per node, however much one node could hold
     assert missing_resources({"GPU": 1.0}, 2, two_nodes, one_per_node=True) is None
-    assert missing_resources({"GPU": 1.0}, 3, two_nodes, one_per_node=True) == \
-        "STRICT_SPREAD puts each worker on a node of its own and only 2 of the 2 nodes can hold one of {'GPU': 1.0}"
+    assert (
+        missing_resources({"GPU": 1.0}, 3, two_nodes, one_per_node=True)
+        == "STRICT_SPREAD puts each worker on a node of its own and only 2 of the 2 nodes can hold one of {'GPU': 1.0}"
+    )
 
 
 def test_for_ray_makes_paths_absolute_and_puts_outputs_in_storage(tmp_path):
-    cfg = load_config(["model.path=models/m", "data.train=/abs/train.jsonl", "train.output_dir=runs/exp7",
-                       f"ray.storage_path={tmp_path}/store"])
+    cfg = load_config(
+        [
+            "model.path=models/m",
+            "data.train=/abs/train.jsonl",
+            "train.output_dir=runs/exp7",
+            f"ray.storage_path={tmp_path}/store",
+        ]
+    )
     ray_cfg = for_ray(cfg, Path("/jobs/here"))
     assert ray_cfg.model.path == "/jobs/here/models/m" and ray_cfg.data.train == "/abs/train.jsonl"
-    mixed = for_ray(load_config(["data.train=[{path: a.jsonl, weight: 0.7}, {path: /abs/b.parquet, weight: 0.3}]"]),
-                    Path("/jobs/here"))
+    mixed = for_ray(
+        load_config(["data.train=[{path: a.jsonl, weight: 0.7}, {path: /abs/b.parquet, weight: 0.3}]"]),
+        Path("/jobs/here"),
+    )
     assert [(s.path, s.weight) for s in mixed.data.train] == [("/jobs/here/a.jsonl", 0.7), ("/abs/b.parquet", 0.3)]
     assert ray_cfg.deepspeed.config == "/jobs/here/ds_configs/zero3.json"
     assert ray_cfg.ray.name == "exp7" and ray_cfg.train.output_dir == f"{tmp_path}/store/exp7"
@@ -48,14 +59,17 @@ def test_relative_storage_inside_rays_copy_of_the_working_dir_is_refused():
     assert for_ray(cfg, Path("/home/me/proj")).train.output_dir == "/home/me/proj/runs/default"
 
 
-@pytest.mark.parametrize("override,match", [
-    ("ray.num_workers=0", r"ray.num_workers: must be >= 1, got 0"),
-    ("ray.storage_path=s3://bucket/runs", r"ray.storage_path: must be a file system path that every node sees"),
-    ("ray.resources_per_worker={GPU: 1}", r"ray.resources_per_worker: GPU is 1 while ray.use_gpu is false"),
-    ("ray.max_failures=-3", r"ray.max_failures: must be >= 0, or -1 for no limit, got -3"),
-    ("ray.name=a/b", r"ray.name: must be one directory name"),
-    ("ray.num_worker=2", r"unknown config key 'ray.num_worker'; did you mean 'ray.num_workers'"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("ray.num_workers=0", r"ray.num_workers: must be >= 1, got 0"),
+        ("ray.storage_path=s3://bucket/runs", r"ray.storage_path: must be a file system path that every node sees"),
+        ("ray.resources_per_worker={GPU: 1}", r"ray.resources_per_worker: GPU is 1 while ray.use_gpu is false"),
+        ("ray.max_failures=-3", r"ray.max_failures: must be >= 0, or -1 for no limit, got -3"),
+        ("ray.name=a/b", r"ray.name: must be one directory name"),
+        ("ray.num_worker=2", r"unknown config key 'ray.num_worker'; did you mean 'ray.num_workers'"),
+    ],
+)
 def test_ray_section_errors_name_the_knob(override, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_config([override])

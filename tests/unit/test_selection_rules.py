@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers.families import FAMILIES, random_batches, tiny_model
 
 from aletheia_ds.adapters.attach import adapter_modules, attach
 from aletheia_ds.arch import describe
@@ -13,10 +14,16 @@ from aletheia_ds.plan import Plan, make_plan, pilot_plan, rank_levels, span_rank
 from aletheia_ds.probe.hooks import sketch_matrix
 from aletheia_ds.probe.report import LayerScore, ProbeReport
 from aletheia_ds.probe.run import LOWRANK_R, run_probe
-from helpers.families import FAMILIES, random_batches, tiny_model
 
-SHAPES = {"q_proj": [64, 64], "k_proj": [64, 32], "v_proj": [64, 32], "o_proj": [64, 64],
-          "gate_proj": [64, 128], "up_proj": [64, 128], "down_proj": [128, 64]}
+SHAPES = {
+    "q_proj": [64, 64],
+    "k_proj": [64, 32],
+    "v_proj": [64, 32],
+    "o_proj": [64, 64],
+    "gate_proj": [64, 128],
+    "up_proj": [64, 128],
+    "down_proj": [128, 64],
+}
 KINDS = {k: ("attention" if k[0] in "qkvo" else "mlp") for k in SHAPES}
 
 
@@ -58,8 +65,9 @@ def test_sketched_signal_equals_the_estimator_on_autograd_gradients(family, chec
     model.requires_grad_(False)
     layout = describe(model)
     batches = random_batches(4, 2, 12, seed=3)
-    report = run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss, sketch_dim=8,
-                       checkpointing=checkpointing)
+    report = run_probe(
+        model, layout, batches, lambda b: model(**b, use_cache=False).loss, sketch_dim=8, checkpointing=checkpointing
+    )
     grads = per_batch_gradients(model, layout, batches)
     modules = {(layer, t.key): m for layer, t, m in layout.iter_modules(model)}
     for layer in report.layers:
@@ -81,8 +89,16 @@ def test_signal_estimates_the_mean_gradient_and_removes_batch_noise():
     layout = describe(model)
     one = random_batches(1, 2, 12, seed=5)[0]
     copies = [dict(one) for _ in range(3)]
-    probe = lambda batches, k: run_probe(model, layout, batches, lambda b: model(**b, use_cache=False).loss,  # noqa: E731
-                                         sketch_dim=k)
+
+    def probe(batches, k):
+        return run_probe(
+            model,
+            layout,
+            batches,
+            lambda b: model(**b, use_cache=False).loss,  # noqa: E731
+            sketch_dim=k,
+        )
+
     same = probe(copies, 2048)
     mixed_batches = random_batches(6, 2, 12, seed=6)
     mixed = probe(mixed_batches, 2048)
@@ -93,7 +109,9 @@ def test_signal_estimates_the_mean_gradient_and_removes_batch_noise():
             g = grads[(layer_mixed.index, key)]
             total = sum(g)
             exact_sq = float(total.square().sum() - sum(x.square().sum() for x in g)) / (len(g) * (len(g) - 1))
-            assert layer_mixed.signal[key] ** 2 == pytest.approx(exact_sq, rel=0.25, abs=0.05 * layer_mixed.modules[key] ** 2)
+            assert layer_mixed.signal[key] ** 2 == pytest.approx(
+                exact_sq, rel=0.25, abs=0.05 * layer_mixed.modules[key] ** 2
+            )
             assert layer_mixed.signal[key] < layer_mixed.modules[key]
 
 
@@ -110,17 +128,47 @@ def fake_report(layer_scores, signal=None) -> ProbeReport:
     signal = signal or layer_scores
     for i, (score, sig) in enumerate(zip(layer_scores, signal)):
         per, per_signal = score / math.sqrt(len(SHAPES)), sig / math.sqrt(len(SHAPES))
-        layers.append(LayerScore(i, score, {k: per for k in SHAPES}, {k: per_signal for k in SHAPES},
-                                 {k: per_signal / 2 for k in SHAPES}, {k: 10.0 * (i + 1) for k in SHAPES}))
-    layout = {"layers_path": "model.layers", "module_kinds": KINDS, "module_paths": {k: f"x.{k}" for k in SHAPES},
-              "module_shapes": SHAPES, "layer_params": [1000] * len(layers), "hidden_size": 64, "vocab_size": 256}
-    return ProbeReport(model="m", num_layers=len(layers), tokens=512, seconds=0.1, batches=2, layers=layers,
-                       layout=layout, batch_size=4, seq_len=64)
+        layers.append(
+            LayerScore(
+                i,
+                score,
+                {k: per for k in SHAPES},
+                {k: per_signal for k in SHAPES},
+                {k: per_signal / 2 for k in SHAPES},
+                {k: 10.0 * (i + 1) for k in SHAPES},
+            )
+        )
+    layout = {
+        "layers_path": "model.layers",
+        "module_kinds": KINDS,
+        "module_paths": {k: f"x.{k}" for k in SHAPES},
+        "module_shapes": SHAPES,
+        "layer_params": [1000] * len(layers),
+        "hidden_size": 64,
+        "vocab_size": 256,
+    }
+    return ProbeReport(
+        model="m",
+        num_layers=len(layers),
+        tokens=512,
+        seconds=0.1,
+        batches=2,
+        layers=layers,
+        layout=layout,
+        batch_size=4,
+        seq_len=64,
+    )
 
 
 def known_cost(layers: int, **kw) -> CostModel:
-    args = dict(base_s=0.05, depth_s=0.02, adapter_fixed_s=0.0003, adapter_width_s=1e-7, layer_weights=[1.0] * layers,
-                module_shapes=SHAPES)
+    args = dict(
+        base_s=0.05,
+        depth_s=0.02,
+        adapter_fixed_s=0.0003,
+        adapter_width_s=1e-7,
+        layer_weights=[1.0] * layers,
+        module_shapes=SHAPES,
+    )
     args.update(kw)
     return CostModel(**args)
 
@@ -156,9 +204,14 @@ def test_cut_is_the_lowest_feasible_one_by_brute_force():
         target = budget * cost.uniform_seconds()
         levels = rank_levels(settings.min_r, settings.max_r)
         energy = report.layer_energy("raw")
-        feasible = [c for c in range(10)
-                    if cost.predict([(i, span_ranks(energy, range(c, 10), levels)[i], *SHAPES[k])
-                                     for i in range(c, 10) for k in SHAPES]) <= target]
+        feasible = [
+            c
+            for c in range(10)
+            if cost.predict(
+                [(i, span_ranks(energy, range(c, 10), levels)[i], *SHAPES[k]) for i in range(c, 10) for k in SHAPES]
+            )
+            <= target
+        ]
         assert plan.lowest_adapted_layer == min(feasible), budget
 
 
@@ -190,12 +243,25 @@ def test_cut_plan_attaches_with_its_per_layer_ranks_and_alphas(tmp_path):
     for index in range(6):
         keys = [t.key for t in layout.layer_targets[index]]
         scores = {k: float(index + 1) for k in keys}
-        layers.append(LayerScore(index, math.sqrt(len(keys)) * (index + 1), scores, dict(scores), dict(scores),
-                                 {k: 1.0 for k in keys}))
-    report = ProbeReport(model="m", num_layers=6, tokens=10, seconds=0.1, batches=2, layers=layers,
-                         layout=layout.to_json(), batch_size=2, seq_len=12)
-    plan = make_plan(report, PlanSection(rule="cut", budget=0.8, score="signal", min_r=4, max_r=16),
-                     CostModel.analytic(report))
+        layers.append(
+            LayerScore(
+                index, math.sqrt(len(keys)) * (index + 1), scores, dict(scores), dict(scores), {k: 1.0 for k in keys}
+            )
+        )
+    report = ProbeReport(
+        model="m",
+        num_layers=6,
+        tokens=10,
+        seconds=0.1,
+        batches=2,
+        layers=layers,
+        layout=layout.to_json(),
+        batch_size=2,
+        seq_len=12,
+    )
+    plan = make_plan(
+        report, PlanSection(rule="cut", budget=0.8, score="signal", min_r=4, max_r=16), CostModel.analytic(report)
+    )
     assert len({m.r for m in plan.modules}) > 1
     plan.save(tmp_path / "plan.json")
     peft_model = attach(model, Plan.load(tmp_path / "plan.json"))  # verifies every rank and alpha
@@ -227,8 +293,9 @@ def test_transfer_keeps_the_share_below_the_cut_the_gaps_and_the_ranks():
     plan = make_plan(small, PlanSection(rule="cut", budget=0.6), known_cost(8))
     large = fake_report([1] * 80)
     moved = transfer_plan(plan, large)
-    assert moved.lowest_adapted_layer == plan.lowest_adapted_layer * 10 and moved.layers == list(range(
-        moved.lowest_adapted_layer, 80))
+    assert moved.lowest_adapted_layer == plan.lowest_adapted_layer * 10 and moved.layers == list(
+        range(moved.lowest_adapted_layer, 80)
+    )
     source = {m.layer: m.r for m in plan.modules}
     assert all(m.r == source[m.layer // 10] for m in moved.modules)
     gappy = make_plan(fake_report([5, 1, 5, 1]), PlanSection(rule="top_pct", top_pct=50), known_cost(4))

@@ -1,12 +1,12 @@
 """The timing harness attaches and removes adapters in place and calibrates a usable cost model."""
 
 import torch
-
-from aletheia_ds.arch import describe
-from aletheia_ds.adapters.attach import adapter_modules
-from aletheia_ds.speed import calibrate, random_batch, shapes_to_plan, time_plan
-from aletheia_ds.cost import measurement_plans
 from helpers.families import tiny_model
+
+from aletheia_ds.adapters.attach import adapter_modules
+from aletheia_ds.arch import describe
+from aletheia_ds.cost import measurement_plans
+from aletheia_ds.speed import calibrate, random_batch, shapes_to_plan, time_plan
 
 
 def test_time_plan_leaves_the_base_model_untouched_and_calibration_fits():

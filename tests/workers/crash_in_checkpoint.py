@@ -1,4 +1,5 @@
-"""CRASH_STEP=4 CRASH_POINT=shard CRASH_RANK=1 deepspeed --num_gpus 2 tests/workers/crash_in_checkpoint.py --config C.yaml
+"""CRASH_STEP=4 CRASH_POINT=shard CRASH_RANK=1 deepspeed --num_gpus 2 \
+    tests/workers/crash_in_checkpoint.py --config C.yaml
 
 Fault injection for tests/distributed/test_resume.py: launch/train.py, except that one rank SIGKILLs itself while
 the checkpoint of step CRASH_STEP is being written. Nothing in the package knows about this; the wrapper only
@@ -26,8 +27,7 @@ RANK = int(os.environ.get("CRASH_RANK", "0"))
 
 
 def die() -> None:
-    print(f"crash_in_checkpoint: rank {os.environ.get('RANK')} SIGKILLs itself at {POINT} of {STEP_DIR}",
-          flush=True)
+    print(f"crash_in_checkpoint: rank {os.environ.get('RANK')} SIGKILLs itself at {POINT} of {STEP_DIR}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -1,4 +1,5 @@
-"""PYTHONPATH=.:tests DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_addr 127.0.0.1 tests/workers/moe_zero3_worker.py \
+"""PYTHONPATH=.:tests DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --master_addr 127.0.0.1 \
+    tests/workers/moe_zero3_worker.py \
     --models DIR --out DIR
 
 One ZeRO-3 job per rank for tests/distributed/test_moe_distributed.py:
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from helpers.families import ListExpertsMoe, random_batches, token_batches, with_list_experts
 
 from aletheia_ds.adapters.attach import attach
 from aletheia_ds.adapters.export import export_adapter
@@ -32,7 +34,6 @@ from aletheia_ds.model import load_model
 from aletheia_ds.plan import make_plan
 from aletheia_ds.probe.run import run_probe
 from aletheia_ds.train import param_groups
-from helpers.families import ListExpertsMoe, random_batches, token_batches, with_list_experts
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,8 +71,16 @@ def build(ctx: DistContext, cfg, path: Path, leaf: bool):
 def probe(ctx: DistContext, model, layout, batches):
     """The probe with its own activation checkpointing: afterwards no weight may stay gathered."""
     with ctx.probe_session(model) as forward:
-        report = run_probe(model, layout, batches, forward, rank=ctx.rank, world_size=ctx.world_size,
-                           all_reduce_sum=ctx.all_reduce_sum, checkpointing=True)
+        report = run_probe(
+            model,
+            layout,
+            batches,
+            forward,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            all_reduce_sum=ctx.all_reduce_sum,
+            checkpointing=True,
+        )
     left = gathered_parameters(model)
     assert not left, f"rank {ctx.rank}: {len(left)} parameters still gathered after the probe: {left[:5]}"
     return report
@@ -86,13 +95,24 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     models, out = Path(args.models), Path(args.out)
-    cfg = load_config([f"model.path={models / 'split'}", "model.dtype=float32", "train.micro_batch_size=2",
-                       "train.lr=0.02", f"deepspeed.config={ROOT / 'ds_configs/zero3.json'}", "plan.top_pct=50",
-                       "plan.expert_rule=top_k", "plan.expert_top_k=3", "plan.attention_r=4", "plan.mlp_r=4",
-                       "plan.expert_r=4",
-                       # every parameter partitioned: the default threshold would keep tiny weights whole on
-                       # every rank, and nothing here would depend on ZeRO-3 fetching them
-                       "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"])
+    cfg = load_config(
+        [
+            f"model.path={models / 'split'}",
+            "model.dtype=float32",
+            "train.micro_batch_size=2",
+            "train.lr=0.02",
+            f"deepspeed.config={ROOT / 'ds_configs/zero3.json'}",
+            "plan.top_pct=50",
+            "plan.expert_rule=top_k",
+            "plan.expert_top_k=3",
+            "plan.attention_r=4",
+            "plan.mlp_r=4",
+            "plan.expert_r=4",
+            # every parameter partitioned: the default threshold would keep tiny weights whole on
+            # every rank, and nothing here would depend on ZeRO-3 fetching them
+            "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0",
+        ]
+    )
     leaf = not args.no_leaf
     started = time.perf_counter()
     with distributed(cfg) as ctx:
@@ -133,8 +153,9 @@ def probe_and_train(ctx: DistContext, cfg, models: Path, out: Path, leaf: bool, 
     report = probe(ctx, model, layout, split_probe_batches())
     plan = ctx.broadcast_object(make_plan(report, cfg.plan) if ctx.is_main else None)
     model = attach(model, plan, cfg.lora)
-    engine, _, _ = ctx.initialize(model, param_groups(model, 0.0),
-                                  lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), cfg.train.lr)
+    engine, _, _ = ctx.initialize(
+        model, param_groups(model, 0.0), lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), cfg.train.lr
+    )
     engine.train()
     losses = []
     for batch in split_train_batches(ctx.rank):

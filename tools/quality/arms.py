@@ -24,15 +24,14 @@ from typing import Callable
 import torch
 
 from aletheia_ds.adapters.attach import attach
-from aletheia_ds.io import write_json_atomic
 from aletheia_ds.config import ConfigError, LoraSection, PlanSection
 from aletheia_ds.cost import CostModel
 from aletheia_ds.data import StepSchedule, collate, fixed_batches
 from aletheia_ds.evaluate import held_out_loss
 from aletheia_ds.execution import FrozenPrefix
+from aletheia_ds.io import write_json_atomic
 from aletheia_ds.plan import Plan, captured, make_plan
 from aletheia_ds.probe.report import ProbeReport
-
 from tools.quality.pretrain import autocast, corpus_loss
 from tools.quality.settings import Settings
 from tools.quality.tasks import TASKS_BY_NAME, TaskData
@@ -77,6 +76,7 @@ def _cut(score: str):
     def build(report, cost, s, built, notes) -> Plan:
         section = _section(s, rule="cut", budget=s.budget, score=score, min_r=s.min_r, max_r=s.max_r, guard=s.guard)
         return make_plan(report, section, cost)
+
     return build
 
 
@@ -111,17 +111,26 @@ def _random(report, cost, s, built, notes) -> Plan:
 
 
 ARMS: dict[str, Arm] = {
-    "uniform": Arm("uniform LoRA r16, every layer",
-                   lambda r, c, s, b, n: make_plan(r, _section(s, rule="all", attention_r=s.uniform_r,
-                                                                mlp_r=s.uniform_r), c)),
-    "paper": Arm("paper: top 50% by probe score, r16/r64",
-                 lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="top_pct", top_pct=50.0), c)),
-    "upper25": Arm("upper 25% of the layers, r16/r64",
-                   lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="upper", top_pct=25.0), c)),
-    "upper33": Arm("upper 33% of the layers, r16/r64",
-                   lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="upper", top_pct=100 / 3), c)),
-    "upper50": Arm("upper 50% of the layers, r16/r64",
-                   lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="upper", top_pct=50.0), c)),
+    "uniform": Arm(
+        "uniform LoRA r16, every layer",
+        lambda r, c, s, b, n: make_plan(r, _section(s, rule="all", attention_r=s.uniform_r, mlp_r=s.uniform_r), c),
+    ),
+    "paper": Arm(
+        "paper: top 50% by probe score, r16/r64",
+        lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="top_pct", top_pct=50.0), c),
+    ),
+    "upper25": Arm(
+        "upper 25% of the layers, r16/r64",
+        lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="upper", top_pct=25.0), c),
+    ),
+    "upper33": Arm(
+        "upper 33% of the layers, r16/r64",
+        lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="upper", top_pct=100 / 3), c),
+    ),
+    "upper50": Arm(
+        "upper 50% of the layers, r16/r64",
+        lambda r, c, s, b, n: make_plan(r, _paired_ranks(s, rule="upper", top_pct=50.0), c),
+    ),
     "budget": Arm("budget rule (cost model), r16/r64", _budget),
     "cut": Arm("cut rule, score signal, ranks by score", _cut("signal")),
     "cut_raw": Arm("cut rule, score raw", _cut("raw")),
@@ -131,8 +140,21 @@ ARMS: dict[str, Arm] = {
     "pilot": Arm("pilot: uniform r16 for a fraction of the steps, then the layers above pilot_plan's cut", _pilot),
     "random": Arm("random layers: the reference plan's layer count, modules and ranks", _random),
 }
-BUILD_ORDER = ["uniform", "paper", "upper25", "upper33", "upper50", "budget", "cut", "cut_raw", "cut_lowrank",
-               "cut_relative", "matched", "pilot", "random"]
+BUILD_ORDER = [
+    "uniform",
+    "paper",
+    "upper25",
+    "upper33",
+    "upper50",
+    "budget",
+    "cut",
+    "cut_raw",
+    "cut_lowrank",
+    "cut_relative",
+    "matched",
+    "pilot",
+    "random",
+]
 
 
 def build_plans(report: ProbeReport, cost: CostModel, s: Settings, notes: list[str]) -> dict[str, Plan]:
@@ -158,18 +180,30 @@ def random_layers_like(report: ProbeReport, reference: Plan, seed: int, cost: Co
     drawn = sorted(random.Random(f"random-layers:{seed}").sample(range(report.num_layers), len(reference.layers)))
     moved = dict(zip(reference.layers, drawn))  # i-th lowest planned layer -> i-th lowest drawn layer
     modules = [dataclasses.replace(m, layer=moved[m.layer]) for m in reference.modules]
-    plan = Plan(rule="random", num_layers=report.num_layers, layers_path=reference.layers_path, layers=drawn,
-                modules=modules, score_captured=captured(report, modules), settings=dict(reference.settings),
-                model=report.model).check()
+    plan = Plan(
+        rule="random",
+        num_layers=report.num_layers,
+        layers_path=reference.layers_path,
+        layers=drawn,
+        modules=modules,
+        score_captured=captured(report, modules),
+        settings=dict(reference.settings),
+        model=report.model,
+    ).check()
     plan.predicted = cost.describe(plan)
     return plan
 
 
 def plan_summary(plan: Plan) -> dict:
-    return {"rule": plan.rule, "layers": plan.layers, "lowest_adapted_layer": plan.lowest_adapted_layer,
-            "adapters": len(plan.modules), "modules": [[m.layer, m.key, m.r] for m in plan.modules],
-            "score_captured": plan.score_captured,
-            "predicted_fraction_of_uniform": plan.predicted.get("fraction_of_uniform")}
+    return {
+        "rule": plan.rule,
+        "layers": plan.layers,
+        "lowest_adapted_layer": plan.lowest_adapted_layer,
+        "adapters": len(plan.modules),
+        "modules": [[m.layer, m.key, m.r] for m in plan.modules],
+        "score_captured": plan.score_captured,
+        "predicted_fraction_of_uniform": plan.predicted.get("fraction_of_uniform"),
+    }
 
 
 # ====================================================================== evaluation
@@ -180,18 +214,22 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def task_losses(model, examples: dict[str, list], pad_id: int, batch: int, device: torch.device) -> dict:
     """Held-out loss per task (evaluate.held_out_loss); the study's task loss is their plain mean, so each
     task counts the same whatever its completion length."""
+
     def forward(b):
         with autocast(device):
             return model(**to_device(b, device)).loss
 
-    by_task = {name: held_out_loss(forward, fixed_batches(rows, batch, math.ceil(len(rows) / batch), pad_id))
-               for name, rows in examples.items()}
+    by_task = {
+        name: held_out_loss(forward, fixed_batches(rows, batch, math.ceil(len(rows) / batch), pad_id))
+        for name, rows in examples.items()
+    }
     return {"loss": statistics.fmean(by_task.values()), "by_task": by_task}
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, decode: dict[str, list[dict]], batch: int, device: torch.device,
-                samples: int = 2) -> dict:
+def exact_match(
+    model, tokenizer, decode: dict[str, list[dict]], batch: int, device: torch.device, samples: int = 2
+) -> dict:
     """Greedy decoding of each held-out prompt; the task's final answer compared with the reference's."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     rows = [(TASKS_BY_NAME[name], row) for name, task_rows in decode.items() for row in task_rows]
@@ -199,17 +237,24 @@ def exact_match(model, tokenizer, decode: dict[str, list[dict]], batch: int, dev
     correct = {name: 0 for name in decode}
     shown = {name: [] for name in decode}
     for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
+        chunk = rows[start : start + batch]
         prompts = [tokenizer(r["prompt"])["input_ids"] for _, r in chunk]  # as data.Tokenize encodes prompts
         width = max(map(len, prompts))
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding: every prompt ends where decoding starts
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
         with autocast(device):
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest + 4,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=eos, use_cache=True)
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=longest + 4,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                use_cache=True,
+            )
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         for (task, row), text in zip(chunk, texts):
             got, want = task.answer(text), task.answer(row["completion"])
@@ -225,9 +270,13 @@ def evaluate(model, tokenizer, data: TaskData, held_out_rows: torch.Tensor, s: S
     pad = tokenizer.pad_token_id
     test = task_losses(model, data.test, pad, s.eval_batch, device)
     validation = task_losses(model, data.validation, pad, s.eval_batch, device)
-    result = {"task_loss": test["loss"], "task_loss_by_task": test["by_task"], "val_loss": validation["loss"],
-              **exact_match(model, tokenizer, data.decode, s.em_batch, device),
-              "corpus_loss": corpus_loss(model, held_out_rows, max(1, s.eval_batch // 4), device)}
+    result = {
+        "task_loss": test["loss"],
+        "task_loss_by_task": test["by_task"],
+        "val_loss": validation["loss"],
+        **exact_match(model, tokenizer, data.decode, s.em_batch, device),
+        "corpus_loss": corpus_loss(model, held_out_rows, max(1, s.eval_batch // 4), device),
+    }
     return result
 
 
@@ -240,15 +289,19 @@ def layer_change(model, plan: Plan) -> list[float]:
         found = pattern.search(name)
         if found is None or "default" not in getattr(module, "lora_A", {}):
             continue
-        delta = module.scaling["default"] * (module.lora_B["default"].weight.float() @
-                                             module.lora_A["default"].weight.float())
+        delta = module.scaling["default"] * (
+            module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
+        )
         change[int(found.group(1))] += float(delta.pow(2).sum())
     return [math.sqrt(c) for c in change]
 
 
 def _freeze_below(model, cut: int, layers_path: str) -> None:
-    layers = model.get_base_model().get_submodule(layers_path) if hasattr(model, "get_base_model") \
+    layers = (
+        model.get_base_model().get_submodule(layers_path)
+        if hasattr(model, "get_base_model")
         else model.get_submodule(layers_path)
+    )
     for index in range(cut):
         layers[index].requires_grad_(False)  # adapters stay attached, frozen: FrozenPrefix accepts them
 
@@ -292,14 +345,22 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
             from aletheia_ds.plan import pilot_plan
 
             change = layer_change(model, plan)
-            chosen = pilot_plan(ctx.report, change, _section(s, rule="cut", budget=s.budget, attention_r=s.uniform_r,
-                                                             mlp_r=s.uniform_r), ctx.cost)
+            chosen = pilot_plan(
+                ctx.report,
+                change,
+                _section(s, rule="cut", budget=s.budget, attention_r=s.uniform_r, mlp_r=s.uniform_r),
+                ctx.cost,
+            )
             prefix.remove()
             _freeze_below(model, chosen.lowest_adapted_layer, plan.layers_path)
             prefix = FrozenPrefix(model, plan.layers_path, chosen.lowest_adapted_layer).apply()
-            extra = {"pilot_step": step, "pilot_layer_change": change, "pilot_plan": plan_summary(chosen),
-                     "pilot_plan_json": chosen.to_json(),
-                     "pilot_fraction_after_cut": ctx.calibrated.describe(chosen)["fraction_of_uniform"]}
+            extra = {
+                "pilot_step": step,
+                "pilot_layer_change": change,
+                "pilot_plan": plan_summary(chosen),
+                "pilot_plan_json": chosen.to_json(),
+                "pilot_fraction_after_cut": ctx.calibrated.describe(chosen)["fraction_of_uniform"],
+            }
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / max(1, s.lora_warmup))
@@ -324,9 +385,20 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     prefix.remove()
     del model, optimizer
-    return {"arm": arm, "seed": seed, "lr": lr, "steps": steps, "plan": plan_summary(plan), **extra,
-            "trainable_params": trainable, "train_seconds_shared_device": train_seconds, "curve": curve,
-            "train_loss_at_points": losses, **result, "forgetting": result["corpus_loss"] - ctx.base_corpus_loss}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "lr": lr,
+        "steps": steps,
+        "plan": plan_summary(plan),
+        **extra,
+        "trainable_params": trainable,
+        "train_seconds_shared_device": train_seconds,
+        "curve": curve,
+        "train_loss_at_points": losses,
+        **result,
+        "forgetting": result["corpus_loss"] - ctx.base_corpus_loss,
+    }
 
 
 def record_path(cache: Path, study_key: str, base: str, arm: str, seed: int, lr: float) -> Path:

@@ -55,8 +55,14 @@ def _walk(root: Path, prefix: str, accept) -> list[tuple[str, Path]]:
 
 def _doc_name(name: str) -> bool:
     plain = name[:-3] if name.endswith(".gz") else name
-    return plain.endswith((".txt", ".md", ".rst")) or plain.split(".")[0] in ("README", "NEWS", "changelog",
-                                                                              "copyright", "TODO", "FAQ")
+    return plain.endswith((".txt", ".md", ".rst")) or plain.split(".")[0] in (
+        "README",
+        "NEWS",
+        "changelog",
+        "copyright",
+        "TODO",
+        "FAQ",
+    )
 
 
 def _man_name(name: str) -> bool:
@@ -99,15 +105,23 @@ def _readable(text: str) -> bool:
 def sources(extra: str = "") -> list[tuple[str, Path, object, str]]:
     """(name, root, file filter, reader kind) of every source present on this machine."""
     found = [("stdlib", stdlib_root(), lambda n: n.endswith(TEXT_SUFFIXES), "text")]
-    for name, root, accept, kind in (("doc", Path("/usr/share/doc"), _doc_name, "text"),
-                                     ("man", Path("/usr/share/man"), _man_name, "man")):
+    for name, root, accept, kind in (
+        ("doc", Path("/usr/share/doc"), _doc_name, "text"),
+        ("man", Path("/usr/share/man"), _man_name, "man"),
+    ):
         if root.is_dir():
             found.append((name, root, accept, kind))
     for directory in filter(None, extra.split(",")):
         root = Path(directory)
         if root.is_dir():
-            found.append((f"extra:{root.name}", root, lambda n: _doc_name(n) or _man_name(n) or
-                          n.endswith(TEXT_SUFFIXES), "auto"))
+            found.append(
+                (
+                    f"extra:{root.name}",
+                    root,
+                    lambda n: _doc_name(n) or _man_name(n) or n.endswith(TEXT_SUFFIXES),
+                    "auto",
+                )
+            )
     for key in ("purelib", "platlib"):
         path = Path(sysconfig.get_paths()[key])
         if path.is_dir() and all(path != root for _, root, _, _ in found):
@@ -147,9 +161,14 @@ def load_corpus(target_mb: float, held_out_every: int, mix: dict[str, float], ex
         per_source[name] = {"root": str(root), "chars": taken}
     if not held_out or not train:
         raise SystemExit(f"corpus: too little text under {[str(r) for _, r, _, _ in found]}; raise --corpus-mb")
-    stats = {"sources": per_source, "train_files": len(train), "held_out_files": len(held_out),
-             "train_chars": sum(map(len, train)), "held_out_chars": sum(map(len, held_out)),
-             "missing": [p for p in ("/usr/share/doc", "/usr/share/man") if not Path(p).is_dir()]}
+    stats = {
+        "sources": per_source,
+        "train_files": len(train),
+        "held_out_files": len(held_out),
+        "train_chars": sum(map(len, train)),
+        "held_out_chars": sum(map(len, held_out)),
+        "missing": [p for p in ("/usr/share/doc", "/usr/share/man") if not Path(p).is_dir()],
+    }
     return Corpus(train, held_out, stats)
 
 
@@ -170,9 +189,13 @@ def train_tokenizer(texts: list[str], vocab_size: int, sample_chars: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
-                                  min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|pad|>", "<|bos|>", "<|eos|>"],
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(sample, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|eos|>")
 
@@ -183,7 +206,7 @@ def encode_documents(tokenizer, texts: list[str]) -> torch.Tensor:
     eos = torch.tensor([tokenizer.eos_token_id], dtype=torch.int32)
     pieces = []
     for start in range(0, len(texts), 512):
-        for encoding in backend.encode_batch(texts[start:start + 512], add_special_tokens=False):
+        for encoding in backend.encode_batch(texts[start : start + 512], add_special_tokens=False):
             pieces += [torch.tensor(encoding.ids, dtype=torch.int32), eos]
     return torch.cat(pieces)
 
@@ -191,4 +214,4 @@ def encode_documents(tokenizer, texts: list[str]) -> torch.Tensor:
 def windows(stream: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """`count` consecutive non-overlapping windows of `width` tokens (fewer if the stream is short)."""
     count = min(count, (len(stream) - 1) // width)
-    return stream[:count * width].view(count, width)
+    return stream[: count * width].view(count, width)

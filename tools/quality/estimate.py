@@ -45,11 +45,14 @@ def estimate(s: Settings) -> dict:
     host_total = sum(runs_per_base * r["host_s"] for r in run_s.values())
     kernel_total = sum(runs_per_base * r["kernel_s"] for r in run_s.values())
     arms_s = max(host_total / s.workers, kernel_total) + PREPARE_S_PER_BASE * len(shapes) + 30.0
-    return {"pretrain_step_s_alone": step_s, "pretrain_steps_in_cap": {b: s.pretrain_max_s / shared_step_s
-                                                                      for b in shapes},
-            "runs": runs_per_base * len(shapes), "run_s": run_s,
-            "stages_s": {"pretrain": pretrain_s, "arms": arms_s, "speed": SPEED_S, "report (CPU)": 0.0},
-            "arms_calls_of_540_s": arms_s / 540.0}
+    return {
+        "pretrain_step_s_alone": step_s,
+        "pretrain_steps_in_cap": {b: s.pretrain_max_s / shared_step_s for b in shapes},
+        "runs": runs_per_base * len(shapes),
+        "run_s": run_s,
+        "stages_s": {"pretrain": pretrain_s, "arms": arms_s, "speed": SPEED_S, "report (CPU)": 0.0},
+        "arms_calls_of_540_s": arms_s / 540.0,
+    }
 
 
 def print_estimate(result: dict) -> None:

@@ -34,12 +34,21 @@ def autocast(device: torch.device):
 def build_model(shape: dict, tokenizer, seed: int, max_positions: int):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=shape["hidden"],
-                         intermediate_size=shape["intermediate"], num_hidden_layers=shape["layers"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
@@ -57,7 +66,7 @@ def corpus_loss(model, rows: torch.Tensor, batch: int, device: torch.device) -> 
     """Mean next-token loss over held-out corpus windows (the forgetting measure)."""
     total, count = 0.0, 0
     for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch].to(device).long()
+        chunk = rows[start : start + batch].to(device).long()
         with autocast(device):
             logits = model(input_ids=chunk[:, :-1]).logits
         total += float(F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum"))
@@ -65,8 +74,20 @@ def corpus_loss(model, rows: torch.Tensor, batch: int, device: torch.device) -> 
     return total / count
 
 
-def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: int, lr: float, warmup: int,
-             max_seconds: float, seed: int, device: torch.device, log=print) -> dict:
+def pretrain(
+    model,
+    stream: torch.Tensor,
+    *,
+    steps: int,
+    batch: int,
+    seq_len: int,
+    lr: float,
+    warmup: int,
+    max_seconds: float,
+    seed: int,
+    device: torch.device,
+    log=print,
+) -> dict:
     """Next-token pretraining on random windows of the stream; stops at `steps` or after `max_seconds`.
 
     The learning-rate schedule follows the larger of step progress and time progress, so a run cut by
@@ -75,8 +96,12 @@ def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: in
     model.to(device).train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
     tokens = stream.to(device)
     offsets = torch.arange(seq_len + 1, device=device)
     generator = torch.Generator().manual_seed(seed)
@@ -106,14 +131,25 @@ def pretrain(model, stream: torch.Tensor, *, steps: int, batch: int, seq_len: in
             if not math.isfinite(losses[-1][1]):
                 raise FloatingPointError(f"pretraining: non-finite loss at step {step}")
         if step % report_every == 0:
-            log(f"  pretrain step {step}/{steps}  loss {float(loss.detach()):.3f}  {time.perf_counter() - started:.0f} s")
+            log(
+                f"  pretrain step {step}/{steps}  loss {float(loss.detach()):.3f}  "
+                f"{time.perf_counter() - started:.0f} s"
+            )
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     model.eval()
-    return {"steps_planned": steps, "steps_done": step, "stopped_by": stopped_by, "seconds": seconds,
-            "time_cap_s": max_seconds, "tokens_seen": step * batch * seq_len,
-            "epochs": step * batch * seq_len / len(stream), "loss_curve": losses, "step_ms": 1000 * seconds / max(1, step)}
+    return {
+        "steps_planned": steps,
+        "steps_done": step,
+        "stopped_by": stopped_by,
+        "seconds": seconds,
+        "time_cap_s": max_seconds,
+        "tokens_seen": step * batch * seq_len,
+        "epochs": step * batch * seq_len / len(stream),
+        "loss_curve": losses,
+        "step_ms": 1000 * seconds / max(1, step),
+    }
 
 
 def save_base(model, directory: Path, stats: dict) -> None:

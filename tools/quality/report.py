@@ -19,7 +19,6 @@ import statistics
 from pathlib import Path
 
 from aletheia_ds.io import atomic_path, write_json_atomic, write_text_atomic
-
 from tools.quality import stats
 from tools.quality.arms import ARMS, read_records
 from tools.quality.settings import Settings
@@ -88,8 +87,12 @@ def equal_time(arm: str, runs: dict, ref_arm: str, ref: dict, alone: dict, s: Se
         mine.append(stats.interpolate(c1, at))
         theirs.append(stats.interpolate(c2, at))
     differences = stats.paired_relative(mine, theirs)
-    return {"seeds": seeds, "mean": stats.mean(differences), "differences": differences,
-            "bootstrap_ci95": stats.bootstrap_ci(differences, seed=s.data_seed)}
+    return {
+        "seeds": seeds,
+        "mean": stats.mean(differences),
+        "differences": differences,
+        "bootstrap_ci95": stats.bootstrap_ci(differences, seed=s.data_seed),
+    }
 
 
 def analyse_base(base: str, records: list[dict], prepared: dict, speed: dict, s: Settings) -> dict:
@@ -98,14 +101,21 @@ def analyse_base(base: str, records: list[dict], prepared: dict, speed: dict, s:
     arms = {}
     for arm, by_seed in runs.items():
         ordered = [by_seed[x] for x in sorted(by_seed)]
-        entry = {"label": ARMS[arm].label, "lr": ordered[0]["lr"], "seeds": sorted(by_seed),
-                 "plan": ordered[0]["plan"], "trainable_params": ordered[0]["trainable_params"]}
+        entry = {
+            "label": ARMS[arm].label,
+            "lr": ordered[0]["lr"],
+            "seeds": sorted(by_seed),
+            "plan": ordered[0]["plan"],
+            "trainable_params": ordered[0]["trainable_params"],
+        }
         for metric in ("task_loss", "val_loss", "exact_match", "forgetting", "corpus_loss"):
             entry[metric] = _summary([r[metric] for r in ordered])
-        entry["exact_match_by_task"] = {t: _summary([r["exact_match_by_task"][t] for r in ordered])
-                                        for t in ordered[0]["exact_match_by_task"]}
-        entry["task_loss_by_task"] = {t: _summary([r["task_loss_by_task"][t] for r in ordered])
-                                      for t in ordered[0]["task_loss_by_task"]}
+        entry["exact_match_by_task"] = {
+            t: _summary([r["exact_match_by_task"][t] for r in ordered]) for t in ordered[0]["exact_match_by_task"]
+        }
+        entry["task_loss_by_task"] = {
+            t: _summary([r["task_loss_by_task"][t] for r in ordered]) for t in ordered[0]["task_loss_by_task"]
+        }
         entry["step_ratio_alone"] = statistics.fmean(step_seconds(arm, r, alone, s) for r in ordered) / alone["uniform"]
         entry["speed_ratio_at_scale"] = {}
         for shape, block in speed.get("shapes", {}).items():
@@ -117,20 +127,28 @@ def analyse_base(base: str, records: list[dict], prepared: dict, speed: dict, s:
                 entry["speed_ratio_at_scale"][shape] = ratio
         for ref in ("matched", "uniform"):
             if ref in runs and arm != ref:
-                entry[f"vs_{ref}"] = {"task_loss": compare_arms(by_seed, runs[ref], "task_loss", s),
-                                      "forgetting_diff": _paired_abs(by_seed, runs[ref], "forgetting", s),
-                                      "exact_match_diff": _paired_abs(by_seed, runs[ref], "exact_match", s),
-                                      "equal_wall_clock": equal_time(arm, by_seed, ref, runs[ref], alone, s)}
+                entry[f"vs_{ref}"] = {
+                    "task_loss": compare_arms(by_seed, runs[ref], "task_loss", s),
+                    "forgetting_diff": _paired_abs(by_seed, runs[ref], "forgetting", s),
+                    "exact_match_diff": _paired_abs(by_seed, runs[ref], "exact_match", s),
+                    "equal_wall_clock": equal_time(arm, by_seed, ref, runs[ref], alone, s),
+                }
         entry["curve_mean"] = _mean_curve([r["curve"] for r in ordered])
         entry["timed_curve_mean"] = _mean_curve([timed_curve(arm, r, alone, s) for r in ordered])
         arms[arm] = entry
     if "random" in runs and s.random_like in runs:
-        arms["random"]["vs_reference"] = {"reference": s.random_like,
-                                          "task_loss": compare_arms(runs["random"], runs[s.random_like], "task_loss", s)}
-    return {"arms": arms, "base_eval": {k: v for k, v in prepared["base_eval"].items() if k != "samples"},
-            "pretrain": {k: v for k, v in prepared["pretrain"].items() if k != "loss_curve"},
-            "probe_layer_scores": [layer["score"] for layer in prepared["probe"]["layers"]],
-            "step_seconds_alone": alone, "notes": prepared.get("notes", [])}
+        arms["random"]["vs_reference"] = {
+            "reference": s.random_like,
+            "task_loss": compare_arms(runs["random"], runs[s.random_like], "task_loss", s),
+        }
+    return {
+        "arms": arms,
+        "base_eval": {k: v for k, v in prepared["base_eval"].items() if k != "samples"},
+        "pretrain": {k: v for k, v in prepared["pretrain"].items() if k != "loss_curve"},
+        "probe_layer_scores": [layer["score"] for layer in prepared["probe"]["layers"]],
+        "step_seconds_alone": alone,
+        "notes": prepared.get("notes", []),
+    }
 
 
 def _paired_abs(a: dict, b: dict, metric: str, s: Settings) -> dict | None:
@@ -143,8 +161,9 @@ def _paired_abs(a: dict, b: dict, metric: str, s: Settings) -> dict | None:
 
 def _mean_curve(curves: list[list]) -> list[list[float]]:
     length = min(len(c) for c in curves)
-    return [[statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)]
-            for i in range(length)]
+    return [
+        [statistics.fmean(c[i][0] for c in curves), statistics.fmean(c[i][1] for c in curves)] for i in range(length)
+    ]
 
 
 def goals(per_base: dict[str, dict], s: Settings) -> list[dict]:
@@ -162,70 +181,112 @@ def goals(per_base: dict[str, dict], s: Settings) -> list[dict]:
             checks.append(fg["mean"] <= 0 if fg else None)
             if tl:
                 low, high = tl["tost"]["interval"]
-                details.append(f"{base}: task loss {100 * tl['mean']:+.2f}% vs matched (90% CI {100 * low:+.2f}.."
-                               f"{100 * high:+.2f}%, TOST p {tl['tost']['p']:.3f}); forgetting "
-                               f"{fg['mean']:+.4f}" if fg else f"{base}: task loss {100 * tl['mean']:+.2f}%")
+                details.append(
+                    f"{base}: task loss {100 * tl['mean']:+.2f}% vs matched (90% CI {100 * low:+.2f}.."
+                    f"{100 * high:+.2f}%, TOST p {tl['tost']['p']:.3f}); forgetting "
+                    f"{fg['mean']:+.4f}"
+                    if fg
+                    else f"{base}: task loss {100 * tl['mean']:+.2f}%"
+                )
             for shape, needed in SPEED_GOALS.items():
                 ratio = entry.get("speed_ratio_at_scale", {}).get(shape)
                 checks.append(None if ratio is None else 1.0 / ratio >= needed)
                 if ratio is not None:
                     details.append(f"{base} shape at {shape}: {1.0 / ratio:.2f}x uniform's speed (goal {needed}x)")
         met = None if any(c is None for c in checks) else all(checks)
-        out.append({"goal": f"{arm}: equivalent to rank-matched uniform (TOST +-{100 * s.margin:g}%) on every base, "
-                            "forgetting <= its, >= 1.6x uniform at 72B and 1.5x at 7B", "arm": arm, "met": met,
-                    "detail": "; ".join(details)})
+        out.append(
+            {
+                "goal": f"{arm}: equivalent to rank-matched uniform (TOST +-{100 * s.margin:g}%) on every base, "
+                "forgetting <= its, >= 1.6x uniform at 72B and 1.5x at 7B",
+                "arm": arm,
+                "met": met,
+                "detail": "; ".join(details),
+            }
+        )
     for base, result in per_base.items():
         vs = result["arms"].get("random", {}).get("vs_reference")
         if vs and vs["task_loss"]:
             low, high = vs["task_loss"]["bootstrap_ci95"]
-            out.append({"goal": f"{base}: gradient-guided ({vs['reference']}) beats random layers at the same budget "
-                                "(paired 95% CI of random's excess task loss above zero)", "arm": "random",
-                        "met": low > 0, "detail": f"random {100 * vs['task_loss']['mean']:+.2f}% task loss vs "
-                                                  f"{vs['reference']} (95% CI {100 * low:+.2f}..{100 * high:+.2f}%)"})
+            out.append(
+                {
+                    "goal": f"{base}: gradient-guided ({vs['reference']}) beats random layers at the same budget "
+                    "(paired 95% CI of random's excess task loss above zero)",
+                    "arm": "random",
+                    "met": low > 0,
+                    "detail": f"random {100 * vs['task_loss']['mean']:+.2f}% task loss vs "
+                    f"{vs['reference']} (95% CI {100 * low:+.2f}..{100 * high:+.2f}%)",
+                }
+            )
     return out
 
 
 def render_table(results: dict) -> str:
-    lines = [f"Command: `{results['command']}`  ", f"Study key: `{results['study_key']}`; tasks "
-             f"{results['settings']['tasks']}; seeds {results['settings']['seeds']}; learning rates tried on the first "
-             f"seed {results['settings']['lrs']}; {results['settings']['lora_steps']} steps x "
-             f"{results['settings']['lora_batch']} rows per run.", ""]
+    lines = [
+        f"Command: `{results['command']}`  ",
+        f"Study key: `{results['study_key']}`; tasks "
+        f"{results['settings']['tasks']}; seeds {results['settings']['seeds']}; learning rates tried on the first "
+        f"seed {results['settings']['lrs']}; {results['settings']['lora_steps']} steps x "
+        f"{results['settings']['lora_batch']} rows per run.",
+        "",
+    ]
     for base, result in results["bases"].items():
         pre = result["pretrain"]
-        lines += [f"### Base {base}: {pre.get('params', 0) / 1e6:.1f}M parameters, {pre.get('steps_done')} pretraining "
-                  f"steps ({pre.get('tokens_seen', 0) / 1e6:.0f}M tokens, stopped by {pre.get('stopped_by')}); base "
-                  f"task loss {result['base_eval']['task_loss']:.4f}, exact match "
-                  f"{100 * result['base_eval']['exact_match']:.1f}%", "",
-                  "| arm | lr | layers | trainable | task loss | vs matched (95% CI) | TOST ±1% | equal time vs "
-                  "matched | EM % | forgetting | Δ forgetting vs matched | step alone | 7B | 72B |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### Base {base}: {pre.get('params', 0) / 1e6:.1f}M parameters, {pre.get('steps_done')} pretraining "
+            f"steps ({pre.get('tokens_seen', 0) / 1e6:.0f}M tokens, stopped by {pre.get('stopped_by')}); base "
+            f"task loss {result['base_eval']['task_loss']:.4f}, exact match "
+            f"{100 * result['base_eval']['exact_match']:.1f}%",
+            "",
+            "| arm | lr | layers | trainable | task loss | vs matched (95% CI) | TOST ±1% | equal time vs "
+            "matched | EM % | forgetting | Δ forgetting vs matched | step alone | 7B | 72B |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for arm, e in result["arms"].items():
             vs = e.get("vs_matched") or {}
             tl, eq, fg = vs.get("task_loss"), vs.get("equal_wall_clock"), vs.get("forgetting_diff")
-            ci = f"{100 * tl['mean']:+.2f}% ({100 * tl['bootstrap_ci95'][0]:+.2f}..{100 * tl['bootstrap_ci95'][1]:+.2f})" \
-                if tl else "–"
-            tost = "–" if not tl or tl["tost"]["equivalent"] is None else \
-                f"{'yes' if tl['tost']['equivalent'] else 'no'} (p {tl['tost']['p']:.3f})"
+            ci = (
+                f"{100 * tl['mean']:+.2f}% ({100 * tl['bootstrap_ci95'][0]:+.2f}..{100 * tl['bootstrap_ci95'][1]:+.2f})"
+                if tl
+                else "–"
+            )
+            tost = (
+                "–"
+                if not tl or tl["tost"]["equivalent"] is None
+                else f"{'yes' if tl['tost']['equivalent'] else 'no'} (p {tl['tost']['p']:.3f})"
+            )
             eqs = f"{100 * eq['mean']:+.2f}%" if eq else "–"
             scale = e["speed_ratio_at_scale"]
             layers = e["plan"]["layers"] if arm != "random" else f"{len(e['plan']['layers'])} drawn per seed"
             fg_text = f"{fg['mean']:+.4f}" if fg else "–"
-            lines.append(f"| {arm} | {e['lr']:g} | {layers} | {e['trainable_params']:,} | "
-                         f"{e['task_loss']['mean']:.4f} ± {e['task_loss']['sd']:.4f} | {ci} | {tost} | {eqs} | "
-                         f"{100 * e['exact_match']['mean']:.1f} | {e['forgetting']['mean']:+.4f} | {fg_text} |")
-            lines[-1] += (f" {e['step_ratio_alone']:.2f} | {scale.get('qwen2.5-7b', math.nan):.2f} | "
-                          f"{scale.get('qwen2-72b', math.nan):.2f} |")
+            lines.append(
+                f"| {arm} | {e['lr']:g} | {layers} | {e['trainable_params']:,} | "
+                f"{e['task_loss']['mean']:.4f} ± {e['task_loss']['sd']:.4f} | {ci} | {tost} | {eqs} | "
+                f"{100 * e['exact_match']['mean']:.1f} | {e['forgetting']['mean']:+.4f} | {fg_text} |"
+            )
+            lines[-1] += (
+                f" {e['step_ratio_alone']:.2f} | {scale.get('qwen2.5-7b', math.nan):.2f} | "
+                f"{scale.get('qwen2-72b', math.nan):.2f} |"
+            )
         tasks = list(next(iter(result["arms"].values()))["exact_match_by_task"]) if result["arms"] else []
-        lines += ["", "Exact match by task (%):", "", "| arm | " + " | ".join(tasks) + " |",
-                  "|---|" + "---|" * len(tasks),
-                  "| base model | " + " | ".join(f"{100 * result['base_eval']['exact_match_by_task'][t]:.1f}"
-                                                for t in tasks) + " |"]
+        lines += [
+            "",
+            "Exact match by task (%):",
+            "",
+            "| arm | " + " | ".join(tasks) + " |",
+            "|---|" + "---|" * len(tasks),
+            "| base model | "
+            + " | ".join(f"{100 * result['base_eval']['exact_match_by_task'][t]:.1f}" for t in tasks)
+            + " |",
+        ]
         for arm, e in result["arms"].items():
-            lines.append(f"| {arm} | " + " | ".join(f"{100 * e['exact_match_by_task'][t]['mean']:.1f}" for t in tasks)
-                         + " |")
+            lines.append(
+                f"| {arm} | " + " | ".join(f"{100 * e['exact_match_by_task'][t]['mean']:.1f}" for t in tasks) + " |"
+            )
         lines.append("")
-    lines += ["Goals:", ""] + [f"- **{g['goal']}**: {dict([(True, 'met'), (False, 'MISSED'), (None, '–')])[g['met']]}"
-                               f" — {g['detail']}" for g in results["goals"]]
+    lines += ["Goals:", ""] + [
+        f"- **{g['goal']}**: {dict([(True, 'met'), (False, 'MISSED'), (None, '–')])[g['met']]} — {g['detail']}"
+        for g in results["goals"]
+    ]
     if results["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
@@ -239,18 +300,28 @@ def pareto_points(results: dict) -> list[dict]:
         entries = [b["arms"][arm] for b in results["bases"].values() if arm in b["arms"]]
         speed, source = [], None
         for key in ("qwen2-72b", "qwen2.5-7b", None):
-            speed = [e["speed_ratio_at_scale"][key] if key else e["step_ratio_alone"] for e in entries
-                     if (key is None or key in e["speed_ratio_at_scale"])]
+            speed = [
+                e["speed_ratio_at_scale"][key] if key else e["step_ratio_alone"]
+                for e in entries
+                if (key is None or key in e["speed_ratio_at_scale"])
+            ]
             if speed:
                 source = key or "study base, alone"
                 break
-        losses = [1.0 + e["vs_matched"]["task_loss"]["mean"] for e in entries
-                  if (e.get("vs_matched") or {}).get("task_loss")]
+        losses = [
+            1.0 + e["vs_matched"]["task_loss"]["mean"] for e in entries if (e.get("vs_matched") or {}).get("task_loss")
+        ]
         if arm == "matched":
             losses = [1.0] * len(entries)
         if speed and losses:
-            points.append({"arm": arm, "step_ratio": statistics.fmean(speed), "loss_ratio": statistics.fmean(losses),
-                           "speed_source": source})
+            points.append(
+                {
+                    "arm": arm,
+                    "step_ratio": statistics.fmean(speed),
+                    "loss_ratio": statistics.fmean(losses),
+                    "speed_source": source,
+                }
+            )
     front = stats.pareto_front([(p["step_ratio"], p["loss_ratio"]) for p in points])
     for i, p in enumerate(points):
         p["pareto"] = i in front
@@ -274,8 +345,13 @@ def render_charts(results: dict, out: Path, log) -> None:
     front = sorted((p["step_ratio"], p["loss_ratio"]) for p in points if p["pareto"])
     if front:
         ax.plot(*zip(*front), color="tab:red", linewidth=1, label="Pareto front")
-    ax.axhspan(1 - results["settings"]["margin"], 1 + results["settings"]["margin"], color="green", alpha=0.1,
-               label="±1% of rank-matched uniform")
+    ax.axhspan(
+        1 - results["settings"]["margin"],
+        1 + results["settings"]["margin"],
+        color="green",
+        alpha=0.1,
+        label="±1% of rank-matched uniform",
+    )
     ax.axvline(1 / 1.6, color="gray", linestyle=":", label="1.6x uniform's speed")
     sources = sorted({p["speed_source"] for p in points})
     ax.set_xlabel(f"step time / uniform r16's ({', '.join(sources)})")
@@ -289,7 +365,9 @@ def render_charts(results: dict, out: Path, log) -> None:
     bases = list(results["bases"])
     fig, axes = plt.subplots(2, max(1, len(bases)), figsize=(7 * max(1, len(bases)), 9), squeeze=False)
     for column, base in enumerate(bases):
-        for row, (key, xlabel) in enumerate((("curve_mean", "step"), ("timed_curve_mean", "seconds (step time alone)"))):
+        for row, (key, xlabel) in enumerate(
+            (("curve_mean", "step"), ("timed_curve_mean", "seconds (step time alone)"))
+        ):
             ax = axes[row][column]
             for arm, e in results["bases"][base]["arms"].items():
                 curve = e[key]
@@ -319,8 +397,16 @@ def stage_report(s: Settings, key: str, command: str, log) -> dict:
     if not speed:
         notes.append("no speed stage results: speed at 7B/72B widths missing from goals and chart")
     corpus = json.loads((cache / "corpus.json").read_text()) if (cache / "corpus.json").exists() else {}
-    results = {"command": command, "study_key": key, "settings": json.loads(json.dumps(s.__dict__)),
-               "corpus": corpus, "speed": speed, "bases": per_base, "notes": notes, "runs": len(records)}
+    results = {
+        "command": command,
+        "study_key": key,
+        "settings": json.loads(json.dumps(s.__dict__)),
+        "corpus": corpus,
+        "speed": speed,
+        "bases": per_base,
+        "notes": notes,
+        "runs": len(records),
+    }
     results["goals"] = goals(per_base, s)
     results["pareto"] = pareto_points(results)
     write_json_atomic(out / "results.json", results)

@@ -1,7 +1,8 @@
 """Speed of the same plan shapes at scale: each study plan moved by relative depth onto a large shape, timed.
 
 Transfer is plan.transfer_plan: target layer j of L_t takes the modules and ranks of study layer
-floor(j * L / L_t), so the fraction of layers below the cut, the gaps and the ranks are the study plan's. A shape is timed at one or two
+floor(j * L / L_t), so the fraction of layers below the cut, the gaps and the ranks are the study plan's.
+A shape is timed at one or two
 depths of its widths (`qwen2-72b:12+20`); with two, each plan's step time is projected linearly in the
 layer count to the shape's full depth (the per-layer cost is what depth changes), as docs/SCALE.md did.
 Timing is aletheia_ds.speed.time_plan (attach, frozen prefix, AdamW steps) on random weights, one GPU.
@@ -20,7 +21,6 @@ from aletheia_ds.io import write_json_atomic
 from aletheia_ds.plan import Plan, transfer_plan
 from aletheia_ds.probe.report import LayerScore, ProbeReport
 from aletheia_ds.speed import random_batch, time_plan
-
 from tools.quality.settings import Settings
 
 
@@ -33,9 +33,15 @@ def shape_table() -> dict[str, dict]:
 def uniform_report(layout) -> ProbeReport:
     """A report with the target's layout and equal scores: what plan.transfer_plan needs of the target."""
     kinds = layout.to_json()["module_kinds"]
-    return ProbeReport(model="transfer target", num_layers=layout.num_layers, tokens=0, seconds=0.0, batches=1,
-                       layers=[LayerScore(i, 1.0, {k: 1.0 for k in kinds}) for i in range(layout.num_layers)],
-                       layout=layout.to_json())
+    return ProbeReport(
+        model="transfer target",
+        num_layers=layout.num_layers,
+        tokens=0,
+        seconds=0.0,
+        batches=1,
+        layers=[LayerScore(i, 1.0, {k: 1.0 for k in kinds}) for i in range(layout.num_layers)],
+        layout=layout.to_json(),
+    )
 
 
 def project(measured: dict[int, float], full_layers: int) -> float:
@@ -63,8 +69,12 @@ def study_plans(s: Settings, key: str) -> dict[str, Plan]:
         for arm, blob in prepared["plans"].items():
             plan = Plan.from_json(blob)
             if arm == "random":
-                plan = random_layers_like(ProbeReport.from_json(prepared["probe"]), plan, s.seed_list()[0],
-                                          CostModel.from_json(prepared["cost"]))
+                plan = random_layers_like(
+                    ProbeReport.from_json(prepared["probe"]),
+                    plan,
+                    s.seed_list()[0],
+                    CostModel.from_json(prepared["cost"]),
+                )
             if arm == "pilot":
                 pilot = [r for r in records if r["base"] == base and r["arm"] == "pilot" and "pilot_plan_json" in r]
                 if not pilot:
@@ -132,8 +142,9 @@ def meta_layout(shape: dict):
     return describe(model)
 
 
-def production_cost(report: ProbeReport, shape: str, checkpointing: bool = True, batch_size: int = 8,
-                    seq_len: int = 1024):
+def production_cost(
+    report: ProbeReport, shape: str, checkpointing: bool = True, batch_size: int = 8, seq_len: int = 1024
+):
     """The study base's cost model with the proportions of production: CostModel.analytic of `shape` (e.g. the
     80-layer Qwen2-72B, gradient checkpointing, 8 x 1024 tokens) rescaled to the base's depth and adapter widths,
     so that a plan cutting the same share of layers with the same ranks costs the base the same share of uniform
@@ -146,14 +157,21 @@ def production_cost(report: ProbeReport, shape: str, checkpointing: bool = True,
     big = CostModel.analytic(big_report, checkpointing=checkpointing)
     shapes = report.layout["module_shapes"]
     if len(shapes) != len(big.module_shapes):
-        raise ValueError(f"production cost: the base has {len(shapes)} target modules per layer, {shape} "
-                         f"{len(big.module_shapes)}")
+        raise ValueError(
+            f"production cost: the base has {len(shapes)} target modules per layer, {shape} {len(big.module_shapes)}"
+        )
     layers, big_layers = report.num_layers, big.num_layers
     width = sum(UNIFORM_RANK * (i + o) for i, o in shapes.values())
     big_width = sum(UNIFORM_RANK * (i + o) for i, o in big.module_shapes.values())
     scale = big_layers / layers
-    return CostModel(base_s=big.base_s, depth_s=big.depth_s * scale, adapter_fixed_s=big.adapter_fixed_s * scale,
-                     adapter_width_s=big.adapter_width_s * scale * big_width / width, layer_weights=[1.0] * layers,
-                     module_shapes={k: list(v) for k, v in shapes.items()}, checkpointing=checkpointing,
-                     tokens_per_step=big.tokens_per_step, source=f"analytic {shape} proportions, rescaled to "
-                     f"{layers} layers")
+    return CostModel(
+        base_s=big.base_s,
+        depth_s=big.depth_s * scale,
+        adapter_fixed_s=big.adapter_fixed_s * scale,
+        adapter_width_s=big.adapter_width_s * scale * big_width / width,
+        layer_weights=[1.0] * layers,
+        module_shapes={k: list(v) for k, v in shapes.items()},
+        checkpointing=checkpointing,
+        tokens_per_step=big.tokens_per_step,
+        source=f"analytic {shape} proportions, rescaled to {layers} layers",
+    )

@@ -31,8 +31,9 @@ def paired_relative(arm: Sequence[float], reference: Sequence[float]) -> list[fl
     return [a / r - 1.0 for a, r in zip(arm, reference)]
 
 
-def bootstrap_ci(differences: Sequence[float], confidence: float = 0.95, resamples: int = 10_000,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    differences: Sequence[float], confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of paired differences; `seed` makes it reproducible."""
     n = len(differences)
     if n == 0:
@@ -135,16 +136,26 @@ def tost(differences: Sequence[float], margin: float = 0.01, alpha: float = 0.05
     p_lower = 1.0 - t_cdf((centre + margin) / se, df)  # H0: mean <= -margin
     p_upper = t_cdf((centre - margin) / se, df)  # H0: mean >= +margin
     p = max(p_lower, p_upper)
-    return {**result, "p": p, "p_lower": p_lower, "p_upper": p_upper, "equivalent": p < alpha,
-            "interval": t_interval(differences, 1.0 - 2.0 * alpha)}
+    return {
+        **result,
+        "p": p,
+        "p_lower": p_lower,
+        "p_upper": p_upper,
+        "equivalent": p < alpha,
+        "interval": t_interval(differences, 1.0 - 2.0 * alpha),
+    }
 
 
 def compare(arm: Sequence[float], reference: Sequence[float], margin: float = 0.01, seed: int = 0) -> dict:
     """Paired relative differences of arm vs reference: mean, bootstrap and t 95% CIs, TOST at +-margin."""
     differences = paired_relative(arm, reference)
-    return {"differences": differences, "mean": mean(differences) if differences else math.nan,
-            "bootstrap_ci95": bootstrap_ci(differences, 0.95, seed=seed),
-            "t_ci95": t_interval(differences, 0.95), "tost": tost(differences, margin)}
+    return {
+        "differences": differences,
+        "mean": mean(differences) if differences else math.nan,
+        "bootstrap_ci95": bootstrap_ci(differences, 0.95, seed=seed),
+        "t_ci95": t_interval(differences, 0.95),
+        "tost": tost(differences, margin),
+    }
 
 
 def interpolate(curve: Sequence[tuple[float, float]], x: float) -> float:

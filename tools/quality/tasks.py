@@ -24,16 +24,51 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from aletheia_ds.data import Example, load_examples
-
 from tools.quality.corpus import is_held_out, key_hash, stdlib_root
 
 # ---------------------------------------------------------------- generated tasks
 NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana", "Ivo", "Juno", "Kai", "Lena", "Milo", "Nora"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "shells", "stamps", "tickets", "cards", "stickers"]
-WORDS = ["red", "oslo", "lima", "blue", "delta", "maple", "river", "stone", "amber", "cedar", "pixel", "nova",
-         "quartz", "tango", "ember", "fjord", "lotus", "orbit", "prism", "sable"]
-KEYS = ["name", "age", "city", "color", "count", "size", "id", "level", "active", "score", "tag", "price", "year",
-        "owner", "mode", "rank"]
+WORDS = [
+    "red",
+    "oslo",
+    "lima",
+    "blue",
+    "delta",
+    "maple",
+    "river",
+    "stone",
+    "amber",
+    "cedar",
+    "pixel",
+    "nova",
+    "quartz",
+    "tango",
+    "ember",
+    "fjord",
+    "lotus",
+    "orbit",
+    "prism",
+    "sable",
+]
+KEYS = [
+    "name",
+    "age",
+    "city",
+    "color",
+    "count",
+    "size",
+    "id",
+    "level",
+    "active",
+    "score",
+    "tag",
+    "price",
+    "year",
+    "owner",
+    "mode",
+    "rank",
+]
 
 
 def arithmetic_problem(rng: random.Random) -> dict:
@@ -44,27 +79,29 @@ def arithmetic_problem(rng: random.Random) -> dict:
     kind = rng.randrange(5)
     if kind == 0:
         d = rng.randint(1, a)
-        text = (f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} each, then gives away {d}. "
-                f"How many {item} does {name} have now?")
+        text = (
+            f"{name} has {a} {item}. {name} buys {b} bags with {c} {item} each, then gives away {d}. "
+            f"How many {item} does {name} have now?"
+        )
         expr, value = f"{a} + {b} * {c} - {d}", a + b * c - d
     elif kind == 1:
         d = rng.randint(1, a)
-        text = (f"{name} has {b} boxes of {c} {item} and finds {a} more, then loses {d}. "
-                f"How many {item} are there?")
+        text = f"{name} has {b} boxes of {c} {item} and finds {a} more, then loses {d}. How many {item} are there?"
         expr, value = f"{b} * {c} + {a} - {d}", b * c + a - d
     elif kind == 2:
         d = rng.randint(1, 30)
         text = f"{name} starts with {a} {item}, doubles them, and then buys {d} more. How many {item} are there?"
         expr, value = f"{a} * 2 + {d}", a * 2 + d
     elif kind == 3:
-        text = (f"{name} has {a} {item} and {other} has {b} times as many. "
-                f"How many {item} do they have together?")
+        text = f"{name} has {a} {item} and {other} has {b} times as many. How many {item} do they have together?"
         expr, value = f"{a} + {a} * {b}", a + a * b
     else:
         per = rng.randint(2, 9)
         total = per * b
-        text = (f"{name} shares {total} {item} equally among {b} friends and keeps {c} more. "
-                f"How many {item} does each friend get plus {name}'s {c}?")
+        text = (
+            f"{name} shares {total} {item} equally among {b} friends and keeps {c} more. "
+            f"How many {item} does each friend get plus {name}'s {c}?"
+        )
         expr, value = f"{total} / {b} + {c}", per + c
     return {"prompt": f"Question: {text}\nAnswer:", "completion": f" {expr} = {value}. The answer is {value}."}
 
@@ -166,14 +203,22 @@ def stdlib_functions(held_out_every: int) -> list[dict]:
                 continue
             doc = ast.get_docstring(node)
             body = node.body[1:]
-            if not doc or len(body) > 3 or any(isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-                                               for b in body for n in ast.walk(b)):
+            if (
+                not doc
+                or len(body) > 3
+                or any(
+                    isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                    for b in body
+                    for n in ast.walk(b)
+                )
+            ):
                 continue
-            text = textwrap.dedent("\n".join(lines[body[0].lineno - 1:body[-1].end_lineno]))
+            text = textwrap.dedent("\n".join(lines[body[0].lineno - 1 : body[-1].end_lineno]))
             if len(text) > MAX_BODY_CHARS or not text.strip() or "\t" in text:
                 continue
-            prompt = (f"# module: {module}\ndef {node.name}({ast.unparse(node.args)}):\n"
-                      f'    """{_docstring_line(doc)}"""\n')
+            prompt = (
+                f'# module: {module}\ndef {node.name}({ast.unparse(node.args)}):\n    """{_docstring_line(doc)}"""\n'
+            )
             if prompt in seen:
                 continue
             seen.add(prompt)
@@ -208,10 +253,12 @@ class Task:
     kind: str  # what it measures: reasoning, format (control), knowledge, copy
 
 
-TASKS = (Task("arithmetic", arithmetic_problem, arithmetic_answer, "reasoning"),
-         Task("json", json_problem, json_answer, "format"),
-         Task("stdlib_body", None, body_answer, "knowledge"),
-         Task("function", function_problem, function_answer, "copy"))
+TASKS = (
+    Task("arithmetic", arithmetic_problem, arithmetic_answer, "reasoning"),
+    Task("json", json_problem, json_answer, "format"),
+    Task("stdlib_body", None, body_answer, "knowledge"),
+    Task("function", function_problem, function_answer, "copy"),
+)
 TASKS_BY_NAME = {t.name: t for t in TASKS}
 DEFAULT_TASKS = "arithmetic,json,stdlib_body"
 
@@ -235,7 +282,7 @@ def split_rows(task: Task, seed: int, counts: dict[str, int], held_out_every: in
         rows = task_rows(task, seed, sum(counts.values()))
         out, start = {}, 0
         for split, count in counts.items():
-            out[split] = rows[start:start + count]
+            out[split] = rows[start : start + count]
             start += count
         return out
     functions = stdlib_functions(held_out_every)
@@ -244,12 +291,15 @@ def split_rows(task: Task, seed: int, counts: dict[str, int], held_out_every: in
     for row in functions:
         by_split[module_split(row["module"])].append({"prompt": row["prompt"], "completion": row["completion"]})
     test = by_split["test"]
-    decode = test[:counts["decode"]]
-    loss_rows = test[counts["decode"]:] or test  # a thin test split shares rows between loss and decoding
+    decode = test[: counts["decode"]]
+    loss_rows = test[counts["decode"] :] or test  # a thin test split shares rows between loss and decoding
     train = by_split["train"]
-    return {"train": [train[i % len(train)] for i in range(counts["train"])],  # cycled: a finite corpus
-            "validation": by_split["validation"][:counts["validation"]], "test": loss_rows[:counts["test"]],
-            "decode": decode}
+    return {
+        "train": [train[i % len(train)] for i in range(counts["train"])],  # cycled: a finite corpus
+        "validation": by_split["validation"][: counts["validation"]],
+        "test": loss_rows[: counts["test"]],
+        "decode": decode,
+    }
 
 
 @dataclass
@@ -262,9 +312,11 @@ class TaskData:
     counts: dict
 
 
-def build_task_data(tokenizer, names: list[str], seed: int, counts: dict[str, int], seq_len: int,
-                    held_out_every: int, log=print) -> TaskData:
+def build_task_data(
+    tokenizer, names: list[str], seed: int, counts: dict[str, int], seq_len: int, held_out_every: int, log=print
+) -> TaskData:
     """Rows -> JSONL -> aletheia_ds.data.load_examples: the package's prompt/completion path, loss on the completion."""
+
     def examples(rows: list[dict], path: Path) -> list[Example]:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return load_examples(path, tokenizer, seq_len, log=log)
@@ -277,10 +329,15 @@ def build_task_data(tokenizer, names: list[str], seed: int, counts: dict[str, in
         test = {n: examples(per_task[n]["test"], Path(tmp) / f"{n}_test.jsonl") for n in names}
     decode = {n: per_task[n]["decode"] for n in names}
     lengths = [len(ex.input_ids) for ex in train]
-    summary = {"train": len(train), "validation": {k: len(v) for k, v in validation.items()},
-               "test": {k: len(v) for k, v in test.items()}, "decode": {k: len(v) for k, v in decode.items()},
-               "mean_tokens": statistics.fmean(lengths), "max_tokens": max(lengths),
-               "distinct_train_rows": {n: len({r["prompt"] for r in per_task[n]["train"]}) for n in names}}
+    summary = {
+        "train": len(train),
+        "validation": {k: len(v) for k, v in validation.items()},
+        "test": {k: len(v) for k, v in test.items()},
+        "decode": {k: len(v) for k, v in decode.items()},
+        "mean_tokens": statistics.fmean(lengths),
+        "max_tokens": max(lengths),
+        "distinct_train_rows": {n: len({r["prompt"] for r in per_task[n]["train"]}) for n in names},
+    }
     for name in names:
         if not validation[name] or not test[name] or not decode[name]:
             raise SystemExit(f"task {name}: an empty split ({summary}); lower --eval-per-task or --em-per-task")
