@@ -268,7 +268,7 @@ def test_production_cost_gives_the_base_the_step_time_shares_of_the_production_s
         )
     )
     cost = speed.production_cost(base, "qwen2-72b")
-    big = speed.uniform_report(speed.meta_layout(speed.shape_table()["qwen2-72b"]))
+    big = speed.uniform_report(speed.meta_layout("qwen2-72b"))
     big.batch_size, big.seq_len = 8, 1024
     big_cost = CostModel.analytic(big, checkpointing=True)
     assert cost.uniform_seconds() == pytest.approx(big_cost.uniform_seconds(), rel=1e-9)

@@ -3,8 +3,9 @@
 Every arm starts from the same frozen base, trains on the same rows in the same order for the same steps
 (linear warm-up, then a constant learning rate, so every point of a learning curve is a fair place to
 stop: the equal-wall-clock comparison reads curves), evaluated on the same held-out rows. Plans come from
-the package (make_plan, pilot_plan), adapters from adapters.attach, layers below the lowest adapted one run
-under no_grad (execution.FrozenPrefix). A run writes one JSON record; the report stage reads them all.
+the package (make_plan, pilot_plan); execution.PreparedModel attaches the adapters and runs the layers below
+the lowest adapted one under no_grad (its FrozenPrefix, moved up after a pilot). A run writes one JSON record;
+the report stage reads them all.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from typing import Callable
 
 import torch
 
-from aletheia_ds.adapters.attach import attach
+from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, LoraSection, PlanSection
 from aletheia_ds.cost import CostModel
 from aletheia_ds.data import StepSchedule, collate, fixed_batches
 from aletheia_ds.evaluate import held_out_loss
-from aletheia_ds.execution import FrozenPrefix
+from aletheia_ds.execution import ExecutionOptions, FrozenPrefix, PreparedModel
 from aletheia_ds.io import write_json_atomic
 from aletheia_ds.plan import Plan, captured, make_plan
 from aletheia_ds.probe.report import ProbeReport
@@ -58,24 +59,30 @@ def _paired_ranks(s: Settings, **rule) -> PlanSection:
     return _section(s, attention_r=s.attention_r, mlp_r=s.mlp_r, **rule)
 
 
-def _budget(report, cost, s, built, notes) -> Plan:
-    """The budget rule; a budget below the cheapest possible plan is raised in steps of 0.05 and noted."""
+def _within_budget(report, cost, s, notes, section) -> Plan:
+    """make_plan at s.budget; a budget below the cheapest possible plan is raised in steps of 0.05 and noted."""
     budget = s.budget
     while True:
         try:
-            return make_plan(report, _paired_ranks(s, rule="budget", budget=budget), cost)
+            return make_plan(report, section(budget), cost)
         except ConfigError as err:
             if budget >= 1.0:
                 raise
             raised = round(min(1.0, budget + 0.05), 2)
-            notes.append(f"budget {budget} infeasible ({err}); raised to {raised}")
+            notes.append(f"{section(budget).rule} budget {budget} infeasible ({err}); raised to {raised}")
             budget = raised
+
+
+def _budget(report, cost, s, built, notes) -> Plan:
+    return _within_budget(report, cost, s, notes, lambda budget: _paired_ranks(s, rule="budget", budget=budget))
 
 
 def _cut(score: str):
     def build(report, cost, s, built, notes) -> Plan:
-        section = _section(s, rule="cut", budget=s.budget, score=score, min_r=s.min_r, max_r=s.max_r, guard=s.guard)
-        return make_plan(report, section, cost)
+        def section(budget: float) -> PlanSection:
+            return _section(s, rule="cut", budget=budget, score=score, min_r=s.min_r, max_r=s.max_r, guard=s.guard)
+
+        return _within_budget(report, cost, s, notes, section)
 
     return build
 
@@ -330,8 +337,9 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
     """Attach the arm's plan to a copy of the base, train `lora_steps` steps, evaluate; one record."""
     device, pad = ctx.device, ctx.tokenizer.pad_token_id
     plan = plan_for(ctx, arm, seed, s)
-    model = attach(copy.deepcopy(ctx.base), plan, LoraSection(init_seed=seed))
-    prefix = FrozenPrefix(model, plan.layers_path, plan.lowest_adapted_layer).apply()
+    base = copy.deepcopy(ctx.base)
+    run = PreparedModel.apply(base, plan, describe(base), ExecutionOptions(lora=LoraSection(init_seed=seed)))
+    model = run.peft_model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda")
     steps = s.lora_steps
@@ -351,9 +359,9 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
                 _section(s, rule="cut", budget=s.budget, attention_r=s.uniform_r, mlp_r=s.uniform_r),
                 ctx.cost,
             )
-            prefix.remove()
+            run.frozen_prefix.remove()
             _freeze_below(model, chosen.lowest_adapted_layer, plan.layers_path)
-            prefix = FrozenPrefix(model, plan.layers_path, chosen.lowest_adapted_layer).apply()
+            run.frozen_prefix = FrozenPrefix(model, plan.layers_path, chosen.lowest_adapted_layer).apply()
             extra = {
                 "pilot_step": step,
                 "pilot_layer_change": change,
@@ -383,8 +391,8 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
     result = evaluate(model, ctx.tokenizer, ctx.data, ctx.held_out_rows, s, device)
     curve.append((steps, result["task_loss"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    prefix.remove()
-    del model, optimizer
+    run.undo()
+    del run, model, base, optimizer
     return {
         "arm": arm,
         "seed": seed,

@@ -85,7 +85,7 @@ def study_plans(s: Settings, key: str) -> dict[str, Plan]:
 
 
 def stage_speed(s: Settings, key: str, log) -> dict:
-    from tools.bench_speed import build
+    from tools._common import model_config, random_model
 
     device = torch.device("cuda" if torch.cuda.is_available() and s.device != "cpu" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -100,7 +100,7 @@ def stage_speed(s: Settings, key: str, log) -> dict:
         depths = [int(d) for d in depths.split("+")] if depths else [full]
         measured: dict[str, dict[int, float]] = {}
         for depth in depths:
-            model = build({**table[name], "num_hidden_layers": depth}, device, dtype)
+            model = random_model(model_config(name, depth), dtype=dtype, device=device)
             layout = describe(model)
             batch = random_batch(s.speed_batch, s.speed_seq_len, table[name]["vocab_size"])
             seen: dict[tuple, float] = {}
@@ -131,12 +131,18 @@ def pilot_ratio(after_cut_ratio: float, pilot_fraction: float) -> float:
     return pilot_fraction + (1.0 - pilot_fraction) * after_cut_ratio if math.isfinite(after_cut_ratio) else math.nan
 
 
-def meta_layout(shape: dict):
-    """The layout (module shapes, layer parameters, widths) of a named shape, from a weightless meta model."""
+def meta_layout(shape: str | dict):
+    """The layout (module shapes, layer parameters, widths) of a shape (a name of tools/_common.SHAPES, or its
+    dict), from a weightless meta model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(shape)
-    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    from tools._common import model_config
+
+    if isinstance(shape, str):
+        config = model_config(shape)
+    else:
+        spec = dict(shape)
+        config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return describe(model)
@@ -151,7 +157,7 @@ def production_cost(
     r16's step time as at production scale. The rules then place the cut where the production job would."""
     from aletheia_ds.cost import UNIFORM_RANK, CostModel
 
-    big_layout = meta_layout(shape_table()[shape])
+    big_layout = meta_layout(shape)
     big_report = uniform_report(big_layout)
     big_report.batch_size, big_report.seq_len = batch_size, seq_len
     big = CostModel.analytic(big_report, checkpointing=checkpointing)
