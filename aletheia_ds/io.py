@@ -128,34 +128,56 @@ class OutputLock:
 
     def __init__(self, directory: str | Path, knob: str = "train.output_dir"):
         self.directory, self.knob, self.fd = Path(directory), knob, None
+        self.created_directory = False
 
     def acquire(self) -> "OutputLock":
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, _umask_mode(False))
-        except OSError as err:
-            raise ConfigError(
-                f"{self.knob}: cannot write to {self.directory} ({err.strerror or err}); choose a writable directory"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown process"
+        created = not self.directory.exists()
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown process"
+                os.close(fd)
+                raise ConfigError(
+                    f"{self.knob}: {self.directory} is in use by another run ({holder}); wait for it "
+                    "to end, or choose another output directory"
+                ) from None
+            # the holder before us removes the file as it releases it: a lock taken on that removed file is no
+            # lock, so take it again on the file now at the path
+            try:
+                current = os.stat(self.directory / LOCK_NAME).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
             os.close(fd)
-            raise ConfigError(
-                f"{self.knob}: {self.directory} is in use by another run ({holder}); wait for it "
-                "to end, or choose another output directory"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(
             fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
         )
-        self.fd = fd
+        self.fd, self.created_directory = fd, created
         return self
 
+    def _open(self) -> int:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, _umask_mode(False))
+        except OSError as err:
+            raise ConfigError(
+                f"{self.knob}: cannot write to {self.directory} ({err.strerror or err}); choose a writable directory"
+            ) from None
+
     def release(self) -> None:
+        """Remove the lock file while still holding it, then drop the lock: a job leaves no file of its own
+        behind (and a refused one leaves the directory as it found it); a waiter that opened the removed file
+        notices in `acquire` and takes the lock again on the path's new file."""
         if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock; the file stays (removing it would race a new holder)
+            (self.directory / LOCK_NAME).unlink(missing_ok=True)
+            if self.created_directory:
+                with contextlib.suppress(OSError):
+                    self.directory.rmdir()  # only when empty: a refused run made it and wrote nothing
+            os.close(self.fd)
             self.fd = None
 
     def __enter__(self) -> "OutputLock":

@@ -84,6 +84,25 @@ def test_a_held_output_dir_is_refused_in_one_line_and_a_dead_holder_releases_it(
         assert f"pid {os.getpid()}" in (tmp_path / LOCK_NAME).read_text()
 
 
+def test_a_released_lock_leaves_nothing_and_a_waiter_never_holds_a_removed_file(tmp_path):
+    fresh = tmp_path / "new_run"
+    OutputLock(fresh).acquire().release()  # a run refused right after taking the lock
+    assert not fresh.exists()  # the directory it made, empty, is gone with the lock file
+    kept = tmp_path / "run"
+    kept.mkdir()
+    (kept / "metrics.jsonl").write_text("{}\n")
+    first = OutputLock(kept).acquire()
+    stale = os.open(kept / LOCK_NAME, os.O_RDWR)  # a second job opened the file before the first let go
+    first.release()
+    assert sorted(p.name for p in kept.iterdir()) == ["metrics.jsonl"]
+    second = OutputLock(kept).acquire()  # takes the lock on the file now at the path, not on the removed one
+    assert os.fstat(second.fd).st_ino == os.stat(kept / LOCK_NAME).st_ino != os.fstat(stale).st_ino
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        OutputLock(kept).acquire()
+    second.release()
+    os.close(stale)
+
+
 def test_an_unwritable_output_dir_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=r"^train.output_dir: cannot write to .*file"):
