@@ -323,7 +323,7 @@ def find_resume(ctx, cfg) -> Optional[Checkpoint]:
     # the verdict travels with the checkpoint so that every rank raises together instead of waiting
     found, problem = ctx.broadcast_object((found, problem))
     if problem:
-        raise ConfigError(problem)
+        ctx.raise_together(problem)
     if found is not None:
         found.check_compatible(cfg.model_dump(), ctx.world_size, ctx.ds_config)
     elif cfg.train.resume:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import torch
 import torch.nn as nn
@@ -113,6 +113,7 @@ class DistContext:
     device: torch.device
     ds_config: dict = field(default_factory=dict)
     _hf_ds_config: Any = None  # must stay alive while the model is built and used under ZeRO-3
+    owns_group: bool = False  # this job made the process group (not Ray Train): it tears it down
 
     @property
     def is_main(self) -> bool:
@@ -151,6 +152,15 @@ class DistContext:
     def barrier(self) -> None:
         if self.distributed and self.world_size > 1:
             torch.distributed.barrier()
+
+    def raise_together(self, problem: str) -> NoReturn:
+        """Every rank holds the same verdict (a broadcast one): leave the process group together, then raise the
+        one-line error. Exiting with the group alive can abort in its communication threads and turn the
+        refusal's exit status into a crash's."""
+        if self.distributed and self.owns_group:
+            self.barrier()
+            torch.distributed.destroy_process_group()
+        raise ConfigError(problem)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's value on every rank (e.g. the plan, so every rank attaches the same adapters)."""
@@ -368,7 +378,14 @@ def distributed(cfg: RunConfig, use_deepspeed: bool = True) -> Iterator[DistCont
         _RANK, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dtype = resolve_dtype(cfg.model.dtype, device)
     ds_config = build_ds_config(cfg, world_size, dtype) if use_deepspeed else {}
-    ctx = DistContext(rank=_RANK, world_size=world_size, local_rank=local_rank, device=device, ds_config=ds_config)
+    ctx = DistContext(
+        rank=_RANK,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        ds_config=ds_config,
+        owns_group=owns_group,
+    )
     yield ctx
     # not in `finally`: after a failure on one rank, a collective tear-down would wait on the others
     if ctx.distributed and owns_group:

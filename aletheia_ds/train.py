@@ -179,7 +179,7 @@ def lock_output_dir(ctx: DistContext, cfg: RunConfig):
             problem = str(err)
     problem = ctx.broadcast_object(problem)
     if problem:
-        raise ConfigError(problem)
+        ctx.raise_together(problem)
     try:
         yield
     finally:
@@ -347,7 +347,7 @@ class Run:
                 problem = str(err)
         problem = self.ctx.broadcast_object(problem)
         if problem:
-            raise ConfigError(problem)
+            self.ctx.raise_together(problem)
 
     def _given_report(self) -> ProbeReport:
         path = self.cfg.probe.report
