@@ -159,15 +159,7 @@ def _expert_deltas(adapter: str) -> dict[str, Callable[[torch.Tensor], torch.Ten
         raise ConfigError(f"{path}: cannot read the expert adapter ({type(err).__name__}: {err})") from None
     merges = {}
     for spec in banks:
-        lora = ExpertLoRA(
-            spec["num_experts"],
-            spec["experts"],
-            spec["r"],
-            spec["alpha"],
-            spec["in_features"],
-            spec["out_features"],
-            spec["transposed"],
-        )
+        lora = ExpertLoRA.from_spec(spec)
         with torch.no_grad():
             lora.lora_A.copy_(tensors[f"{spec['parameter']}.lora_A"])
             lora.lora_B.copy_(tensors[f"{spec['parameter']}.lora_B"])

@@ -365,6 +365,22 @@ def add_moe(plan: Plan, report: ProbeReport, settings: PlanSection) -> Plan:
     return plan
 
 
+def new_plan(
+    report: ProbeReport, rule: str, modules: list[PlannedModule], settings: PlanSection, layers: list[int] | None = None
+) -> Plan:
+    """A plan of `modules` on `report`'s model; `layers` default to the modules' layers."""
+    return Plan(
+        rule=rule,
+        num_layers=report.num_layers,
+        layers_path=report.layout["layers_path"],
+        layers=layers if layers is not None else sorted({m.layer for m in modules}),
+        modules=modules,
+        score_captured=captured(report, modules),
+        settings=settings.model_dump(exclude={"plan"}),
+        model=report.model,
+    )
+
+
 def make_plan(report: ProbeReport, settings: PlanSection, cost_model: Optional[CostModel] = None) -> Plan:
     """Apply the configured rule. `cost_model` is used by the budget and cut rules (default: analytic)."""
     report.validate()
@@ -389,17 +405,7 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model: Optional[C
         )
     else:
         raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget, cut, upper or all")
-    modules = modules_for_layers(report, layers, settings)
-    plan = Plan(
-        rule=settings.rule,
-        num_layers=report.num_layers,
-        layers_path=report.layout["layers_path"],
-        layers=layers,
-        modules=modules,
-        score_captured=captured(report, modules),
-        settings=settings.model_dump(exclude={"plan"}),
-        model=report.model,
-    )
+    plan = new_plan(report, settings.rule, modules_for_layers(report, layers, settings), settings, layers)
     plan = add_moe(plan, report, settings)
     if cost_model is not None:
         plan.predicted = cost_model.describe(plan)
@@ -482,16 +488,7 @@ def select_within_budget(report: ProbeReport, settings: PlanSection, cost: CostM
         for m in modules_for_layers(report, layers, settings)
         if (m.layer, m.key) in chosen_keys or (m.layer, "*") in chosen_keys
     ]
-    plan = Plan(
-        rule="budget",
-        num_layers=report.num_layers,
-        layers_path=report.layout["layers_path"],
-        layers=layers,
-        modules=modules,
-        score_captured=captured(report, modules),
-        settings=settings.model_dump(exclude={"plan"}),
-        model=report.model,
-    )
+    plan = new_plan(report, "budget", modules, settings, layers)
     plan.predicted = cost.describe(plan)
     return plan.check()
 
@@ -574,16 +571,7 @@ def _cut_plan(
     cost: CostModel,
     notes: dict,
 ) -> Plan:
-    plan = Plan(
-        rule=rule,
-        num_layers=report.num_layers,
-        layers_path=report.layout["layers_path"],
-        layers=sorted({m.layer for m in modules}),
-        modules=modules,
-        score_captured=captured(report, modules),
-        settings=settings.model_dump(exclude={"plan"}),
-        model=report.model,
-    )
+    plan = new_plan(report, rule, modules, settings)
     plan.predicted = {**cost.describe(plan), **notes}
     return plan
 

@@ -64,6 +64,19 @@ class ExpertLoRA(nn.Module):
         for block in self.lora_A.data:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))  # PEFT's default LoRA A initialisation
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "ExpertLoRA":
+        """From one bank's entry of expert_adapter.json."""
+        return cls(
+            spec["num_experts"],
+            spec["experts"],
+            spec["r"],
+            spec["alpha"],
+            spec["in_features"],
+            spec["out_features"],
+            spec["transposed"],
+        )
+
     def deltas(self) -> torch.Tensor:
         """(n, out, in): each planned expert's update of its linear map."""
         return torch.bmm(self.lora_B, self.lora_A) * self.scaling
@@ -108,15 +121,7 @@ def add_expert_lora(model: nn.Module, parameter: str, spec: dict) -> ExpertLoRA:
             f"expert adapter: {parameter} has shape {list(shape)}, expected ({rows}, ...) for "
             f"{spec['num_experts']} experts"
         )
-    lora = ExpertLoRA(
-        spec["num_experts"],
-        spec["experts"],
-        spec["r"],
-        spec["alpha"],
-        spec["in_features"],
-        spec["out_features"],
-        spec["transposed"],
-    ).to(weight.device)
+    lora = ExpertLoRA.from_spec(spec).to(weight.device)
     parametrize.register_parametrization(owner, name, lora, unsafe=True)
     owner.parametrizations[name].original.requires_grad_(False)
     return lora

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from helpers.families import FAMILIES, random_batches, tiny_model
+from helpers.reports import KINDS, SHAPES
 
 from aletheia_ds.adapters.attach import adapter_modules, attach
 from aletheia_ds.arch import describe
@@ -14,17 +15,6 @@ from aletheia_ds.plan import Plan, make_plan, pilot_plan, rank_levels, span_rank
 from aletheia_ds.probe.hooks import sketch_matrix
 from aletheia_ds.probe.report import LayerScore, ProbeReport
 from aletheia_ds.probe.run import LOWRANK_R, run_probe
-
-SHAPES = {
-    "q_proj": [64, 64],
-    "k_proj": [64, 32],
-    "v_proj": [64, 32],
-    "o_proj": [64, 64],
-    "gate_proj": [64, 128],
-    "up_proj": [64, 128],
-    "down_proj": [128, 64],
-}
-KINDS = {k: ("attention" if k[0] in "qkvo" else "mlp") for k in SHAPES}
 
 
 # ---------------------------------------------------------------- the sketch against autograd
