@@ -93,6 +93,10 @@ class Settings:
     speed_batch: int = 4
     speed_seq_len: int = 1024
     speed_steps: int = 4
+    speed_from_logs: str = field(
+        default="", metadata=_help("logs of an earlier speed stage, comma-separated: its result rebuilt, nothing timed")
+    )
+    speed_device: str = field(default="NVIDIA H200", metadata=_help("the device those logs were timed on"))
 
     def names(self, what: str) -> list[str]:
         return [x for x in getattr(self, what).split(",") if x]

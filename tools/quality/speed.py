@@ -11,6 +11,7 @@ Timing is aletheia_ds.speed.time_plan (attach, frozen prefix, AdamW steps) on ra
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -89,8 +90,46 @@ def study_plans(s: Settings, key: str) -> dict[str, dict]:
     return plans
 
 
+def shape_result(measured: dict[str, dict[int, float]], full: int, depths: list[int]) -> dict:
+    """base/arm -> step seconds per timed depth, projected to the full depth and divided by the base's uniform."""
+    arms = {}
+    for label, by_depth in measured.items():
+        uniform = project(measured[f"{label.split('/')[0]}/uniform"], full)
+        step = project(by_depth, full)
+        arms[label] = {"measured_s": by_depth, "projected_s": step, "ratio_to_uniform": step / uniform}
+    return {"full_layers": full, "depths": depths, "arms": arms}
+
+
+LOG_LINE = re.compile(r"^\s*(?P<shape>\S+) x (?P<depth>\d+) layers: (?P<label>\S+)\s+(?P<ms>[\d.]+) ms/step$")
+
+
+def speed_from_logs(paths: list[str], device: str) -> dict:
+    """The stage's result rebuilt from the lines it logged (`<shape> x <depth> layers: <base/arm> <ms> ms/step`), for
+    a GPU machine whose cache was gone before the JSON was copied off it; the log keeps 0.1 ms."""
+    measured: dict[str, dict[str, dict[int, float]]] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if found := LOG_LINE.match(line):
+                by_label = measured.setdefault(found["shape"], {})
+                by_label.setdefault(found["label"], {})[int(found["depth"])] = float(found["ms"]) / 1000
+    if not measured:
+        raise SystemExit(f"speed: no timing lines in {paths}")
+    table = shape_table()
+    result = {"device": device, "shapes": {}, "rebuilt_from_logs": [Path(p).name for p in paths]}
+    for name, by_label in measured.items():
+        depths = sorted({d for by_depth in by_label.values() for d in by_depth})
+        result["shapes"][name] = shape_result(by_label, table[name]["num_hidden_layers"], depths)
+    return result
+
+
 def stage_speed(s: Settings, key: str, log) -> dict:
     from tools._common import model_config, random_model
+
+    if s.speed_from_logs:
+        result = speed_from_logs(s.names("speed_from_logs"), s.speed_device)
+        write_json_atomic(Path(s.cache) / f"speed-{key}.json", result)
+        log(f"speed: {', '.join(result['shapes'])} from {s.speed_from_logs}")
+        return result
 
     device = torch.device("cuda" if torch.cuda.is_available() and s.device != "cpu" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -121,13 +160,7 @@ def stage_speed(s: Settings, key: str, log) -> dict:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        arms = {}
-        for label, by_depth in measured.items():
-            base = label.split("/")[0]
-            uniform = project(measured[f"{base}/uniform"], full)
-            step = project(by_depth, full)
-            arms[label] = {"measured_s": by_depth, "projected_s": step, "ratio_to_uniform": step / uniform}
-        result["shapes"][name] = {"full_layers": full, "depths": depths, "arms": arms}
+        result["shapes"][name] = shape_result(measured, full, depths)
     write_json_atomic(Path(s.cache) / f"speed-{key}.json", result)
     return result
 
