@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from aletheia_ds.arch import describe
 from aletheia_ds.cost import lora_step_flops_per_token
-from aletheia_ds.data import collate, load_examples, load_tokenizer, pack
+from aletheia_ds.data import IGNORE, Example, collate, load_examples, load_tokenizer
 from aletheia_ds.dist import held_parameter_elements, peak_host_rss_gib
 from aletheia_ds.io import write_json_atomic
 
@@ -56,6 +56,23 @@ def arguments(argv=None):
     parser.add_argument("--cpu", action="store_true", help="CPU ranks over gloo, float32")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     return parser.parse_args(argv)
+
+
+def chunked_rows(examples, seq_len: int) -> list[Example]:
+    """Every example's tokens one after another, cut into rows of exactly seq_len (the last partial row dropped):
+    the peers' packing (transformers' run_clm `group_texts`, LLaMA-Factory's pre-training packing), so each step
+    carries micro_batch x seq_len tokens whatever the examples' lengths. Position ids run on across examples as
+    theirs do; an example's first token is not predicted from the one before it."""
+    ids: list[int] = []
+    labels: list[int] = []
+    rows = []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += [IGNORE, *ex.labels[1:]]
+        while len(ids) >= seq_len:
+            rows.append(Example(ids[:seq_len], labels[:seq_len], None))
+            ids, labels = ids[seq_len:], labels[seq_len:]
+    return rows
 
 
 class StepTimer(TrainerCallback):
@@ -178,11 +195,7 @@ def run(args) -> dict:
         accelerator_config={"use_configured_state": not cuda},
     )
     tokenizer = load_tokenizer(args.tokenizer)
-    rows = [
-        ex
-        for ex in pack(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
-        if len(ex.input_ids) == args.seq_len
-    ]  # full rows only: every step carries the same tokens
+    rows = chunked_rows(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
     if len(rows) < args.micro_batch * world:  # fewer than the steps need is fine: the Trainer runs more epochs
         raise SystemExit(
             f"error: --train: {len(rows)} rows of {args.seq_len} tokens, one step needs {args.micro_batch * world}"
