@@ -272,6 +272,11 @@ class LoraSection(Section):
     )
     dropout: Share = Field(0.0, description="lora_dropout")
     init_seed: Seed = Field(0, description="seed for the adapter's initial weights (same on every rank)")
+    expert_forward: Literal["routed", "peft"] = Field(
+        "routed",
+        description="expert LoRA on fused banks: routed (on each planned expert's routed tokens, grouped GEMM) "
+        "or peft (PEFT's whole-bank W + BA each step); same saved adapter",
+    )
 
 
 class TrainSection(Section):

@@ -1,7 +1,7 @@
 """deepspeed --num_gpus 2 tools/peer_trainer.py --model M --train D --ds-config ds_configs/peer_zero3_stock.json --out O
 
 The peer stack, as LLaMA-Factory and axolotl run it underneath: transformers `Trainer` + PEFT `LoraConfig`
-(every decoder layer, r16, alpha 32, every attention/MLP linear) + DeepSpeed ZeRO-3 through
+(every decoder layer, r16, alpha 32, every attention/MLP linear and MoE expert bank) + DeepSpeed ZeRO-3 through
 `TrainingArguments(deepspeed=...)`. The model directory holds config.json only: the random weights are built
 under zero.Init by transformers' own HfDeepSpeedConfig path (TrainingArguments with a ZeRO-3 config first,
 then `from_config`). The data is the job's: the shipped tokenizer, packed to --seq-len (aletheia_ds.data), one
@@ -210,6 +210,14 @@ def run(args) -> dict:
     held, total = held_parameter_elements(model)
     layout = describe(model)
     targets = sorted({t.path.rsplit(".", 1)[-1] for targets in layout.layer_targets for t in targets})
+    # MoE: every expert bank through PEFT's target_parameters (what PEFT turns the peers' expert projection
+    # names into on transformers 5), and the MoE blocks as ZeRO-3 leaves, as LLaMA-Factory sets them
+    # (model/model_utils/moe.py add_z3_leaf_module)
+    banks = [f"{layout.layers_path}.{i}.{b.path}" for i, _, _ in layout.iter_moe(model) for b in layout.moe[i].banks]
+    if banks:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, layout.moe_block_classes(model))
     model = get_peft_model(
         model,
         LoraConfig(
@@ -219,6 +227,7 @@ def run(args) -> dict:
             lora_dropout=0.0,
             bias="none",
             target_modules=targets,
+            target_parameters=banks or None,
         ),
     )
 
