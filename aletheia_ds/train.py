@@ -63,7 +63,7 @@ from .execution import ExecutionOptions, PrefixCache, PrefixCacheError, Prepared
 from .io import OutputLock, save_safetensors_atomic, write_json_atomic
 from .kernels import resolve_liger
 from .metrics import check_backends, open_metrics
-from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model
+from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model, model_type
 from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
 from .probe.report import ProbeReport
@@ -248,6 +248,7 @@ class Run:
     stop_signal: StopSignal = field(default_factory=StopSignal)
     _fingerprints: Optional[dict] = None
     observer: RunObserver = field(default_factory=RunObserver)
+    liger: bool = False  # train.liger as resolved for this model and device
 
     # ---------------------------------------------------------------- setup
     @classmethod
@@ -262,6 +263,7 @@ class Run:
             cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.data.chat_template
         )
         check_vocabulary(cfg.model, tokenizer)
+        liger = resolve_liger(cfg.train.liger, ctx.device.type, model_type(cfg.model))  # refused before any work
         log = print0
         load = data_mod.load_examples
         if cfg.data.cache_dir:  # tokenize once per node (or per job), memory-map on every rank
@@ -312,7 +314,9 @@ class Run:
         )
         observer = observer or RunObserver()
         observer.started(ctx, model)
-        run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, observer=observer)
+        run = cls(
+            ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, observer=observer, liger=liger
+        )
         held, total = held_parameter_elements(model)
         run.results.seconds["build"] = build_seconds
         run.results.peak_memory_gib["build"] = ctx.peak_memory_gib()
@@ -509,8 +513,7 @@ class Run:
                 "train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
                 "layers while gathering parameters collectively); use ZeRO stage 0-2"
             )
-        liger = resolve_liger(train.liger, self.ctx.device.type, self.layout.family)
-        print0(f"liger kernels: {'on' if liger else 'off'} (train.liger={str(train.liger).lower()})")
+        print0(f"liger kernels: {'on' if self.liger else 'off'} (train.liger={str(train.liger).lower()})")
         # adapter dtype left to PEFT: the DeepSpeed engine casts the trainable parameters itself; checkpointing
         # set again here because the probe switched its own off
         return ExecutionOptions(
@@ -520,7 +523,7 @@ class Run:
             prefix_cache=prefix_cache,
             compile_layers=train.compile,
             no_recompute_layers=train.no_recompute_layers if isinstance(train.no_recompute_layers, int) else 0,
-            liger=liger,
+            liger=self.liger,
             gather=self.ctx.gathered if self.ctx.zero3 else None,
         )
 
@@ -542,7 +545,9 @@ class Run:
             kv_heads * head_dim,
             self.cfg.train.micro_batch_size * self.cfg.data.seq_len,
             torch.finfo(resolve_dtype(self.cfg.model.dtype, self.ctx.device)).bits // 8,
-            max(sum(m.r for m in self.training.plan.modules if m.layer == layer) for layer in self.training.plan.layers),
+            max(
+                sum(m.r for m in self.training.plan.modules if m.layer == layer) for layer in self.training.plan.layers
+            ),
         )
         total = torch.cuda.get_device_properties(self.ctx.device).total_memory
         free = total * 0.95 - max(peaks) * 2**30  # 5% of the device left to the allocator's fragmentation
