@@ -295,7 +295,7 @@ class TrainSection(Section):
     max_grad_norm: FiniteNonNegative = Field(1.0, description="gradient clipping (0: off)")
     seed: Seed = Field(42, description="data order and dropout seed")
     gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
-    no_recompute_layers: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+    no_recompute_layers: Union[int, Literal["auto"]] = Field(
         0,
         description="with gradient_checkpointing: the top N adapted layers keep their activations instead of "
         "recomputing them (0: every adapted layer recomputes); auto: after the first step, as many as the GPU "
@@ -348,6 +348,13 @@ class TrainSection(Section):
     @classmethod
     def _report_to(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))  # each backend once
+
+    @field_validator("no_recompute_layers")
+    @classmethod
+    def _no_recompute_layers(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be >= 0 or auto, got {v}")
+        return v
 
     @field_validator("resume")
     @classmethod

@@ -514,6 +514,9 @@ class Run:
                 "layers while gathering parameters collectively); use ZeRO stage 0-2"
             )
         print0(f"liger kernels: {'on' if self.liger else 'off'} (train.liger={str(train.liger).lower()})")
+        no_recompute = train.no_recompute_layers if isinstance(train.no_recompute_layers, int) else 0
+        if train.gradient_checkpointing and no_recompute:
+            print0(f"recompute: the top {no_recompute} adapted layers keep their activations")
         # adapter dtype left to PEFT: the DeepSpeed engine casts the trainable parameters itself; checkpointing
         # set again here because the probe switched its own off
         return ExecutionOptions(
@@ -522,7 +525,7 @@ class Run:
             frozen_prefix=train.frozen_prefix,
             prefix_cache=prefix_cache,
             compile_layers=train.compile,
-            no_recompute_layers=train.no_recompute_layers if isinstance(train.no_recompute_layers, int) else 0,
+            no_recompute_layers=no_recompute,
             liger=self.liger,
             gather=self.ctx.gathered if self.ctx.zero3 else None,
         )
