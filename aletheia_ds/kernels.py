@@ -86,6 +86,8 @@ class LigerKernels:
         return self
 
     def _gather_head_in_loss(self) -> None:
+        if not self.fused_loss:
+            return  # the head's own forward runs, and its ZeRO-3 hooks gather it
         model, gather = self.model, self.gather
         head = model.get_output_embeddings()
         fused = model.forward  # liger's forward, bound to the instance
@@ -99,10 +101,7 @@ class LigerKernels:
                     return fused(*args, **kwargs)
             return fused(*args, **kwargs)
 
-        saved = next((changed for module, changed in self._attributes if module is model), None)
-        if saved is None:
-            self._attributes.append((model, {"forward": _MISSING}))
-        model.forward = forward
+        model.forward = forward  # replaces liger's instance forward, which remove() already pops
 
     @property
     def fused_loss(self) -> bool:
