@@ -14,6 +14,7 @@ from aletheia_ds.launchers.deepspeed import rank_env
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.timeout(1200)  # four job arms in two calls
 def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     out = tmp_path / "scale"
     cmd = [
