@@ -503,7 +503,7 @@ def main() -> None:
         )
     )
     for arm in args.arms:
-        run_dir = out / arm
+        run_dir = arm_dir(out, arm)
         run_dir.mkdir(exist_ok=True)
         peer = arm in PEER_ARMS
         for stale in run_dir.glob("failed_rank*.json"):
