@@ -309,7 +309,8 @@ class TrainSection(Section):
     liger: Union[bool, Literal["auto"]] = Field(
         "auto",
         description="Liger kernels (pip install 'aletheia-ds[liger]'): fused linear cross-entropy, RMSNorm, SwiGLU, "
-        "RoPE, for llama/mistral/qwen2/qwen3; auto: on when installed, on CUDA, for those families",
+        "RoPE, for llama/mistral/qwen2/qwen3; auto: on when installed, on CUDA, for those families, not under ZeRO-3 "
+        "(there true applies it without the fused loss)",
     )
     frozen_prefix: bool = Field(True, description="run layers below the lowest adapted layer under no_grad")
     compile: bool = Field(False, description="torch.compile the adapted layers (ZeRO stage 0-2)")

@@ -254,8 +254,7 @@ class ExecutionOptions:
     # under checkpointing, the top N adapted layers keep their activations (no recompute); PreparedModel.set_recompute
     no_recompute_layers: int = 0
     liger: bool = False  # Liger kernels (kernels.LigerKernels); train.liger resolved by kernels.resolve_liger
-    # ZeRO-3: gathers partitioned weights read outside their module's forward (liger's fused loss reads the LM head)
-    gather: Optional[Callable] = None
+    partitioned: bool = False  # ZeRO-3 partitions the weights: liger without its fused loss (kernels.py)
 
 
 @dataclass
@@ -290,7 +289,7 @@ class PreparedModel:
         options, base = self.options, self.base
         self.lowest_adapted_layer = lowest_adapted_layer
         if options.liger:
-            self.liger = LigerKernels(base, options.gather).apply()
+            self.liger = LigerKernels(base, partitioned=options.partitioned).apply()
         if options.adapter_dtype is not None:
             for name, p in self.peft_model.named_parameters():
                 if "lora_" in name:

@@ -7,17 +7,18 @@ prepared for one configuration runs plainly again afterwards (execution.Prepared
 
 Fused linear cross-entropy never forms the logits: in a training forward with labels it computes the loss and
 the hidden states' gradient chunk by chunk from the LM head's weight, which it reads directly rather than through
-the head's forward. Under ZeRO-3 that weight is a partitioned stub outside the head's own forward, so `apply`
-takes a `gather` (DistContext.gathered) and holds the weight whole for that forward only: the gradient is
-already computed there, so backward needs no gathered head at all.
+the head's forward. Under ZeRO-3 that weight is a partitioned stub outside the head's own forward; holding it
+gathered around the whole forward (GatheredParameters) failed on 2 H200s at 72B widths ("Cannot free a ZeRO-3
+parameter while it is still active in submodules": the engine's hooks gather and release the head themselves).
+So under ZeRO-3 (`partitioned=True`) the fused loss is left out and the other kernels are applied; `auto` does not
+switch liger on there at all until that combination is measured (`resolve_liger`).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import sys
-from typing import Callable, ContextManager, Optional, Union
+from typing import Union
 
 import torch.nn as nn
 
@@ -35,9 +36,10 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve_liger(setting: Union[bool, str], device_type: str, family: str) -> bool:
-    """train.liger as this run will use it: `auto` is on where it can be, `true` where it cannot is refused."""
-    if setting is False:
+def resolve_liger(setting: Union[bool, str], device_type: str, family: str, zero3: bool = False) -> bool:
+    """train.liger as this run will use it: `auto` is on where it can be (not under ZeRO-3, see the module's
+    docstring), `true` where it cannot is refused."""
+    if setting is False or (setting == "auto" and zero3):
         return False
     if family not in LIGER_FAMILIES:
         problem = f"model type {family!r} is not one it patches here ({', '.join(LIGER_FAMILIES)})"
@@ -55,9 +57,9 @@ def resolve_liger(setting: Union[bool, str], device_type: str, family: str) -> b
 class LigerKernels:
     """Liger's patch of one transformers model (the CausalLM, not a PeftModel around it), undoable."""
 
-    def __init__(self, model: nn.Module, gather: Optional[Callable[[list], ContextManager]] = None):
+    def __init__(self, model: nn.Module, partitioned: bool = False):
         self.model = model
-        self.gather = gather  # ZeRO-3: DistContext.gathered; None when nothing is partitioned
+        self.partitioned = partitioned  # ZeRO-3: no fused loss (it would read the partitioned head directly)
         self._attributes: list[tuple[nn.Module, dict]] = []
         self._globals: dict[str, object] = {}
         self._modeling = None
@@ -68,7 +70,9 @@ class LigerKernels:
         modeling = sys.modules[type(self.model).__module__]
         globals_before = dict(vars(modeling))
         before = [(m, dict(vars(m))) for m in self.model.modules()]
-        _apply_liger_kernel_to_instance(model=self.model)
+        _apply_liger_kernel_to_instance(
+            model=self.model, **({"fused_linear_cross_entropy": False} if self.partitioned else {})
+        )
         # liger swaps module globals (the RoPE function, the norm and MLP classes) and binds methods and settings on
         # instances; what it changed is recorded here, so remove() restores exactly that and nothing else
         self._modeling = modeling
@@ -81,27 +85,7 @@ class LigerKernels:
             changed = {k: saved.get(k, _MISSING) for k, v in vars(module).items() if saved.get(k, _MISSING) is not v}
             if changed:
                 self._attributes.append((module, changed))
-        if self.gather is not None:
-            self._gather_head_in_loss()
         return self
-
-    def _gather_head_in_loss(self) -> None:
-        if not self.fused_loss:
-            return  # the head's own forward runs, and its ZeRO-3 hooks gather it
-        model, gather = self.model, self.gather
-        head = model.get_output_embeddings()
-        fused = model.forward  # liger's forward, bound to the instance
-
-        @functools.wraps(fused)
-        def forward(*args, **kwargs):
-            # liger skips the logits (and reads the head's weight directly) exactly when training with labels;
-            # otherwise it calls the head's forward, whose own ZeRO-3 hooks gather it
-            if model.training and kwargs.get("labels") is not None:
-                with gather([head.weight]):
-                    return fused(*args, **kwargs)
-            return fused(*args, **kwargs)
-
-        model.forward = forward  # replaces liger's instance forward, which remove() already pops
 
     @property
     def fused_loss(self) -> bool:

@@ -263,7 +263,9 @@ class Run:
             cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.data.chat_template
         )
         check_vocabulary(cfg.model, tokenizer)
-        liger = resolve_liger(cfg.train.liger, ctx.device.type, model_type(cfg.model))  # refused before any work
+        liger = resolve_liger(
+            cfg.train.liger, ctx.device.type, model_type(cfg.model), ctx.zero3
+        )  # refused before any work
         log = print0
         load = data_mod.load_examples
         if cfg.data.cache_dir:  # tokenize once per node (or per job), memory-map on every rank
@@ -527,7 +529,7 @@ class Run:
             compile_layers=train.compile,
             no_recompute_layers=no_recompute,
             liger=self.liger,
-            gather=self.ctx.gathered if self.ctx.zero3 else None,
+            partitioned=self.ctx.zero3,
         )
 
     def choose_no_recompute(self) -> None:

@@ -40,7 +40,7 @@ def test_training_path_on_one_gpu_zero2_bf16_compiled(tmp_path):
 
 
 def test_liger_fused_loss_under_zero3_matches_unfused(tmp_path):
-    """The job on one GPU under ZeRO-3 (the LM head partitioned: its weight is an empty stub outside a gather),
+    """The job on one GPU under ZeRO-3 (liger applied without its fused loss there: kernels.py),
     train.liger=true against false from the same probe and plan: the same losses step by step, within bf16."""
     pytest.importorskip("liger_kernel")
     model_dir = save_tiny_llama(tmp_path / "model", layers=6, family="qwen2")
