@@ -97,6 +97,12 @@ class RunObserver:
     def finished(self, results: dict) -> None:
         """The adapter and eval.json are written."""
 
+    def watch_stop(self, stop_signal: StopSignal) -> None:
+        """Training starts: from here a stop request ends the job after the current step, with a checkpoint.
+        `stop_signal` already takes SIGTERM when the job runs in the process's main thread; a launcher that runs
+        it elsewhere (Ray Train: a worker thread, where Python takes no signals) or that is told to stop through
+        its own channel (`ray job stop`) calls `stop_signal.request()` itself."""
+
 
 class NonFiniteGuard:
     """train.nan_policy: a step whose loss or gradient norm is not finite is never applied.
@@ -154,12 +160,16 @@ class StopSignal:
         self.received_at: Optional[float] = None  # time.monotonic() of the first SIGTERM
 
     def install(self) -> None:
-        # Python delivers signals to the main thread only; a job run in a worker thread (Ray Train) keeps the
-        # default, and its launcher's own restart-from-checkpoint applies
+        # Python delivers signals to the main thread only; for a job run in a worker thread (Ray Train) the
+        # launcher relays them (RunObserver.watch_stop)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._received)
 
     def _received(self, signum, frame) -> None:
+        self.request()
+
+    def request(self) -> None:
+        """Stop after the current step, as on SIGTERM (a later request keeps the first one's time)."""
         if self.received_at is None:
             self.received_at = time.monotonic()
 
@@ -571,6 +581,7 @@ class Run:
         )
         self.steps_done = start_step
         self.stop_signal.install()
+        self.observer.watch_stop(self.stop_signal)
 
     def remaining_steps(self) -> range:
         """The 0-based steps still to run: all of them, or those after the checkpoint resumed from."""
@@ -646,7 +657,9 @@ class Run:
         if self.last_checkpoint is not None and self.last_checkpoint.name == step_name(done):
             saved = f"checkpoint {self.last_checkpoint}"
         elif waited + self.last_save_seconds <= grace:
-            saved = f"checkpoint {self.save(done, self.training.total_steps, self.training.plan, self.training.guard)}"
+            checkpoint = self.save(done, self.training.total_steps, self.training.plan, self.training.guard)
+            self.observer.step({"step": done}, checkpoint)  # Ray Train resumes from the checkpoints it was told of
+            saved = f"checkpoint {checkpoint}"
         else:
             saved = (
                 f"no checkpoint: {grace - waited:.0f} s of train.stop_grace_s={grace:g} left, the last save took "
