@@ -391,7 +391,9 @@ class Run:
                 checkpointing = cfg.train.gradient_checkpointing
             self.ctx.reset_peak_memory()
             passes = len(data_mod.shard_indices(len(batches), self.ctx.rank, self.ctx.world_size))
-            progress = Progress("probe", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
+            # the batches are dealt over the ranks and the bar is rank 0's: it says whose batches it counts
+            share = f", rank 0 of {self.ctx.world_size}" if self.ctx.world_size > 1 else ""
+            progress = Progress(f"probe{share}", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
             with self.ctx.probe_session(self.model) as forward:
                 report = run_probe(
                     self.model,
@@ -411,7 +413,8 @@ class Run:
             report.model_fingerprint = fingerprint_digest(model_fingerprint(self.cfg.model))
             self.results.seconds["probe"] = report.seconds
             self.results.peak_memory_gib["probe"] = self.ctx.peak_memory_gib()
-            print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
+            dealt = f" over {self.ctx.world_size} ranks ({passes} on rank 0)" if self.ctx.world_size > 1 else ""
+            print0(f"probe: {len(batches)} batches{dealt}, {report.tokens} tokens, {report.seconds:.2f} s")
         write_json0(out_path or self.out / "probe.json", report.to_json())
         return report
 
