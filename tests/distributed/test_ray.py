@@ -207,7 +207,7 @@ def test_ray_job_stop_or_sigterm_to_a_worker_checkpoints_exits_75_and_resumes_ex
         f"stopped: SIGTERM: stopped after step 3 of 8; checkpoint {run / 'checkpoints' / 'step-00000003'}; "
         "resume with --resume auto"
     ], text[-6000:]
-    assert "Traceback" not in text and not (run / "eval.json").exists()
+    assert not our_tracebacks(text) and not (run / "eval.json").exists(), text[-6000:]
 
     # 2. the same job again resumes there; SIGTERM to one worker process in step 5 stops both, the driver exits 75
     log = tmp_path / "stopped-2.log"
@@ -221,7 +221,7 @@ def test_ray_job_stop_or_sigterm_to_a_worker_checkpoints_exits_75_and_resumes_ex
         f"stopped: SIGTERM: stopped after step 5 of 8; checkpoint {run / 'checkpoints' / 'step-00000005'}; "
         "resume with --resume auto"
     ], text[-6000:]
-    assert "failed with exit code 75" in text and "Traceback" not in text, text[-6000:]
+    assert "failed with exit code 75" in text and not our_tracebacks(text), text[-6000:]
 
     # 3. and again: it finishes, equal to the uninterrupted job bit for bit
     proc = cluster.submit(args, timeout=400)
@@ -264,6 +264,16 @@ def release_once_stop_seen(job, pause, log, timeout: float = 120.0):
 
 def stopped_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("stopped:")]
+
+
+def our_tracebacks(text: str) -> list[str]:
+    """Tracebacks of the driver or of a training worker (Ray's own actors log theirs, e.g. about other Ray
+    instances on this machine)."""
+    return [
+        line
+        for line in text.splitlines()
+        if "Traceback" in line and (line.startswith("Traceback") or "RayTrainWorker pid=" in line)
+    ]
 
 
 def test_cluster_too_small_is_one_line_not_a_hang(cluster, model_dir, tmp_path):
