@@ -263,7 +263,8 @@ def release_once_stop_seen(job, pause, log, timeout: float = 120.0):
 
 
 def stopped_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("stopped:")]
+    """The driver's stop lines (`ray job submit` prints a failed job's last lines a second time)."""
+    return sorted({line for line in text.splitlines() if line.startswith("stopped:")})
 
 
 def our_tracebacks(text: str) -> list[str]:
