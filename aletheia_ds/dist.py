@@ -351,10 +351,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 # Notices a user of aletheia_ds cannot act on: DeepSpeed calls collectives that torch deprecates (a notice on every
-# step), and PEFT reads an attribute that transformers deprecates
+# step); PEFT reads, and the probe and execution.py call, transformers' gradient-checkpointing methods, which
+# transformers 5.2x renames to activation_checkpointing_* (the old names are the ones older releases know)
 LIBRARY_NOTICES = (
     r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
-    r"`is_gradient_checkpointing` is deprecated",
+    r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated",
 )
 
 

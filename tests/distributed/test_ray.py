@@ -182,6 +182,7 @@ def _base_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
 
 
+@pytest.mark.timeout(1800)  # four Ray jobs, each starting its worker group (about 7 min on a quiet 2-core machine)
 def test_ray_job_stop_or_sigterm_to_a_worker_checkpoints_exits_75_and_resumes_exactly(cluster, model_dir, tmp_path):
     from safetensors.torch import load_file
 
