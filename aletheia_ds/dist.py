@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Optional
@@ -348,6 +350,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+# Notices a user of aletheia_ds cannot act on: DeepSpeed calls collectives that torch deprecates (a notice on every
+# step); PEFT reads, and the probe and execution.py call, transformers' gradient-checkpointing methods, which
+# transformers 5.2x renames to activation_checkpointing_* (the old names are the ones older releases know)
+LIBRARY_NOTICES = (
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+    r"`(is_gradient_checkpointing|gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated",
+)
+
+
+def quiet_library_notices() -> None:
+    for message in LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 @contextlib.contextmanager
 def distributed(cfg: RunConfig, use_deepspeed: bool = True) -> Iterator[DistContext]:
     """Process-group set-up and tear-down around one job (gloo on CPU, nccl on GPU).
@@ -366,10 +382,14 @@ def distributed(cfg: RunConfig, use_deepspeed: bool = True) -> Iterator[DistCont
         device = torch.device("cpu")
     backend = "nccl" if device.type == "cuda" else "gloo"
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    quiet_library_notices()
     if use_deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend)
+        # on CPU DeepSpeed prints "deepspeed_shm_comm_op built successfully" here on every run; a failed build
+        # still raises
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=backend)
     elif int(os.environ["WORLD_SIZE"]) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend)
     if torch.distributed.is_initialized():

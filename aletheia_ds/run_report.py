@@ -100,7 +100,8 @@ def _save(fig, out: Path) -> Path:
 
 
 def _model_name(report: ProbeReport) -> str:
-    return Path(report.model).name or "model"
+    # the last two parts of the path: a checkout's model directory is often just "model" (examples/tiny/model)
+    return "/".join(Path(report.model).parts[-2:]) or "model"
 
 
 def plot_probe(report: ProbeReport, plan: Plan | None, out: Path) -> Path:
@@ -117,7 +118,7 @@ def plot_probe(report: ProbeReport, plan: Plan | None, out: Path) -> Path:
         [str(i) for i in range(report.num_layers)],
         fontsize=8 if report.num_layers <= 40 else 6,
     )
-    title = f"{_model_name(report)}: {report.batches} probe batches, {report.tokens} tokens"
+    title = f"probe layer scores of {_model_name(report)}: {report.batches} batches, {report.tokens} tokens"
     if plan:
         title += f"\norange: plan '{plan.rule}' ({len(plan.layers)} layers, {plan.score_captured:.0%} of energy)"
     ax.set_title(title, fontsize=9)
@@ -139,21 +140,27 @@ def module_grid(report: ProbeReport) -> tuple[list[str], list[list[float]]]:
 
 
 def plot_probe_heatmap(report: ProbeReport, out: Path) -> Path:
-    """Layer x module heat map of the probe's module scores."""
+    """Layer x module heat map of the probe's module scores, on a log colour scale: the scores of one model span
+    orders of magnitude (q/k projections far below the MLP's), which a linear scale paints all black."""
     import numpy as np
+    from matplotlib.colors import LogNorm
 
     plt = _pyplot()
     keys, grid = module_grid(report)
     data = np.array(grid, dtype=float)
+    positive = data[np.isfinite(data) & (data > 0)]
+    # a zero score (a module no gradient reached) has no place on a log scale: drawn blank, like a missing one
+    data = np.where(data > 0, data, np.nan)
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
     fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(keys) + 3), max(4, 0.3 * report.num_layers + 2)))
-    im = ax.imshow(data, aspect="auto", cmap="magma", origin="lower")
+    im = ax.imshow(data, aspect="auto", cmap="magma", origin="lower", norm=norm)
     ax.set_xticks(range(len(keys)), keys, rotation=35, ha="right", fontsize=8)
     step = max(1, report.num_layers // 32)
     ax.set_yticks(range(0, report.num_layers, step), [str(i) for i in range(0, report.num_layers, step)], fontsize=8)
     ax.set_xlabel("module")
     ax.set_ylabel("decoder layer")
     ax.set_title(
-        f"{_model_name(report)}: probe module scores, {report.batches} batches, {report.tokens} tokens", fontsize=9
+        f"probe module scores of {_model_name(report)}: {report.batches} batches, {report.tokens} tokens", fontsize=9
     )
     bar = fig.colorbar(im, ax=ax)
     bar.set_label(NORM + " (RMS over probe batches)", fontsize=9)
@@ -212,6 +219,8 @@ def plan_rows(plan: Plan) -> list[dict]:
 def plot_plan(plan: Plan, report: ProbeReport | None, out: Path) -> Path:
     """The layer stack, embeddings at the bottom: adapted layers coloured and labelled with their ranks, the
     frozen prefix shaded, and the line where backward stops (the lowest adapted layer)."""
+    from matplotlib.transforms import blended_transform_factory
+
     plt = _pyplot()
     n = plan.num_layers
     scores = report.layer_scores() if report else [1.0] * n
@@ -231,22 +240,25 @@ def plot_plan(plan: Plan, report: ProbeReport | None, out: Path) -> Path:
             edgecolor="black" if adapted else "none",
             linewidth=0.5,
         )
-        if adapted:
-            ax.text(scores[i] / top + 0.01, i, labels[i], va="center", fontsize=7)
+    # the ranks in a column right of the axes, so the x axis spans the scores (0 to 1) and nothing else
+    beside = blended_transform_factory(ax.transAxes, ax.transData)
+    for layer, label in labels.items():
+        ax.text(1.02, layer, label, va="center", fontsize=7, transform=beside, clip_on=False)
     ax.axhline(lowest - 0.5, color="tab:red", lw=1.5, ls="--")
     below = f"; layers 0-{lowest - 1}: frozen prefix, no backward" if lowest > 0 else "; every layer gets backward"
     ax.text(
-        1.73,
+        0.01,
         lowest - 0.6,
         f"backward stops here (lowest adapted layer {lowest}){below}",
-        ha="right",
+        ha="left",
         va="top",
         fontsize=8,
         color="tab:red",
+        transform=beside,
         bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1),
     )
     ax.set_ylim(-1.5, n - 0.3)
-    ax.set_xlim(0, 1.75)
+    ax.set_xlim(0, 1.0)
     step = max(1, n // 32)
     ax.set_yticks(range(0, n, step), [str(i) for i in range(0, n, step)], fontsize=8)
     ax.set_ylabel("decoder layer (0: next to the embeddings)")
@@ -264,16 +276,10 @@ def plot_plan(plan: Plan, report: ProbeReport | None, out: Path) -> Path:
     )
     from matplotlib.patches import Patch
 
-    fig.legend(
-        handles=[
-            Patch(color="tab:orange", label="adapted (ranks written)"),
-            Patch(color="lightgray", label="frozen"),
-            Patch(color="tab:blue", alpha=0.15, label="frozen prefix (no_grad)"),
-        ],
-        loc="lower center",
-        ncol=3,
-        fontsize=8,
-    )
+    handles = [Patch(color="tab:orange", label="adapted (ranks written)"), Patch(color="lightgray", label="frozen")]
+    if lowest > 0:
+        handles.append(Patch(color="tab:blue", alpha=0.15, label="frozen prefix (no_grad)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.tight_layout(rect=(0, 0.3 / fig.get_figheight(), 1, 1))
     return _save(fig, out)
 
@@ -313,10 +319,13 @@ def plot_loss(metrics_path: Path, out: Path, results: Optional[RunResults] = Non
             label="training loss (mean over the step's micro-batches)",
         )
     if held_out:
+        # before and after alone are two measurements, not a curve: a joining line only between evaluations
+        # during training (train.eval_every)
         ax.plot(
             [s for s, _ in held_out],
             [v for _, v in held_out],
-            "o--",
+            marker="o",
+            ls="--" if len(held_out) > 2 else "none",
             color="tab:orange",
             ms=5,
             label="held-out loss (step 0: before training)",

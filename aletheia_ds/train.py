@@ -98,6 +98,12 @@ class RunObserver:
     def finished(self, results: dict) -> None:
         """The adapter and eval.json are written."""
 
+    def watch_stop(self, stop_signal: StopSignal) -> None:
+        """Training starts: from here a stop request ends the job after the current step, with a checkpoint.
+        `stop_signal` already takes SIGTERM when the job runs in the process's main thread; a launcher that runs
+        it elsewhere (Ray Train: a worker thread, where Python takes no signals) or that is told to stop through
+        its own channel (`ray job stop`) calls `stop_signal.request()` itself."""
+
 
 class NonFiniteGuard:
     """train.nan_policy: a step whose loss or gradient norm is not finite is never applied.
@@ -155,12 +161,16 @@ class StopSignal:
         self.received_at: Optional[float] = None  # time.monotonic() of the first SIGTERM
 
     def install(self) -> None:
-        # Python delivers signals to the main thread only; a job run in a worker thread (Ray Train) keeps the
-        # default, and its launcher's own restart-from-checkpoint applies
+        # Python delivers signals to the main thread only; for a job run in a worker thread (Ray Train) the
+        # launcher relays them (RunObserver.watch_stop)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._received)
 
     def _received(self, signum, frame) -> None:
+        self.request()
+
+    def request(self) -> None:
+        """Stop after the current step, as on SIGTERM (a later request keeps the first one's time)."""
         if self.received_at is None:
             self.received_at = time.monotonic()
 
@@ -388,7 +398,9 @@ class Run:
                 checkpointing = cfg.train.gradient_checkpointing
             self.ctx.reset_peak_memory()
             passes = len(data_mod.shard_indices(len(batches), self.ctx.rank, self.ctx.world_size))
-            progress = Progress("probe", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
+            # the batches are dealt over the ranks and the bar is rank 0's: it says whose batches it counts
+            share = f", rank 0 of {self.ctx.world_size}" if self.ctx.world_size > 1 else ""
+            progress = Progress(f"probe{share}", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
             with self.ctx.probe_session(self.model) as forward:
                 report = run_probe(
                     self.model,
@@ -408,7 +420,8 @@ class Run:
             report.model_fingerprint = fingerprint_digest(model_fingerprint(self.cfg.model))
             self.results.seconds["probe"] = report.seconds
             self.results.peak_memory_gib["probe"] = self.ctx.peak_memory_gib()
-            print0(f"probe: {len(batches)} batches, {report.tokens} tokens, {report.seconds:.2f} s")
+            dealt = f" over {self.ctx.world_size} ranks ({passes} on rank 0)" if self.ctx.world_size > 1 else ""
+            print0(f"probe: {len(batches)} batches{dealt}, {report.tokens} tokens, {report.seconds:.2f} s")
         write_json0(out_path or self.out / "probe.json", report.to_json())
         return report
 
@@ -617,6 +630,7 @@ class Run:
         )
         self.steps_done = start_step
         self.stop_signal.install()
+        self.observer.watch_stop(self.stop_signal)
 
     def remaining_steps(self) -> range:
         """The 0-based steps still to run: all of them, or those after the checkpoint resumed from."""
@@ -694,7 +708,9 @@ class Run:
         if self.last_checkpoint is not None and self.last_checkpoint.name == step_name(done):
             saved = f"checkpoint {self.last_checkpoint}"
         elif waited + self.last_save_seconds <= grace:
-            saved = f"checkpoint {self.save(done, self.training.total_steps, self.training.plan, self.training.guard)}"
+            checkpoint = self.save(done, self.training.total_steps, self.training.plan, self.training.guard)
+            self.observer.step({"step": done}, checkpoint)  # Ray Train resumes from the checkpoints it was told of
+            saved = f"checkpoint {checkpoint}"
         else:
             saved = (
                 f"no checkpoint: {grace - waited:.0f} s of train.stop_grace_s={grace:g} left, the last save took "

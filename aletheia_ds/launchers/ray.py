@@ -15,14 +15,19 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlparse
 
-from ..config import ConfigError, RunConfig, TrainingError, exit_code, load_config
+from ..config import ConfigError, RunConfig, Stopped, TrainingError, exit_code, load_config
 from ..io import write_json_atomic
+
+if TYPE_CHECKING:
+    from ..train import StopSignal
 
 # config keys holding local paths: the driver makes them absolute, the workers run in other directories
 PATH_KEYS = (
@@ -164,8 +169,64 @@ def check_cluster_fits(cfg: RunConfig, scaling, address: str) -> None:
         print(f"ray: {', '.join(busy)} in use by other work; the job starts when enough is free", flush=True)
 
 
+class StopRelay:
+    """The job's stop channel (a Ray actor the driver owns). Python takes signals in the main thread only, and Ray
+    Train runs each worker's loop in a thread of its own, so a stop asked of the driver (`ray job stop`, a
+    scheduler's SIGTERM) reaches the workers through `request`/`wait`; the stopped workers leave their last line
+    and exit status here for the driver."""
+
+    def __init__(self):
+        import asyncio
+
+        self.requested = asyncio.Event()
+        self.outcome: Optional[tuple[str, int]] = None
+
+    async def request(self) -> None:
+        self.requested.set()
+
+    async def wait(self) -> None:
+        """Returns once a stop is requested (each worker keeps one call waiting)."""
+        await self.requested.wait()
+
+    async def stopped(self, message: str, status: int) -> None:
+        self.outcome = (message, status)
+
+    async def result(self) -> Optional[tuple[str, int]]:
+        return self.outcome
+
+
+def relay_sigterm(relay) -> None:
+    """The driver's SIGTERM (what `ray job stop` and schedulers send) asks the workers to stop after their step
+    with a checkpoint, instead of ending the driver, which would take the workers down with it."""
+
+    def on_sigterm(signum, frame) -> None:
+        print("ray: SIGTERM: every worker stops after its current step and writes a checkpoint", flush=True)
+        relay.request.remote()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def stop_wait_note(cfg: RunConfig) -> Optional[str]:
+    """`ray job stop` SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (the job supervisor reads it
+    from the job's runtime_env, as the driver does): a line when that leaves no time for the checkpoint."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # not a `ray job submit` job: no job supervisor
+        return None
+    try:
+        wait_s = float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "3"))  # Ray's default
+    except ValueError:
+        return None
+    if wait_s >= cfg.train.stop_grace_s:
+        return None
+    return (
+        f"ray: `ray job stop` kills this job {wait_s:g} s after its SIGTERM (RAY_JOB_STOP_WAIT_TIME_S), too soon "
+        f'for a checkpoint; submit with --runtime-env-json \'{{"env_vars": {{"RAY_JOB_STOP_WAIT_TIME_S": '
+        f'"{cfg.train.stop_grace_s:g}"}}}}\' to stop within train.stop_grace_s'
+    )
+
+
 def fit(cfg: RunConfig) -> Any:
-    """Run the job on the cluster; returns Ray Train's Result."""
+    """Run the job on the cluster; returns Ray Train's Result. A job told to stop (SIGTERM to the driver or to a
+    worker) ends with its checkpoint and raises Stopped (exit 75)."""
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import is_v2_enabled
@@ -200,16 +261,22 @@ def fit(cfg: RunConfig) -> Any:
             "continues from the newest (another ray.name starts afresh)",
             flush=True,
         )
+    note = stop_wait_note(cfg)
+    if note:
+        print(note, flush=True)
     # Ray Train would send each line a worker prints to its log and to stdout; the job's log shows it twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # passed on to the workers by Ray Train
+    relay = ray.remote(num_cpus=0)(StopRelay).remote()
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "stop_relay": relay},
         scaling_config=scaling,
         run_config=run_config,
     )
+    previous = signal.getsignal(signal.SIGTERM)
+    relay_sigterm(relay)
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         failures = getattr(err, "worker_failures", None) or {}
         for failure in failures.values():
@@ -217,11 +284,18 @@ def fit(cfg: RunConfig) -> Any:
             if isinstance(failure, (ConfigError, TrainingError)):
                 raise failure from None
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stopped = ray.get(relay.result.remote())
+    if stopped:
+        raise Stopped(*stopped)
+    return result
 
 
 def cli(argv: Optional[list[str]] = None) -> int:
     """Entry for launch/ray_train.py, with launch/train.py's exit codes: 0 when the run finished, 2 with one
-    line for bad input or an unreachable or too small cluster, 3 for a training error (non-finite loss), 1 for
+    line for bad input or an unreachable or too small cluster, 3 for a training error (non-finite loss), 75 for a
+    job stopped by SIGTERM (to the driver, as `ray job stop` sends it, or to a worker) after its checkpoint, 1 for
     any other failure of the workers (Ray has printed their tracebacks)."""
     try:
         cfg = for_ray(load_config(sys.argv[1:] if argv is None else argv), Path.cwd())
@@ -255,9 +329,11 @@ class RayObserver:
 
     keeps_checkpoints = True  # CheckpointConfig(num_to_keep=train.keep_last) deletes the old ones
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, stop_relay: Any = None):
         self.out = out
         self.note: dict[str, Any] = {}
+        self.stop_relay = stop_relay
+        self.done = threading.Event()  # training ended: the thread waiting on the relay returns
 
     def started(self, ctx, model) -> None:
         import ray
@@ -323,7 +399,54 @@ class RayObserver:
     def finished(self, results: dict) -> None:
         import ray.train
 
+        self.done.set()
         ray.train.report({"stage": "done", **results})
+
+    def watch_stop(self, stop_signal: "StopSignal") -> None:
+        """SIGTERM to this worker process, or a stop relayed from the driver, sets `stop_signal`: every rank then
+        ends its step and the ranks write a checkpoint together (Run.stop_if_asked)."""
+        import ray
+
+        global _WORKER_STOP
+        _WORKER_STOP = stop_signal
+        # Ray's own handler in the worker's main thread would end the process (a worker failure, which Ray Train
+        # retries from an older checkpoint); that thread is the actor's, and only it may install another:
+        # __ray_call__ runs a function there as an actor method (Ray's compiled graphs use it the same way)
+        ray.get(ray.get_runtime_context().current_actor.__ray_call__.remote(_take_sigterm))
+        if self.stop_relay is not None:
+            threading.Thread(target=self._wait_for_stop, args=(stop_signal,), daemon=True, name="stop-relay").start()
+
+    def _wait_for_stop(self, stop_signal: "StopSignal") -> None:
+        import ray
+
+        asked = self.stop_relay.wait.remote()
+        while not self.done.is_set():
+            ready, _ = ray.wait([asked], timeout=1.0)
+            if ready:
+                ray.get(asked)  # raises instead when the driver (the relay's owner) is gone
+                stop_signal.request()
+                return
+
+    def stopped(self, stop: Stopped) -> None:
+        """Every rank stopped after the same step with a checkpoint; rank 0 leaves the line for the driver."""
+        import ray
+
+        self.done.set()
+        if self.note.get("rank") == 0 and self.stop_relay is not None:
+            ray.get(self.stop_relay.stopped.remote(str(stop), stop.status))
+
+
+_WORKER_STOP: Optional["StopSignal"] = None  # the stop flag of the job this worker process trains
+
+
+def _take_sigterm(actor: Any) -> None:
+    """Run in the worker actor's main thread: SIGTERM only raises the job's stop flag."""
+
+    def on_sigterm(signum, frame) -> None:
+        if _WORKER_STOP is not None:
+            _WORKER_STOP.request()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def worker_loop(config: dict) -> None:
@@ -342,4 +465,9 @@ def worker_loop(config: dict) -> None:
         import ray.train.torch
 
         os.environ["LOCAL_RANK"] = str(ray.train.torch.get_device().index)
-    main(cfg, RayObserver(Path(cfg.train.output_dir)))
+    observer = RayObserver(Path(cfg.train.output_dir), config.get("stop_relay"))
+    try:
+        main(cfg, observer)
+    except Stopped as stop:
+        # returned, not raised: Ray Train would retry a failed worker group, and this job was told to stop
+        observer.stopped(stop)

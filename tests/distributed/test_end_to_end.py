@@ -19,7 +19,10 @@ def test_probe_plan_train_export(tmp_path, variant):
     out = tmp_path / "run"
     if variant == "zero3_two_ranks":
         cfg = tiny_run_config(model_dir, out)
-        run_train(cfg, tmp_path, nprocs=2)
+        proc = run_train(cfg, tmp_path, nprocs=2)
+        # 3 probe batches dealt over 2 ranks: rank 0's progress lines count its 2, and the summary says so
+        assert "probe: 3 batches over 2 ranks (2 on rank 0), " in proc.stdout, proc.stdout[-3000:]
+        assert "\nprobe, rank 0 of 2 2/2 " in proc.stdout, proc.stdout[-3000:]
     else:
         cfg = tiny_run_config(
             model_dir,
@@ -28,7 +31,11 @@ def test_probe_plan_train_export(tmp_path, variant):
             data={"packing": True},
             deepspeed={"config": str(ROOT / "ds_configs/zero2.json")},
         )
-        run_train(cfg, tmp_path, nprocs=0)
+        proc = run_train(cfg, tmp_path, nprocs=0)
+    # nothing the user cannot act on: torch's and transformers' deprecation notices about calls DeepSpeed and PEFT
+    # make (one per step before), DeepSpeed's note that it built its CPU communication op
+    assert "FutureWarning" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert "built successfully" not in proc.stdout, proc.stdout[-3000:]
 
     # 1. probe: the sharded run equals one process on the same batches
     probe = json.loads((out / "probe.json").read_text())

@@ -182,6 +182,102 @@ def _base_model(model_dir):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
 
 
+@pytest.mark.timeout(1800)  # four Ray jobs, each starting its worker group (about 7 min on a quiet 2-core machine)
+def test_ray_job_stop_or_sigterm_to_a_worker_checkpoints_exits_75_and_resumes_exactly(cluster, model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    config = ray_config(model_dir, tmp_path)
+    config["train"].update(max_steps=8, save_every=4, keep_last=2)
+    reference = tmp_path / "storage" / "whole"
+    proc = cluster.submit(["--config", str(write_config(config, tmp_path)), "ray.name=whole"], timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    args = ["--config", str(write_config(config, tmp_path)), "ray.name=stopped"]
+    run = tmp_path / "storage" / "stopped"
+
+    # 1. `ray job stop` while the workers are in step 3: SIGTERM to the driver, relayed to the workers; Ray gives
+    #    the driver RAY_JOB_STOP_WAIT_TIME_S (from the job's runtime_env) before its SIGKILL
+    log = tmp_path / "stopped-1.log"
+    wait = {"RAY_JOB_STOP_WAIT_TIME_S": "300"}
+    job, pause = start_paused(cluster, args, run, log, after_step=3, submission_id="stop-by-driver", env_vars=wait)
+    cluster.stop("stop-by-driver")
+    release_once_stop_seen(job, pause, log)
+    job.wait(timeout=300)
+    text = log.read_text()
+    assert "ray: SIGTERM: every worker stops after its current step and writes a checkpoint" in text, text[-6000:]
+    assert stopped_lines(text) == [
+        f"stopped: SIGTERM: stopped after step 3 of 8; checkpoint {run / 'checkpoints' / 'step-00000003'}; "
+        "resume with --resume auto"
+    ], text[-6000:]
+    assert not our_tracebacks(text) and not (run / "eval.json").exists(), text[-6000:]
+
+    # 2. the same job again resumes there; SIGTERM to one worker process in step 5 stops both, the driver exits 75
+    log = tmp_path / "stopped-2.log"
+    job, pause = start_paused(cluster, args, run, log, after_step=5)
+    os.kill(read_notes(run)[1]["pid"], signal.SIGTERM)
+    release_once_stop_seen(job, pause, log)
+    job.wait(timeout=300)
+    text = log.read_text()
+    assert f"resume: {run / 'checkpoints' / 'step-00000003'}, step 3 of 8" in text, text[-6000:]
+    assert stopped_lines(text) == [
+        f"stopped: SIGTERM: stopped after step 5 of 8; checkpoint {run / 'checkpoints' / 'step-00000005'}; "
+        "resume with --resume auto"
+    ], text[-6000:]
+    assert "failed with exit code 75" in text and not our_tracebacks(text), text[-6000:]
+
+    # 3. and again: it finishes, equal to the uninterrupted job bit for bit
+    proc = cluster.submit(args, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert f"resume: {run / 'checkpoints' / 'step-00000005'}, step 5 of 8" in proc.stdout
+    rows, want = read_jsonl(run / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [(r["loss"], r["lr"]) for r in rows] == [(r["loss"], r["lr"]) for r in want]
+    got, expected = (json.loads((d / "eval.json").read_text()) for d in (run, reference))
+    assert got["eval_loss_after"] == expected["eval_loss_after"]
+    tensors, ref_tensors = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (run, reference))
+    assert tensors.keys() == ref_tensors.keys() and all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
+
+
+def start_paused(cluster, args, run, log, after_step, **job):
+    """The job submitted with every worker waiting after step `after_step` (until the pause file is removed)."""
+    pause = log.with_suffix(".pause")
+    pause.touch()
+    job_proc = cluster.start(
+        [str(pause), str(after_step), *args], log, script="tests/workers/ray_pause_between_steps.py", **job
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and job_proc.poll() is None:
+        rows = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        if rows and rows[-1]["step"] == after_step:
+            return job_proc, pause
+        time.sleep(0.2)
+    raise AssertionError(f"the job did not reach step {after_step}:\n{log.read_text()[-4000:]}")
+
+
+def release_once_stop_seen(job, pause, log, timeout: float = 120.0):
+    """Let the paused workers go on once the stop request has reached one of them."""
+    seen = pause.with_name(pause.name + ".stop-seen")
+    deadline = time.monotonic() + timeout
+    while not seen.exists():
+        assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.1)
+    pause.unlink()
+
+
+def stopped_lines(text: str) -> list[str]:
+    """The driver's stop lines (`ray job submit` prints a failed job's last lines a second time)."""
+    return sorted({line for line in text.splitlines() if line.startswith("stopped:")})
+
+
+def our_tracebacks(text: str) -> list[str]:
+    """Tracebacks of the driver or of a training worker (Ray's own actors log theirs, e.g. about other Ray
+    instances on this machine)."""
+    return [
+        line
+        for line in text.splitlines()
+        if "Traceback" in line and (line.startswith("Traceback") or "RayTrainWorker pid=" in line)
+    ]
+
+
 def test_cluster_too_small_is_one_line_not_a_hang(cluster, model_dir, tmp_path):
     # through `ray job submit`: the driver's line reaches the submitter, the job fails
     config = ray_config(model_dir, tmp_path, num_workers=3)

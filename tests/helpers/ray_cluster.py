@@ -52,35 +52,50 @@ class LocalRay:
     head: subprocess.Popen
     worker_env: dict
 
-    def submit_cmd(self, args: list[str]) -> list[str]:
-        """`ray job submit --working-dir <repo> -- python launch/ray_train.py ARGS` (it waits for the job)."""
+    def submit_cmd(self, args: list[str], script: str = "launch/ray_train.py", **job) -> list[str]:
+        """`ray job submit --working-dir <repo> -- python SCRIPT ARGS` (it waits for the job); `job`:
+        submission_id, env_vars (added to the workers' environment)."""
+        env_vars = {**self.worker_env, **job.get("env_vars", {})}
+        submission = ["--submission-id", job["submission_id"]] if job.get("submission_id") else []
         return [
             os.path.join(VENV_BIN, "ray"),
             "job",
             "submit",
             "--address",
             self.dashboard_url,
+            *submission,
             "--working-dir",
             str(ROOT),
             "--runtime-env-json",
-            json.dumps({"env_vars": self.worker_env}),
+            json.dumps({"env_vars": env_vars}),
             "--",
             "python",
-            "launch/ray_train.py",
+            script,
             *args,
         ]
 
-    def submit(self, args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    def submit(self, args: list[str], timeout: int, **job) -> subprocess.CompletedProcess:
         return subprocess.run(
-            self.submit_cmd(args), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
+            self.submit_cmd(args, **job), cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def start(self, args: list[str], log: Path) -> subprocess.Popen:
+    def start(self, args: list[str], log: Path, **job) -> subprocess.Popen:
         """The job submitted in the background; its output goes to `log`."""
         with log.open("w") as handle:
             return subprocess.Popen(
-                self.submit_cmd(args), cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, text=True
+                self.submit_cmd(args, **job), cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, text=True
             )
+
+    def stop(self, submission_id: str) -> None:
+        """`ray job stop --no-wait`: SIGTERM to the job's driver (Ray SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S later)."""
+        subprocess.run(
+            [os.path.join(VENV_BIN, "ray"), "job", "stop", "--no-wait", "--address", self.dashboard_url, submission_id],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
 
 def cluster_env(token: str) -> dict:

@@ -74,3 +74,30 @@ def test_ray_section_errors_name_the_knob(override, match):
     with pytest.raises(ConfigError, match=match) as info:
         load_config([override])
     assert "\n" not in str(info.value)
+
+
+def test_the_readmes_ray_command_runs_on_what_a_fresh_clone_holds(tmp_path):
+    """`--working-dir .` uploads what git tracks, and a fresh clone has no generated weights: the README's tiny
+    Ray job must find every file it names there and build its model without them."""
+    import contextlib
+    import shutil
+    import subprocess
+
+    import torch
+    from helpers.ranks import ROOT
+
+    from aletheia_ds.model import has_weights, load_model
+
+    command = "python launch/ray_train.py --config launch/configs/tiny_ray.yaml"
+    assert command in (ROOT / "README.md").read_text()
+    tracked = subprocess.run(
+        ["git", "ls-files", "launch", "examples", "ds_configs"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in tracked:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, tmp_path / name)
+    cfg = for_ray(load_config(["--config", str(tmp_path / "launch/configs/tiny_ray.yaml")]), tmp_path)
+    cfg.require_paths()  # what the driver checks before any worker starts
+    assert not has_weights(cfg.model.path)
+    model = load_model(cfg.model, torch.float32, torch.device("cpu"), contextlib.nullcontext)  # what a worker builds
+    assert sum(p.numel() for p in model.parameters()) > 0
