@@ -55,6 +55,21 @@ def tiny_lm(vocab_size: int, layers: int = 4, seed: int = 0):
     return model.eval()
 
 
+def cut_plan(model, lowest: int):
+    """(layout, plan) adapting the layers from `lowest` up; the ones below form the frozen prefix."""
+    from aletheia_ds.arch import describe
+    from aletheia_ds.config import PlanSection
+    from aletheia_ds.plan import make_plan
+    from helpers.reports import fake_report
+
+    layout = describe(model)
+    scores = [0.1 if i < lowest else 5.0 + i for i in range(layout.num_layers)]
+    top = 100.0 * (layout.num_layers - lowest) / layout.num_layers
+    plan = make_plan(fake_report(layout, scores), PlanSection(top_pct=top, attention_r=4, mlp_r=8))
+    assert plan.lowest_adapted_layer == lowest
+    return layout, plan
+
+
 def set_adapter_weights(peft_model, seed: int = 7, scale: float = 0.05) -> None:
     """Seeded non-zero LoRA factors (PEFT starts B at zero, where policy = reference and DPO is trivial);
     the same values for the same parameter names on any model."""

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from helpers.reports import fake_report
 from helpers.trl_reference import (
     PREFERENCES as PREFS,
 )
 from helpers.trl_reference import (
+    cut_plan,
     preference_batch,
     set_adapter_weights,
     tiny_lm,
@@ -23,11 +23,10 @@ from helpers.trl_reference import (
 
 from aletheia_ds.adapters.attach import attach
 from aletheia_ds.arch import describe
-from aletheia_ds.config import ConfigError, PlanSection, load_config
+from aletheia_ds.config import ConfigError, load_config
 from aletheia_ds.data import IGNORE, PreferencePair, Tokenize, collate, load_examples
 from aletheia_ds.execution import ExecutionOptions, prepared
 from aletheia_ds.objectives import Objective, reward_metrics, sequence_logps
-from aletheia_ds.plan import make_plan
 from aletheia_ds.probe.run import run_probe
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # torch.allclose
@@ -37,16 +36,6 @@ APPROX = dict(rel=1e-5, abs=1e-6)  # pytest.approx, the same bounds
 @pytest.fixture(scope="module")
 def tok():
     return tokenizer()
-
-
-def cut_plan(model, lowest: int):
-    """A plan adapting the layers from `lowest` up (the ones below form the frozen prefix)."""
-    layout = describe(model)
-    scores = [0.1 if i < lowest else 5.0 + i for i in range(layout.num_layers)]
-    top = 100.0 * (layout.num_layers - lowest) / layout.num_layers
-    plan = make_plan(fake_report(layout, scores), PlanSection(top_pct=top, attention_r=4, mlp_r=8))
-    assert plan.lowest_adapted_layer == lowest
-    return layout, plan
 
 
 def ours(model, layout, plan, batch, objective, shared_prefix=True):
