@@ -343,6 +343,18 @@ class TrainSection(Section):
         "stop", description="non-finite loss/grad norm: stop (keep the last checkpoint) or skip that update"
     )
     max_nan_skips: ZeroOrMore = Field(10, description="skipped steps allowed under nan_policy=skip, then stop")
+    objective: Literal["sft", "dpo", "simpo"] = Field(
+        "sft",
+        description="sft: next-token loss; dpo (reference: the base with the adapters off) or simpo (no reference) "
+        "on {prompt, chosen, rejected} rows, as TRL computes them (docs/PREFERENCE.md)",
+    )
+    beta: float = Field(
+        0.1, gt=0, allow_inf_nan=False, description="dpo/simpo: TRL's beta (DPO: KL strength; SimPO: reward scale)"
+    )
+    simpo_gamma: FiniteNonNegative = Field(0.5, description="simpo: TRL's simpo_gamma, the target reward margin")
+    cpo_alpha: FiniteNonNegative = Field(
+        0.0, description="simpo: weight of the chosen rows' NLL (TRL's cpo_alpha; its default 1.0 is CPO-SimPO)"
+    )
     stop_grace_s: FiniteNonNegative = Field(
         120.0,
         description="seconds the scheduler allows between SIGTERM and the kill (SLURM KillWait, Kubernetes "
@@ -476,6 +488,22 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     ray: RaySection = Field(default_factory=RaySection)
+
+    @model_validator(mode="after")
+    def _preference_data_path(self) -> "RunConfig":
+        # pairs are two rows that must stay side by side in one batch; these paths handle single rows only
+        if self.train.objective != "sft":
+            for knob, on in (
+                ("data.packing", self.data.packing),
+                ("data.cache_dir", self.data.cache_dir),
+                ("train.prefix_cache", self.train.prefix_cache),
+            ):
+                if on:
+                    raise ConfigError(
+                        f"{knob}: not supported with train.objective={self.train.objective} (preference pairs); "
+                        f"unset {knob} or use train.objective=sft"
+                    )
+        return self
 
     def require_paths(self) -> None:
         """Checks that need the file system, done once at start-up rather than at parse time."""

@@ -4,6 +4,9 @@ Formats, detected per row (one format per file):
   {"text": str}                          loss on every token
   {"prompt": str, "completion": str}     loss on the completion only
   {"messages": [{"role", "content"}]}    loss on assistant turns; the tokenizer's chat template when it has one
+  {"prompt", "chosen", "rejected"}       a preference pair (train.objective dpo/simpo): strings, or chat messages
+                                         (prompt: the conversation so far; chosen/rejected: the assistant turns);
+                                         two rows, loss on each completion only (PreferencePair)
 Sources: JSONL (read here line by line so errors can name the line), parquet, a `datasets` directory
 (saved with `save_to_disk`), both read through `datasets`; with data.cache_dir, aletheia_ds.data_cache reads
 every source through `datasets` instead. Several sources are interleaved by weight (`mixture`); packed rows
@@ -46,8 +49,30 @@ class Example:
     position_ids: Optional[list[int]] = None  # packed rows only: restarting at 0 where each example starts
 
 
+@dataclass
+class PreferencePair:
+    """One {prompt, chosen, rejected} row: prompt + chosen and prompt + rejected, prompt tokens labelled IGNORE."""
+
+    chosen: Example
+    rejected: Example
+
+
 class DataError(ConfigError):
     pass
+
+
+def truncate(example: Example | PreferencePair, seq_len: int) -> Example | PreferencePair:
+    """The first seq_len tokens (of each side of a pair)."""
+    if isinstance(example, PreferencePair):
+        return PreferencePair(truncate(example.chosen, seq_len), truncate(example.rejected, seq_len))
+    return Example(example.input_ids[:seq_len], example.labels[:seq_len])
+
+
+def has_loss_tokens(example: Example | PreferencePair) -> bool:
+    """A label to predict past the first token (on both sides of a pair: a side without one has no log-prob)."""
+    if isinstance(example, PreferencePair):
+        return has_loss_tokens(example.chosen) and has_loss_tokens(example.rejected)
+    return any(label != IGNORE for label in example.labels[1:])
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -108,6 +133,8 @@ def read_rows(source: str | Path) -> list[tuple[str, dict]]:
 
 
 def row_format(row: dict, where: str) -> str:
+    if "chosen" in row or "rejected" in row:
+        return "preference"
     if "messages" in row:
         return "messages"
     if "prompt" in row or "completion" in row:
@@ -140,6 +167,25 @@ def _string(row: dict, key: str, where: str, allow_empty: bool = False) -> str:
     return _check_unicode(value, key, where)
 
 
+def _checked_messages(messages, where: str, field: str = "messages") -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: {field!r} must be a non-empty list of {{role, content}}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {field}[{i}] must be {{'role': str, 'content': str}}")
+        _check_unicode(m["role"], f"{field}[{i}].role", where)
+        _check_unicode(m["content"], f"{field}[{i}].content", where)
+        if m["role"] not in CHAT_ROLES:
+            # an unknown role would be rendered as text, and a misspelt "assistant" silently drops its turn
+            # from the loss
+            close = difflib.get_close_matches(m["role"], CHAT_ROLES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise DataError(
+                f"{where}: {field}[{i}].role {m['role'][:40]!r} is not one of {', '.join(CHAT_ROLES)}{hint}"
+            )
+    return messages
+
+
 class Tokenize:
     """Row -> Example for one tokenizer; knows BOS/EOS and the chat template."""
 
@@ -151,7 +197,9 @@ class Tokenize:
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
 
-    def __call__(self, row: dict, where: str, fmt: str) -> Example:
+    def __call__(self, row: dict, where: str, fmt: str) -> Example | PreferencePair:
+        if fmt == "preference":
+            return self._preference(row, where)
         if fmt == "text":
             ids = self._ids(_string(row, "text", where), True) + self.eos
             return Example(ids, list(ids))
@@ -175,23 +223,51 @@ class Tokenize:
             ids += self._ids("assistant: ", not ids)
         return ids
 
-    def _messages(self, row: dict, where: str) -> Example:
-        messages = row.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}")
-            _check_unicode(m["role"], f"messages[{i}].role", where)
-            _check_unicode(m["content"], f"messages[{i}].content", where)
-            if m["role"] not in CHAT_ROLES:
-                # an unknown role would be rendered as text, and a misspelt "assistant" silently drops its turn
-                # from the loss
-                close = difflib.get_close_matches(m["role"], CHAT_ROLES, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
+    def _preference(self, row: dict, where: str) -> PreferencePair:
+        """TRL's explicit-prompt preference rows: all three fields strings, or all three chat messages."""
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in row:
                 raise DataError(
-                    f"{where}: messages[{i}].role {m['role'][:40]!r} is not one of {', '.join(CHAT_ROLES)}{hint}"
+                    f"{where}: a preference row needs prompt, chosen and rejected; {key!r} is missing"
+                    + (" (put the shared conversation start in 'prompt')" if key == "prompt" else "")
                 )
+        if isinstance(row["prompt"], str):
+            prompt = self._ids(_string(row, "prompt", where, allow_empty=True), True)
+            sides = [self._ids(_string(row, key, where), False) + self.eos for key in ("chosen", "rejected")]
+            return PreferencePair(*(Example(prompt + side, [IGNORE] * len(prompt) + side) for side in sides))
+        if not isinstance(row["prompt"], list):
+            raise DataError(
+                f"{where}: field 'prompt' must be a string or a list of chat messages, "
+                f"got {type(row['prompt']).__name__}"
+            )
+        prompt_messages = _checked_messages(row["prompt"], where, "prompt")
+        pair = []
+        for key in ("chosen", "rejected"):
+            if not isinstance(row[key], list):
+                raise DataError(
+                    f"{where}: field {key!r} must be chat messages like 'prompt', got {type(row[key]).__name__}"
+                )
+            side = _checked_messages(row[key], where, key)
+            if any(m["role"] != "assistant" for m in side):
+                raise DataError(f"{where}: {key!r} must hold assistant turns only (the conversation goes in 'prompt')")
+            try:
+                prompt = self._render(prompt_messages, True)
+                full = self._render(prompt_messages + side, False)
+            except Exception as err:  # jinja2 TemplateError (raise_exception in the template), TypeError, ...
+                message = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                raise DataError(
+                    f"{where}: the tokenizer's chat template rejects this conversation ({message})"
+                ) from None
+            if full[: len(prompt)] != prompt:
+                raise DataError(
+                    f"{where}: the chat template does not render the prompt as the start of the conversation; "
+                    "convert the data to string prompt/chosen/rejected"
+                )
+            pair.append(Example(full, [IGNORE] * len(prompt) + full[len(prompt) :]))
+        return PreferencePair(*pair)
+
+    def _messages(self, row: dict, where: str) -> Example:
+        messages = _checked_messages(row.get("messages"), where)
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: messages has no assistant turn to learn from")
         try:
@@ -239,11 +315,11 @@ def load_examples(
                 f"{where}: row is {row_format(row, where)} but the file started as {fmt}; use one format per file"
             )
         ex = tokenize(row, where, fmt)
-        cut = Example(ex.input_ids[:seq_len], ex.labels[:seq_len])
-        if sum(label != IGNORE for label in cut.labels[1:]) == 0:
+        cut = truncate(ex, seq_len)
+        if not has_loss_tokens(cut):
             dropped += 1
             continue
-        truncated += len(ex.input_ids) > seq_len
+        truncated += max(len(side.input_ids) for side in _sides(ex)) > seq_len
         examples.append(cut)
     if truncated:
         log(f"data: {source}: truncated {truncated} of {seen} rows to data.seq_len={seq_len} tokens")
@@ -255,6 +331,10 @@ def load_examples(
     if not examples:
         raise DataError(f"{source}: no usable rows: every row's loss tokens fall past data.seq_len={seq_len}")
     return examples
+
+
+def _sides(example: Example | PreferencePair) -> tuple[Example, ...]:
+    return (example.chosen, example.rejected) if isinstance(example, PreferencePair) else (example,)
 
 
 def example_lengths(examples: Sequence[Example]) -> list[int]:
@@ -309,7 +389,11 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     """Right-pad to the longest example; pad labels are IGNORE and the attention mask is 0 there.
 
     Packed rows also carry `position_ids`; a row's padding restarts at 0 too, so it forms a block of its own.
+    Preference pairs become 2B rows, TRL's layout: the chosen sides, then the rejected ones
+    (aletheia_ds.objectives reads them so).
     """
+    if isinstance(examples[0], PreferencePair):
+        examples = [pair.chosen for pair in examples] + [pair.rejected for pair in examples]
     width = max(len(ex.input_ids) for ex in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -467,7 +551,7 @@ def fingerprint(examples: Sequence[Example]) -> str:
     from array import array
 
     digest = hashlib.sha256()
-    for ex in examples:
+    for ex in (side for example in examples for side in _sides(example)):
         digest.update(array("q", [len(ex.input_ids)]).tobytes())
         digest.update(array("q", ex.input_ids).tobytes())
         digest.update(array("q", ex.labels).tobytes())

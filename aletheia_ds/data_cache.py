@@ -90,6 +90,8 @@ class _TokenizeBatch:
     """datasets.map function (picklable for num_proc workers): rows -> input_ids, labels; dropped rows emptied."""
 
     def __init__(self, tokenizer, seq_len: int, source: str, fmt: str):
+        if fmt == "preference":  # two rows per example: the Arrow table holds one
+            raise DataError(f"{source}: preference rows (prompt/chosen/rejected) are read without data.cache_dir")
         self.tokenize, self.seq_len, self.source, self.fmt = Tokenize(tokenizer, seq_len), seq_len, source, fmt
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:

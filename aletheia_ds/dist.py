@@ -193,8 +193,11 @@ class DistContext:
         yield
 
     @contextlib.contextmanager
-    def probe_session(self, model: nn.Module) -> Iterator[Callable[[dict], torch.Tensor]]:
-        """Yields forward(batch) -> loss on the frozen model, with ZeRO-3 parameter fetching when needed.
+    def probe_session(
+        self, model: nn.Module, loss_of: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None
+    ) -> Iterator[Callable[[dict], torch.Tensor]]:
+        """Yields forward(batch) -> loss on the frozen model, with ZeRO-3 parameter fetching when needed;
+        `loss_of(module, batch)` computes it (default: the model's own token loss).
 
         Under ZeRO-3 an optimizer-less DeepSpeed engine installs the fetch/release hooks; it is destroyed
         afterwards (its hooks removed) so that the training engine can be created once the adapters are
@@ -212,6 +215,8 @@ class DistContext:
 
         def forward(batch: dict) -> torch.Tensor:
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            if loss_of is not None:
+                return loss_of(module, batch)
             return module(**batch, use_cache=False).loss
 
         try:

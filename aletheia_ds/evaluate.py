@@ -26,8 +26,10 @@ def held_out_loss(
     rank: int = 0,
     world_size: int = 1,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    weight: Callable[[dict], int] = predicted_tokens,
 ) -> float:
-    """`forward(batch)` returns the model's mean token loss; batches are dealt round-robin over ranks."""
+    """`forward(batch)` returns the model's mean token loss (or the mean of what `weight(batch)` counts: pairs
+    for a preference loss); batches are dealt round-robin over ranks."""
     if not batches:
         return float("nan")
     totals = torch.zeros(2, dtype=torch.float64)
@@ -35,7 +37,7 @@ def held_out_loss(
         batch = batches[0 if index is None else index]
         loss = forward(batch)  # every rank runs the pass: ZeRO-3 gathers collectively
         if index is not None:
-            count = predicted_tokens(batch)
+            count = weight(batch)
             totals += torch.tensor([float(loss) * count, count], dtype=torch.float64)
     totals = all_reduce_sum(totals)
     return float(totals[0] / totals[1])

@@ -2,7 +2,7 @@
 
 `prepared(model, plan, layout, options)` attaches the plan's adapters and applies what `ExecutionOptions`
 asks for (adapter dtype, checkpointing of the adapted span or of its lower part, frozen prefix, prefix cache,
-compiled span, Liger kernels);
+shared prefix, compiled span, Liger kernels);
 on exit the base model is as it was. The training run (train.py, under DeepSpeed), the timing harness
 (speed.py) and single-device studies with a plain torch optimizer all prepare a model through it.
 
@@ -14,6 +14,12 @@ checkpointing (nothing to recompute), and any hook that makes the embedding outp
 (`enable_input_require_grads`, the usual fix for reentrant checkpointing) is removed: it would force
 backward through every layer. Gradient checkpointing, when on, is non-reentrant and covers only the
 adapted span. Loss and LoRA gradients are exactly those of the plain path (tests check it).
+
+Shared prefix (preference objectives with a reference, train.objective=dpo): the reference is the same model
+with the adapters disabled, and below the cut there is no adapter, so the reference's and the policy's hidden
+states there are identical. `PreparedModel.objective_loss` runs the reference first and keeps the frozen
+prefix's output; the policy pass then starts at the lowest adapted layer. Saved per step: one forward of the
+prefix (lowest / num_layers of a forward), exactly (the same tensors, not an approximation).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from .adapters.attach import attach
 from .arch import Layout
 from .config import LoraSection
 from .kernels import LigerKernels
+from .objectives import Objective, PreferenceOutput, sequence_logps
 from .plan import Plan
 
 
@@ -131,7 +138,111 @@ class PrefixCacheError(ValueError):
     """The prefix cache cannot serve this model and plan (the message says why)."""
 
 
-class PrefixCache:
+class PrefixBypass:
+    """Layers below `lowest` can be skipped, layer `lowest` then starting from hidden states computed before.
+
+    While `bypassing()` is true the prefix layers return their input untouched (a pass-through is cheaper than
+    a decision inside the model's own loop, which every family writes differently) and layer `lowest` receives
+    `stored_for(hidden)` instead of what reached it; otherwise the output of layer `lowest - 1` is handed to
+    `keep(output)`. PrefixCache keeps it per example across epochs, SharedPrefix per batch across the
+    reference and policy passes of one step.
+    """
+
+    def __init__(self, model: nn.Module, layers_path: str, lowest_adapted_layer: int):
+        self.layers = base_model(model).get_submodule(layers_path)
+        self.lowest = lowest_adapted_layer
+        self._handles: list = []
+        self._patches: list[PatchedForward] = []
+
+    def bypassing(self) -> bool:
+        raise NotImplementedError
+
+    def keep(self, output: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def stored_for(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply(self):
+        self._patches = [patched_forward(self.layers[index], self._skippable) for index in range(self.lowest)]
+        self._handles.append(self.layers[self.lowest - 1].register_forward_hook(self._kept))
+        self._handles.append(self.layers[self.lowest].register_forward_pre_hook(self._substitute, with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._handles, self._patches = [], []
+
+    def _skippable(self, forward):
+        @functools.wraps(forward)
+        def run(*args, **kwargs):
+            if self.bypassing():
+                return args[0] if args else kwargs["hidden_states"]
+            return forward(*args, **kwargs)
+
+        return run
+
+    def _kept(self, _module, _args, output) -> None:
+        if self.bypassing():
+            return
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"prefix bypass: decoder layers return {type(output).__name__}, not a tensor")
+        self.keep(output)
+
+    def _substitute(self, _module, args, kwargs):
+        if not self.bypassing():
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        stored = self.stored_for(hidden)
+        if args:
+            return (stored, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": stored}
+
+
+class SharedPrefix(PrefixBypass):
+    """The frozen prefix's output of the reference pass, replayed into the policy pass of the same batch."""
+
+    def __init__(self, model: nn.Module, layers_path: str, lowest_adapted_layer: int):
+        super().__init__(model, layers_path, lowest_adapted_layer)
+        self._capturing = self._replaying = False
+        self._hidden: Optional[torch.Tensor] = None
+
+    def bypassing(self) -> bool:
+        return self._replaying
+
+    def keep(self, output: torch.Tensor) -> None:
+        if self._capturing:
+            self._hidden = output.detach()
+
+    def stored_for(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._hidden is None or self._hidden.shape != hidden.shape:
+            raise RuntimeError("shared prefix: the policy pass is not on the reference pass's batch")
+        return self._hidden
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        self._hidden, self._capturing = None, True
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        if self._hidden is None:  # nothing captured (e.g. the reference pass failed): the full pass
+            yield
+            return
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying, self._hidden = False, None
+
+
+class PrefixCache(PrefixBypass):
     """Multi-epoch shortcut: keep each example's hidden states at the cut, skip the prefix when replaying.
 
     With frozen weights and no dropout, the output of the frozen prefix for an example is the same every
@@ -144,8 +255,7 @@ class PrefixCache:
     """
 
     def __init__(self, model: nn.Module, layers_path: str, lowest_adapted_layer: int):
-        self.layers = base_model(model).get_submodule(layers_path)
-        self.lowest = lowest_adapted_layer
+        super().__init__(model, layers_path, lowest_adapted_layer)
         if self.lowest == 0:
             raise PrefixCacheError("prefix cache: the plan adapts layer 0, there is no frozen prefix to cache")
         dropouts = [
@@ -164,21 +274,6 @@ class PrefixCache:
         self._indices: list[int] | None = None
         self._lengths: list[int] = []
         self._replay = False
-        self._handles: list = []
-        self._patches: list[PatchedForward] = []
-
-    def apply(self) -> "PrefixCache":
-        self._patches = [patched_forward(self.layers[index], self._skippable) for index in range(self.lowest)]
-        self._handles.append(self.layers[self.lowest - 1].register_forward_hook(self._fill))
-        self._handles.append(self.layers[self.lowest].register_forward_pre_hook(self._substitute, with_kwargs=True))
-        return self
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for patch in reversed(self._patches):
-            patch.restore()
-        self._handles, self._patches = [], []
 
     def summary(self) -> dict[str, int]:
         """What the run's results record of the cache (eval.json "prefix_cache")."""
@@ -204,20 +299,12 @@ class PrefixCache:
             self.misses += 1
         return self._replay
 
-    def _skippable(self, forward):
-        @functools.wraps(forward)
-        def run(*args, **kwargs):
-            if self._replay:
-                return args[0] if args else kwargs["hidden_states"]
-            return forward(*args, **kwargs)
+    def bypassing(self) -> bool:
+        return self._replay
 
-        return run
-
-    def _fill(self, _module, _args, output) -> None:
-        if self._indices is None or self._replay:
+    def keep(self, output: torch.Tensor) -> None:
+        if self._indices is None:
             return
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"prefix cache: decoder layers return {type(output).__name__}, not a tensor")
         for row, index in enumerate(self._indices):
             if index not in self.store:
                 length = self._lengths[row] if self._lengths else output.shape[1]
@@ -225,17 +312,12 @@ class PrefixCache:
                 self.store[index] = kept
                 self.stored_bytes += kept.numel() * kept.element_size()
 
-    def _substitute(self, _module, args, kwargs):
-        if not self._replay:
-            return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def stored_for(self, hidden: torch.Tensor) -> torch.Tensor:
         stored = torch.zeros_like(hidden)
         for row, index in enumerate(self._indices):
             saved = self.store[index]
             stored[row, : saved.shape[0]] = saved.to(hidden.device, hidden.dtype, non_blocking=True)
-        if args:
-            return (stored, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": stored}
+        return stored
 
 
 @dataclass(frozen=True)
@@ -250,6 +332,8 @@ class ExecutionOptions:
     # every layer): the "standard" path the benchmarks compare against
     input_require_grads: bool = False
     prefix_cache: bool = False  # PrefixCache: the caller names each micro-batch's examples with begin()
+    # SharedPrefix: objective_loss's reference and policy passes share the frozen prefix (needs frozen_prefix)
+    shared_prefix: bool = False
     compile_layers: bool = False  # regional torch.compile of the adapted span
     # under checkpointing, the top N adapted layers keep their activations (no recompute); PreparedModel.set_recompute
     no_recompute_layers: int = 0
@@ -268,6 +352,7 @@ class PreparedModel:
     prefix_cache: Optional[PrefixCache] = None
     liger: Optional[LigerKernels] = None
     lowest_adapted_layer: int = 0
+    shared_prefix: Optional[SharedPrefix] = None
 
     @classmethod
     def apply(cls, model: nn.Module, plan: Plan, layout: Layout, options: ExecutionOptions) -> "PreparedModel":
@@ -306,6 +391,32 @@ class PreparedModel:
             compile_adapted_layers(base, self.layers_path, lowest_adapted_layer)
         if options.prefix_cache:
             self.prefix_cache = PrefixCache(self.peft_model, self.layers_path, lowest_adapted_layer).apply()
+        if options.shared_prefix and options.frozen_prefix and lowest_adapted_layer > 0:
+            self.shared_prefix = SharedPrefix(self.peft_model, self.layers_path, lowest_adapted_layer).apply()
+
+    def objective_loss(
+        self, forward: Callable[[dict], object], batch: dict, objective: Objective
+    ) -> tuple[torch.Tensor, Optional[PreferenceOutput]]:
+        """The loss of `objective` on a collated batch; `forward(inputs)` runs the (engine-wrapped) model.
+
+        SFT: the model's own token loss. Preference: the policy's loss on the pairs; with a reference (DPO) the
+        reference pass comes first, under no_grad with the adapters disabled (PEFT's disable_adapter: the base
+        model, never a second copy), its logits reduced to log-probs before the policy pass so that the two
+        passes' logits are never alive together; with a shared prefix the policy pass starts at the cut.
+        """
+        if not objective.preference:
+            return forward(batch).loss, None
+        labels = batch["labels"]
+        inputs = {key: value for key, value in batch.items() if key != "labels"}  # no token loss over the vocab
+        reference = None
+        shared = self.shared_prefix
+        if objective.uses_reference:
+            with torch.no_grad(), self.peft_model.disable_adapter(), shared.capture() if shared else _nothing():
+                reference = sequence_logps(forward(inputs).logits, labels)
+        with shared.replay() if shared and reference is not None else _nothing():
+            logits = forward(inputs).logits
+        out = objective.loss(logits, labels, reference)
+        return out.loss, out
 
     def set_recompute(self, no_recompute_layers: int) -> list[int]:
         """Under checkpointing: the top `no_recompute_layers` adapted layers run without it (their activations kept,
@@ -324,6 +435,8 @@ class PreparedModel:
         """Everything `apply` did, in reverse: the adapters are removed (PEFT unload, no merge) and the base
         model runs its plain path again."""
         base = self.base
+        if self.shared_prefix is not None:
+            self.shared_prefix.remove()
         if self.prefix_cache is not None:
             self.prefix_cache.remove()
         if self.frozen_prefix is not None:
@@ -340,6 +453,9 @@ class PreparedModel:
         self.peft_model.unload()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next configuration's peak memory starts from the base model alone
+
+
+_nothing = contextlib.nullcontext
 
 
 @contextlib.contextmanager

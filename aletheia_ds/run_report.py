@@ -338,6 +338,29 @@ def plot_loss(metrics_path: Path, out: Path, results: Optional[RunResults] = Non
     return _save(fig, out)
 
 
+def plot_rewards(metrics_path: Path, out: Path) -> Path | None:
+    """Preference runs (train.objective dpo/simpo): reward margin and accuracy per logged step."""
+    train, _ = read_metrics(metrics_path) if metrics_path.is_file() else ([], [])
+    rows = [r for r in train if r.get("reward_margin") is not None]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, margin_ax = plt.subplots(figsize=(6.5, 3.8))
+    steps = [r["step"] for r in rows]
+    margin_ax.plot(steps, [r["reward_margin"] for r in rows], color="tab:blue", lw=1.2, label="reward margin")
+    margin_ax.set_xlabel("optimizer step")
+    margin_ax.set_ylabel("reward margin (chosen - rejected)")
+    margin_ax.grid(alpha=0.3)
+    accuracy_ax = margin_ax.twinx()
+    accuracy_ax.plot(steps, [r["reward_accuracy"] for r in rows], color="tab:orange", lw=1.0, label="reward accuracy")
+    accuracy_ax.set_ylabel("reward accuracy (chosen ranked above rejected)")
+    accuracy_ax.set_ylim(-0.02, 1.02)
+    lines = margin_ax.get_lines() + accuracy_ax.get_lines()
+    margin_ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def bench_rows(bench: dict) -> list[dict]:
     """Flat rows of a bench_speed.json: shape, mode, row name and its numbers."""
     rows = []
@@ -500,6 +523,16 @@ def render_markdown(
         if held_out:
             md += ["Held-out loss: " + ", ".join(f"step {s}: {v:.4f}" for s, v in held_out) + ".", ""]
         md += image("loss", "loss curves")
+        rewarded = [r for r in train if r.get("reward_margin") is not None]
+        if rewarded:
+            first, last = rewarded[0], rewarded[-1]
+            md += [
+                f"Preference rewards: margin {first['reward_margin']:.4f} -> {last['reward_margin']:.4f}, accuracy "
+                f"{first['reward_accuracy']:.2f} -> {last['reward_accuracy']:.2f} (steps {first['step']} -> "
+                f"{last['step']}; the held-out loss is the preference loss).",
+                "",
+            ]
+            md += image("rewards", "reward margin and accuracy")
     if bench:
         md += [
             "## Speed",
@@ -558,6 +591,9 @@ def write_run_report(run_dir: Path, out_dir: Optional[Path] = None, fmt: str = "
     loss = plot_loss(metrics_path, out_dir / "loss.png", results)
     if loss:
         images["loss"] = loss
+    rewards = plot_rewards(metrics_path, out_dir / "rewards.png")
+    if rewards:
+        images["rewards"] = rewards
     speed = plot_speed(bench, out_dir / "speed.png") if bench else None
     if speed:
         images["speed"] = speed

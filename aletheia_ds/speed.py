@@ -20,6 +20,7 @@ from .arch import Layout
 from .config import LoraSection
 from .cost import AdapterShape, CostModel, measurement_plans
 from .execution import ExecutionOptions, prepared
+from .objectives import Objective
 from .plan import Plan, PlannedModule
 
 
@@ -79,11 +80,16 @@ def time_plan(
     compile_layers: bool = False,
     prefix_cache: bool = False,
     lora: LoraSection | None = None,
+    objective: Objective | None = None,
+    shared_prefix: bool = True,
 ) -> StepTiming:
     """Attach `plan`, run warm-up + timed optimizer steps on `batch`, detach. Median seconds per step.
 
     `prefix_cache`: the steady state of later epochs (the batch's prefix output stored once, then replayed).
+    `objective`: a preference objective's step (the batch's first half chosen rows, second half rejected; DPO
+    with its reference pass, sharing the frozen prefix unless `shared_prefix` is false), as training runs it.
     """
+    objective = objective or Objective()
     device = next(model.parameters()).device
     options = ExecutionOptions(
         lora=lora or LoraSection(),
@@ -92,6 +98,7 @@ def time_plan(
         frozen_prefix=frozen_prefix,
         input_require_grads=checkpointing and not frozen_prefix,
         prefix_cache=prefix_cache,
+        shared_prefix=shared_prefix and objective.uses_reference,
         compile_layers=compile_layers,
     )
     with prepared(model, plan, layout, options) as execution:
@@ -114,14 +121,14 @@ def time_plan(
             start = time.perf_counter()
             if cache is not None:
                 cache.begin(rows, batch["attention_mask"])
-            out = peft_model(**batch, use_cache=False)
-            out.loss.backward()
+            out, _ = execution.objective_loss(lambda inputs: peft_model(**inputs, use_cache=False), batch, objective)
+            out.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             _sync(device)
             if step >= warmup:
                 times.append(time.perf_counter() - start)
-            loss = float(out.loss.detach())
+            loss = float(out.detach())
             del out
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
         median = statistics.median(times)

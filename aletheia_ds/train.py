@@ -65,6 +65,7 @@ from .kernels import resolve_liger
 from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model, model_type
 from .model import fingerprint as model_fingerprint
+from .objectives import Objective, reward_metrics
 from .plan import Plan, make_plan
 from .probe.report import ProbeReport
 from .probe.run import run_probe
@@ -312,6 +313,7 @@ class Run:
             eval_examples = load(cfg.data.eval, tokenizer, cfg.data.seq_len, None, log)
         else:
             train_examples, eval_examples = data_mod.split_eval(examples, cfg.data.eval_fraction)
+        check_objective_data(cfg.train.objective, train_examples, eval_examples)
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
         started = time.perf_counter()
         model = load_model(cfg.model, dtype, ctx.device, ctx.model_init, seed=cfg.train.seed, zero3=ctx.zero3)
@@ -344,6 +346,10 @@ class Run:
     @property
     def attn_implementation(self) -> Optional[str]:
         return getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+
+    @property
+    def objective(self) -> Objective:
+        return Objective.from_train(self.cfg.train)
 
     @property
     def prefix_cache(self) -> Optional[PrefixCache]:
@@ -385,8 +391,8 @@ class Run:
             print0(f"probe: reusing {cfg.probe.report}")
         else:
             seq_len = cfg.probe.seq_len or cfg.data.seq_len
-            rows = [data_mod.Example(ex.input_ids[:seq_len], ex.labels[:seq_len]) for ex in self.train_examples]
-            rows = [ex for ex in rows if any(label != data_mod.IGNORE for label in ex.labels[1:])]
+            rows = [data_mod.truncate(ex, seq_len) for ex in self.train_examples]
+            rows = [ex for ex in rows if data_mod.has_loss_tokens(ex)]
             batches = data_mod.fixed_batches(rows, cfg.probe.batch_size, cfg.probe.batches, self.pad_id)
             if not batches:
                 raise ConfigError(
@@ -401,7 +407,9 @@ class Run:
             # the batches are dealt over the ranks and the bar is rank 0's: it says whose batches it counts
             share = f", rank 0 of {self.ctx.world_size}" if self.ctx.world_size > 1 else ""
             progress = Progress(f"probe{share}", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
-            with self.ctx.probe_session(self.model) as forward:
+            # the gradient of the loss the run optimises: the plan is made for that task
+            objective = self.objective
+            with self.ctx.probe_session(self.model, objective.start_loss if objective.preference else None) as forward:
                 report = run_probe(
                     self.model,
                     self.layout,
@@ -421,7 +429,10 @@ class Run:
             self.results.seconds["probe"] = report.seconds
             self.results.peak_memory_gib["probe"] = self.ctx.peak_memory_gib()
             dealt = f" over {self.ctx.world_size} ranks ({passes} on rank 0)" if self.ctx.world_size > 1 else ""
-            print0(f"probe: {len(batches)} batches{dealt}, {report.tokens} tokens, {report.seconds:.2f} s")
+            print0(
+                f"probe: {len(batches)} batches{dealt}, {report.tokens} tokens, {report.seconds:.2f} s"
+                + (f" (gradient of the {objective.name} loss)" if objective.preference else "")
+            )
         write_json0(out_path or self.out / "probe.json", report.to_json())
         return report
 
@@ -481,11 +492,15 @@ class Run:
         return self._fingerprints
 
     # ---------------------------------------------------------------- train
-    def _forward_loss(self, batch: dict, indices: Optional[list[int]] = None) -> torch.Tensor:
+    def _forward_loss(self, batch: dict, indices: Optional[list[int]] = None):
+        """(loss, PreferenceOutput or None) of a collated micro-batch under train.objective."""
         if self.prefix_cache is not None:
             self.prefix_cache.begin(indices, batch["attention_mask"])  # None (evaluation): no fill, no replay
         batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
-        return self.engine(**data_mod.model_inputs(batch, self.attn_implementation), use_cache=False).loss
+        forward = lambda inputs: self.engine(  # noqa: E731
+            **data_mod.model_inputs(inputs, self.attn_implementation), use_cache=False
+        )
+        return self.execution.objective_loss(forward, batch, self.objective)
 
     def evaluate(self) -> float:
         batches = data_mod.fixed_batches(
@@ -495,11 +510,13 @@ class Run:
             return float("nan")
         self.engine.eval()
         loss = held_out_loss(
-            self._forward_loss,
+            lambda batch: self._forward_loss(batch)[0],
             batches,
             rank=self.ctx.rank,
             world_size=self.ctx.world_size,
             all_reduce_sum=self.ctx.all_reduce_sum,
+            # a preference loss is a mean over pairs (half the collated rows)
+            **({"weight": lambda batch: batch["input_ids"].shape[0] // 2} if self.objective.preference else {}),
         )
         self.engine.train()
         return loss
@@ -539,6 +556,7 @@ class Run:
             checkpointing=train.gradient_checkpointing,
             frozen_prefix=train.frozen_prefix,
             prefix_cache=prefix_cache,
+            shared_prefix=self.objective.uses_reference,
             compile_layers=train.compile,
             no_recompute_layers=no_recompute,
             liger=self.liger,
@@ -644,9 +662,12 @@ class Run:
         started = time.perf_counter()
         lr = training.scheduler.get_last_lr()[0] if training.scheduler is not None else cfg.train.lr
         losses, tokens = [], 0  # losses stay on the device: one host sync per step, not per micro-batch
+        rewards = torch.zeros(4, dtype=torch.float64)  # preference objectives: PreferenceOutput.sums()
         for indices in training.schedule.micro_batches(step, ctx.rank):
             batch = data_mod.collate([training.rows[i] for i in indices], self.pad_id)
-            loss = self._forward_loss(batch, indices)
+            loss, preference = self._forward_loss(batch, indices)
+            if preference is not None:
+                rewards = rewards.to(loss.device) + preference.sums()
             # a non-finite loss can still give finite gradients; NaN gradients make DeepSpeed's all-reduced
             # norm check skip the update on every rank. A constant factor, not a branch (a host sync) and
             # not where(loss, loss * nan), whose backward is NaN even when the loss is finite
@@ -656,7 +677,12 @@ class Run:
             losses.append(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         totals = ctx.all_reduce_sum(
-            torch.tensor([float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64)
+            torch.cat(
+                [
+                    torch.tensor([float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64),
+                    rewards.cpu(),
+                ]
+            )
         )
         seconds = time.perf_counter() - started
         step_loss = float(totals[0] / totals[1])
@@ -674,6 +700,7 @@ class Run:
                 grad_norm=finite(grad_norm),
                 step_seconds=seconds,
                 epoch=training.schedule.epoch_of(step + 1),
+                **reward_metrics(totals[3:]),
                 **({"skipped": True} if skipped else {}),
             )
             training.metrics.write(row)
@@ -804,6 +831,21 @@ class Run:
         print0(f"adapter: {path} (load with peft.PeftModel.from_pretrained(base_model, '{path}'))")
         self.observer.finished(self.results.to_json())
         return path
+
+
+def check_objective_data(objective: str, train_examples, eval_examples) -> None:
+    """Preference objectives need {prompt, chosen, rejected} rows and nothing else does (one line otherwise)."""
+    for knob, examples in (("data.train", train_examples), ("data.eval", eval_examples)):
+        if not len(examples):
+            continue
+        pairs = isinstance(examples[0], data_mod.PreferencePair)
+        if pairs and objective == "sft":
+            raise ConfigError(f"{knob}: preference rows (prompt/chosen/rejected); set train.objective=dpo or simpo")
+        if not pairs and objective != "sft":
+            raise ConfigError(
+                f"train.objective={objective}: {knob} must hold {{prompt, chosen, rejected}} rows; "
+                "use train.objective=sft for this data"
+            )
 
 
 def predicted_speed_text(plan: Plan, device_type: str) -> str:

@@ -1,4 +1,4 @@
-"""python tools/bench_speed.py --out OUT_DIR [--shapes qwen2.5-1.5b qwen2.5-7b] [--budget 0.6] [--smoke]
+"""python tools/bench_speed.py --out OUT_DIR [--shapes qwen2.5-1.5b qwen2.5-7b] [--budget 0.6] [--dpo] [--smoke]
 
 Side by side, one run, same shape/data/seed, random weights of the real shape, bf16, one GPU:
   uniform          PEFT LoRA r16 on every target module of every layer (bf16 adapters, as DeepSpeed's bf16 engine)
@@ -13,6 +13,11 @@ Side by side, one run, same shape/data/seed, random weights of the real shape, b
                    layer + DeepSpeed ZeRO-3, --peer-ds-config) on the same shape, batch and GPU, launched as its own
                    process after the other rows (same as tools/bench_scale.py's peer arms; its data are
                    bench_scale.write_data's packed text, not these random ids)
+  dpo_*            (--dpo) DPO steps (reference pass with the adapters disabled + policy pass + backward; the
+                   batch's first half chosen rows, second half rejected): dpo_uniform (uniform r16),
+                   dpo_budget (the budgeted plan made from a probe of the DPO loss, frozen prefix shared by
+                   the reference and policy passes) and dpo_budget_unshared (the same plan, the reference
+                   running its own prefix: what sharing saves); speedups against dpo_uniform
 each without and with gradient checkpointing (the peer: with). Per row: median step time over >= 10 steps after warm-up,
 tokens/s, peak memory, predicted vs measured step time, net speedup over uniform including the probe over
 1000 steps. Also: probe seconds vs a chunked full-weight-gradient probe (8 layers unfrozen at a time,
@@ -42,6 +47,7 @@ from _common import (  # first: it puts this checkout on sys.path
 
 from aletheia_ds.arch import describe
 from aletheia_ds.cost import CostModel
+from aletheia_ds.objectives import Objective
 from aletheia_ds.plan import Plan, make_plan
 from aletheia_ds.probe.run import run_probe
 from aletheia_ds.speed import calibrate, device_name, random_batch, time_plan
@@ -70,15 +76,16 @@ def chunked_reference_probe(model, layout, batches, chunk_layers: int = 8) -> fl
     return time.perf_counter() - start
 
 
-def probe(model, layout, batches):
+def probe(model, layout, batches, objective: Objective | None = None):
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize()
+    objective = objective or Objective()
     return run_probe(
         model,
         layout,
         batches,
-        lambda b: model(**{k: v.to(device) for k, v in b.items()}, use_cache=False).loss,
+        lambda b: objective.start_loss(model, {k: v.to(device) for k, v in b.items()}),
         model_name="random",
     )
 
@@ -110,6 +117,8 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
     log(
         f"[{name}] probe {report.seconds:.2f} s for {len(probe_batches)} batches; chunked reference {reference_s:.2f} s"
     )
+    dpo = Objective("dpo") if args.dpo else None
+    dpo_report = probe(model, layout, probe_batches, dpo) if dpo else None  # the plan DPO's own probe makes
     result = {
         "shape": name,
         "config": shape,
@@ -145,13 +154,22 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
             "paper": make_plan(report, arm_section("paper"), cost),
             "budget": make_plan(report, arm_section("budget", budget=args.budget, mlp_r=args.budget_mlp_r), cost),
         }
-        # (row, plan, frozen prefix, adapter dtype, compiled, prefix cache)
+        if dpo_report is not None:
+            budget = arm_section("budget", budget=args.budget, mlp_r=args.budget_mlp_r)
+            plans["dpo_budget"] = make_plan(dpo_report, budget, cost)
+        # (row, plan, frozen prefix, adapter dtype, compiled, prefix cache[, objective, shared prefix])
         rows = [
             ("uniform", "uniform", False, dtype, False, False),
             ("paper", "paper", False, dtype, False, False),
             ("budget", "budget", True, dtype, False, False),
             ("budget_no_prefix", "budget", False, dtype, False, False),
         ]
+        if dpo is not None:
+            rows += [
+                ("dpo_uniform", "uniform", False, dtype, False, False, dpo, False),
+                ("dpo_budget", "dpo_budget", True, dtype, False, False, dpo, True),
+                ("dpo_budget_unshared", "dpo_budget", True, dtype, False, False, dpo, False),
+            ]
         if not checkpointing:
             rows.insert(1, ("uniform_fp32", "uniform", False, None, False, False))
         if args.compile and not checkpointing:
@@ -159,7 +177,8 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
         if plans["budget"].lowest_adapted_layer > 0:
             rows.append(("budget_cached", "budget", True, dtype, False, True))
         measured = {}
-        for row, plan_name, frozen_prefix, adapter_dtype, compiled, cached in rows:
+        for row, plan_name, frozen_prefix, adapter_dtype, compiled, cached, *preference in rows:
+            objective, shared = preference or (None, False)
             if time.perf_counter() > args.deadline:
                 log(f"[{name}/{mode}] {row}: skipped (--time-budget-s reached)")
                 continue
@@ -176,6 +195,8 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
                 adapter_dtype=adapter_dtype,
                 compile_layers=compiled,
                 prefix_cache=cached,
+                objective=objective,
+                shared_prefix=shared,
             )
             measured[row] = {
                 "plan": plan_name,
@@ -190,11 +211,16 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
                 "prefix_cache_bytes_per_token": shape["hidden_size"] * (2 if dtype == torch.bfloat16 else 4)
                 if cached
                 else 0,
+                "objective": objective.name if objective else "sft",
+                "shared_prefix": shared,
                 "median_step_s": timing.median_s,
                 "step_times_s": timing.steps,
                 "tokens_per_s": timing.tokens_per_s,
                 "peak_memory_gib": timing.peak_memory_gib,
-                "predicted_step_s": predicted_seconds(cost, plan, frozen_prefix, checkpointing),
+                # the cost model is fitted on SFT steps; a DPO step adds a gradient-free reference pass
+                "predicted_step_s": predicted_seconds(cost, plan, frozen_prefix, checkpointing)
+                if objective is None
+                else float("nan"),
             }
             log(
                 f"[{name}/{mode}] {row}: {timing.median_s * 1000:.1f} ms/step (predicted "
@@ -206,6 +232,8 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
         uniform = measured["uniform"]["median_step_s"]
         for row in measured.values():
             row["speedup_vs_uniform"] = uniform / row["median_step_s"]
+            if row["objective"] != "sft" and "dpo_uniform" in measured:
+                row["speedup_vs_dpo_uniform"] = measured["dpo_uniform"]["median_step_s"] / row["median_step_s"]
             row["net_speedup_1000_steps"] = 1000 * uniform / (1000 * row["median_step_s"] + report.seconds)
             row["prediction_error"] = row["predicted_step_s"] / row["median_step_s"] - 1
         result["modes"][mode] = {"rows": measured, "calibration_seconds": calibration_s, "cost_model": cost.to_json()}
@@ -267,6 +295,8 @@ def markdown(results: list[dict]) -> str:
                     f"{len(r['layers'])} ({r['lowest_adapted_layer']}) | {r['median_step_s'] * 1000:.1f} | "
                     f"{r['predicted_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_gib']:.1f} | "
                     f"{r['speedup_vs_uniform']:.2f}x | {r['net_speedup_1000_steps']:.2f}x |"
+                    # DPO rows: against DPO on uniform LoRA, the step they replace
+                    + (f" {r['speedup_vs_dpo_uniform']:.2f}x vs dpo_uniform |" if "speedup_vs_dpo_uniform" in r else "")
                 )
     for res in results:
         peer = res.get("peer")
@@ -338,12 +368,17 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--peer", choices=sorted(PEER_ARMS), help="also run this peer arm (tools/peer_trainer.py)")
     parser.add_argument("--peer-timeout", type=float, default=1800, help="seconds for the peer arm")
+    parser.add_argument(
+        "--dpo", action="store_true", help="DPO rows: uniform vs the budgeted plan, prefix shared or not"
+    )
     parser.add_argument("--moe-shape", help="also run tools/bench_moe.py on this MoE shape (e.g. qwen3-30b-a3b)")
     parser.add_argument("--moe-layers", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, few steps")
     parser.add_argument("--time-budget-s", type=float, default=1e9, help="skip remaining rows after this many seconds")
     args = parser.parse_args()
     args.deadline = time.perf_counter() + args.time_budget_s
+    if args.dpo and args.batch_size % 2:
+        parser.error("--dpo: --batch-size must be even (half chosen rows, half rejected)")
     if args.smoke:
         args.shapes, args.batch_size, args.seq_len, args.probe_batches = ["tiny"], 2, 32, 2
         args.steps, args.warmup, args.calibration_steps = 2, 1, 2

@@ -1,9 +1,11 @@
-"""python tools/make_tiny_example.py [--out examples/tiny] [--weights-only]
+"""python tools/make_tiny_example.py [--out examples/tiny] [--weights-only | --preferences]
 
 Writes the embedded default deterministically: arithmetic word problems as prompt/completion JSONL
 (train + held-out), a byte-level BPE tokenizer trained on them (with a chat template), and a tiny
 Llama config sized to that tokenizer; these are committed. `--weights-only` adds the base model's
 seeded random weights (model.safetensors, ~7 MB, not committed), which scripts/demo.sh makes first.
+`--preferences` derives preference pairs from the committed rows (prefs_train.jsonl, prefs_eval.jsonl: the
+right completion chosen, the same working with a wrong result rejected), for train.objective=dpo/simpo.
 """
 
 from __future__ import annotations
@@ -44,6 +46,27 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}<|eos|>{% endif %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+
+
+def preference_pair(row: dict, rng: random.Random) -> dict:
+    """{prompt, chosen, rejected}: the row's completion, and one whose result (working and answer) is off."""
+    work, answer = row["completion"].removeprefix(" ").removesuffix(".").split(". The answer is ")
+    wrong = int(answer) + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    rejected = f" {work.rsplit('= ', 1)[0]}= {wrong}. The answer is {wrong}."
+    return {"prompt": row["prompt"], "chosen": row["completion"], "rejected": rejected}
+
+
+def write_preferences(out: Path, seed: int, train: int = 400, held_out: int = 64) -> None:
+    rng = random.Random(seed)
+    for source, name, count in (
+        ("train.jsonl", "prefs_train.jsonl", train),
+        ("eval.jsonl", "prefs_eval.jsonl", held_out),
+    ):
+        rows = [json.loads(line) for line in (out / source).read_text(encoding="utf-8").splitlines()[:count]]
+        with (out / name).open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(preference_pair(row, rng)) + "\n")
+        print(f"wrote {out / name}: {len(rows)} preference pairs")
 
 
 def build_tokenizer(texts: list[str], out: Path, vocab_size: int) -> int:
@@ -88,8 +111,12 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--weights-only", action="store_true", help="write seeded base weights for model/")
+    parser.add_argument("--preferences", action="store_true", help="write preference pairs from the rows")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.preferences:
+        write_preferences(out, args.seed)
+        return
     if args.weights_only:
         write_weights(out / "model", args.seed)
         return

@@ -14,7 +14,16 @@ pytestmark = pytest.mark.distributed
 
 def test_bench_speed_smoke(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/bench_speed.py"), "--smoke", "--moe-shape", "smoke", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            str(ROOT / "tools/bench_speed.py"),
+            "--smoke",
+            "--dpo",
+            "--moe-shape",
+            "smoke",
+            "--out",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         env=rank_env(cpu=True),
         capture_output=True,
@@ -28,6 +37,9 @@ def test_bench_speed_smoke(tmp_path):
     for mode in ("no_checkpointing", "checkpointing"):
         rows = result["modes"][mode]["rows"]
         assert {"uniform", "paper", "budget", "budget_no_prefix"} <= set(rows)
+        assert {"dpo_uniform", "dpo_budget", "dpo_budget_unshared"} <= set(rows)
+        assert rows["dpo_budget"]["objective"] == "dpo" and rows["dpo_budget"]["shared_prefix"]
+        assert rows["dpo_uniform"]["speedup_vs_dpo_uniform"] == 1.0
         assert rows["uniform"]["speedup_vs_uniform"] == 1.0
         budget = rows["budget"]
         assert budget["predicted_step_s"] > 0 and budget["median_step_s"] > 0
