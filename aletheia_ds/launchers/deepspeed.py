@@ -234,7 +234,8 @@ def slurm_launch(
 
 def rank_env(cpu: bool, **extra: str) -> dict[str, str]:
     """The environment launched ranks need: this checkout importable, no hub access, unbuffered output; on CPU
-    also DeepSpeed's CPU accelerator, gloo on loopback and one OpenMP thread per rank."""
+    also DeepSpeed's CPU accelerator, gloo on loopback, one OpenMP thread per rank and no visible GPU (on a GPU
+    host the ranks would otherwise take CUDA and NCCL and fail against the CPU accelerator)."""
     env = dict(
         os.environ,
         PYTHONUNBUFFERED="1",
@@ -243,7 +244,7 @@ def rank_env(cpu: bool, **extra: str) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     if cpu:
-        env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+        env.update(DS_ACCELERATOR="cpu", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     else:
         env.pop("DS_ACCELERATOR", None)
         env.pop("GLOO_SOCKET_IFNAME", None)
