@@ -335,6 +335,10 @@ def _eval(args) -> None:
 
 
 def _export(args) -> None:
+    import time
+
+    from .dist import peak_host_rss_gib
+    from .host_memory import HostMemoryPeaks
     from .merge import export_merged
 
     if not args.merge:
@@ -344,16 +348,25 @@ def _export(args) -> None:
         )
     # the merged model is written into a folder beside --out, then renamed onto it
     check_writable(Path(args.out).resolve().parent, "export --out", directory=True)
-    out = export_merged(
-        args.model,
-        args.adapter,
-        args.out,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code,
-    )
+    started = time.perf_counter()
+    with HostMemoryPeaks() as host:
+        out = export_merged(
+            args.model,
+            args.adapter,
+            args.out,
+            tokenizer=args.tokenizer,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+        )
+    anon, mapped = host.summary("anon"), host.summary("file")
     print(f"wrote {out}: merged model (safetensors); load with AutoModelForCausalLM.from_pretrained('{out}')")
+    # anonymous memory is what the merge holds; mapped shard pages are the kernel's to drop; ru_maxrss adds both
+    print(
+        f"merge: {time.perf_counter() - started:.1f} s; host memory peak {anon['peak']} GiB anonymous "
+        f"(from {anon['before']}), {mapped['peak']} GiB mapped files (from {mapped['before']}), "
+        f"ru_maxrss {peak_host_rss_gib()} GiB"
+    )
 
 
 def _report(args) -> None:

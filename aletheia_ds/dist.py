@@ -184,13 +184,18 @@ class DistContext:
         """Under ZeRO-3 `from_pretrained`/`from_config` build each weight straight into its partition.
 
         transformers decides that from a live HfDeepSpeedConfig; creating it before the build (and
-        keeping it alive) is what makes zero.Init work in transformers 5.
+        keeping it alive) is what makes zero.Init work in transformers 5. A checkpoint is read one shard at a
+        time (`zero3_load_shard_by_shard`).
         """
-        if self.zero3 and self._hf_ds_config is None:
+        if not self.zero3:
+            yield
+            return
+        if self._hf_ds_config is None:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        yield
+        with zero3_load_shard_by_shard():
+            yield
 
     @contextlib.contextmanager
     def probe_session(
@@ -416,6 +421,61 @@ def distributed(cfg: RunConfig, use_deepspeed: bool = True) -> Iterator[DistCont
     if ctx.distributed and owns_group:
         ctx.barrier()
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def zero3_load_shard_by_shard() -> Iterator[None]:
+    """`from_pretrained` under ZeRO-3 with rank 0 holding one shard of the checkpoint at a time.
+
+    transformers (modeling_utils._load_pretrained_model) first reads every shard into one state dict (rank 0:
+    tensors memory-mapped from the safetensors files; the other ranks: meta tensors of the same shapes), then
+    copies it into the partitions module by module (integrations.deepspeed._load_state_dict_into_zero3_model:
+    gather a module's partitions, copy on rank 0, re-partition). Every page rank 0 copies stays mapped until
+    the whole load ends, so its resident memory grows to the checkpoint's size (file-backed pages: ru_maxrss
+    counts them; aletheia_ds.host_memory tells them from anonymous memory). Here the first step reads only
+    names and shapes, and the same transformers copy runs once per shard group (model.shard_groups), each
+    group's tensors read just before and dropped, mapping and all, right after. transformers has no hook
+    between the two steps, hence the two module names replaced for the length of the build. Checkpoints
+    other than safetensors load as transformers does.
+    """
+    import transformers.modeling_utils as loading
+
+    from .model import shard_groups
+
+    read, copy_in = loading.load_state_dict, loading._load_state_dict_into_zero3_model
+    names_by_file: dict[str, list[str]] = {}
+    read_options: dict[str, Any] = {}
+
+    def read_names(checkpoint_file, map_location="cpu", weights_only=True, disable_mmap=None):
+        checkpoint_file = str(checkpoint_file)
+        if not checkpoint_file.endswith(".safetensors"):  # *.bin: transformers' own path (never mixed with these)
+            return read(checkpoint_file, map_location, weights_only, disable_mmap)
+        read_options.update(weights_only=weights_only, disable_mmap=disable_mmap)
+        shapes = read(checkpoint_file, map_location="meta")  # the header only: names, shapes, dtypes
+        names_by_file[checkpoint_file] = list(shapes)
+        return shapes
+
+    def copy_in_by_group(model, state_dict, load_config=None):
+        if not names_by_file:
+            return copy_in(model, state_dict, load_config)
+        weight_map = {name: file for file, names in names_by_file.items() for name in names}
+        where = "cpu" if torch.distributed.get_rank() == 0 else "meta"
+        errors, missing = [], None
+        for group in shard_groups(model, weight_map):
+            part = {}
+            for file in group:
+                part.update(read(file, map_location=where, **read_options))
+            group_errors, group_missing = copy_in(model, part, load_config)
+            del part  # the group's tensors, and with the last of them its files' mappings
+            errors += group_errors
+            missing = group_missing if missing is None else missing & group_missing  # missing from every group
+        return errors, missing if missing is not None else set()
+
+    loading.load_state_dict, loading._load_state_dict_into_zero3_model = read_names, copy_in_by_group
+    try:
+        yield
+    finally:
+        loading.load_state_dict, loading._load_state_dict_into_zero3_model = read, copy_in
 
 
 def gathered_parameters(model: nn.Module) -> list[str]:

@@ -200,21 +200,25 @@ def merged_shards(
             f"checkpoint {model!r} does not hold; is it the adapter of this model?"
         )
     for file, names in sorted(shards.items()):
-        wanted = {owner_of[n] for n in names if n in owner_of}
-        # deltas of this shard's tensors only; a bank split across shards is recomputed in each
-        deltas = _on_disk(skeleton, {name: peft[name]() for name in sorted(wanted)}) if wanted else {}
+        in_shard = set(names)
+        split: dict[str, torch.Tensor] = {}  # a fused bank's delta, split as stored, waiting for its other tensors
         tensors = {}
         with safe_open(str(Path(model) / file), "pt") as handle:
             for name in names:
-                weight = handle.get_tensor(name)
+                weight = handle.get_tensor(name)  # a view of the mapped file: no copy until merged
                 stored = dtype if dtype is not None and weight.is_floating_point() else weight.dtype
-                if name in deltas:
-                    weight = (weight.float() + deltas.pop(name).reshape(weight.shape)).to(stored)
+                if name in owner_of and name not in split:
+                    # one parameter's delta at a time, in float32: a shard's worth at once would be twice the shard
+                    deltas = _on_disk(skeleton, {owner_of[name]: peft[owner_of[name]]()})
+                    split.update((key, delta) for key, delta in deltas.items() if key in in_shard)
+                    del deltas  # the pieces stored in other shards (a bank split across shards is recomputed there)
+                if name in split:
+                    weight = weight.float().add_(split.pop(name).reshape(weight.shape)).to(stored)
                 elif name in experts:
                     weight = experts[name](weight).to(stored)
                 tensors[name] = weight.to(stored).contiguous()
         yield file, tensors
-        del tensors, deltas
+        del tensors
 
 
 def export_merged(
@@ -241,6 +245,7 @@ def export_merged(
     with atomic_dir(out) as tmp:  # an existing (empty, or --overwrite) directory is replaced whole
         for file, tensors in merged_shards(model, adapter, DTYPES[dtype], trust_remote_code):
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            del tensors  # else this shard stays alive while the generator reads the next
         if (Path(model) / INDEX_FILE).is_file():
             index = json.loads((Path(model) / INDEX_FILE).read_text(encoding="utf-8"))
             sizes = [f.stat().st_size for f in tmp.glob("*.safetensors")]

@@ -143,6 +143,35 @@ def check_safetensors_shards(model_dir: str | Path, knob: str = "model.path") ->
             )
 
 
+def shard_groups(model: nn.Module, weight_map: dict[str, str]) -> list[list[str]]:
+    """The checkpoint's shard files in the groups they are loaded in, one group at a time: a parameter built from
+    tensors of several shards (a fused MoE expert bank whose experts straddle a shard boundary) needs them in
+    one state dict, where transformers' weight conversion fuses them; every other shard is a group of its own.
+
+    `weight_map` is {tensor name on disk: shard file}; the names on disk of each parameter come from
+    transformers' own revert_weight_conversion, as the merge and the checkpoint writer find them.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    leader = {file: file for file in weight_map.values()}
+
+    def root(file: str) -> str:
+        while leader[file] != file:
+            file = leader[file]
+        return file
+
+    for name, param in model.named_parameters():
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition keeps the full shape aside
+        on_disk = revert_weight_conversion(model, {name: torch.empty(shape, device="meta")})
+        roots = sorted({root(weight_map[key]) for key in on_disk if key in weight_map})
+        for other in roots[1:]:
+            leader[other] = roots[0]
+    groups: dict[str, list[str]] = {}
+    for file in sorted(leader):
+        groups.setdefault(root(file), []).append(file)
+    return sorted(groups.values())
+
+
 def load_model(
     section: ModelSection, dtype: torch.dtype, device: torch.device, init_context, seed: int = 0, zero3: bool = False
 ) -> nn.Module:

@@ -41,6 +41,10 @@ class RunResults:
     # zero.Init evidence: the base parameter elements each rank holds after the build, and its host memory peak
     base_parameters_held_by_rank: list[int] = field(default_factory=list)
     peak_host_rss_gib_by_rank: list[float] = field(default_factory=list)
+    # the build's host memory, sampled (aletheia_ds.host_memory): anonymous pages (what a rank holds) and
+    # file-backed pages (mapped checkpoint shards), each {"before", "peak"} in GiB per rank; ru_maxrss counts both
+    host_anon_gib_by_rank: list[dict] = field(default_factory=list)
+    host_file_gib_by_rank: list[dict] = field(default_factory=list)
     eval_loss_before: Optional[float] = None  # a resumed run carries the first run's
     eval_loss_after: Optional[float] = None
     steps: Optional[int] = None
@@ -56,6 +60,8 @@ class RunResults:
                 "held_by_rank": list(self.base_parameters_held_by_rank),
             },
             "peak_host_rss_gib_by_rank": list(self.peak_host_rss_gib_by_rank),
+            "host_anon_gib_by_rank": list(self.host_anon_gib_by_rank),
+            "host_file_gib_by_rank": list(self.host_file_gib_by_rank),
             "eval_loss_before": self.eval_loss_before,
             "eval_loss_after": self.eval_loss_after,
             "steps": self.steps,
@@ -75,6 +81,8 @@ class RunResults:
             base_parameters_total=int(base.get("total", 0)),
             base_parameters_held_by_rank=list(base.get("held_by_rank", [])),
             peak_host_rss_gib_by_rank=list(data.get("peak_host_rss_gib_by_rank") or []),
+            host_anon_gib_by_rank=list(data.get("host_anon_gib_by_rank") or []),
+            host_file_gib_by_rank=list(data.get("host_file_gib_by_rank") or []),
             eval_loss_before=data.get("eval_loss_before"),
             eval_loss_after=data.get("eval_loss_after"),
             steps=data.get("steps"),

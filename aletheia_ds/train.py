@@ -60,6 +60,7 @@ from .dist import (
 )
 from .evaluate import held_out_loss
 from .execution import ExecutionOptions, PrefixCache, PrefixCacheError, PreparedModel
+from .host_memory import HostMemoryPeaks
 from .io import OutputLock, save_safetensors_atomic, write_json_atomic
 from .kernels import resolve_liger
 from .metrics import check_backends, open_metrics
@@ -316,7 +317,8 @@ class Run:
         check_objective_data(cfg.train.objective, train_examples, eval_examples)
         dtype = resolve_dtype(cfg.model.dtype, ctx.device)
         started = time.perf_counter()
-        model = load_model(cfg.model, dtype, ctx.device, ctx.model_init, seed=cfg.train.seed, zero3=ctx.zero3)
+        with HostMemoryPeaks() as host:
+            model = load_model(cfg.model, dtype, ctx.device, ctx.model_init, seed=cfg.train.seed, zero3=ctx.zero3)
         build_seconds = time.perf_counter() - started
         layout = describe(model, cfg.lora.target_modules)
         ctx.set_z3_leaf_modules(model, layout.moe_block_classes(model))  # MoE blocks: one ZeRO-3 fetch each
@@ -337,6 +339,8 @@ class Run:
         run.results.base_parameters_total = total
         run.results.base_parameters_held_by_rank = ctx.all_gather_object(held)
         run.results.peak_host_rss_gib_by_rank = ctx.all_gather_object(peak_host_rss_gib())
+        run.results.host_anon_gib_by_rank = ctx.all_gather_object(host.summary("anon"))
+        run.results.host_file_gib_by_rank = ctx.all_gather_object(host.summary("file"))
         return run
 
     @property

@@ -4,7 +4,9 @@ The real job (`deepspeed launch/train.py`: load, probe, plan, a few steps, expor
 disk (model.path -> a sharded safetensors folder, e.g. from tools/write_sharded_checkpoint.py; no
 random_init), and what loading it cost, from the job's own eval.json:
   load seconds                      (seconds.build: from_pretrained under zero.Init, every rank)
-  peak host RSS per rank            (peak_host_rss_gib_by_rank, taken right after the load)
+  peak host RSS per rank            (peak_host_rss_gib_by_rank: ru_maxrss right after the load)
+  ... split per rank                (host_anon_gib_by_rank / host_file_gib_by_rank: sampled during the load;
+                                     anonymous pages are what a rank holds, file pages the mapped shards)
   base weights held per rank        (base_parameters.held_by_rank: elements of the frozen base on that rank)
 and, for scale, the seconds to read the checkpoint's bytes once (`--read-once`: sequential reads of every
 shard). `--cold` evicts the shards from the page cache before the read and again before the job, so both
@@ -98,6 +100,8 @@ def main() -> None:
         "read_bytes": read_bytes,
         "cold_page_cache": args.cold,
         "peak_host_rss_gib_by_rank": results["peak_host_rss_gib_by_rank"],
+        "host_anon_gib_by_rank": results.get("host_anon_gib_by_rank", []),
+        "host_file_gib_by_rank": results.get("host_file_gib_by_rank", []),
         "base_parameters_total": results["base_parameters"]["total"],
         "base_parameters_held_by_rank": held,
         "held_fraction_by_rank": [h / results["base_parameters"]["total"] for h in held],
@@ -111,13 +115,18 @@ def main() -> None:
         f"checkpoint: {summary['shards']} shards, {summary['checkpoint_bytes'] / gib:.1f} GiB "
         f"(largest shard {summary['largest_shard_bytes'] / gib:.2f} GiB); {args.gpus} ranks",
         "",
-        "| rank | peak host RSS (GiB) | base weights held (share of the model) |",
-        "|---|---|---|",
+        "| rank | peak host RSS (GiB, ru_maxrss) | anonymous: before -> peak (GiB) | mapped files: before -> peak "
+        "(GiB) | base weights held (share of the model) |",
+        "|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {rank} | {rss:.2f} | {share:.1%} |"
-        for rank, (rss, share) in enumerate(zip(summary["peak_host_rss_gib_by_rank"], summary["held_fraction_by_rank"]))
-    ]
+
+    def before_peak(entry: dict | None) -> str:
+        return f"{entry['before']:.2f} -> {entry['peak']:.2f}" if entry and entry.get("peak") is not None else "-"
+
+    for rank, (rss, share) in enumerate(zip(summary["peak_host_rss_gib_by_rank"], summary["held_fraction_by_rank"])):
+        anon = summary["host_anon_gib_by_rank"][rank] if summary["host_anon_gib_by_rank"] else None
+        mapped = summary["host_file_gib_by_rank"][rank] if summary["host_file_gib_by_rank"] else None
+        lines.append(f"| {rank} | {rss:.2f} | {before_peak(anon)} | {before_peak(mapped)} | {share:.1%} |")
     lines += [
         "",
         f"load: {summary['load_seconds']:.1f} s"
