@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,51 @@ class LoraSection(Section):
     )
     dropout: Share = Field(0.0, description="lora_dropout")
     init_seed: Seed = Field(0, description="seed for the adapter's initial weights (same on every rank)")
+    variant: Literal["lora", "dora"] = Field(
+        "lora",
+        description="lora: plain LoRA; dora: weight-decomposed LoRA (PEFT use_dora: a trained magnitude per output "
+        "row times the direction of W + BA)",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="rank-stabilised scale alpha/sqrt(r) instead of alpha/r (PEFT use_rslora); not with plan.rule=cut "
+        "and plan.rank_scaling=rslora, which already puts sqrt(r) into alpha",
+    )
+    init: str = Field(
+        "default",
+        description="initial adapter weights (PEFT init_lora_weights): default (A Kaiming, B zero) | gaussian | "
+        "pissa | pissa_niter_K (K-iteration fast SVD) | olora | orthogonal; pissa and olora move the top of W into "
+        "the adapter and the export converts it back to a plain LoRA on the original base",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        if v in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", v):
+            return v
+        why = {
+            "eva": "it needs a pass over the data before training",
+            "corda": "it needs a pass over the data before training",
+            "lora_ga": "it needs a pass over the data before training",
+            "loftq": "it quantises the base model",
+        }.get(v.lower())
+        allowed = " | ".join([*LORA_INITS, "pissa_niter_K"])
+        raise ValueError(f"{'not supported: ' + why + '; ' if why else ''}one of {allowed}")
+
+
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+BASE_REWRITING_INITS = ("pissa", "olora")  # and pissa_niter_K: they subtract the adapter's start from W
+
+
+def rank_scaling_conflict(rule: str, rank_scaling: Optional[str], lora: "LoraSection") -> Optional[str]:
+    """The one-line refusal when lora.use_rslora would scale a plan's ranks a second time, else None."""
+    if lora.use_rslora and rule == "cut" and rank_scaling == "rslora":
+        return (
+            "lora.use_rslora=true: plan.rule=cut with plan.rank_scaling=rslora already gives alpha = 2 sqrt(min_r r), "
+            "so alpha/sqrt(r) would make the scale grow with r again; set plan.rank_scaling=standard (alpha = 2r, "
+            "scale 2 sqrt(r)) or lora.use_rslora=false"
+        )
+    return None
 
 
 class TrainSection(Section):
@@ -452,6 +498,14 @@ class RunConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     ray: RaySection = Field(default_factory=RaySection)
+
+    @model_validator(mode="after")
+    def _lora_against_plan(self) -> "RunConfig":
+        # a given plan.plan brings its own rule; aletheia_ds/adapters/peft_config.py checks that one
+        problem = None if self.plan.plan else rank_scaling_conflict(self.plan.rule, self.plan.rank_scaling, self.lora)
+        if problem:
+            raise ConfigError(problem)
+        return self
 
     def require_paths(self) -> None:
         """Checks that need the file system, done once at start-up rather than at parse time."""
