@@ -35,16 +35,33 @@ def test_variant_trains_under_zero3_reloads_and_merges(tmp_path, lora):
     model_dir = save_tiny_llama(tmp_path / "model")
     out = tmp_path / "run"
     cfg = tiny_run_config(model_dir, out, lora=lora, train={"max_steps": 4})
-    run_train(cfg, tmp_path, nprocs=2)
+    run_train(cfg, tmp_path, nprocs=2, timeout=900)
 
     plan = Plan.load(out / "plan.json")
     adapter_config = json.loads((out / "adapter/adapter_config.json").read_text())
     assert adapter_config["use_dora"] == (lora.get("variant") == "dora")
     assert adapter_config["use_rslora"] == lora.get("use_rslora", False)
     ranks = {m.r for m in plan.modules}
-    if "init" in lora:  # converted to a plain LoRA of rank 2r on the original base
+    if "init" in lora:  # converted to a plain LoRA of rank 2r on the original base: [A; A0], [B, -B0]
         assert adapter_config["init_lora_weights"] is True
         assert {adapter_config["r"], *adapter_config["rank_pattern"].values()} == {2 * r for r in ranks}
+        # the starting factors PiSSA/OLoRA took from the gathered weights under ZeRO-3 are plain PEFT's own, with
+        # the same LoraConfig on the unpartitioned base (same seed: pissa_niter_K draws random projections)
+        from peft import LoraConfig, get_peft_model
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        torch.manual_seed(0)  # lora.init_seed
+        reference = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(model_dir)),
+            LoraConfig(task_type="CAUSAL_LM", init_lora_weights=lora["init"], **plan_lora_config(out)),
+        )
+        start = get_peft_model_state_dict(reference)
+        saved = load_file(str(out / "adapter/adapter_model.safetensors"))
+        assert saved.keys() == start.keys()
+        for name, first in start.items():
+            half = saved[name][first.shape[0] :] if ".lora_A." in name else -saved[name][:, first.shape[1] :]
+            assert torch.allclose(half, first, atol=1e-5), name
     else:
         assert {adapter_config["r"], *adapter_config["rank_pattern"].values()} == ranks
     rows = read_jsonl(out / "metrics.jsonl")
@@ -88,3 +105,8 @@ def test_variant_trains_under_zero3_reloads_and_merges(tmp_path, lora):
         base = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()(input_ids=ids).logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
     assert not torch.allclose(base, want, atol=1e-4)  # training moved the model: the comparison has teeth
+
+
+def plan_lora_config(out) -> dict:
+    """The LoraConfig fields the run recorded in plan.json."""
+    return json.loads((out / "plan.json").read_text())["lora_config"]
