@@ -107,7 +107,9 @@ def save_converted_adapter(
         save_file(get_peft_model_state_dict(peft_model, state_dict=initial), str(start / "adapter_model.safetensors"))
         # PEFT reads both adapters from the one state_dict it is given: the trained one by the PeftModel's names,
         # the starting one by the names inside it (LoraModel.subtract_mutated_init, no "base_model." prefix)
-        starting = {name.removeprefix("base_model.").replace(".default.", ".initial."): t for name, t in initial.items()}
+        starting = {
+            name.removeprefix("base_model.").replace(".default.", ".initial."): t for name, t in initial.items()
+        }
         both = {**state, **starting}
         with torch.random.fork_rng(devices=[]):
             shadow.save_pretrained(

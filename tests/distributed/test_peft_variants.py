@@ -87,7 +87,16 @@ def test_variant_trains_under_zero3_reloads_and_merges(tmp_path, lora):
 
     merged_dir = tmp_path / "merged"
     proc = subprocess.run(
-        [sys.executable, "-m", "aletheia_ds.cli", "export", "--model", str(model_dir), "--adapter", str(out / "adapter")]
+        [
+            sys.executable,
+            "-m",
+            "aletheia_ds.cli",
+            "export",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(out / "adapter"),
+        ]
         + ["--out", str(merged_dir), "--merge"],
         cwd=ROOT,
         env=rank_env(cpu=True),
