@@ -267,6 +267,10 @@ class PlanSection(Section):
     router_r: Rank = Field(4, description="LoRA rank on router weights (routers=lora)")
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+BASE_REWRITING_INITS = ("pissa", "olora")  # and pissa_niter_K: they subtract the adapter's start from W
+
+
 class LoraSection(Section):
     target_modules: Optional[list[str]] = Field(
         None, description="restrict to these module keys (e.g. [q_proj, v_proj]); default: every attention/MLP linear"
@@ -304,9 +308,21 @@ class LoraSection(Section):
         allowed = " | ".join([*LORA_INITS, "pissa_niter_K"])
         raise ValueError(f"{'not supported: ' + why + '; ' if why else ''}one of {allowed}")
 
+    @property
+    def rewrites_base(self) -> bool:
+        """PiSSA and OLoRA start the adapter from the top of W and subtract that start from W itself."""
+        return self.init.split("_niter_")[0] in BASE_REWRITING_INITS
 
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
-BASE_REWRITING_INITS = ("pissa", "olora")  # and pissa_niter_K: they subtract the adapter's start from W
+    @model_validator(mode="after")
+    def _init_with_variant(self) -> "LoraSection":
+        if self.variant == "dora" and self.rewrites_base:
+            # PEFT's conversion (LoraModel.subtract_mutated_init) rebuilds the A and B factors only
+            raise ValueError(
+                f"lora.init={self.init} with lora.variant=dora: the exported adapter is converted back to the "
+                "original base (PEFT path_initial_model_for_weight_conversion), which keeps no DoRA magnitude; "
+                "choose one of them"
+            )
+        return self
 
 
 def rank_scaling_conflict(rule: str, rank_scaling: Optional[str], lora: "LoraSection") -> Optional[str]:
@@ -314,8 +330,8 @@ def rank_scaling_conflict(rule: str, rank_scaling: Optional[str], lora: "LoraSec
     if lora.use_rslora and rule == "cut" and rank_scaling == "rslora":
         return (
             "lora.use_rslora=true: plan.rule=cut with plan.rank_scaling=rslora already gives alpha = 2 sqrt(min_r r), "
-            "so alpha/sqrt(r) would make the scale grow with r again; set plan.rank_scaling=standard (alpha = 2r, "
-            "scale 2 sqrt(r)) or lora.use_rslora=false"
+            "so rsLoRA's alpha/sqrt(r) on top would leave one scale, 2 sqrt(min_r), at every rank; set "
+            "plan.rank_scaling=standard (alpha = 2r, scale 2 sqrt(r)) or lora.use_rslora=false"
         )
     return None
 

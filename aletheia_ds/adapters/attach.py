@@ -26,7 +26,7 @@ from ..arch import find_moe_block, get_submodule
 from ..config import ConfigError, LoraSection
 from ..plan import Plan
 from .experts import attach_expert_lora, expert_lora_deltas, expert_lora_problems
-from .peft_config import build_lora_config, by_parameter, parameter_ranks, rewrites_base
+from .peft_config import build_lora_config, by_parameter, parameter_ranks
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -76,7 +76,7 @@ def attach(model: nn.Module, plan: Plan, section: LoraSection | None = None):
         if any(block.style == "megablocks" for block in plan.moe.values()):
             attach_expert_lora(peft_model, plan)
     verify_adapters(peft_model, plan, section=section)
-    if rewrites_base(section):
+    if section.rewrites_base:
         keep_initial_factors(peft_model)
     return peft_model
 

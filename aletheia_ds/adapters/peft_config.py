@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from ..config import BASE_REWRITING_INITS, ConfigError, LoraSection, rank_scaling_conflict
+from ..config import ConfigError, LoraSection, rank_scaling_conflict
 from ..io import write_json_atomic
 from ..plan import Plan, PlannedModule
 
@@ -97,11 +97,6 @@ def lora_config_fields(plan: Plan) -> dict:
     return fields
 
 
-def rewrites_base(section: LoraSection) -> bool:
-    """PiSSA and OLoRA start the adapter from the top of W and subtract that start from W itself."""
-    return section.init.split("_niter_")[0] in BASE_REWRITING_INITS
-
-
 def variant_fields(section: LoraSection) -> dict:
     """The LoraConfig fields of lora.variant / lora.use_rslora / lora.init."""
     return {
@@ -137,13 +132,7 @@ def check_variant(plan: Plan, section: LoraSection, fields: dict) -> None:
             "this MoE plan adapts expert banks, routers or MoE-layer MLPs as parameters (target_parameters); "
             f"set {special[0]} back"
         )
-    if rewrites_base(section) and section.variant == "dora":
-        # PEFT's conversion (LoraModel.subtract_mutated_init) rebuilds the A and B factors only
-        raise ConfigError(
-            f"lora.init={section.init} with lora.variant=dora: the exported adapter is converted back to the original "
-            "base (PEFT path_initial_model_for_weight_conversion), which keeps no DoRA magnitude; choose one of them"
-        )
-    if rewrites_base(section) and section.use_rslora and (fields["rank_pattern"] or fields["alpha_pattern"]):
+    if section.rewrites_base and section.use_rslora and (fields["rank_pattern"] or fields["alpha_pattern"]):
         raise ConfigError(
             f"lora.init={section.init} with lora.use_rslora=true: PEFT cannot convert the trained adapter back to the "
             "original base when ranks differ per module (rank_pattern); set lora.use_rslora=false or give "
