@@ -277,6 +277,11 @@ class LoraSection(Section):
     )
     dropout: Share = Field(0.0, description="lora_dropout")
     init_seed: Seed = Field(0, description="seed for the adapter's initial weights (same on every rank)")
+    expert_forward: Literal["routed", "peft"] = Field(
+        "routed",
+        description="expert LoRA on fused banks: routed (on each planned expert's routed tokens, grouped GEMM) "
+        "or peft (PEFT's whole-bank W + BA each step); same saved adapter",
+    )
     variant: Literal["lora", "dora"] = Field(
         "lora",
         description="lora: plain LoRA; dora: weight-decomposed LoRA (PEFT use_dora: a trained magnitude per output "
@@ -357,6 +362,17 @@ class TrainSection(Section):
     max_grad_norm: FiniteNonNegative = Field(1.0, description="gradient clipping (0: off)")
     seed: Seed = Field(42, description="data order and dropout seed")
     gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
+    no_recompute_layers: Union[int, Literal["auto"]] = Field(
+        0,
+        description="with gradient_checkpointing: the top N adapted layers keep their activations instead of "
+        "recomputing them (0: every adapted layer recomputes); auto: after the first step, as many as the GPU "
+        "memory left below the measured peak holds (cost.layer_activation_bytes per layer)",
+    )
+    liger: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Liger kernels (pip install 'aletheia-ds[liger]'): fused linear cross-entropy, RMSNorm, SwiGLU, "
+        "RoPE, for llama/mistral/qwen2/qwen3; auto: on when installed, on CUDA, for those families",
+    )
     frozen_prefix: bool = Field(True, description="run layers below the lowest adapted layer under no_grad")
     compile: bool = Field(False, description="torch.compile the adapted layers (ZeRO stage 0-2)")
     prefix_cache: bool = Field(
@@ -399,6 +415,13 @@ class TrainSection(Section):
     @classmethod
     def _report_to(cls, v: list[str]) -> list[str]:
         return list(dict.fromkeys(v))  # each backend once
+
+    @field_validator("no_recompute_layers")
+    @classmethod
+    def _no_recompute_layers(cls, v: Union[int, str]) -> Union[int, str]:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"must be >= 0 or auto, got {v}")
+        return v
 
     @field_validator("resume")
     @classmethod

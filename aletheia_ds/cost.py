@@ -272,3 +272,28 @@ def measurement_plans(num_layers: int, module_shapes: dict[str, list[int]]) -> d
         "upper_half_r64": layers(range(half, num_layers), 64),
         "top_layer_one_module_r16": [(top, UNIFORM_RANK, *shapes[0])],
     }
+
+
+def layer_activation_bytes(
+    hidden: int, intermediate: int, kv_dim: int, tokens: int, dtype_bytes: int = 2, lora_ranks: int = 0
+) -> int:
+    """GPU memory a dense decoder layer with LoRA keeps for its backward when it is not checkpointed.
+
+    Per token, what autograd saves: the two norms' inputs and outputs (4 hidden; the outputs are the inputs
+    of q/k/v and gate/up and of their LoRA A), the attention's q, output and k/v (2 hidden + 2 kv; flash/SDPA
+    keep no S x S matrix), the MLP's gate and up outputs, the activation and the down projection's input
+    (4 intermediate), and each adapter's A output (`lora_ranks`: the layer's ranks summed). A checkpointed
+    layer keeps only its input, so this is what stopping its recompute costs. tests/unit/test_recompute.py
+    checks it against the bytes autograd saves.
+    """
+    return (6 * hidden + 2 * kv_dim + 4 * intermediate + lora_ranks) * tokens * dtype_bytes
+
+
+def layers_without_recompute(
+    free_bytes: float, per_layer_bytes: float, adapted_layers: int, margin: float = 1.25
+) -> int:
+    """How many adapted layers can keep their activations in `free_bytes` (the memory a fully checkpointed step
+    left unused), each costing `per_layer_bytes` times `margin` (the estimate's error, allocator rounding)."""
+    if per_layer_bytes <= 0 or free_bytes <= 0:
+        return 0
+    return max(0, min(adapted_layers, int(free_bytes // (per_layer_bytes * margin))))

@@ -1,7 +1,8 @@
 """Execution of a plan: the adapters attached and the model made to run them cheaply, in one place.
 
 `prepared(model, plan, layout, options)` attaches the plan's adapters and applies what `ExecutionOptions`
-asks for (adapter dtype, checkpointing of the adapted span, frozen prefix, prefix cache, compiled span);
+asks for (adapter dtype, checkpointing of the adapted span or of its lower part, frozen prefix, prefix cache,
+compiled span, Liger kernels);
 on exit the base model is as it was. The training run (train.py, under DeepSpeed), the timing harness
 (speed.py) and single-device studies with a plain torch optimizer all prepare a model through it.
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 from .adapters.attach import attach
 from .arch import Layout
 from .config import LoraSection
+from .kernels import LigerKernels
 from .plan import Plan
 
 
@@ -249,6 +251,11 @@ class ExecutionOptions:
     input_require_grads: bool = False
     prefix_cache: bool = False  # PrefixCache: the caller names each micro-batch's examples with begin()
     compile_layers: bool = False  # regional torch.compile of the adapted span
+    # under checkpointing, the top N adapted layers keep their activations (no recompute); PreparedModel.set_recompute
+    no_recompute_layers: int = 0
+    liger: bool = False  # Liger kernels (kernels.LigerKernels); train.liger resolved by kernels.resolve_liger
+    # ZeRO-3: gathers partitioned weights read outside their module's forward (liger's fused loss reads the LM head)
+    gather: Optional[Callable] = None
 
 
 @dataclass
@@ -260,6 +267,8 @@ class PreparedModel:
     options: ExecutionOptions
     frozen_prefix: Optional[FrozenPrefix] = None
     prefix_cache: Optional[PrefixCache] = None
+    liger: Optional[LigerKernels] = None
+    lowest_adapted_layer: int = 0
 
     @classmethod
     def apply(cls, model: nn.Module, plan: Plan, layout: Layout, options: ExecutionOptions) -> "PreparedModel":
@@ -279,6 +288,9 @@ class PreparedModel:
 
     def _prepare(self, lowest_adapted_layer: int) -> None:
         options, base = self.options, self.base
+        self.lowest_adapted_layer = lowest_adapted_layer
+        if options.liger:
+            self.liger = LigerKernels(base, options.gather).apply()
         if options.adapter_dtype is not None:
             for name, p in self.peft_model.named_parameters():
                 if "lora_" in name:
@@ -289,10 +301,25 @@ class PreparedModel:
             base.enable_input_require_grads()
         if options.frozen_prefix:
             self.frozen_prefix = FrozenPrefix(self.peft_model, self.layers_path, lowest_adapted_layer).apply()
+        if options.checkpointing and options.no_recompute_layers:
+            self.set_recompute(options.no_recompute_layers)
         if options.compile_layers:
             compile_adapted_layers(base, self.layers_path, lowest_adapted_layer)
         if options.prefix_cache:
             self.prefix_cache = PrefixCache(self.peft_model, self.layers_path, lowest_adapted_layer).apply()
+
+    def set_recompute(self, no_recompute_layers: int) -> list[int]:
+        """Under checkpointing: the top `no_recompute_layers` adapted layers run without it (their activations kept,
+        no recompute), the rest of the adapted span with it; the frozen prefix stays as it is. Loss and gradients
+        do not change (non-reentrant checkpointing recomputes exactly). Returns the layers that no longer recompute.
+        May be called between steps (train.no_recompute_layers=auto decides after the first)."""
+        layers = self.base.get_submodule(self.layers_path)
+        span = range(self.lowest_adapted_layer, len(layers))
+        kept = list(span)[len(span) - min(no_recompute_layers, len(span)) :]
+        for index in span:
+            if hasattr(layers[index], "gradient_checkpointing"):
+                layers[index].gradient_checkpointing = self.options.checkpointing and index not in kept
+        return kept
 
     def undo(self) -> None:
         """Everything `apply` did, in reverse: the adapters are removed (PEFT unload, no merge) and the base
@@ -308,6 +335,8 @@ class PreparedModel:
         if self.options.compile_layers:
             for layer in base.get_submodule(self.layers_path):
                 layer._compiled_call_impl = None  # drop the compiled wrapper (nn.Module.compile sets it)
+        if self.liger is not None:
+            self.liger.remove()
         device = next(base.parameters()).device
         self.peft_model.unload()
         if device.type == "cuda":

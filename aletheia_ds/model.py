@@ -36,6 +36,11 @@ def _model_config(section: ModelSection):
         ) from None
 
 
+def model_type(section: ModelSection) -> str:
+    """The config's model_type ("qwen2"), read before any weight is loaded."""
+    return _model_config(section).model_type
+
+
 def check_sequence_lengths(section: ModelSection, lengths: dict[str, int]) -> None:
     """Refuse sequence lengths past the model's position limit before anything heavy is loaded.
 

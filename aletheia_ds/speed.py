@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .arch import Layout
+from .config import LoraSection
 from .cost import AdapterShape, CostModel, measurement_plans
 from .execution import ExecutionOptions, prepared
 from .plan import Plan, PlannedModule
@@ -77,6 +78,7 @@ def time_plan(
     adapter_dtype: torch.dtype | None = None,
     compile_layers: bool = False,
     prefix_cache: bool = False,
+    lora: LoraSection | None = None,
 ) -> StepTiming:
     """Attach `plan`, run warm-up + timed optimizer steps on `batch`, detach. Median seconds per step.
 
@@ -84,6 +86,7 @@ def time_plan(
     """
     device = next(model.parameters()).device
     options = ExecutionOptions(
+        lora=lora or LoraSection(),
         adapter_dtype=adapter_dtype,
         checkpointing=checkpointing,
         frozen_prefix=frozen_prefix,

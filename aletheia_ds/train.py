@@ -48,7 +48,7 @@ from .config import (
     exit_code,
     load_config,
 )
-from .cost import CostModel
+from .cost import CostModel, layer_activation_bytes, layers_without_recompute
 from .dist import (
     DistContext,
     distributed,
@@ -61,8 +61,9 @@ from .dist import (
 from .evaluate import held_out_loss
 from .execution import ExecutionOptions, PrefixCache, PrefixCacheError, PreparedModel
 from .io import OutputLock, save_safetensors_atomic, write_json_atomic
+from .kernels import resolve_liger
 from .metrics import check_backends, open_metrics
-from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model
+from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model, model_type
 from .model import fingerprint as model_fingerprint
 from .plan import Plan, make_plan
 from .probe.report import ProbeReport
@@ -247,6 +248,7 @@ class Run:
     stop_signal: StopSignal = field(default_factory=StopSignal)
     _fingerprints: Optional[dict] = None
     observer: RunObserver = field(default_factory=RunObserver)
+    liger: bool = False  # train.liger as resolved for this model and device
 
     # ---------------------------------------------------------------- setup
     @classmethod
@@ -261,6 +263,7 @@ class Run:
             cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code, cfg.data.chat_template
         )
         check_vocabulary(cfg.model, tokenizer)
+        liger = resolve_liger(cfg.train.liger, ctx.device.type, model_type(cfg.model))  # refused before any work
         log = print0
         load = data_mod.load_examples
         if cfg.data.cache_dir:  # tokenize once per node (or per job), memory-map on every rank
@@ -311,7 +314,9 @@ class Run:
         )
         observer = observer or RunObserver()
         observer.started(ctx, model)
-        run = cls(ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, observer=observer)
+        run = cls(
+            ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, observer=observer, liger=liger
+        )
         held, total = held_parameter_elements(model)
         run.results.seconds["build"] = build_seconds
         run.results.peak_memory_gib["build"] = ctx.peak_memory_gib()
@@ -508,6 +513,10 @@ class Run:
                 "train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
                 "layers while gathering parameters collectively); use ZeRO stage 0-2"
             )
+        print0(f"liger kernels: {'on' if self.liger else 'off'} (train.liger={str(train.liger).lower()})")
+        no_recompute = train.no_recompute_layers if isinstance(train.no_recompute_layers, int) else 0
+        if train.gradient_checkpointing and no_recompute:
+            print0(f"recompute: the top {no_recompute} adapted layers keep their activations")
         # adapter dtype left to PEFT: the DeepSpeed engine casts the trainable parameters itself; checkpointing
         # set again here because the probe switched its own off
         return ExecutionOptions(
@@ -516,6 +525,41 @@ class Run:
             frozen_prefix=train.frozen_prefix,
             prefix_cache=prefix_cache,
             compile_layers=train.compile,
+            no_recompute_layers=no_recompute,
+            liger=self.liger,
+            gather=self.ctx.gathered if self.ctx.zero3 else None,
+        )
+
+    def choose_no_recompute(self) -> None:
+        """train.no_recompute_layers=auto, after the first step (every adapted layer checkpointed): the top layers
+        that the GPU memory left below the highest rank's peak can hold stop recomputing. Every rank decides the same
+        (the peaks are all-gathered), as ZeRO-3's collective gathers follow the layers' order of work."""
+        peaks = self.ctx.peak_memory_gib()
+        if peaks is None or not self.cfg.train.gradient_checkpointing:
+            return
+        config = self.execution.base.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        per_layer = layer_activation_bytes(
+            hidden,
+            getattr(config, "intermediate_size", None) or 4 * hidden,
+            kv_heads * head_dim,
+            self.cfg.train.micro_batch_size * self.cfg.data.seq_len,
+            torch.finfo(resolve_dtype(self.cfg.model.dtype, self.ctx.device)).bits // 8,
+            max(
+                sum(m.r for m in self.training.plan.modules if m.layer == layer) for layer in self.training.plan.layers
+            ),
+        )
+        total = torch.cuda.get_device_properties(self.ctx.device).total_memory
+        free = total * 0.95 - max(peaks) * 2**30  # 5% of the device left to the allocator's fragmentation
+        span = self.layout.num_layers - self.execution.lowest_adapted_layer
+        count = layers_without_recompute(free, per_layer, span)
+        kept = self.execution.set_recompute(count)
+        print0(
+            f"recompute: {len(kept)} of {span} adapted layers keep their activations (peak {max(peaks):.1f} GiB of "
+            f"{total / 2**30:.1f}, about {per_layer / 2**30:.2f} GiB per layer)"
         )
 
     def prepare_training(self, plan: Plan, resume: Optional[Checkpoint] = None) -> None:
@@ -628,6 +672,8 @@ class Run:
         if row is not None or saved is not None:
             self.observer.step(row or {"step": step + 1}, saved)
         self.steps_done = step + 1
+        if step == training.start_step and self.cfg.train.no_recompute_layers == "auto":
+            self.choose_no_recompute()
 
     def stop_if_asked(self, step: int) -> None:
         """After step `step`: when any rank has had SIGTERM, every rank learns it from one all-reduce, a

@@ -123,10 +123,11 @@ MOE_SHAPES: dict[str, dict] = {
         max_position_embeddings=8192,
         tie_word_embeddings=False,
     ),
-    # CPU smoke shape (tools/bench_moe.py --smoke), not a released model
+    # CPU smoke shape (tools/bench_moe.py --smoke), not a released model; vocab 600: the shipped tokenizer's
+    # 512 ids fit (the peer arm trains on its text)
     "tiny-moe": dict(
         model_type="qwen3_moe",
-        vocab_size=128,
+        vocab_size=600,
         hidden_size=64,
         intermediate_size=128,
         moe_intermediate_size=32,

@@ -7,8 +7,9 @@ random_init), and what loading it cost, from the job's own eval.json:
   peak host RSS per rank            (peak_host_rss_gib_by_rank, taken right after the load)
   base weights held per rank        (base_parameters.held_by_rank: elements of the frozen base on that rank)
 and, for scale, the seconds to read the checkpoint's bytes once (`--read-once`: sequential reads of every
-shard; run it on a cold page cache for a fair number). Goal (issue 18): no rank above ~1/world_size of the
-model plus one shard; load within 2x of one read. Writes load.json and load.md in --out.
+shard). `--cold` evicts the shards from the page cache before the read and again before the job, so both
+numbers are cold reads (no root needed: posix_fadvise DONTNEED on each file). Goal (issue 18): no rank
+above ~1/world_size of the model plus one shard; load within 2x of one read. Writes load.json and load.md in --out.
 
   --cpu   smoke run on CPU ranks over gloo (tests/distributed/test_sharded_load.py), float32
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,18 @@ from _common import ROOT, add_job_args, finish_job_args, run_logged  # first: it
 from bench_scale import launcher, run_config, write_data
 
 from aletheia_ds.io import write_json_atomic, write_text_atomic
+
+
+def evict_from_page_cache(model_dir: Path) -> int:
+    """Drop the shards' cached pages (they were just written or read), so the next read comes from the disk."""
+    shards = sorted(model_dir.glob("*.safetensors"))
+    for path in shards:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return len(shards)
 
 
 def read_once_seconds(model_dir: Path) -> tuple[float, int]:
@@ -43,6 +57,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     add_job_args(parser, steps=3, micro_batch=1, seq_len=512, probe_batches=1, timeout=3600)
     parser.add_argument("--read-once", action="store_true", help="also time one sequential read of the shards")
+    parser.add_argument("--cold", action="store_true", help="evict the shards from the page cache before each read")
     args = finish_job_args(parser.parse_args())
     import yaml
 
@@ -55,7 +70,11 @@ def main() -> None:
     config["model"]["random_init"] = False
     config["train"]["output_dir"] = str(out / "run")
     (out / "run.yaml").write_text(yaml.safe_dump(config))
+    if args.cold:
+        evict_from_page_cache(model_dir)
     read_seconds, read_bytes = read_once_seconds(model_dir) if args.read_once else (None, None)
+    if args.cold:
+        evict_from_page_cache(model_dir)
     started = time.perf_counter()
     run_logged(
         launcher(args, str(ROOT / "launch/train.py"), ["--config", str(out / "run.yaml"), *args.set]),
@@ -77,6 +96,7 @@ def main() -> None:
         "load_seconds": results["seconds"]["build"],
         "read_once_seconds": read_seconds,
         "read_bytes": read_bytes,
+        "cold_page_cache": args.cold,
         "peak_host_rss_gib_by_rank": results["peak_host_rss_gib_by_rank"],
         "base_parameters_total": results["base_parameters"]["total"],
         "base_parameters_held_by_rank": held,

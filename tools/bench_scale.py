@@ -286,6 +286,21 @@ def summarize(arm: str, run_dir: Path, config: dict, args, link: dict | None, ds
     return summary
 
 
+def arm_spec(text: str) -> str:
+    """An --arms entry: a job or peer arm, a job arm optionally with `:key=value,key=value` overrides of its own."""
+    base, _, own = text.partition(":")
+    if base not in ARMS and base not in PEER_ARMS:
+        raise argparse.ArgumentTypeError(f"unknown arm {base!r}; arms: {', '.join([*ARMS, *PEER_ARMS])}")
+    if own and (base in PEER_ARMS or not all("=" in o for o in own.split(","))):
+        raise argparse.ArgumentTypeError(f"{text!r}: only job arms take overrides, as ARM:key=value,key=value")
+    return text
+
+
+def arm_dir(out: Path, arm: str) -> Path:
+    """An arm's run directory: its name, overrides included, in file-name characters."""
+    return out / "".join(c if c.isalnum() or c in "._-" else "_" for c in arm)
+
+
 def peer_command(args, arm: str, run_dir: Path, out: Path) -> list[str]:
     """The launcher command of a peer arm: tools/peer_trainer.py on the same model, data and tokens per GPU."""
     script_args = [
@@ -421,7 +436,14 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="override the number of decoder layers")
     add_job_args(parser, steps=20, micro_batch=4, seq_len=1024, probe_batches=2, timeout=1800)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--arms", nargs="+", choices=[*ARMS, *PEER_ARMS], default=list(ARMS))
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        type=arm_spec,
+        default=list(ARMS),
+        help=f"{', '.join([*ARMS, *PEER_ARMS])}; a job arm may carry overrides of its own, as a lever measured on/off "
+        "in one table: uniform:train.liger=false,train.no_recompute_layers=4",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--link-rate", action="store_true", help="time NCCL all-gathers first")
@@ -471,15 +493,24 @@ def main() -> None:
     probe_report = (
         Path(args.probe_report)
         if args.probe_report
-        else next((out / a["arm"] / "probe.json" for a in summaries if (out / a["arm"] / "probe.json").is_file()), None)
+        else next(
+            (
+                arm_dir(out, a["arm"]) / "probe.json"
+                for a in summaries
+                if (arm_dir(out, a["arm"]) / "probe.json").is_file()
+            ),
+            None,
+        )
     )
     for arm in args.arms:
-        run_dir = out / arm
+        run_dir = arm_dir(out, arm)
         run_dir.mkdir(exist_ok=True)
         peer = arm in PEER_ARMS
         for stale in run_dir.glob("failed_rank*.json"):
             stale.unlink()
-        overrides = [f"train.output_dir={run_dir}", *([] if peer else arm_overrides(arm)), *args.set]
+        base, _, own = arm.partition(":")
+        own_overrides = [o for o in own.split(",") if o]
+        overrides = [f"train.output_dir={run_dir}", *([] if peer else arm_overrides(base)), *args.set, *own_overrides]
         if probe_report is not None:
             overrides.append(f"probe.report={probe_report}")
         started = time.perf_counter()

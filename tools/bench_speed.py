@@ -9,7 +9,11 @@ Side by side, one run, same shape/data/seed, random weights of the real shape, b
                    under checkpointing), to show what the frozen prefix adds
   budget_compiled  the budgeted plan with torch.compile on the adapted layers (--compile)
   budget_cached    the budgeted plan in a later epoch with the prefix cache (prefix output stored, replayed)
-each without and with gradient checkpointing. Per row: median step time over >= 10 steps after warm-up,
+  peer             with --peer: the peer stack (tools/peer_trainer.py: transformers Trainer + PEFT LoRA r16 on every
+                   layer + DeepSpeed ZeRO-3, --peer-ds-config) on the same shape, batch and GPU, launched as its own
+                   process after the other rows (same as tools/bench_scale.py's peer arms; its data are
+                   bench_scale.write_data's packed text, not these random ids)
+each without and with gradient checkpointing (the peer: with). Per row: median step time over >= 10 steps after warm-up,
 tokens/s, peak memory, predicted vs measured step time, net speedup over uniform including the probe over
 1000 steps. Also: probe seconds vs a chunked full-weight-gradient probe (8 layers unfrozen at a time,
 .grad norms) on the same batches. Writes bench_speed.json, bench_speed.md and bench_speed.png.
@@ -19,12 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from _common import SHAPES, arm_section, model_config, random_model  # first: it puts this checkout on sys.path
+from _common import (  # first: it puts this checkout on sys.path
+    PEER_ARMS,
+    ROOT,
+    SHAPES,
+    arm_section,
+    model_config,
+    random_model,
+    run_logged,
+    write_config,
+)
 
 from aletheia_ds.arch import describe
 from aletheia_ds.cost import CostModel
@@ -201,6 +215,44 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
     return result
 
 
+def run_peer(name: str, args, out: Path, log) -> dict:
+    """The peer arm on one GPU: tools/peer_trainer.py under the DeepSpeed launcher; its summary.json, or the reason
+    it failed (out of memory, anything raised)."""
+    from bench_scale import failure_reason, write_data
+
+    from aletheia_ds.launchers.deepspeed import deepspeed_command, free_port
+
+    run_dir = out / f"peer_{name}"
+    (run_dir / "model").mkdir(parents=True, exist_ok=True)
+    write_config(name, run_dir / "model")
+    steps = args.steps + args.warmup
+    write_data(run_dir / "train.jsonl", int((steps + 2) * args.batch_size * args.seq_len * 1.2), seed=0)
+    script_args = ["--arm", args.peer, "--model", str(run_dir / "model"), "--train", str(run_dir / "train.jsonl")]
+    script_args += ["--ds-config", str(ROOT / PEER_ARMS[args.peer]), "--out", str(run_dir), "--steps", str(steps)]
+    script_args += ["--warmup", str(args.warmup), "--micro-batch", str(args.batch_size), "--seq-len", str(args.seq_len)]
+    cpu = not torch.cuda.is_available()
+    cmd = deepspeed_command(
+        str(ROOT / "tools/peer_trainer.py"),
+        script_args + (["--cpu"] if cpu else []),
+        num_gpus=1,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+        interpreter_runner=True,
+    )
+    try:
+        run_logged(cmd, run_dir / "log.txt", cpu=cpu, timeout=args.peer_timeout)
+    except (SystemExit, subprocess.TimeoutExpired) as err:
+        reason = failure_reason(run_dir, err)
+        log(f"[{name}] peer ({args.peer}): failed: {reason}")
+        return {"arm": args.peer, "failed": reason}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    log(
+        f"[{name}] peer ({args.peer}): {summary['step_seconds'] * 1000:.1f} ms/step, "
+        f"{summary['tokens_per_s_per_gpu']:,.0f} tok/s"
+    )
+    return summary
+
+
 def markdown(results: list[dict]) -> str:
     lines = [
         "| shape | checkpointing | row | layers (lowest) | ms/step | pred. ms | tokens/s | peak GiB | speedup "
@@ -216,6 +268,19 @@ def markdown(results: list[dict]) -> str:
                     f"{r['predicted_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_gib']:.1f} | "
                     f"{r['speedup_vs_uniform']:.2f}x | {r['net_speedup_1000_steps']:.2f}x |"
                 )
+    for res in results:
+        peer = res.get("peer")
+        if peer and "failed" in peer:
+            lines.append(f"| {res['shape']} | on | peer: {peer['arm']} | failed: {peer['failed']} | | | | | | |")
+        elif peer:
+            uniform = res["modes"].get("checkpointing", {}).get("rows", {}).get("uniform")
+            speedup = f"{uniform['median_step_s'] / peer['step_seconds']:.2f}x" if uniform else "–"
+            peak = max(peer["peak_memory_gib"]["train"] or [float("nan")])
+            lines.append(
+                f"| {res['shape']} | on | peer: {peer['arm']} (Trainer + PEFT + ZeRO-3) | "
+                f"{peer['layers_adapted']} (0) | {peer['step_seconds'] * 1000:.1f} | – | "
+                f"{peer['tokens_per_s_per_gpu']:,.0f} | {peak:.1f} | {speedup} | – |"
+            )
     lines += [
         "",
         "| shape | probe s (batches) | chunked reference s | probe speedup | probe / uniform step per batch |",
@@ -271,6 +336,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--budget-mlp-r", type=int, default=64)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--peer", choices=sorted(PEER_ARMS), help="also run this peer arm (tools/peer_trainer.py)")
+    parser.add_argument("--peer-timeout", type=float, default=1800, help="seconds for the peer arm")
     parser.add_argument("--moe-shape", help="also run tools/bench_moe.py on this MoE shape (e.g. qwen3-30b-a3b)")
     parser.add_argument("--moe-layers", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, few steps")
@@ -288,6 +355,8 @@ def main() -> None:
     results = []
     for name in args.shapes:
         results.append(run_shape(name, args, device, dtype, log))
+        if args.peer:
+            results[-1]["peer"] = run_peer(name, args, out, log)
         blob = {"device": device_name(), "torch": torch.__version__, "command": " ".join(sys.argv), "results": results}
         (out / "bench_speed.json").write_text(json.dumps(blob, indent=1))  # after each shape: partial results survive
         (out / "bench_speed.md").write_text(markdown(results))

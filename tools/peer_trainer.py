@@ -1,7 +1,7 @@
 """deepspeed --num_gpus 2 tools/peer_trainer.py --model M --train D --ds-config ds_configs/peer_zero3_stock.json --out O
 
 The peer stack, as LLaMA-Factory and axolotl run it underneath: transformers `Trainer` + PEFT `LoraConfig`
-(every decoder layer, r16, alpha 32, every attention/MLP linear) + DeepSpeed ZeRO-3 through
+(every decoder layer, r16, alpha 32, every attention/MLP linear and MoE expert bank) + DeepSpeed ZeRO-3 through
 `TrainingArguments(deepspeed=...)`. The model directory holds config.json only: the random weights are built
 under zero.Init by transformers' own HfDeepSpeedConfig path (TrainingArguments with a ZeRO-3 config first,
 then `from_config`). The data is the job's: the shipped tokenizer, packed to --seq-len (aletheia_ds.data), one
@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from aletheia_ds.arch import describe
 from aletheia_ds.cost import lora_step_flops_per_token
-from aletheia_ds.data import collate, load_examples, load_tokenizer, pack
+from aletheia_ds.data import IGNORE, Example, collate, load_examples, load_tokenizer
 from aletheia_ds.dist import held_parameter_elements, peak_host_rss_gib
 from aletheia_ds.io import write_json_atomic
 
@@ -56,6 +56,23 @@ def arguments(argv=None):
     parser.add_argument("--cpu", action="store_true", help="CPU ranks over gloo, float32")
     parser.add_argument("--local_rank", type=int, default=0, help="set by the deepspeed launcher")
     return parser.parse_args(argv)
+
+
+def chunked_rows(examples, seq_len: int) -> list[Example]:
+    """Every example's tokens one after another, cut into rows of exactly seq_len (the last partial row dropped):
+    the peers' packing (transformers' run_clm `group_texts`, LLaMA-Factory's pre-training packing), so each step
+    carries micro_batch x seq_len tokens whatever the examples' lengths. Position ids run on across examples as
+    theirs do; an example's first token is not predicted from the one before it."""
+    ids: list[int] = []
+    labels: list[int] = []
+    rows = []
+    for ex in examples:
+        ids += ex.input_ids
+        labels += [IGNORE, *ex.labels[1:]]
+        while len(ids) >= seq_len:
+            rows.append(Example(ids[:seq_len], labels[:seq_len], None))
+            ids, labels = ids[seq_len:], labels[seq_len:]
+    return rows
 
 
 class StepTimer(TrainerCallback):
@@ -178,11 +195,7 @@ def run(args) -> dict:
         accelerator_config={"use_configured_state": not cuda},
     )
     tokenizer = load_tokenizer(args.tokenizer)
-    rows = [
-        ex
-        for ex in pack(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
-        if len(ex.input_ids) == args.seq_len
-    ]  # full rows only: every step carries the same tokens
+    rows = chunked_rows(load_examples(args.train, tokenizer, args.seq_len, log=lambda m: None), args.seq_len)
     if len(rows) < args.micro_batch * world:  # fewer than the steps need is fine: the Trainer runs more epochs
         raise SystemExit(
             f"error: --train: {len(rows)} rows of {args.seq_len} tokens, one step needs {args.micro_batch * world}"
@@ -197,6 +210,14 @@ def run(args) -> dict:
     held, total = held_parameter_elements(model)
     layout = describe(model)
     targets = sorted({t.path.rsplit(".", 1)[-1] for targets in layout.layer_targets for t in targets})
+    # MoE: every expert bank through PEFT's target_parameters (what PEFT turns the peers' expert projection
+    # names into on transformers 5), and the MoE blocks as ZeRO-3 leaves, as LLaMA-Factory sets them
+    # (model/model_utils/moe.py add_z3_leaf_module)
+    banks = [f"{layout.layers_path}.{i}.{b.path}" for i, _, _ in layout.iter_moe(model) for b in layout.moe[i].banks]
+    if banks:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, layout.moe_block_classes(model))
     model = get_peft_model(
         model,
         LoraConfig(
@@ -206,6 +227,7 @@ def run(args) -> dict:
             lora_dropout=0.0,
             bias="none",
             target_modules=targets,
+            target_parameters=banks or None,
         ),
     )
 

@@ -10,8 +10,9 @@ A and B blocks are set to exactly zero at attach. With both factors zero, that e
 both its gradients (B_e^T g x^T and g (A_e x)^T) are exactly zero, so AdamW, weight decay and clipping
 leave them at zero for the whole run: the trained and saved adapter is plain PEFT (it loads with
 PeftModel.from_pretrained) and carries non-zero weights for the planned experts only, which
-`expert_deltas` reads back. megablocks banks are not 3-D parameters; they get this package's own
-per-expert LoRA (aletheia_ds/adapters/experts.py).
+`expert_deltas` reads back. Training runs these factors on the routed tokens only (`lora.expert_forward=routed`,
+aletheia_ds/adapters/routed.py): the same parameters, without forming W + BA per bank. megablocks banks are not
+3-D parameters; they get this package's own per-expert LoRA (aletheia_ds/adapters/experts.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..config import ConfigError, LoraSection
 from ..plan import Plan
 from .experts import attach_expert_lora, expert_lora_deltas, expert_lora_problems
 from .peft_config import build_lora_config, by_parameter, parameter_ranks
+from .routed import route_expert_lora
 
 
 def check_plan_fits(model: nn.Module, plan: Plan) -> None:
@@ -73,6 +75,8 @@ def attach(model: nn.Module, plan: Plan, section: LoraSection | None = None):
             warnings.filterwarnings("ignore", message=".*pattern keys did not match any targeted module.*")
             peft_model = get_peft_model(model, build_lora_config(plan, section))
         keep_planned_experts_only(peft_model, plan)
+        if section.expert_forward == "routed":
+            route_expert_lora(peft_model, plan)
         if any(block.style == "megablocks" for block in plan.moe.values()):
             attach_expert_lora(peft_model, plan)
     verify_adapters(peft_model, plan, section=section)

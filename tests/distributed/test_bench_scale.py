@@ -14,6 +14,7 @@ from aletheia_ds.launchers.deepspeed import rank_env
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.timeout(1200)  # four job arms in two calls
 def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     out = tmp_path / "scale"
     cmd = [
@@ -62,7 +63,7 @@ def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     assert "| budget (budget) |" in (out / "scale.md").read_text()
     # a later call into the same directory adds an arm, reusing the probe; the earlier arms stay
     proc = subprocess.run(
-        cmd[: cmd.index("--arms")] + ["--arms", "paper"],
+        cmd[: cmd.index("--arms")] + ["--arms", "paper", "uniform:train.no_recompute_layers=3"],
         cwd=ROOT,
         env=rank_env(cpu=True),
         capture_output=True,
@@ -71,8 +72,16 @@ def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "scale.json").read_text())
-    assert [a["arm"] for a in result["arms"]] == ["uniform", "budget", "paper"]
+    assert [a["arm"] for a in result["arms"]] == ["uniform", "budget", "paper", "uniform:train.no_recompute_layers=3"]
     assert "probe" not in result["arms"][2]["seconds"]
+    # an arm with a lever of its own: the top 3 layers keep their activations, the losses stay the uniform arm's
+    variant = out / "uniform_train.no_recompute_layers_3"
+    assert "recompute: the top 3 adapted layers keep their activations" in (variant / "log.txt").read_text()
+    losses = {
+        name: [json.loads(line)["loss"] for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        for name in ("uniform", variant.name)
+    }
+    assert losses[variant.name] == pytest.approx(losses["uniform"], rel=1e-6)
     assert json.loads((out / "paper" / "probe.json").read_text()) == json.loads(
         (out / "uniform" / "probe.json").read_text()
     )

@@ -52,6 +52,10 @@ CASES = {
     "top_pct": (["plan.top_pct=0"], r"plan.top_pct: must be in \(0, 100\], got 0"),
     "rank": (["plan.attention_r=0"], r"plan.attention_r: rank must be > 0"),
     "unknown key": (["train.learning_rate=1"], r"unknown config key 'train.learning_rate'; did you mean 'train.lr"),
+    "liger on CPU": (
+        ["train.liger=true"],
+        r"train.liger=true: its kernels are Triton GPU kernels and this run is on cpu; set train.liger=auto or false",
+    ),
     "seq_len past the model": (
         ["data.seq_len=4096"],
         r"data.seq_len=4096 exceeds the model's max_position_embeddings=128",

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers.ranks import ROOT, run_train, save_tiny_llama, tiny_run_config
+from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
 
 from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.launchers.deepspeed import rank_env
@@ -37,3 +37,25 @@ def test_training_path_on_one_gpu_zero2_bf16_compiled(tmp_path):
     # the run computed in bf16, the reload in float32: equal up to bf16 rounding
     assert result["logits_max_abs_diff"] < 0.1, result
     assert result["adapter_loss"] < result["base_loss"]
+
+
+def test_liger_fused_loss_under_zero3_matches_unfused(tmp_path):
+    """The job on one GPU under ZeRO-3 (the LM head partitioned: its weight is an empty stub outside a gather),
+    train.liger=true against false from the same probe and plan: the same losses step by step, within bf16."""
+    pytest.importorskip("liger_kernel")
+    model_dir = save_tiny_llama(tmp_path / "model", layers=6, family="qwen2")
+    runs = {}
+    for liger in (False, True):
+        out = tmp_path / f"liger_{liger}"
+        cfg = tiny_run_config(
+            model_dir,
+            out,
+            train={"liger": liger, "gradient_checkpointing": True, "max_steps": 6},
+            **({"probe": {"report": str(tmp_path / "liger_False/probe.json")}} if liger else {}),
+        )
+        proc = run_train(cfg, tmp_path, nprocs=0, timeout=600, env=rank_env(cpu=False))
+        assert f"liger kernels: {'on' if liger else 'off'}" in proc.stdout + proc.stderr
+        runs[liger] = [row["loss"] for row in read_jsonl(out / "metrics.jsonl") if "loss" in row]
+    assert len(runs[True]) == len(runs[False]) == 6
+    for fused, plain in zip(runs[True], runs[False]):
+        assert abs(fused - plain) <= 0.02 * abs(plain), (runs[True], runs[False])

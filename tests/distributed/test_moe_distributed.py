@@ -1,9 +1,10 @@
 """MoE under real DeepSpeed ZeRO-3 on 2 CPU ranks (every parameter partitioned).
 
-One launch of tests/workers/moe_zero3_worker.py (about half a minute) serves the first three tests: per-expert
+One launch of tests/workers/moe_zero3_worker.py (about half a minute) serves the first four tests: per-expert
 probes of five MoE families equal brute-force autograd on one process; on a model whose two ranks route their tokens
 to disjoint experts, the probe still equals one process, training touches exactly the planned experts and
-the exported adapter reloads with plain PEFT; transformers-4-style blocks (only experts that receive tokens
+the exported adapter reloads with plain PEFT; the routed expert forward trains as PEFT's bank deltas do, with a
+frozen prefix below the cut; transformers-4-style blocks (only experts that receive tokens
 run) complete because the MoE blocks are ZeRO-3 leaves. A hang fails the run at its timeout.
 """
 
@@ -130,6 +131,26 @@ def test_ranks_routing_to_disjoint_experts_probe_train_and_export_exactly(zero3_
             use_cache=False,
         ).logits
     assert torch.allclose(logits, saved["logits"], atol=1e-5)
+
+
+def test_routed_expert_forward_trains_like_peft_bank_deltas_under_zero3_with_a_frozen_prefix(zero3_run):
+    """Same start, batches and plan (upper half of the layers: a frozen prefix below the cut), 2 ZeRO-3 ranks
+    routing to disjoint experts: the routed expert forward gives PEFT's losses and adapter."""
+    from safetensors.torch import load_file
+
+    out, _ = zero3_run
+    runs = {f: json.loads((out / "routed_vs_peft" / f / "run.json").read_text()) for f in ("routed", "peft")}
+    assert runs["routed"]["plan_layers"] == runs["peft"]["plan_layers"] and min(runs["routed"]["plan_layers"]) > 0
+    assert len(runs["routed"]["routed"]) == len(runs["routed"]["plan_layers"]) and runs["peft"]["routed"] == []
+    assert runs["routed"]["rank0_losses"] == pytest.approx(runs["peft"]["rank0_losses"], rel=1e-5)
+    routed, peft = (load_file(str(out / "routed_vs_peft" / f / "adapter_model.safetensors")) for f in runs)
+    assert routed.keys() == peft.keys()
+    trained_experts = [k for k in routed if "experts" in k and "lora_B" in k]
+    assert trained_experts and all(routed[k].abs().max() > 0 for k in trained_experts)
+    # AdamW divides by the gradients' running RMS, so float rounding in the near-zero gradients of some
+    # attention factors reaches the weights as ~1e-6 (one step moves them by up to lr = 0.02)
+    for key in routed:
+        assert torch.allclose(routed[key], peft[key], rtol=1e-4, atol=2e-5), key
 
 
 def test_list_expert_blocks_routing_apart_complete_as_zero3_leaves(zero3_run):

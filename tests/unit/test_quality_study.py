@@ -248,6 +248,29 @@ def test_smoke_study_end_to_end(tmp_path):
     assert report.returncode == 0, report.stderr[-2000:]
     assert (out / "table.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]  # all but the command line
 
+    # a cache restored from the published folder alone gives the same report, and the speed stage runs on it
+    restored, out2 = tmp_path / "restored", tmp_path / "quality2"
+
+    def stage(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "tools.quality", "--smoke", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    done = stage("--stage", "restore", "--out", str(out), "--cache", str(restored))
+    assert done.returncode == 0 and f"{len(runs)} runs" in done.stdout, done.stdout + done.stderr[-2000:]
+    done = stage("--stage", "report", "--out", str(out2), "--cache", str(restored))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out2 / "table.md").read_text().split("\n", 1)[1] == table.split("\n", 1)[1]
+    done = stage("--stage", "speed", "--cache", str(restored))
+    assert done.returncode == 0, done.stderr[-2000:]
+    speed_after = json.loads(next(restored.glob("speed-*.json")).read_text())
+    assert set(speed_after["shapes"]["tiny"]["arms"]) == set(results["speed"]["shapes"]["tiny"]["arms"])
+
 
 def test_production_cost_gives_the_base_the_step_time_shares_of_the_production_shape():
     """A cut at the same share of layers with the same ranks costs the base what it costs the 80-layer shape."""

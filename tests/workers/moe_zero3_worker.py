@@ -10,10 +10,13 @@ One ZeRO-3 job per rank for tests/distributed/test_moe_distributed.py:
      rank 0 probes and trains on low ids only, rank 1 on high ids only, so the ranks' tokens reach
      disjoint experts. Probe, plan (rank 0, broadcast), expert-level LoRA, a few ZeRO-3 steps, export
      the adapter and the logits of a fixed batch.
-  3. the same routing-split model with transformers-4-style blocks (experts in a ModuleList, only experts
+  3. the routed expert forward against PEFT's bank-delta forward: the same split model and batches, a plan of the
+     upper half of the layers (a frozen prefix below the cut), trained a few steps once with each
+     (`lora.expert_forward`), losses and exported adapters written to <out>/routed_vs_peft/<forward>
+  4. the same routing-split model with transformers-4-style blocks (experts in a ModuleList, only experts
      that receive tokens run): forward passes where each rank's tokens reach only its own experts
 --no-leaf skips the z3 leaf-module settings, MoE blocks and PEFT parameter adapters alike (to see what
-happens without them); --only-list runs step 3 alone.
+happens without them); --only-list runs step 4 alone.
 """
 
 import argparse
@@ -26,9 +29,11 @@ from helpers.families import ListExpertsMoe, random_batches, token_batches, with
 from aletheia_ds.adapters.attach import attach
 from aletheia_ds.adapters.export import export_adapter
 from aletheia_ds.adapters.peft_config import plan_json
+from aletheia_ds.adapters.routed import routed_expert_modules
 from aletheia_ds.arch import describe
 from aletheia_ds.config import load_config
 from aletheia_ds.dist import DistContext, distributed, gathered_parameters, print0
+from aletheia_ds.execution import ExecutionOptions, PreparedModel
 from aletheia_ds.io import save_safetensors_atomic, write_json_atomic
 from aletheia_ds.model import load_model
 from aletheia_ds.plan import make_plan
@@ -119,7 +124,8 @@ def main() -> None:
         if not leaf:
             ctx._param_adapters_as_leaves = lambda model: None
         if not args.only_list:
-            probe_and_train(ctx, cfg, models, out, leaf, started)
+            report = probe_and_train(ctx, cfg, models, out, leaf, started)
+            routed_vs_peft(ctx, cfg, models, out / "routed_vs_peft", report, started)
         list_experts_forward(ctx, cfg, models, leaf)
         ctx.barrier()
         print0(f"done at {time.perf_counter() - started:.1f} s")
@@ -174,6 +180,40 @@ def probe_and_train(ctx: DistContext, cfg, models: Path, out: Path, leaf: bool, 
         write_json_atomic(out / "plan.json", plan_json(plan))
         save_safetensors_atomic(out / "logits.safetensors", {"logits": logits.float(), **batch})
     engine.destroy()
+    return report
+
+
+def routed_vs_peft(ctx: DistContext, cfg, models: Path, out: Path, report, started: float) -> None:
+    """Step 3 of the module docstring: each expert forward trains from the same start on the same batches."""
+    plan = make_plan(report, cfg.plan.model_copy(update={"rule": "upper"}))
+    assert plan.lowest_adapted_layer > 0 and plan.experts, plan.layers
+    for forward in ("routed", "peft"):
+        model, layout = build(ctx, cfg, models / "split", leaf=True)
+        options = ExecutionOptions(lora=cfg.lora.model_copy(update={"expert_forward": forward}), frozen_prefix=True)
+        prepared = PreparedModel.apply(model, plan, layout, options)
+        assert prepared.frozen_prefix is not None
+        engine, _, _ = ctx.initialize(
+            prepared.peft_model,
+            param_groups(prepared.peft_model, 0.0),
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+            cfg.train.lr,
+        )
+        engine.train()
+        losses = []
+        for batch in split_train_batches(ctx.rank):
+            loss = engine(**batch, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        export_adapter(ctx, prepared.peft_model, out / forward)
+        if ctx.is_main:
+            routed = routed_expert_modules(prepared.peft_model)
+            write_json_atomic(
+                out / forward / "run.json", {"rank0_losses": losses, "plan_layers": plan.layers, "routed": routed}
+            )
+        print(f"rank {ctx.rank} {forward} expert forward losses {losses} at {time.perf_counter() - started:.1f} s")
+        engine.destroy()
+        del model, prepared, engine
 
 
 if __name__ == "__main__":

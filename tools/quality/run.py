@@ -11,6 +11,8 @@ Does gradient-guided layer selection keep quality, and at what speed? A controll
             each arm's best; one record per run, so a cut call keeps what finished and the next resumes
   speed     each plan's shape moved by relative depth onto the 7B and 72B shapes and timed (speed.py)
   report    paired statistics (stats.py), table.md, charts and results.json in --out (report.py; CPU)
+  restore   a cache rebuilt from a published --out (results.json, runs.json): speed and report run again
+            without the bases (restore.py)
 
     python -m tools.quality --smoke --out /tmp/quality_smoke   # every stage on CPU, tiny sizes, < 3 min
     python -m tools.quality --estimate                         # expected GPU seconds of each stage
@@ -428,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
             stage_pretrain(s, started)
         elif stage == "arms":
             stage_arms(s, started)
+        elif stage == "restore":
+            from tools.quality.restore import stage_restore
+
+            stage_restore(s, study_key(s), log)
         elif stage == "speed":
             from tools.quality.speed import stage_speed
 

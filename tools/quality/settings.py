@@ -93,6 +93,10 @@ class Settings:
     speed_batch: int = 4
     speed_seq_len: int = 1024
     speed_steps: int = 4
+    speed_from_logs: str = field(
+        default="", metadata=_help("logs of an earlier speed stage, comma-separated: its result rebuilt, nothing timed")
+    )
+    speed_device: str = field(default="NVIDIA H200", metadata=_help("the device those logs were timed on"))
 
     def names(self, what: str) -> list[str]:
         return [x for x in getattr(self, what).split(",") if x]
@@ -150,10 +154,11 @@ def parse(argv: list[str] | None, description: str) -> tuple[Settings, argparse.
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument(
         "--stage",
-        choices=["pretrain", "arms", "speed", "report", "all"],
+        choices=["pretrain", "arms", "speed", "report", "restore", "all"],
         default="all",
         help="pretrain: bases into --cache; arms: every run (resumes); speed: plan shapes at scale; "
-        "report: stats and outputs in --out (CPU); all: each in turn",
+        "report: stats and outputs in --out (CPU); restore: a cache from a published --out; "
+        "all: pretrain, arms, speed, report in turn",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: the whole pipeline in < 3 min")
     parser.add_argument("--estimate", action="store_true", help="print the expected GPU time of each stage and exit")

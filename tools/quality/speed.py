@@ -10,8 +10,8 @@ Timing is aletheia_ds.speed.time_plan (attach, frozen prefix, AdamW steps) on ra
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -53,39 +53,83 @@ def project(measured: dict[int, float], full_layers: int) -> float:
     return t0 + (t1 - t0) * (full_layers - l0) / (l1 - l0)
 
 
-def study_plans(s: Settings, key: str) -> dict[str, Plan]:
-    """base/arm -> plan for every plan of the study (random: the first seed's draw; pilot: its first run's cut)."""
-    from aletheia_ds.cost import CostModel
-    from tools.quality.arms import random_layers_like, read_records
+def plan_from_summary(summary: dict, num_layers: int, kinds: dict[str, str]) -> Plan:
+    """The plan a run recorded (arms.plan_summary: layer, module key, rank per adapter) as a Plan with the module
+    kinds `kinds` gives its keys, which is all plan.transfer_plan reads (alpha does not change a step's time)."""
+    from aletheia_ds.plan import PlannedModule
 
-    cache = Path(s.cache)
+    modules = [PlannedModule(layer, key, key, kinds[key], r, float(r)) for layer, key, r in summary["modules"]]
+    return Plan(
+        rule=summary["rule"],
+        num_layers=num_layers,
+        layers_path="layers",
+        layers=sorted({m.layer for m in modules}),
+        modules=modules,
+        score_captured=summary.get("score_captured", math.nan),
+    )
+
+
+def study_plans(s: Settings, key: str) -> dict[str, dict]:
+    """base/arm -> the plan summary of the arm's chosen run on the first seed (random: that seed's draw; pilot: the
+    cut its pilot chose, its uniform share is added later) and the base's depth. Read from the run records alone,
+    so the stage also runs on a cache restored from the published results (--stage restore)."""
+    from tools.quality.arms import read_records
+    from tools.quality.report import chosen_runs
+    from tools.quality.run import bases_table
+
+    records = read_records(Path(s.cache), key)
+    first = s.seed_list()[0]
     plans = {}
-    records = read_records(cache, key)
-    for base in s.names("bases"):
-        path = cache / "bases" / base / f"plans-{key}.json"
-        if not path.exists():
-            continue
-        prepared = json.loads(path.read_text())
-        for arm, blob in prepared["plans"].items():
-            plan = Plan.from_json(blob)
-            if arm == "random":
-                plan = random_layers_like(
-                    ProbeReport.from_json(prepared["probe"]),
-                    plan,
-                    s.seed_list()[0],
-                    CostModel.from_json(prepared["cost"]),
-                )
-            if arm == "pilot":
-                pilot = [r for r in records if r["base"] == base and r["arm"] == "pilot" and "pilot_plan_json" in r]
-                if not pilot:
-                    continue
-                plan = Plan.from_json(pilot[0]["pilot_plan_json"])  # the pilot's own uniform share is added later
-            plans[f"{base}/{arm}"] = plan
+    for base, shape in bases_table(s).items():
+        for arm, by_seed in chosen_runs(records, base, s).items():
+            run = by_seed.get(first)
+            if run is None:
+                continue
+            summary = run.get("pilot_plan", run["plan"])  # the pilot's run records the cut plan it switched to
+            plans[f"{base}/{arm}"] = {"summary": summary, "num_layers": shape["layers"]}
     return plans
+
+
+def shape_result(measured: dict[str, dict[int, float]], full: int, depths: list[int]) -> dict:
+    """base/arm -> step seconds per timed depth, projected to the full depth and divided by the base's uniform."""
+    arms = {}
+    for label, by_depth in measured.items():
+        uniform = project(measured[f"{label.split('/')[0]}/uniform"], full)
+        step = project(by_depth, full)
+        arms[label] = {"measured_s": by_depth, "projected_s": step, "ratio_to_uniform": step / uniform}
+    return {"full_layers": full, "depths": depths, "arms": arms}
+
+
+LOG_LINE = re.compile(r"^\s*(?P<shape>\S+) x (?P<depth>\d+) layers: (?P<label>\S+)\s+(?P<ms>[\d.]+) ms/step$")
+
+
+def speed_from_logs(paths: list[str], device: str) -> dict:
+    """The stage's result rebuilt from the lines it logged (`<shape> x <depth> layers: <base/arm> <ms> ms/step`), for
+    a GPU machine whose cache was gone before the JSON was copied off it; the log keeps 0.1 ms."""
+    measured: dict[str, dict[str, dict[int, float]]] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if found := LOG_LINE.match(line):
+                by_label = measured.setdefault(found["shape"], {})
+                by_label.setdefault(found["label"], {})[int(found["depth"])] = float(found["ms"]) / 1000
+    if not measured:
+        raise SystemExit(f"speed: no timing lines in {paths}")
+    table = shape_table()
+    result = {"device": device, "shapes": {}, "rebuilt_from_logs": [Path(p).name for p in paths]}
+    for name, by_label in measured.items():
+        depths = sorted({d for by_depth in by_label.values() for d in by_depth})
+        result["shapes"][name] = shape_result(by_label, table[name]["num_hidden_layers"], depths)
+    return result
 
 
 def stage_speed(s: Settings, key: str, log) -> dict:
     from tools._common import model_config, random_model
+
+    if s.speed_from_logs:
+        result = speed_from_logs(s.names("speed_from_logs"), s.speed_device)
+        write_json_atomic(Path(s.cache) / f"speed-{key}.json", result)
+        log(f"speed: {', '.join(result['shapes'])} from {s.speed_from_logs}")
+        return result
 
     device = torch.device("cuda" if torch.cuda.is_available() and s.device != "cpu" else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -105,8 +149,9 @@ def stage_speed(s: Settings, key: str, log) -> dict:
             batch = random_batch(s.speed_batch, s.speed_seq_len, table[name]["vocab_size"])
             seen: dict[tuple, float] = {}
             target = uniform_report(layout)
-            for label, study_plan in plans.items():
-                plan = transfer_plan(study_plan, target)
+            kinds = layout.to_json()["module_kinds"]
+            for label, study in plans.items():
+                plan = transfer_plan(plan_from_summary(study["summary"], study["num_layers"], kinds), target)
                 signature = tuple((m.layer, m.key, m.r) for m in plan.modules)
                 if signature not in seen:  # e.g. uniform is the same plan for both bases
                     seen[signature] = time_plan(model, layout, plan, batch, steps=s.speed_steps, warmup=2).median_s
@@ -115,13 +160,7 @@ def stage_speed(s: Settings, key: str, log) -> dict:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        arms = {}
-        for label, by_depth in measured.items():
-            base = label.split("/")[0]
-            uniform = project(measured[f"{base}/uniform"], full)
-            step = project(by_depth, full)
-            arms[label] = {"measured_s": by_depth, "projected_s": step, "ratio_to_uniform": step / uniform}
-        result["shapes"][name] = {"full_layers": full, "depths": depths, "arms": arms}
+        result["shapes"][name] = shape_result(measured, full, depths)
     write_json_atomic(Path(s.cache) / f"speed-{key}.json", result)
     return result
 
