@@ -165,6 +165,29 @@ def test_uniform_ranks_allow_olora_with_rslora():
     assert config.use_rslora and config.init_lora_weights == "olora" and not config.rank_pattern
 
 
+def test_moe_plan_takes_rslora_on_expert_banks_and_refuses_dora():
+    """Expert banks, routers and MoE-layer MLPs are PEFT parameter adapters: rsLoRA applies to them (each scale
+    checked by verify_adapters), DoRA does not and is refused before PEFT sees it."""
+    from aletheia_ds.adapters.attach import _param_wrappers
+    from aletheia_ds.probe.run import run_probe
+
+    model = tiny_model("qwen3_moe")
+    model.requires_grad_(False)
+    layout = describe(model)
+    report = run_probe(model, layout, random_batches(2, 2, 12, seed=1), lambda b: model(**b, use_cache=False).loss)
+    plan = make_plan(
+        report, PlanSection(top_pct=50, attention_r=4, mlp_r=8, expert_r=4, expert_rule="top_k", expert_top_k=2)
+    )
+    assert plan.experts
+    with pytest.raises(ConfigError, match=r"^lora.variant=dora: PEFT supports it on linear layers only"):
+        attach(copy.deepcopy(model), plan, LoraSection(variant="dora"))
+    peft_model = attach(model, plan, LoraSection(use_rslora=True))
+    wrappers = _param_wrappers(peft_model)
+    scales = {name: wrappers[name].scaling["default"] for _, _, _, name in plan.expert_banks("hf")}
+    assert scales
+    assert all(scale == pytest.approx(8.0 / 2.0) for scale in scales.values())  # alpha 8 / sqrt(r 4)
+
+
 NULL_CONTEXT = type("OneProcess", (), {"is_main": True, "gathered": lambda self, params: contextlib.nullcontext()})
 
 
