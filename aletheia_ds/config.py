@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,10 @@ class PlanSection(Section):
     router_r: Rank = Field(4, description="LoRA rank on router weights (routers=lora)")
 
 
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
+BASE_REWRITING_INITS = ("pissa", "olora")  # and pissa_niter_K: they subtract the adapter's start from W
+
+
 class LoraSection(Section):
     target_modules: Optional[list[str]] = Field(
         None, description="restrict to these module keys (e.g. [q_proj, v_proj]); default: every attention/MLP linear"
@@ -277,6 +282,63 @@ class LoraSection(Section):
         description="expert LoRA on fused banks: routed (on each planned expert's routed tokens, grouped GEMM) "
         "or peft (PEFT's whole-bank W + BA each step); same saved adapter",
     )
+    variant: Literal["lora", "dora"] = Field(
+        "lora",
+        description="lora: plain LoRA; dora: weight-decomposed LoRA (PEFT use_dora: a trained magnitude per output "
+        "row times the direction of W + BA)",
+    )
+    use_rslora: bool = Field(
+        False,
+        description="rank-stabilised scale alpha/sqrt(r) instead of alpha/r (PEFT use_rslora); not with plan.rule=cut "
+        "and plan.rank_scaling=rslora, which already puts sqrt(r) into alpha",
+    )
+    init: str = Field(
+        "default",
+        description="initial adapter weights (PEFT init_lora_weights): default (A Kaiming, B zero) | gaussian | "
+        "pissa | pissa_niter_K (K-iteration fast SVD) | olora | orthogonal; pissa and olora move the top of W into "
+        "the adapter and the export converts it back to a plain LoRA on the original base",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _init(cls, v: str) -> str:
+        if v in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", v):
+            return v
+        why = {
+            "eva": "it needs a pass over the data before training",
+            "corda": "it needs a pass over the data before training",
+            "lora_ga": "it needs a pass over the data before training",
+            "loftq": "it quantises the base model",
+        }.get(v.lower())
+        allowed = " | ".join([*LORA_INITS, "pissa_niter_K"])
+        raise ValueError(f"{'not supported: ' + why + '; ' if why else ''}one of {allowed}")
+
+    @property
+    def rewrites_base(self) -> bool:
+        """PiSSA and OLoRA start the adapter from the top of W and subtract that start from W itself."""
+        return self.init.split("_niter_")[0] in BASE_REWRITING_INITS
+
+    @model_validator(mode="after")
+    def _init_with_variant(self) -> "LoraSection":
+        if self.variant == "dora" and self.rewrites_base:
+            # PEFT's conversion (LoraModel.subtract_mutated_init) rebuilds the A and B factors only
+            raise ValueError(
+                f"lora.init={self.init} with lora.variant=dora: the exported adapter is converted back to the "
+                "original base (PEFT path_initial_model_for_weight_conversion), which keeps no DoRA magnitude; "
+                "choose one of them"
+            )
+        return self
+
+
+def rank_scaling_conflict(rule: str, rank_scaling: Optional[str], lora: "LoraSection") -> Optional[str]:
+    """The one-line refusal when lora.use_rslora would scale a plan's ranks a second time, else None."""
+    if lora.use_rslora and rule == "cut" and rank_scaling == "rslora":
+        return (
+            "lora.use_rslora=true: plan.rule=cut with plan.rank_scaling=rslora already gives alpha = 2 sqrt(min_r r), "
+            "so rsLoRA's alpha/sqrt(r) on top would leave one scale, 2 sqrt(min_r), at every rank; set "
+            "plan.rank_scaling=standard (alpha = 2r, scale 2 sqrt(r)) or lora.use_rslora=false"
+        )
+    return None
 
 
 class TrainSection(Section):
@@ -503,6 +565,14 @@ class RunConfig(Section):
                         f"{knob}: not supported with train.objective={self.train.objective} (preference pairs); "
                         f"unset {knob} or use train.objective=sft"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_against_plan(self) -> "RunConfig":
+        # a given plan.plan brings its own rule; aletheia_ds/adapters/peft_config.py checks that one
+        problem = None if self.plan.plan else rank_scaling_conflict(self.plan.rule, self.plan.rank_scaling, self.lora)
+        if problem:
+            raise ConfigError(problem)
         return self
 
     def require_paths(self) -> None:

@@ -14,6 +14,9 @@ split the same way. Kinds of delta:
   - PEFT LoRA on linears:                      s * B A                         (s = alpha / r, or / sqrt(r))
   - PEFT `target_parameters` on fused banks:    per expert s * B_e A_e          (PEFT's ParamWrapper layout)
   - megablocks per-expert LoRA (expert_adapter.json): aletheia_ds.adapters.experts.ExpertLoRA on the 2-D bank
+  - DoRA (use_dora) on linears:                 m / ||W + s B A||_row * (W + s B A)   (needs the shard's W)
+A PiSSA/OLoRA adapter needs nothing of its own: the training run exports it converted to a plain LoRA on the
+original base (aletheia_ds/adapters/export.py).
 Everything is written to a temporary directory beside `out` and renamed into place: a failure leaves nothing
 behind.
 This is the export of a merged model; the adapter directory it reads is the adapter export of a training run
@@ -90,11 +93,15 @@ def shard_files(model_dir: str | Path) -> dict[str, list[str]]:
 DeltaFn = Callable[[], torch.Tensor]
 
 
+RescaleFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (base weight, delta) -> merged weight
+
+
 def _peft_deltas(
     model_dir: str, adapter: str, trust_remote_code: bool = False
-) -> tuple[dict[str, DeltaFn], torch.nn.Module]:
-    """{in-memory parameter name: delta in float32} for every tensor the PEFT adapter adapts, and the
-    weightless skeleton (revert_weight_conversion reads the family's key mappings from it)."""
+) -> tuple[dict[str, DeltaFn], dict[str, RescaleFn], torch.nn.Module]:
+    """{in-memory parameter name: delta in float32} for every tensor the PEFT adapter adapts, {name: DoRA merge}
+    for the DoRA ones, and the weightless skeleton (revert_weight_conversion reads the family's key mappings
+    from it)."""
     from peft import PeftModel
     from peft.tuners.lora.layer import LoraLayer, ParamWrapper
     from safetensors.torch import load_file
@@ -110,6 +117,7 @@ def _peft_deltas(
     name = peft_model.active_adapter
     factors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
     deltas: dict[str, DeltaFn] = {}
+    dora: dict[str, RescaleFn] = {}
     for module_name, layer in peft_model.base_model.model.named_modules():
         if not isinstance(layer, LoraLayer) or name not in layer.lora_A:
             continue
@@ -119,7 +127,10 @@ def _peft_deltas(
             deltas[f"{owner}.{layer.parameter_name}"] = lambda layer=layer, a=a, b=b: _bank_delta(layer, name, a, b)
         else:
             deltas[f"{owner}.weight"] = lambda layer=layer, a=a, b=b: _linear_delta(layer, name, a, b)
-    return deltas, skeleton
+        if layer.use_dora.get(name):
+            magnitude = factors[f"base_model.model.{module_name}.lora_magnitude_vector"]
+            dora[f"{owner}.weight"] = lambda w, d, layer=layer, m=magnitude: _dora_merged(layer, name, m, w, d)
+    return deltas, dora, skeleton
 
 
 def _unwrapped(name: str) -> str:
@@ -130,6 +141,16 @@ def _unwrapped(name: str) -> str:
 def _linear_delta(layer, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     delta = b.float() @ a.float()
     return (delta.T if layer.fan_in_fan_out else delta) * layer.scaling[name]
+
+
+def _dora_merged(layer, name: str, magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight m / ||W + dW||_row * (W + dW), as PEFT's DoraLinearVariant.merge_safe forms it (the
+    norm by PEFT's own get_weight_norm), from the base weight of the shard and the adapter's magnitude."""
+    from peft.utils.other import transpose
+
+    norm = layer.lora_magnitude_vector[name].get_weight_norm(weight, transpose(delta, layer.fan_in_fan_out), 1)
+    factor = transpose((magnitude.float() / norm).view(-1, 1), layer.fan_in_fan_out)
+    return factor * (weight + delta)
 
 
 def _bank_delta(layer, name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -188,10 +209,17 @@ def merged_shards(
     from safetensors import safe_open
 
     shards = shard_files(model)
-    peft, skeleton = _peft_deltas(model, adapter, trust_remote_code)
+    peft, dora, skeleton = _peft_deltas(model, adapter, trust_remote_code)
     experts = _expert_deltas(adapter)
     disk_names = _key_map(skeleton, peft)
     owner_of = {disk: name for name, disks in disk_names.items() for disk in disks}
+    # DoRA rescales whole rows of the weight it adapts: only a tensor stored under one name can be merged here
+    stored_split = sorted(name for name in dora if len(disk_names[name]) != 1)
+    if stored_split:
+        raise ConfigError(
+            f"--adapter: DoRA on {stored_split[0]}, which the checkpoint stores split; merge it with PEFT"
+        )
+    dora = {disk_names[name][0]: rescale for name, rescale in dora.items()}
     present = {name for names in shards.values() for name in names}
     missing = sorted(set(owner_of) - present) + sorted(set(experts) - present)
     if missing:
@@ -213,7 +241,10 @@ def merged_shards(
                     split.update((key, delta) for key, delta in deltas.items() if key in in_shard)
                     del deltas  # the pieces stored in other shards (a bank split across shards is recomputed there)
                 if name in split:
-                    weight = weight.float().add_(split.pop(name).reshape(weight.shape)).to(stored)
+                    delta = split.pop(name).reshape(weight.shape)
+                    weight = (dora[name](weight.float(), delta) if name in dora else weight.float().add_(delta)).to(
+                        stored
+                    )
                 elif name in experts:
                     weight = experts[name](weight).to(stored)
                 tensors[name] = weight.to(stored).contiguous()

@@ -17,6 +17,7 @@ aletheia_ds/adapters/routed.py): the same parameters, without forming W + BA per
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -78,8 +79,24 @@ def attach(model: nn.Module, plan: Plan, section: LoraSection | None = None):
             route_expert_lora(peft_model, plan)
         if any(block.style == "megablocks" for block in plan.moe.values()):
             attach_expert_lora(peft_model, plan)
-    verify_adapters(peft_model, plan)
+    verify_adapters(peft_model, plan, section=section)
+    if section.rewrites_base:
+        keep_initial_factors(peft_model)
     return peft_model
+
+
+INITIAL_FACTORS = "initial_lora_factors"  # attribute of a PeftModel whose init rewrote the base weights
+
+
+def keep_initial_factors(peft_model: nn.Module) -> None:
+    """Keep (on CPU) the starting factors of a PiSSA/OLoRA adapter: its export converts the trained adapter back to
+    the original base from them (aletheia_ds/adapters/export.py). Taken right after attaching, before DeepSpeed
+    partitions the adapter: ZeRO-3 then starts every rank from rank 0's factors, which are these on rank 0."""
+    factors = {name: p.detach().to("cpu", copy=True) for name, p in peft_model.named_parameters() if "lora_" in name}
+    empty = [name for name, t in factors.items() if t.numel() == 0]
+    if empty:
+        raise RuntimeError(f"initial adapter factors: {empty[0]} is already partitioned; attach before the engine")
+    setattr(peft_model, INITIAL_FACTORS, factors)
 
 
 def _param_wrappers(peft_model: nn.Module, adapter: str = "default") -> dict[str, nn.Module]:
@@ -149,8 +166,12 @@ def adapter_modules(peft_model: nn.Module, adapter: str = "default") -> dict[str
     return found
 
 
-def verify_adapters(peft_model: nn.Module, plan: Plan, adapter: str = "default") -> None:
-    """Exactly the planned (layer, module) pairs carry adapters of the planned rank and alpha; nothing else trains."""
+def verify_adapters(
+    peft_model: nn.Module, plan: Plan, adapter: str = "default", section: LoraSection | None = None
+) -> None:
+    """Exactly the planned (layer, module) pairs carry adapters of the planned rank and alpha; nothing else trains;
+    every adapter is the lora.variant asked for, with its scale, and DoRA's magnitudes are the row norms of the
+    (gathered) base weights as attached."""
     param_keys = {(m.layer, m.key) for m in by_parameter(plan)}
     expected = {
         plan.module_name(m.layer, m.path): (m.r, m.alpha) for m in plan.modules if (m.layer, m.key) not in param_keys
@@ -165,7 +186,9 @@ def verify_adapters(peft_model: nn.Module, plan: Plan, adapter: str = "default")
         if name in found and (found[name][0] != r or abs(found[name][1] - a) > 1e-9)
     )
     trainable = sorted(n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n)
-    problems = _expert_problems(peft_model, plan, adapter)
+    problems = _expert_problems(peft_model, plan, adapter) + _variant_problems(
+        peft_model, section or LoraSection(), adapter
+    )
     if missing:
         problems.append(f"{len(missing)} planned modules got no adapter (first: {missing[0]})")
     if extra:
@@ -195,3 +218,42 @@ def _expert_problems(peft_model: nn.Module, plan: Plan, adapter: str) -> list[st
         if live != planned:
             problems.append(f"{name} has adapters on experts {sorted(live)}, the plan on {sorted(planned)}")
     return problems + expert_lora_problems(peft_model, plan)
+
+
+@torch.no_grad()
+def _variant_problems(peft_model: nn.Module, section: LoraSection, adapter: str) -> list[str]:
+    """Each LoRA layer's DoRA flag and scale are those of `section`; a DoRA magnitude equals ||W + s B A|| per output
+    row, W gathered from its ZeRO-3 partitions (every rank runs this on the same layers, in the same order)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import gather_params_ctx
+
+    dora, scale_wrong, magnitude_wrong = [], [], []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.r:
+            continue
+        r, alpha = module.r[adapter], module.lora_alpha[adapter]
+        scale = alpha / math.sqrt(r) if section.use_rslora else alpha / r
+        if not math.isclose(module.scaling[adapter], scale, rel_tol=1e-12):
+            scale_wrong.append(f"{name} scale {module.scaling[adapter]:g} (want {scale:g})")
+        if bool(module.use_dora.get(adapter)) != (section.variant == "dora"):
+            dora.append(name)
+        elif section.variant == "dora":
+            base = module.get_base_layer()
+            layer = module.lora_magnitude_vector[adapter]
+            with gather_params_ctx(base.weight, modifier_rank=None):
+                delta = (module.lora_B[adapter].weight.double() @ module.lora_A[adapter].weight.double()) * scale
+                want = layer.get_weight_norm(base.weight.double(), delta, 1.0)  # delta as (out, in), as PEFT's
+            got = layer.weight.detach().double()
+            tolerance = max(1e-4, 8 * torch.finfo(layer.weight.dtype).eps)  # PEFT takes the norm in W's dtype
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=tolerance, atol=0):
+                magnitude_wrong.append(name)
+    problems = []
+    if dora:
+        problems.append(f"{len(dora)} adapters are not lora.variant={section.variant} (first: {dora[0]})")
+    if scale_wrong:
+        problems.append(f"{len(scale_wrong)} adapters have the wrong scale (first: {scale_wrong[0]})")
+    if magnitude_wrong:
+        problems.append(
+            f"{len(magnitude_wrong)} DoRA magnitudes are not the base weight's row norms (first: {magnitude_wrong[0]})"
+        )
+    return problems

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..config import ConfigError
 from ..io import atomic_dir
+from .attach import INITIAL_FACTORS
 from .experts import CONFIG_FILE, FORMAT, WEIGHTS_FILE, expert_loras
 from .serving import write_serving_facts
 
@@ -67,11 +68,56 @@ def export_adapter(ctx, peft_model: nn.Module, out_dir: str | Path) -> Path | No
     empty = [name for name, t in state.items() if t.numel() == 0]
     if empty:
         raise RuntimeError(f"adapter export: {len(empty)} LoRA tensors are empty after gathering (first: {empty[0]})")
+    initial = getattr(peft_model, INITIAL_FACTORS, None)
     with atomic_dir(out_dir) as tmp:
-        peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        if initial is None:
+            peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        else:
+            save_converted_adapter(peft_model, state, initial, tmp)
         save_expert_adapter(peft_model, tmp, state)  # per-expert LoRA of megablocks banks, beside PEFT's files
         write_serving_facts(tmp)  # max rank and targets, for vLLM's --max-lora-rank
     return Path(out_dir)
+
+
+def save_converted_adapter(
+    peft_model: nn.Module, state: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """A PiSSA/OLoRA adapter, trained on the rewritten base W - s B0 A0, written as a plain LoRA of rank 2r on the
+    original base ([A; A0], [B, -B0]) by PEFT's own conversion: save_pretrained with
+    path_initial_model_for_weight_conversion, which loads the starting factors as a second adapter into the model
+    it saves from. That model is a weightless copy of this one's structure (meta device), so the training model is
+    never changed on this rank while the others run on, and no collective runs; `state` (the trained factors) and
+    `initial` (keep_initial_factors) supply every value."""
+    import copy
+    import tempfile
+
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    base = peft_model.get_base_model()
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    config.init_lora_weights = True  # the copy needs no base weights; its factors are never read
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # the training RNG stays where it was
+        # the class itself, not from_config: transformers would build under zero.Init, a collective
+        shadow = get_peft_model(type(base)(copy.deepcopy(base.config)), config, low_cpu_mem_usage=True)
+    with tempfile.TemporaryDirectory(dir=Path(directory).parent) as scratch:
+        start = Path(scratch) / "initial"  # PEFT names the loaded starting adapter after its folder
+        start.mkdir()
+        save_file(get_peft_model_state_dict(peft_model, state_dict=initial), str(start / "adapter_model.safetensors"))
+        # PEFT reads both adapters from the one state_dict it is given: the trained one by the PeftModel's names,
+        # the starting one by the names inside it (LoraModel.subtract_mutated_init, no "base_model." prefix)
+        starting = {
+            name.removeprefix("base_model.").replace(".default.", ".initial."): t for name, t in initial.items()
+        }
+        both = {**state, **starting}
+        with torch.random.fork_rng(devices=[]):
+            shadow.save_pretrained(
+                str(directory),
+                state_dict=both,
+                safe_serialization=True,
+                path_initial_model_for_weight_conversion=str(start),
+            )
 
 
 def save_expert_adapter(model: nn.Module, directory: str | Path, state: dict[str, torch.Tensor]) -> bool:

@@ -13,7 +13,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from ..config import ConfigError, LoraSection
+from ..config import ConfigError, LoraSection, rank_scaling_conflict
 from ..io import write_json_atomic
 from ..plan import Plan, PlannedModule
 
@@ -97,6 +97,53 @@ def lora_config_fields(plan: Plan) -> dict:
     return fields
 
 
+def variant_fields(section: LoraSection) -> dict:
+    """The LoraConfig fields of lora.variant / lora.use_rslora / lora.init."""
+    return {
+        "use_dora": section.variant == "dora",
+        "use_rslora": section.use_rslora,
+        "init_lora_weights": True if section.init == "default" else section.init,
+    }
+
+
+def check_variant(plan: Plan, section: LoraSection, fields: dict) -> None:
+    """One line for each variant this plan's adapters cannot carry (PEFT would fail later or, worse, not at all)."""
+    problem = rank_scaling_conflict(plan.rule, plan.settings.get("rank_scaling"), section)
+    if problem:
+        raise ConfigError(problem)
+    changed = [
+        knob
+        for knob, value, default in (
+            ("lora.variant", section.variant, "lora"),
+            ("lora.init", section.init, "default"),
+            ("lora.use_rslora", section.use_rslora, False),
+        )
+        if value != default
+    ]
+    if changed and any(True for _ in plan.expert_banks("megablocks")):
+        raise ConfigError(
+            f"{changed[0]}: this plan's megablocks expert banks carry this package's own per-expert LoRA (alpha/r, "
+            f"B zero at start), which has no such variant; set {changed[0]} back or plan.expert_rule=none"
+        )
+    special = [k for k in changed if k != "lora.use_rslora" and not (k == "lora.init" and section.init == "gaussian")]
+    if special and fields.get("target_parameters"):
+        raise ConfigError(
+            f"{special[0]}={getattr(section, special[0].split('.')[1])}: PEFT supports it on linear layers only, and "
+            "this MoE plan adapts expert banks, routers or MoE-layer MLPs as parameters (target_parameters); "
+            f"set {special[0]} back"
+        )
+    if section.rewrites_base and section.use_rslora and (fields["rank_pattern"] or fields["alpha_pattern"]):
+        raise ConfigError(
+            f"lora.init={section.init} with lora.use_rslora=true: PEFT cannot convert the trained adapter back to the "
+            "original base when ranks differ per module (rank_pattern); set lora.use_rslora=false or give "
+            "attention and MLP one rank and alpha"
+        )
+    if section.init == "orthogonal":
+        odd = sorted({m.r for m in plan.modules if m.r % 2})
+        if odd:
+            raise ConfigError(f"lora.init=orthogonal: needs even ranks, the plan has rank {odd[0]}; use even ranks")
+
+
 def build_lora_config(plan: Plan, section: LoraSection | None = None):
     from peft import LoraConfig
 
@@ -107,7 +154,10 @@ def build_lora_config(plan: Plan, section: LoraSection | None = None):
             f"lora.dropout={section.dropout}: expert and router adapters (PEFT target_parameters) "
             "cannot apply dropout; set lora.dropout=0"
         )
-    return LoraConfig(task_type="CAUSAL_LM", lora_dropout=section.dropout, bias="none", **fields)
+    check_variant(plan, section, fields)
+    return LoraConfig(
+        task_type="CAUSAL_LM", lora_dropout=section.dropout, bias="none", **fields, **variant_fields(section)
+    )
 
 
 def plan_json(plan: Plan) -> dict:

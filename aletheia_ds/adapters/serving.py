@@ -30,7 +30,7 @@ def serving_facts(adapter_dir: str | Path) -> dict:
         ranks += [int(bank["r"]) for bank in banks]
     highest = max(ranks)
     serve_rank = next((r for r in VLLM_RANKS if r >= highest), highest)
-    return {
+    facts = {
         "max_lora_rank": highest,
         "target_modules": sorted(config.get("target_modules") or []),
         "target_parameters": sorted(config.get("target_parameters") or []),
@@ -38,6 +38,10 @@ def serving_facts(adapter_dir: str | Path) -> dict:
         "vllm": f"vllm serve BASE_MODEL_DIR --enable-lora --max-lora-rank {serve_rank} "
         "--lora-modules adapter=ADAPTER_DIR",
     }
+    if config.get("use_dora"):
+        # vLLM's adapter loader refuses use_dora ("vLLM does not yet support DoRA", vllm/lora/peft_helper.py)
+        facts["vllm"] = "vllm serve MERGED_DIR  (DoRA adapters are served merged: aletheia-ds export --merge)"
+    return facts
 
 
 def write_serving_facts(adapter_dir: str | Path) -> None:
