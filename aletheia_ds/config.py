@@ -296,6 +296,15 @@ class TrainSection(Section):
     seed: Seed = Field(42, description="data order and dropout seed")
     gradient_checkpointing: bool = Field(False, description="non-reentrant activation checkpointing")
     frozen_prefix: bool = Field(True, description="run layers below the lowest adapted layer under no_grad")
+    sequence_parallel_size: OneOrMore = Field(
+        1,
+        description="Ulysses sequence parallelism (DeepSpeed ALST): ranks that split every sequence (attention "
+        "heads exchanged all-to-all, loss tiled over the vocabulary); must divide the ranks and the attention heads",
+    )
+    tiled_mlp: bool = Field(
+        False,
+        description="run dense MLP blocks over slices of the sequence (DeepSpeed TiledMLP), recomputed in backward",
+    )
     compile: bool = Field(False, description="torch.compile the adapted layers (ZeRO stage 0-2)")
     prefix_cache: bool = Field(
         False,
