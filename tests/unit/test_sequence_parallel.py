@@ -61,3 +61,39 @@ def test_slice_inner_products_add_up_to_the_whole_norm(tokens, d_in, d_out):
 
     got = sum(float(weight_grad_inner_over_slices(xs, gs, slices(r))) for r, (xs, gs) in enumerate(parts))
     assert got == pytest.approx(float(weight_grad_sq_norm(x, g)), rel=1e-10)
+
+
+def test_tiled_mlp_gives_the_plain_loss_and_lora_gradients(tiny_frozen):
+    """train.tiled_mlp on one process: DeepSpeed's TiledMLP over 3 slices (hidden 8 < 20 tokens) against the plain
+    MLP of the same adapted model, frozen prefix on."""
+    from helpers.reports import fake_report
+
+    from aletheia_ds.config import PlanSection
+    from aletheia_ds.execution import ExecutionOptions, prepared
+    from aletheia_ds.plan import make_plan
+    from aletheia_ds.sequence_parallel import tile_mlps
+
+    tiny = tiny_frozen("llama", batches=(1, 2, 20), hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
+    plan = make_plan(fake_report(tiny.layout, [0.1, 0.2, 5.0, 4.0]), PlanSection(top_pct=50, attention_r=2, mlp_r=4))
+    batch = tiny.batches[0]
+    results = []
+    for tiled in (False, True):
+        with prepared(tiny.model, plan, tiny.layout, ExecutionOptions()) as run:
+            torch.manual_seed(0)
+            for p in run.peft_model.parameters():
+                if p.requires_grad:
+                    torch.nn.init.normal_(p, std=0.1)  # LoRA B starts at zero: give every adapter a gradient path
+            if tiled:
+                assert tile_mlps(run.peft_model, tiny.layout) == 4
+            loss = run.peft_model(**batch, use_cache=False).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in run.peft_model.named_parameters() if p.requires_grad}
+            results.append((float(loss.detach()), grads))
+            if tiled:
+                for layer in run.base.model.layers:
+                    layer.mlp.__dict__.pop("forward")  # the tiled forward patch, before the adapters come off
+    (plain_loss, plain), (tiled_loss, tiled_grads) = results
+    assert tiled_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == tiled_grads.keys() and any("mlp" in n for n in plain)
+    for name, grad in plain.items():
+        assert torch.allclose(tiled_grads[name], grad, rtol=1e-5, atol=1e-7), name
