@@ -1,6 +1,6 @@
 """Ulysses sequence parallelism (train.sequence_parallel_size) against the same job without it: 2 CPU ranks over
 gloo, ZeRO-3, the same examples in the same order. With sequence parallelism each batch is split over both ranks
-(tiled loss over the vocabulary, gradient checkpointing, frozen prefix below the cut); without it each
+(tiled loss over the vocabulary, tiled MLP, frozen prefix below the cut); without it each
 rank runs its own batch whole. The reference is the plain job: probe scores, losses, gradient norms and the
 trained adapter must agree to float32 round-off."""
 
@@ -35,7 +35,7 @@ def test_sequence_parallel_matches_the_plain_job(tmp_path):
 
     model_dir = save_tiny_llama(tmp_path / "model", layers=4)
     plain = _run(tmp_path, model_dir, 1)
-    split = _run(tmp_path, model_dir, 2, gradient_checkpointing=True)
+    split = _run(tmp_path, model_dir, 2, tiled_mlp=True)
 
     probes = [json.loads((run / "probe.json").read_text()) for run in (plain, split)]
     for reference, got in zip(*(p["layers"] for p in probes)):
