@@ -614,7 +614,10 @@ class Run:
             # norm check skip the update on every rank. A constant factor, not a branch (a host sync) and
             # not where(loss, loss * nan), whose backward is NaN even when the loss is finite
             loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
-            self.engine.backward(loss)
+            # sequence parallelism: a batch's gradient is the sum of its group's slice gradients, and DeepSpeed
+            # averages over every rank and over grad_accum x sp micro-steps; the factor sp makes that the plain
+            # job's mean over batches (checked against it in tests/distributed/test_sequence_parallel.py)
+            self.engine.backward(loss * cfg.train.sequence_parallel_size if self.sp is not None else loss)
             self.engine.step()
             losses.append(loss.detach())
             tokens += int(batch["attention_mask"].sum())
