@@ -375,6 +375,15 @@ class TrainSection(Section):
         "(there true applies it without the fused loss)",
     )
     frozen_prefix: bool = Field(True, description="run layers below the lowest adapted layer under no_grad")
+    sequence_parallel_size: OneOrMore = Field(
+        1,
+        description="Ulysses sequence parallelism (DeepSpeed ALST): ranks that split every sequence (attention "
+        "heads exchanged all-to-all, loss tiled over the vocabulary); must divide the ranks and the attention heads",
+    )
+    tiled_mlp: bool = Field(
+        False,
+        description="run dense MLP blocks over slices of the sequence (DeepSpeed TiledMLP), recomputed in backward",
+    )
     compile: bool = Field(False, description="torch.compile the adapted layers (ZeRO stage 0-2)")
     prefix_cache: bool = Field(
         False,
@@ -559,6 +568,7 @@ class RunConfig(Section):
                 ("data.packing", self.data.packing),
                 ("data.cache_dir", self.data.cache_dir),
                 ("train.prefix_cache", self.train.prefix_cache),
+                ("train.sequence_parallel_size", self.train.sequence_parallel_size > 1),
             ):
                 if on:
                     raise ConfigError(

@@ -85,7 +85,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, dtype: torch.dtype) -> dict
     t = cfg.train
     values = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        # sequence parallelism: each rank runs a slice of each of its group's batches, sp per batch it was given
+        "gradient_accumulation_steps": t.grad_accum * t.sequence_parallel_size,
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.max_grad_norm,
         "bf16.enabled": dtype == torch.bfloat16,
@@ -199,10 +200,14 @@ class DistContext:
 
     @contextlib.contextmanager
     def probe_session(
-        self, model: nn.Module, loss_of: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None
+        self,
+        model: nn.Module,
+        loss_of: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None,
+        shard_loss: Optional[Callable[[nn.Module, dict], torch.Tensor]] = None,
     ) -> Iterator[Callable[[dict], torch.Tensor]]:
         """Yields forward(batch) -> loss on the frozen model, with ZeRO-3 parameter fetching when needed;
-        `loss_of(module, batch)` computes it (default: the model's own token loss).
+        `loss_of(module, batch)` computes it (default: the model's own token loss); `shard_loss(module, shard)`
+        computes it on a sequence-parallel shard as given (it places its own tensors).
 
         Under ZeRO-3 an optimizer-less DeepSpeed engine installs the fetch/release hooks; it is destroyed
         afterwards (its hooks removed) so that the training engine can be created once the adapters are
@@ -219,6 +224,8 @@ class DistContext:
             module = model
 
         def forward(batch: dict) -> torch.Tensor:
+            if shard_loss is not None:
+                return shard_loss(module, batch)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             if loss_of is not None:
                 return loss_of(module, batch)
@@ -257,8 +264,9 @@ class DistContext:
         if any(isinstance(m, ParamWrapper) for m in model.modules()):
             self.set_z3_leaf_modules(model, [ParamWrapper])
 
-    def initialize(self, model: nn.Module, param_groups: list[dict], scheduler_fn: Callable, lr: float):
-        """The training engine: only `param_groups` (the LoRA parameters) reach the optimizer."""
+    def initialize(self, model: nn.Module, param_groups: list[dict], scheduler_fn: Callable, lr: float, mpu=None):
+        """The training engine: only `param_groups` (the LoRA parameters) reach the optimizer; `mpu`: the
+        sequence-parallel groups (gradients summed over a sequence group, averaged over the groups)."""
         import deepspeed
 
         if self.zero3:
@@ -275,6 +283,7 @@ class DistContext:
             model_parameters=param_groups if optimizer is None else None,
             lr_scheduler=scheduler_fn,
             config=self.ds_config,
+            mpu=mpu,
         )
         return engine, optimizer, scheduler
 

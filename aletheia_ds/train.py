@@ -72,6 +72,7 @@ from .probe.report import ProbeReport
 from .probe.run import run_probe
 from .progress import Progress
 from .run_report import RunResults, plot_experts, plot_probe
+from .sequence_parallel import SequenceParallel, sp_setup, tile_mlps
 
 
 class RunObserver:
@@ -261,6 +262,7 @@ class Run:
     _fingerprints: Optional[dict] = None
     observer: RunObserver = field(default_factory=RunObserver)
     liger: bool = False  # train.liger as resolved for this model and device
+    sp: Optional[SequenceParallel] = None  # train.sequence_parallel_size > 1
 
     # ---------------------------------------------------------------- setup
     @classmethod
@@ -328,10 +330,21 @@ class Run:
             f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
             f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}"
         )
+        sp = sp_setup(ctx, cfg, model, layout, tokenizer.pad_token_id)
         observer = observer or RunObserver()
         observer.started(ctx, model)
         run = cls(
-            ctx, cfg, tokenizer, train_examples, eval_examples, model, layout, out, observer=observer, liger=liger
+            ctx,
+            cfg,
+            tokenizer,
+            train_examples,
+            eval_examples,
+            model,
+            layout,
+            out,
+            observer=observer,
+            liger=liger,
+            sp=sp,
         )
         held, total = held_parameter_elements(model)
         run.results.seconds["build"] = build_seconds
@@ -408,12 +421,17 @@ class Run:
                 checkpointing = cfg.train.gradient_checkpointing
             self.ctx.reset_peak_memory()
             passes = len(data_mod.shard_indices(len(batches), self.ctx.rank, self.ctx.world_size))
+            passes *= cfg.train.sequence_parallel_size
             # the batches are dealt over the ranks and the bar is rank 0's: it says whose batches it counts
             share = f", rank 0 of {self.ctx.world_size}" if self.ctx.world_size > 1 else ""
             progress = Progress(f"probe{share}", passes, self.ctx.is_main, cfg.train.quiet, unit="batch")
             # the gradient of the loss the run optimises: the plan is made for that task
             objective = self.objective
-            with self.ctx.probe_session(self.model, objective.start_loss if objective.preference else None) as forward:
+            sp = self.sp
+            sp_loss = (lambda module, shard: sp.loss(module, module, shard)) if sp else None
+            with self.ctx.probe_session(
+                self.model, objective.start_loss if objective.preference else None, shard_loss=sp_loss
+            ) as forward:
                 report = run_probe(
                     self.model,
                     self.layout,
@@ -426,6 +444,8 @@ class Run:
                     checkpointing=checkpointing,
                     sketch_dim=cfg.probe.sketch_dim,
                     on_batch=lambda tokens: progress.update(progress.done + 1, tokens),
+                    shard=sp.shards if sp else None,
+                    token_slices=sp.token_slices() if sp else None,
                 )
             progress.close()
             report.validate()
@@ -498,6 +518,8 @@ class Run:
     # ---------------------------------------------------------------- train
     def _forward_loss(self, batch: dict, indices: Optional[list[int]] = None):
         """(loss, PreferenceOutput or None) of a collated micro-batch under train.objective."""
+        if self.sp is not None:  # `batch` is this rank's slice: its share of the batch's mean token loss
+            return self.sp.loss(self.engine, self.engine.module, batch), None
         if self.prefix_cache is not None:
             self.prefix_cache.begin(indices, batch["attention_mask"])  # None (evaluation): no fill, no replay
         batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
@@ -513,6 +535,12 @@ class Run:
         if not batches:
             return float("nan")
         self.engine.eval()
+        if self.sp is not None:
+            loss = self.sp.held_out_loss(
+                self.engine, batches, self.ctx.rank, self.ctx.world_size, self.ctx.all_reduce_sum
+            )
+            self.engine.train()
+            return loss
         loss = held_out_loss(
             lambda batch: self._forward_loss(batch)[0],
             batches,
@@ -611,6 +639,8 @@ class Run:
         except PrefixCacheError as err:
             raise ConfigError(f"train.prefix_cache: {err}") from None
         self.model = self.execution.peft_model
+        if cfg.train.tiled_mlp:
+            print0(f"tiled MLP: {tile_mlps(self.model, self.layout)} blocks")
         rows = data_mod.pack(self.train_examples, cfg.data.seq_len) if cfg.data.packing else self.train_examples
         schedule = data_mod.StepSchedule(
             len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.train.seed
@@ -619,7 +649,7 @@ class Run:
         groups = param_groups(self.model, cfg.train.weight_decay)
         trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
         self.engine, optimizer, scheduler = ctx.initialize(
-            self.model, groups, scheduler_factory(cfg, total_steps), cfg.train.lr
+            self.model, groups, scheduler_factory(cfg, total_steps), cfg.train.lr, mpu=self.sp.mpu if self.sp else None
         )
         print0(f"train: {total_steps} steps x {schedule.global_batch} examples; {trainable:,} trainable parameters")
         guard = NonFiniteGuard(
@@ -667,8 +697,13 @@ class Run:
         lr = training.scheduler.get_last_lr()[0] if training.scheduler is not None else cfg.train.lr
         losses, tokens = [], 0  # losses stay on the device: one host sync per step, not per micro-batch
         rewards = torch.zeros(4, dtype=torch.float64)  # preference objectives: PreferenceOutput.sums()
-        for indices in training.schedule.micro_batches(step, ctx.rank):
-            batch = data_mod.collate([training.rows[i] for i in indices], self.pad_id)
+        micro_batches = [
+            (data_mod.collate([training.rows[i] for i in indices], self.pad_id), indices)
+            for indices in training.schedule.micro_batches(step, ctx.rank)
+        ]
+        if self.sp is not None:  # every rank of a sequence group runs its slice of each of the group's batches
+            micro_batches = [(shard, None) for shard in self.sp.shards(batch for batch, _ in micro_batches)]
+        for batch, indices in micro_batches:
             loss, preference = self._forward_loss(batch, indices)
             if preference is not None:
                 rewards = rewards.to(loss.device) + preference.sums()
@@ -676,14 +711,25 @@ class Run:
             # norm check skip the update on every rank. A constant factor, not a branch (a host sync) and
             # not where(loss, loss * nan), whose backward is NaN even when the loss is finite
             loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
-            self.engine.backward(loss)
+            # sequence parallelism: a batch's gradient is the sum of its group's slice gradients, and DeepSpeed
+            # averages over every rank and over grad_accum x sp micro-steps; the factor sp makes that the plain
+            # job's mean over batches (checked against it in tests/distributed/test_sequence_parallel.py)
+            self.engine.backward(loss * cfg.train.sequence_parallel_size if self.sp is not None else loss)
             self.engine.step()
             losses.append(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         totals = ctx.all_reduce_sum(
             torch.cat(
                 [
-                    torch.tensor([float(torch.stack(losses).double().sum()), len(losses), tokens], dtype=torch.float64),
+                    # a sequence group's slice losses add up to its batches' losses: sp slices count as one batch
+                    torch.tensor(
+                        [
+                            float(torch.stack(losses).double().sum()),
+                            len(losses) / cfg.train.sequence_parallel_size,
+                            tokens,
+                        ],
+                        dtype=torch.float64,
+                    ),
                     rewards.cpu(),
                 ]
             )
@@ -818,7 +864,8 @@ class Run:
         self.engine.eval()
         if self.prefix_cache is not None:
             self.prefix_cache.begin(None)
-        logits = self.engine(**{k: v.to(self.ctx.device) for k, v in batch.items()}, use_cache=False).logits
+        with self.sp.disabled() if self.sp is not None else contextlib.nullcontext():  # whole rows on every rank
+            logits = self.engine(**{k: v.to(self.ctx.device) for k, v in batch.items()}, use_cache=False).logits
         self.engine.train()
         if self.ctx.is_main:
             save_safetensors_atomic(

@@ -68,6 +68,32 @@ def weight_grad_sq_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def weight_grad_inner_over_slices(x: torch.Tensor, g: torch.Tensor, slices) -> torch.Tensor:
+    """<g_r^T x_r, G> for this rank's token slice r of sequences whose other slices the rest of the group holds,
+    G = sum_q g_q^T x_q; summed over the group it is ||G||_F^2 (what weight_grad_sq_norm gives on one rank).
+
+    `slices` (sequence_parallel.TokenSlices) gathers or sums across the group; every rank holds the same number
+    of tokens, so every rank takes the same route: the gathered tokens' Gram products with this rank's rows, or
+    this rank's product block against the group's all-reduced one, whichever moves fewer numbers.
+    """
+    tokens, d_in = x.shape
+    d_out = g.shape[1]
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    if tokens * slices.size * (d_in + d_out) < d_in * d_out:
+        x_all, g_all = slices.gather(x), slices.gather(g)
+        rows = max(1, BLOCK_ELEMENTS // x_all.shape[0])
+        for start in range(0, tokens, rows):
+            gram_x = x[start : start + rows] @ x_all.T
+            gram_g = g[start : start + rows] @ g_all.T
+            total += (gram_x.double() * gram_g.double()).sum()
+        return total
+    rows = max(1, BLOCK_ELEMENTS // d_in)
+    for start in range(0, d_out, rows):
+        block = g[:, start : start + rows].T @ x
+        total += torch.sum(block * slices.sum(block), dtype=torch.float64)
+    return total
+
+
 def compute_dtype_for(t: torch.Tensor, compute_dtype: torch.dtype | None = None) -> torch.dtype:
     """Half-precision products on CPU are slow and inexact: measure in float32 there unless told otherwise."""
     return compute_dtype or (
@@ -145,8 +171,10 @@ class GradNormHooks(Rendezvous):
         compute_dtype: torch.dtype | None = None,
         phase: CheckpointPhase | None = None,
         sketch_dim: int = 0,
+        token_slices=None,
     ):
         self.modules = modules
+        self.token_slices = token_slices  # sequence parallelism: this rank holds a slice of every sequence
         self.sketch_dim = sketch_dim
         self.sketch_sums: list[torch.Tensor | None] = [None] * len(modules)  # sum_b s_b per module
         self.sketch_sq: torch.Tensor | None = None  # sum_b ||s_b||^2 per module
@@ -201,7 +229,8 @@ class GradNormHooks(Rendezvous):
         return hook
 
     def _measure(self, index: int, weight: float, x: torch.Tensor, g: torch.Tensor) -> None:
-        sq = weight_grad_sq_norm(x, g)
+        slices = self.token_slices
+        sq = weight_grad_sq_norm(x, g) if slices is None else weight_grad_inner_over_slices(x, g, slices)
         if self.sq_norms is None:
             self.sq_norms = torch.zeros(len(self.names), dtype=torch.float64, device=sq.device)
             self.sketch_sq = torch.zeros(len(self.names), dtype=torch.float64, device=sq.device)
@@ -211,7 +240,9 @@ class GradNormHooks(Rendezvous):
             sketch = sketch_product(x, g, self._omega(x.shape[1], x.device))
             total = self.sketch_sums[index]
             self.sketch_sums[index] = sketch if total is None else total + sketch
-            self.sketch_sq[index] += sketch.double().square().sum()
+            # the batch's sketch is the group's sum of slice sketches (linear in G): add <s_r, s> as for the norm
+            whole = sketch if slices is None else slices.sum(sketch)
+            self.sketch_sq[index] += (sketch.double() * whole.double()).sum()
 
     def _omega(self, d_in: int, device: torch.device) -> torch.Tensor:
         key = (d_in, str(device))

@@ -8,7 +8,7 @@ gathers parameters collectively), the surplus passes weighted 0.
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from .hooks import CheckpointPhase, GradNormHooks
 from .report import ProbeReport
 
 Batch = dict[str, torch.Tensor]
+WEIGHT = "probe_weight"  # 0 for the surplus passes that keep every rank's pass count equal
 
 
 def run_probe(
@@ -36,6 +37,8 @@ def run_probe(
     checkpointing: bool = False,
     on_batch: Callable[[int], None] | None = None,
     sketch_dim: int = 0,
+    shard: Callable[[Iterable[Batch]], Iterable[Batch]] | None = None,
+    token_slices=None,
 ) -> ProbeReport:
     """Probe `model` (frozen) on `batches`; `forward(batch)` returns the model's mean token loss.
 
@@ -44,6 +47,9 @@ def run_probe(
     `on_batch(tokens)` is called after each pass of this rank (tokens 0 for a surplus pass): progress display.
     `sketch_dim` > 0: also the signal/noise split, low-rank share and weight norms of every module
     (probe/hooks.py explains the sketch; ProbeReport.add_sketch_stats the scores).
+    Sequence parallelism: `shard` turns this rank's batches into its slices of its group's batches (a batch's
+    "probe_weight" travels with it) and `token_slices` (sequence_parallel.TokenSlices) lets the hooks form
+    each module's whole-sequence norm from the slices.
     """
     if not batches:
         raise ValueError("probe needs at least one batch")
@@ -51,7 +57,9 @@ def run_probe(
     keys = [(layer, key) for layer, key, _ in entries]
     modules = {f"{layer}:{key}": module for layer, key, module in entries}
     phase = CheckpointPhase()
-    hooks = GradNormHooks(modules, compute_dtype=compute_dtype, phase=phase, sketch_dim=sketch_dim)
+    hooks = GradNormHooks(
+        modules, compute_dtype=compute_dtype, phase=phase, sketch_dim=sketch_dim, token_slices=token_slices
+    )
     experts = ExpertProbe(model, layout, compute_dtype=compute_dtype, phase=phase)  # no-op for dense models
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=phase.checkpoint_kwargs())
@@ -65,10 +73,14 @@ def run_probe(
     start = time.perf_counter()
     tokens = 0
     with hooks.attached(model.get_input_embeddings()), experts.attached():
-        for index in shard_indices(len(batches), rank, world_size):
-            batch = batches[0 if index is None else index]
-            weight = 0.0 if index is None else 1.0
-            mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
+        share = [
+            {**batches[0 if index is None else index], WEIGHT: 0.0 if index is None else 1.0}
+            for index in shard_indices(len(batches), rank, world_size)
+        ]
+        for batch in shard(share) if shard is not None else share:
+            weight = batch.pop(WEIGHT)
+            # a slice's padding is not dropped: every rank of a sequence group must hold as many tokens
+            mask = batch["attention_mask"].bool() if "attention_mask" in batch and token_slices is None else None
             hooks.token_mask = experts.token_mask = mask
             hooks.batch_weight = experts.batch_weight = weight
             loss = forward(batch)
