@@ -200,11 +200,16 @@ class ProbeSection(Section):
 
 
 class PlanSection(Section):
-    rule: Literal["top_pct", "budget", "cut", "upper", "all"] = Field(
+    rule: Literal["top_pct", "budget", "cut", "upper", "all", "pilot"] = Field(
         "top_pct",
         description="top_pct: the paper's rule; budget: cost-aware, the most probe score within the "
         "budget; cut: cut-first coverage, every layer from the lowest cut that meets the budget up, ranks by score; "
-        "upper: the upper top_pct% of layers; all: LoRA on every layer",
+        "upper: the upper top_pct% of layers; all: LoRA on every layer; pilot: uniform r16 for the first "
+        "pilot_fraction of the steps, then the cut that meets the budget placed from what the adapters learned "
+        "(guard applies), the adapters below it frozen and backward stopped there",
+    )
+    pilot_fraction: float = Field(
+        0.1, gt=0, lt=1, description="rule pilot: share of the training steps run uniform before the cut is placed"
     )
     score: Literal["raw", "signal", "lowrank", "relative"] = Field(
         "raw",

@@ -396,6 +396,18 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model: Optional[C
             plan = add_moe(plan, report, settings)
             plan.predicted = {**plan.predicted, **cost.describe(plan)}
         return plan.check()
+    elif settings.rule == "pilot":
+        # the pilot phase: r16 on every module of every layer, as pilot_plan's span keeps them after the cut
+        if report.experts:
+            raise ConfigError("plan.rule=pilot: dense models only (this model has MoE layers); use plan.rule=cut")
+        uniform = settings.model_copy(
+            update={"attention_r": UNIFORM_RANK, "mlp_r": UNIFORM_RANK, "attention_alpha": None, "mlp_alpha": None}
+        )
+        layers = list(range(report.num_layers))
+        plan = new_plan(report, "pilot", modules_for_layers(report, layers, uniform), settings, layers)
+        if cost_model is not None:
+            plan.predicted = cost_model.describe(plan)
+        return plan.check()
     elif settings.rule == "upper":
         layers = list(
             range(
@@ -404,7 +416,7 @@ def make_plan(report: ProbeReport, settings: PlanSection, cost_model: Optional[C
             )
         )
     else:
-        raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget, cut, upper or all")
+        raise ConfigError(f"plan.rule: unknown rule {settings.rule!r}; use top_pct, budget, cut, upper, all or pilot")
     plan = new_plan(report, settings.rule, modules_for_layers(report, layers, settings), settings, layers)
     plan = add_moe(plan, report, settings)
     if cost_model is not None:

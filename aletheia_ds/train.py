@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -34,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import data as data_mod
+from .adapters.attach import layer_update_norms
 from .adapters.export import export_adapter
 from .adapters.peft_config import plan_json
 from .arch import Layout, describe
@@ -59,7 +61,7 @@ from .dist import (
     write_json0,
 )
 from .evaluate import held_out_loss
-from .execution import ExecutionOptions, PrefixCache, PrefixCacheError, PreparedModel
+from .execution import ExecutionOptions, FrozenPrefix, PrefixCache, PrefixCacheError, PreparedModel, base_model
 from .host_memory import HostMemoryPeaks
 from .io import OutputLock, save_safetensors_atomic, write_json_atomic
 from .kernels import resolve_liger
@@ -67,7 +69,7 @@ from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model, model_type
 from .model import fingerprint as model_fingerprint
 from .objectives import Objective, reward_metrics
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, pilot_plan
 from .probe.report import ProbeReport
 from .probe.run import run_probe
 from .progress import Progress
@@ -201,15 +203,23 @@ def lock_output_dir(ctx: DistContext, cfg: RunConfig):
             lock.release()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Only trainable (LoRA) parameters; biases and 1-D tensors get no decay. Empty groups are dropped."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, layers_path: Optional[str] = None) -> list[dict]:
+    """Only trainable (LoRA) parameters; biases and 1-D tensors get no decay. Empty groups are dropped.
+    `layers_path`: one pair of groups per decoder layer (key "layer"), so that a layer's learning rate can be set
+    to 0 on its own (the pilot rule freezes the layers below its cut that way: AdamW's moments would otherwise keep
+    moving parameters that get no more gradient)."""
+    pattern = re.compile(re.escape(layers_path) + r"\.(\d+)\.") if layers_path else None
+    grouped: dict[tuple[int, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        found = pattern.search(name) if pattern else None
+        layer = int(found.group(1)) if found else -1
+        grouped.setdefault((layer, p.ndim < 2 or name.endswith(".bias")), []).append(p)
+    return [
+        {"params": params, "weight_decay": 0.0 if no_decay else weight_decay, **({"layer": layer} if pattern else {})}
+        for (layer, no_decay), params in sorted(grouped.items())
+    ]
 
 
 def scheduler_factory(cfg: RunConfig, total_steps: int):
@@ -239,6 +249,8 @@ class TrainingState:
     metrics: Any
     progress: Progress
     loop_started: float  # time.perf_counter() when the first step began
+    pilot_step: Optional[int] = None  # plan.rule=pilot: the step after which the cut is placed
+    pilot: Optional[dict] = None  # once placed: {"step", "cut", "budget_cut", "layer_change"} (checkpointed)
 
 
 @dataclass
@@ -260,6 +272,8 @@ class Run:
     steps_done: int = 0
     stop_signal: StopSignal = field(default_factory=StopSignal)
     _fingerprints: Optional[dict] = None
+    report: Optional[ProbeReport] = None
+    group_layers: list = field(default_factory=list)
     observer: RunObserver = field(default_factory=RunObserver)
     liger: bool = False  # train.liger as resolved for this model and device
     sp: Optional[SequenceParallel] = None  # train.sequence_parallel_size > 1
@@ -463,18 +477,14 @@ class Run:
     # ---------------------------------------------------------------- plan
     def plan(self, report: ProbeReport) -> Plan:
         cfg = self.cfg
+        self.report = report  # plan.rule=pilot places its cut with it after the pilot steps
         plan = None
         if self.ctx.is_main:
             if cfg.plan.plan:
                 plan = self._given_plan()
                 print0(f"plan: reusing {cfg.plan.plan}")
             else:
-                cost = (
-                    CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost)
-                    if cfg.plan.cost
-                    else CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
-                )
-                plan = make_plan(report, cfg.plan, cost)
+                plan = make_plan(report, cfg.plan, self.cost_model(report))
             write_json_atomic(self.out / "plan.json", plan_json(plan))
             plot_probe(report, plan, self.out / "probe.png")
             plot_experts(report, self.out / "experts.png")
@@ -490,6 +500,12 @@ class Run:
         )
         self.observer.planned(report, plan)
         return plan
+
+    def cost_model(self, report: ProbeReport) -> CostModel:
+        cfg = self.cfg
+        if cfg.plan.cost:
+            return CostModel.load(cfg.plan.cost).check_matches(report, cfg.plan.cost)
+        return CostModel.analytic(report, checkpointing=cfg.train.gradient_checkpointing)
 
     def resume_plan(self, checkpoint: Checkpoint) -> Plan:
         """The checkpoint's plan as it was: the engine state it holds fits these adapters only."""
@@ -646,8 +662,10 @@ class Run:
             len(rows), cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size, cfg.train.seed
         )
         total_steps = cfg.train.max_steps or schedule.steps_for_epochs(cfg.train.epochs)
-        groups = param_groups(self.model, cfg.train.weight_decay)
+        pilot = plan.rule == "pilot"
+        groups = param_groups(self.model, cfg.train.weight_decay, plan.layers_path if pilot else None)
         trainable = sum(p.numel() for g in groups for p in g["params"])  # before ZeRO-3 partitions them
+        self.group_layers = [g.get("layer", -1) for g in groups]  # index-aligned with the engine's param groups
         self.engine, optimizer, scheduler = ctx.initialize(
             self.model, groups, scheduler_factory(cfg, total_steps), cfg.train.lr, mpu=self.sp.mpu if self.sp else None
         )
@@ -658,6 +676,7 @@ class Run:
             loss_scaling=bool(ctx.ds_config.get("fp16", {}).get("enabled")),
         )
         start_step = self._resume(resume, total_steps, guard) if resume else 0
+        pilot_step = max(1, round(cfg.plan.pilot_fraction * total_steps)) if pilot else None
         if resume is None:
             self.results.eval_loss_before = self.evaluate()
             print0(f"held-out loss before training: {self.results.eval_loss_before:.4f}")
@@ -679,7 +698,10 @@ class Run:
             metrics,
             progress,
             loop_started=time.perf_counter(),
+            pilot_step=pilot_step,
         )
+        if resume is not None and resume.state.get("pilot"):  # the cut placed before that checkpoint, again
+            self.freeze_below_pilot_cut(resume.state["pilot"])
         self.steps_done = start_step
         self.stop_signal.install()
         self.observer.watch_stop(self.stop_signal)
@@ -759,6 +781,8 @@ class Run:
             training.metrics.write({"step": step + 1, "eval_loss": eval_loss})
             row = {**(row or {"step": step + 1}), "eval_loss": eval_loss}
         training.progress.update(step + 1, int(totals[2]), step_loss, lr=lr)
+        if training.pilot_step == step + 1 and training.pilot is None and step + 1 < total_steps:
+            self.place_pilot_cut(step + 1)
         saved = None
         if (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0) or step + 1 == total_steps:
             saved = self.save(step + 1, total_steps, training.plan, guard)
@@ -767,6 +791,55 @@ class Run:
         self.steps_done = step + 1
         if step == training.start_step and self.cfg.train.no_recompute_layers == "auto":
             self.choose_no_recompute()
+
+    def place_pilot_cut(self, step: int) -> None:
+        """plan.rule=pilot, after the pilot's steps: the cut from what the adapters learned (plan.pilot_plan: the
+        lowest cut meeting plan.budget, moved down by plan.guard), then the layers below it frozen."""
+        plan = self.training.plan
+        lora = [p for name, p in self.model.named_parameters() if "lora_" in name]
+        with self.ctx.gathered(lora):  # every rank gathers (a collective); rank 0 decides
+            change = layer_update_norms(self.model, plan.layers_path, plan.num_layers)
+        pilot = None
+        if self.ctx.is_main:
+            report = self.report or ProbeReport.load(self.out / "probe.json")  # resumed before the pilot ended
+            chosen = pilot_plan(report, change, self.cfg.plan, self.cost_model(report))
+            pilot = {
+                "step": step,
+                "cut": chosen.lowest_adapted_layer,
+                "budget_cut": chosen.predicted.get("budget_cut"),
+                "fraction_of_uniform_after": chosen.predicted.get("fraction_of_uniform"),
+                "layer_change": change,
+            }
+            write_json_atomic(self.out / "pilot.json", pilot)
+        pilot = self.ctx.broadcast_object(pilot)
+        after = pilot["fraction_of_uniform_after"]
+        share = self.training.pilot_step / self.training.total_steps
+        whole = f"; whole run {1 / (share + (1 - share) * after):.2f}x uniform's speed (predicted)" if after else ""
+        print0(
+            f"pilot: after step {step}, cut at layer {pilot['cut']} (budget cut {pilot['budget_cut']}); the adapters "
+            f"below it keep what they learned, frozen, and backward stops there{whole}"
+        )
+        self.freeze_below_pilot_cut(pilot)
+
+    def freeze_below_pilot_cut(self, pilot: dict) -> None:
+        """Layers below pilot["cut"]: no gradient (requires_grad off, the frozen prefix stops backward at the cut)
+        and learning rate 0 (their AdamW moments would otherwise keep moving them)."""
+        training, cut = self.training, int(pilot["cut"])
+        training.pilot = pilot
+        if cut == 0:
+            return
+        layers = base_model(self.model).get_submodule(training.plan.layers_path)
+        for index in range(cut):
+            layers[index].requires_grad_(False)
+        groups = self.engine.optimizer.param_groups
+        scheduler = training.scheduler
+        for index, layer in enumerate(self.group_layers):
+            if 0 <= layer < cut:
+                groups[index]["lr"] = 0.0
+                if scheduler is not None and hasattr(scheduler, "base_lrs"):
+                    scheduler.base_lrs[index] = 0.0  # the schedule sets each group's lr from these every step
+        if self.cfg.train.frozen_prefix:
+            FrozenPrefix(self.model, training.plan.layers_path, cut).apply()
 
     def stop_if_asked(self, step: int) -> None:
         """After step `step`: when any rank has had SIGTERM, every rank learns it from one all-reduce, a
@@ -830,6 +903,7 @@ class Run:
             "config": self.cfg.model_dump(),
             "deepspeed": self.ctx.ds_config,
             "plan": plan_json(plan),
+            "pilot": self.training.pilot,
             "fingerprints": self.fingerprints(),
             "versions": _versions(),
         }

@@ -148,6 +148,27 @@ def expert_deltas(peft_model: nn.Module, adapter: str = "default") -> dict[str, 
     return norms
 
 
+def layer_update_norms(
+    peft_model: nn.Module, layers_path: str, num_layers: int, adapter: str = "default"
+) -> list[float]:
+    """Per decoder layer: sqrt of the sum over its LoRA linears of ||scaling * B @ A||_F^2, what the adapters have
+    learned there (the pilot rule places its cut from these; plan.pilot_plan). Under ZeRO-3 the caller gathers the
+    factors first."""
+    import re
+
+    pattern = re.compile(re.escape(layers_path) + r"\.(\d+)\.")
+    energy = [0.0] * num_layers
+    for name, module in peft_model.named_modules():
+        found = pattern.search(name)
+        if found is None or adapter not in getattr(module, "lora_A", {}):
+            continue
+        delta = module.scaling[adapter] * (
+            module.lora_B[adapter].weight.float() @ module.lora_A[adapter].weight.float()
+        )
+        energy[int(found.group(1))] += float(delta.pow(2).sum())
+    return [math.sqrt(e) for e in energy]
+
+
 def adapter_modules(peft_model: nn.Module, adapter: str = "default") -> dict[str, tuple[int, float]]:
     """{module name without the PEFT prefix: (rank, alpha)} for every LoRA layer in the model.
 

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import random
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -289,18 +288,10 @@ def evaluate(model, tokenizer, data: TaskData, held_out_rows: torch.Tensor, s: S
 
 # ====================================================================== one run
 def layer_change(model, plan: Plan) -> list[float]:
-    """Per layer: sqrt of the sum over its adapters of ||scaling * B @ A||_F^2 (what the pilot learned there)."""
-    change = [0.0] * plan.num_layers
-    pattern = re.compile(re.escape(plan.layers_path) + r"\.(\d+)\.")
-    for name, module in model.named_modules():
-        found = pattern.search(name)
-        if found is None or "default" not in getattr(module, "lora_A", {}):
-            continue
-        delta = module.scaling["default"] * (
-            module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()
-        )
-        change[int(found.group(1))] += float(delta.pow(2).sum())
-    return [math.sqrt(c) for c in change]
+    """Per layer: what the pilot learned there (adapters.attach.layer_update_norms, as the training job's pilot)."""
+    from aletheia_ds.adapters.attach import layer_update_norms
+
+    return layer_update_norms(model, plan.layers_path, plan.num_layers)
 
 
 def _freeze_below(model, cut: int, layers_path: str) -> None:
