@@ -117,7 +117,7 @@ class LocalRay:
             "--runtime-env-json",
             json.dumps({"env_vars": self.worker_env}),
             "--",
-            "python",
+            sys.executable,  # the driver runs on this host's head: a GPU image may have no `python`, only python3
             "launch/ray_train.py",
             *args,
         ]
