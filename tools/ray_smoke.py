@@ -1,9 +1,9 @@
 """PYTHONPATH=/tmp/site python3 tools/ray_smoke.py [--gpus N]
 
 Is this interpreter ready for `ray job submit ... launch/ray_train.py`? In order, stopping at the first failure:
-  1. names each requirement of Ray (core, [default], [train]) that is missing or at a version Ray's metadata
-     excludes: a note, not a failure (Ray Train and `ray job` run without py-spy, tensorboardX or virtualenv),
-     so that a failure further on can be read against it;
+  1. names each requirement of Ray (core, [default], [train]) and of the packages that came with it that is
+     missing or at a version their metadata excludes: a note, not a failure (Ray Train and `ray job` run
+     without py-spy, tensorboardX, virtualenv or google-api-core), so that a failure further on can be read against it;
   2. ray.train.torch and the --require'd modules (deepspeed, pydantic) import; prints where each came from;
   3. a head starts on loopback (token auth, its own temp dir and ports, `--block` in a session of its own);
      `ray job submit --working-dir` runs a driver there; a Ray Train job of one worker (gloo; with --gpus, one
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata as metadata
+import importlib.util
 import os
 import secrets
 import shutil
@@ -36,22 +37,25 @@ def free_port() -> int:
 
 
 def unmet_requirements(extras=("default", "train")) -> list[str]:
-    """Ray's requirements that are missing or at a version Ray's metadata excludes."""
+    """Requirements that are missing or at a version their metadata excludes: Ray's (core and `extras`), and
+    those of every package that came with it (the bundle's folder), e.g. opentelemetry-proto's protobuf range."""
     from packaging.requirements import Requirement
 
+    folder = os.path.dirname(os.path.dirname(importlib.util.find_spec("ray").origin))
+    owners = [("ray", extras), *((d.metadata["Name"], ()) for d in metadata.distributions(path=[folder]))]
     unmet = []
-    for line in metadata.requires("ray") or []:
-        req = Requirement(line)
-        wanted = not req.marker or any(req.marker.evaluate({"extra": extra}) for extra in ("", *extras))
-        if not wanted:
-            continue
-        try:
-            have = metadata.version(req.name)
-        except metadata.PackageNotFoundError:
-            unmet.append(f"{req.name} (missing; Ray needs {req.specifier or 'any version'})")
-            continue
-        if req.specifier and not req.specifier.contains(have, prereleases=True):
-            unmet.append(f"{req.name} {have} (Ray needs {req.specifier})")
+    for owner, owner_extras in owners:
+        for line in metadata.requires(owner) or []:
+            req = Requirement(line)
+            if req.marker and not any(req.marker.evaluate({"extra": extra}) for extra in ("", *owner_extras)):
+                continue
+            try:
+                have = metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                unmet.append(f"{req.name} (missing; {owner} needs {req.specifier or 'any version'})")
+                continue
+            if req.specifier and not req.specifier.contains(have, prereleases=True):
+                unmet.append(f"{req.name} {have} ({owner} needs {req.specifier})")
     return sorted(set(unmet))
 
 
@@ -121,7 +125,9 @@ def main() -> int:
     )
     unmet = unmet_requirements()
     if unmet:
-        print(f"note: Ray {metadata.version('ray')}'s requirements not met here: {'; '.join(unmet)}")
+        print(
+            f"note: requirements not met here (Ray {metadata.version('ray')} and what came with it): {'; '.join(unmet)}"
+        )
     import ray
     import ray.train.torch  # noqa: F401
 
