@@ -23,6 +23,7 @@ mkdir -p "$out"
 # NVLink multicast stays off on shared GPU hosts (one program using it can take the host's GPUs out of service)
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NCCL_SOCKET_IFNAME=lo
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+unset DS_ACCELERATOR  # DeepSpeed picks CUDA itself; a CPU setting left in the shell would reach every rank
 py=$(command -v python3)
 
 unpack() {

@@ -213,6 +213,9 @@ def local_ray(
 ) -> Iterator[LocalRay]:
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = cluster_env(secrets.token_hex(16))
+    if num_gpus:  # conftest's CPU defaults would reach the workers through the raylet: DeepSpeed's CPU accelerator
+        env.pop("DS_ACCELERATOR", None)
+        env.pop("GLOO_SOCKET_IFNAME", None)
     port, dashboard_port = free_port(), free_port()
     log = temp_dir / "head.log"
     cmd = [
