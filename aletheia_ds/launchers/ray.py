@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -309,9 +310,12 @@ def cli(argv: Optional[list[str]] = None) -> int:
         return 1
     out = Path(cfg.train.output_dir)
     results = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
+    # ru_maxrss is in KiB on Linux: the driver's own peak, which stays small since it never builds the model
+    driver_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(
         f"ray: done in {result.path}: probe.json, plan.json, metrics.jsonl, eval.json, adapter/; held-out loss "
-        f"{results.get('eval_loss_before', float('nan')):.4f} -> {results.get('eval_loss_after', float('nan')):.4f}",
+        f"{results.get('eval_loss_before', float('nan')):.4f} -> {results.get('eval_loss_after', float('nan')):.4f}; "
+        f"driver peak RSS {driver_rss_gib:.2f} GiB",
         flush=True,
     )
     return 0

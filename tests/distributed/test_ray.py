@@ -16,9 +16,8 @@ import time
 
 import pytest
 import torch
-import yaml
-from helpers.ranks import ROOT, read_jsonl, save_tiny_llama, single_process_probe, tiny_run_config
-from helpers.ray_cluster import local_ray
+from helpers.ranks import ROOT, read_jsonl, save_tiny_llama, single_process_probe
+from helpers.ray_cluster import kill_past_checkpoint, local_ray, ray_config, read_notes, write_config
 
 from aletheia_ds.adapters.attach import adapter_modules
 from aletheia_ds.evaluate import evaluate_adapter
@@ -38,22 +37,6 @@ def cluster():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("model") / "model")
-
-
-def ray_config(model_dir, tmp_path, **ray_section) -> dict:
-    config = tiny_run_config(model_dir, tmp_path / "unused")
-    # relative paths: the driver resolves them in Ray's copy of the working directory
-    config["model"]["tokenizer"] = "examples/tiny/tokenizer"
-    config["data"].update(train="examples/tiny/train.jsonl", eval="examples/tiny/eval.jsonl")
-    config["deepspeed"]["config"] = "ds_configs/zero3.json"
-    config["ray"] = {"num_workers": 2, "storage_path": str(tmp_path / "storage"), "name": "run", **ray_section}
-    return config
-
-
-def write_config(config: dict, tmp_path):
-    path = tmp_path / "ray.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, model_dir, tmp_path):
@@ -150,30 +133,10 @@ def test_job_shards_probe_plans_once_trains_survives_a_killed_worker(cluster, mo
     assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)
 
 
-def read_notes(run) -> list[dict]:
-    return [json.loads((run / "workers" / f"rank-{rank:05d}.json").read_text()) for rank in range(2)]
-
-
-def kill_a_worker_mid_training(job, run, job_log, timeout: float = 400.0):
+def kill_a_worker_mid_training(job, run, job_log):
     """SIGKILL rank 1's process once Ray Train has registered a checkpoint and a later step is logged."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert job.poll() is None, f"the job ended before the kill:\n{job_log.read_text()[-4000:]}"
-        latest = run / "checkpoints" / "latest"
-        # Ray writes its snapshot when it registers a checkpoint: from then on a restart resumes
-        if (run / "checkpoint_manager_snapshot.json").is_file() and latest.is_file():
-            try:
-                rows = read_jsonl(run / "metrics.jsonl")
-            except json.JSONDecodeError:  # caught mid-line
-                rows = []
-            notes = read_notes(run)
-            # read last, just before the kill: no later checkpoint can be the one the run resumes from
-            step = int(latest.read_text().strip().removeprefix("step-"))
-            if rows and rows[-1]["step"] > step:
-                os.kill(notes[1]["pid"], signal.SIGKILL)
-                return {"notes": notes, "rows": rows, "checkpoint_step": step}, notes[1]["pid"]
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint within {timeout} s:\n{job_log.read_text()[-4000:]}")
+    seen = kill_past_checkpoint(job, run, job_log, lambda notes: os.kill(notes[1]["pid"], signal.SIGKILL))
+    return seen, seen["notes"][1]["pid"]
 
 
 def _base_model(model_dir):

@@ -101,3 +101,20 @@ def test_the_readmes_ray_command_runs_on_what_a_fresh_clone_holds(tmp_path):
     assert not has_weights(cfg.model.path)
     model = load_model(cfg.model, torch.float32, torch.device("cpu"), contextlib.nullcontext)  # what a worker builds
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_shipped_72b_ray_job_is_the_2_gpu_random_init_shape(root):
+    """launch/configs/qwen2_72b_ray.yaml, as tools/ray_gpu.sh submits it: 2 GPU workers, 20 steps, the 72B shape of
+    tools/_common.SHAPES with random weights, every path inside the uploaded working directory."""
+    import json
+
+    from _common import model_config
+
+    cfg = for_ray(load_config(["--config", str(root / "launch/configs/qwen2_72b_ray.yaml")]), root)
+    cfg.require_paths()
+    assert (cfg.ray.num_workers, cfg.ray.use_gpu, cfg.train.max_steps, cfg.model.random_init) == (2, True, 20, True)
+    shipped = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    want = model_config("qwen2-72b").to_dict()
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
+        assert shipped[key] == want[key], key
+    assert (shipped["num_key_value_heads"], shipped["vocab_size"]) == (want["num_key_value_heads"], want["vocab_size"])
