@@ -735,7 +735,7 @@ class Run:
             loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
             # sequence parallelism: a batch's gradient is the sum of its group's slice gradients, and DeepSpeed
             # averages over every rank and over grad_accum x sp micro-steps; the factor sp makes that the plain
-            # job's mean over batches (checked against it in tests/distributed/test_sequence_parallel.py)
+            # job's mean over batches (checked against it in tests/distributed/test_sequence_parallel_zero3.py)
             self.engine.backward(loss * cfg.train.sequence_parallel_size if self.sp is not None else loss)
             self.engine.step()
             losses.append(loss.detach())
