@@ -169,4 +169,6 @@ def test_merge_peak_memory_is_about_one_shard(tmp_path):
     allowance = 16 * 2**20
     report = ({kind: round(g / 2**20, 1) for kind, g in grew.items()}, shard_bytes / 2**20, model_bytes / 2**20)
     assert grew["anon"] < shard_bytes + allowance, report
-    assert grew["file"] < shard_bytes + allowance, report
+    # file-backed pages also count the shared libraries first touched during the merge: on a fresh environment
+    # (CI) that was ~20 MiB, twice what a warm one shows; mapping a second shard or the whole model stays above
+    assert grew["file"] < shard_bytes + 2 * allowance, report
