@@ -4,10 +4,17 @@ import json
 
 import pytest
 import torch
-from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, single_process_probe, tiny_run_config
+from helpers.ranks import (
+    ROOT,
+    evaluate_tiny_run,
+    read_jsonl,
+    run_train,
+    save_tiny_llama,
+    single_process_probe,
+    tiny_run_config,
+)
 
 from aletheia_ds.adapters.attach import adapter_modules
-from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.plan import Plan
 
 pytestmark = pytest.mark.distributed
@@ -70,16 +77,7 @@ def test_probe_plan_train_export(tmp_path, variant):
     lora = {n: p for n, p in tuned.named_parameters() if "lora_" in n}
     assert lora and all(p.numel() > 0 for p in lora.values())
     assert all(p.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)  # trained away from zero init
-    result = evaluate_adapter(
-        model=str(model_dir),
-        adapter=str(out / "adapter"),
-        data=cfg["data"]["eval"],
-        tokenizer=cfg["model"]["tokenizer"],
-        seq_len=48,
-        batches=3,
-        batch_size=4,
-        verify_logits=str(out / "sample_logits.safetensors"),
-    )
+    result = evaluate_tiny_run(model_dir, out, cfg)
     assert result["logits_match"], result
     eval_json = json.loads((out / "eval.json").read_text())
     assert result["adapter_loss"] == pytest.approx(eval_json["eval_loss_after"], rel=1e-5)

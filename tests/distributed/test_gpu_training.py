@@ -3,9 +3,8 @@
 import json
 
 import pytest
-from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
+from helpers.ranks import ROOT, evaluate_tiny_run, read_jsonl, run_train, save_tiny_llama, tiny_run_config
 
-from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.launchers.deepspeed import rank_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.distributed]
@@ -24,16 +23,7 @@ def test_training_path_on_one_gpu_zero2_bf16_compiled(tmp_path):
     run_train(cfg, tmp_path, nprocs=0, timeout=600, env=rank_env(cpu=False))
     plan = json.loads((out / "plan.json").read_text())
     assert plan["rule"] == "budget" and plan["predicted"]["fraction_of_uniform"] <= 0.7
-    result = evaluate_adapter(
-        model=str(model_dir),
-        adapter=str(out / "adapter"),
-        data=cfg["data"]["eval"],
-        tokenizer=cfg["model"]["tokenizer"],
-        seq_len=48,
-        batches=3,
-        batch_size=4,
-        verify_logits=str(out / "sample_logits.safetensors"),
-    )
+    result = evaluate_tiny_run(model_dir, out, cfg)
     # the run computed in bf16, the reload in float32: equal up to bf16 rounding
     assert result["logits_max_abs_diff"] < 0.1, result
     assert result["adapter_loss"] < result["base_loss"]

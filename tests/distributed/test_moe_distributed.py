@@ -175,9 +175,7 @@ def test_without_leaf_modules_list_expert_blocks_do_not_complete(models, tmp_pat
 def test_whole_job_on_a_deepseek_style_model(tmp_path):
     """launch/train.py end to end (one process, ZeRO-3): dense first layer, shared experts, expert plan, export,
     plain-PEFT reload with the same logits, expert heat map."""
-    from helpers.ranks import run_train, tiny_run_config
-
-    from aletheia_ds.evaluate import evaluate_adapter
+    from helpers.ranks import evaluate_tiny_run, run_train, tiny_run_config
 
     model_dir = tmp_path / "model"
     tiny_model("deepseek_v3", vocab_size=512).save_pretrained(str(model_dir))
@@ -211,14 +209,5 @@ def test_whole_job_on_a_deepseek_style_model(tmp_path):
         if norm > 0
     }
     assert live == {(e.layer, e.expert) for e in plan.experts}
-    result = evaluate_adapter(
-        model=str(model_dir),
-        adapter=str(out / "adapter"),
-        data=cfg["data"]["eval"],
-        tokenizer=cfg["model"]["tokenizer"],
-        seq_len=48,
-        batches=3,
-        batch_size=4,
-        verify_logits=str(out / "sample_logits.safetensors"),
-    )
+    result = evaluate_tiny_run(model_dir, out, cfg)
     assert result["logits_match"], result

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
-from helpers.ranks import ROOT, read_jsonl, run_train, save_tiny_llama, tiny_run_config
+from helpers.ranks import ROOT, evaluate_tiny_run, read_jsonl, run_train, save_tiny_llama, tiny_run_config
 
-from aletheia_ds.evaluate import evaluate_adapter
 from aletheia_ds.launchers.deepspeed import rank_env
 from aletheia_ds.plan import Plan
 
@@ -63,16 +62,7 @@ def test_variant_trains_under_zero3_reloads_and_merges(tmp_path, lora):
     rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
 
-    result = evaluate_adapter(
-        model=str(model_dir),
-        adapter=str(out / "adapter"),
-        data=cfg["data"]["eval"],
-        tokenizer=cfg["model"]["tokenizer"],
-        seq_len=48,
-        batches=3,
-        batch_size=4,
-        verify_logits=str(out / "sample_logits.safetensors"),
-    )
+    result = evaluate_tiny_run(model_dir, out, cfg)
     eval_json = json.loads((out / "eval.json").read_text())
     # attached under ZeRO-3, the adapters leave the model as it was: the base model's loss, from plain transformers
     assert eval_json["eval_loss_before"] == pytest.approx(result["base_loss"], rel=1e-5)
@@ -123,16 +113,7 @@ def test_variant_on_two_gpus_zero3_bf16(tmp_path, lora):
     out = tmp_path / "run"
     cfg = tiny_run_config(model_dir, out, lora=lora, train={"max_steps": 8})
     run_train(cfg, tmp_path, nprocs=2, timeout=900, env=rank_env(cpu=False))
-    result = evaluate_adapter(
-        model=str(model_dir),
-        adapter=str(out / "adapter"),
-        data=cfg["data"]["eval"],
-        tokenizer=cfg["model"]["tokenizer"],
-        seq_len=48,
-        batches=3,
-        batch_size=4,
-        verify_logits=str(out / "sample_logits.safetensors"),
-    )
+    result = evaluate_tiny_run(model_dir, out, cfg)
     eval_json = json.loads((out / "eval.json").read_text())
     print(
         f"{lora}: before {eval_json['eval_loss_before']:.5f} (base {result['base_loss']:.5f}), after "

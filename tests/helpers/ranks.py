@@ -127,3 +127,20 @@ def single_process_probe(model_dir: Path, cfg: dict):
     model.requires_grad_(False)
     sketch_dim = cfg.get("probe", {}).get("sketch_dim", ProbeSection().sketch_dim)
     return run_probe(model, describe(model), batches, lambda b: model(**b, use_cache=False).loss, sketch_dim=sketch_dim)
+
+
+def evaluate_tiny_run(model_dir: Path, out: Path, config: dict) -> dict:
+    """aletheia_ds.evaluate.evaluate_adapter on a finished tiny_run_config job: the exported adapter reloaded on the
+    original base, its held-out loss against the base's, and the run's sample logits reproduced."""
+    from aletheia_ds.evaluate import evaluate_adapter
+
+    return evaluate_adapter(
+        model=str(model_dir),
+        adapter=str(out / "adapter"),
+        data=config["data"]["eval"],
+        tokenizer=config["model"]["tokenizer"],
+        seq_len=config["data"]["seq_len"],
+        batches=config["data"]["eval_batches"],
+        batch_size=config["train"]["micro_batch_size"],
+        verify_logits=str(out / "sample_logits.safetensors"),
+    )
