@@ -231,6 +231,7 @@ def fit(cfg: RunConfig) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.constants import is_v2_enabled
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not is_v2_enabled():
         raise ConfigError("RAY_TRAIN_V2_ENABLED=0: launch/ray_train.py uses Ray Train's current API; unset it")
@@ -267,7 +268,15 @@ def fit(cfg: RunConfig) -> Any:
         print(note, flush=True)
     # Ray Train would send each line a worker prints to its log and to stdout; the job's log shows it twice
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # passed on to the workers by Ray Train
-    relay = ray.remote(num_cpus=0)(StopRelay).remote()
+    # the relay lives on the driver's node: placed anywhere, it could sit on a worker node that is lost mid-run,
+    # taking the stop channel (and the driver's final read of it) with it
+    relay = (
+        ray.remote(num_cpus=0)(StopRelay)
+        .options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        )
+        .remote()
+    )
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "stop_relay": relay},
