@@ -364,6 +364,8 @@ class RayObserver:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "device": str(ctx.device),
+            # which of its node's GPUs Ray gave this worker (the host's numbering), whatever the device index says
+            "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
             "zero_stage": ctx.zero_stage,
             # right after the build, before any DeepSpeed engine: what zero.Init left on this rank
             "base_parameter_elements": {"held": held, "total": total},

@@ -6,11 +6,33 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from aletheia_ds.launchers.deepspeed import local_command, rank_env
 
 ROOT = Path(__file__).resolve().parents[2]
+# NVLink multicast stays off on shared GPU hosts (one program using it can take the host's GPUs out of service)
+NCCL_ENV = {
+    "NCCL_SOCKET_IFNAME": "lo",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def devices(gpus: int) -> list:
+    """Parametrize a test by device: `cpu`, and `gpu` marked `gpu` and skipped on a host with fewer than `gpus`."""
+    import pytest
+    import torch
+
+    few = torch.cuda.device_count() < gpus
+    return ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(few, reason=f"needs {gpus} GPUs")])]
+
+
+def device_env(device: str, **extra: str) -> dict:
+    """rank_env for ranks on `device` (cpu: gloo and no visible GPU; gpu: CUDA and NCCL_ENV)."""
+    return rank_env(cpu=device == "cpu", **({} if device == "cpu" else NCCL_ENV), **extra)
 
 
 def train_cmd(
@@ -144,3 +166,50 @@ def evaluate_tiny_run(model_dir: Path, out: Path, config: dict) -> dict:
         batch_size=config["train"]["micro_batch_size"],
         verify_logits=str(out / "sample_logits.safetensors"),
     )
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    score: float  # relative, each layer's probe score
+    loss: float  # relative, each step's loss
+    adapter_rtol: float  # each adapter element: torch.allclose(rtol, atol)
+    adapter_atol: float
+
+
+TOLERANCE = {
+    # float32 and gloo: both runs do the same sums in the same order
+    "cpu": Tolerance(score=1e-6, loss=1e-6, adapter_rtol=1e-4, adapter_atol=1e-6),
+    # bf16 and NCCL on the same GPUs: the same kernels, but some (attention's backward, atomic reductions) add in
+    # whatever order their threads finish, and one bf16 step is 2**-8 of a value: the adapter may differ by a
+    # bf16 rounding (0.8%) or, near zero, a tenth of one learning-rate step (1e-2); a different batch, plan or
+    # world size moves every loss by percents
+    "gpu": Tolerance(score=1e-3, loss=1e-3, adapter_rtol=2e-2, adapter_atol=1e-3),
+}
+
+
+def assert_same_job(run: Path, reference: Path, device: str) -> list[dict]:
+    """The finished job in `run` has the probe, plan, every step's loss and the adapter of `reference` (the same
+    job launched another way) within TOLERANCE[device]; returns `run`'s metrics rows."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    tol = TOLERANCE[device]
+    probe, want = (json.loads((out / "probe.json").read_text()) for out in (run, reference))
+    assert probe["world_size"] == want["world_size"] and probe["tokens"] == want["tokens"]
+    assert len(probe["layers"]) == len(want["layers"])
+    scores = [[layer["score"] for layer in p["layers"]] for p in (probe, want)]
+    assert scores[0] == pytest.approx(scores[1], rel=tol.score, abs=0)
+    plan, want_plan = (json.loads((out / "plan.json").read_text()) for out in (run, reference))
+    # the share of the probe's score the plan keeps follows the scores' tolerance; everything else is exact
+    assert plan.pop("score_captured") == pytest.approx(want_plan.pop("score_captured"), rel=tol.score, abs=0, nan_ok=True)
+    assert plan == want_plan
+    rows, want_rows = read_jsonl(run / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in want_rows]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in want_rows], rel=tol.loss, abs=0)
+    adapter, want_adapter = (load_file(str(out / "adapter/adapter_model.safetensors")) for out in (run, reference))
+    assert adapter.keys() == want_adapter.keys()
+    for name, tensor in adapter.items():
+        diff = (tensor.float() - want_adapter[name].float()).abs().max().item()
+        assert torch.allclose(tensor, want_adapter[name], rtol=tol.adapter_rtol, atol=tol.adapter_atol), (name, diff)
+    return rows

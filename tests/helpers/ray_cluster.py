@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from aletheia_ds.launchers.deepspeed import free_port
-from helpers.ranks import ROOT, read_jsonl, tiny_run_config
+from helpers.ranks import NCCL_ENV, ROOT, read_jsonl, tiny_run_config
 
 VENV_BIN = str(Path(sys.executable).parent)
 # the venv's `ray`, else the one on PATH (tools/ray_gpu.sh makes one for a Ray unpacked onto PYTHONPATH)
@@ -34,15 +34,9 @@ CPU_WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",
 }
-# NVLink multicast stays off on shared GPU hosts (one program using it can take the host's GPUs out of service)
-GPU_WORKER_ENV = {
-    "NCCL_SOCKET_IFNAME": "lo",
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",
-}
+GPU_WORKER_ENV = {**NCCL_ENV, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# ray_config's section for workers of one GPU each
+GPU_WORKERS = {"use_gpu": True, "resources_per_worker": {"CPU": 1, "GPU": 1}}
 
 
 @dataclass
@@ -69,10 +63,19 @@ class LocalRay:
     worker_env: dict
     nodes: list[RayNode] = field(default_factory=list)
 
-    def add_node(self, ip: str, num_cpus: int, resources: dict | None = None, timeout: float = 120.0) -> RayNode:
+    def add_node(
+        self,
+        ip: str,
+        num_cpus: int,
+        resources: dict | None = None,
+        timeout: float = 120.0,
+        num_gpus: int = 0,
+        visible_devices: str | None = None,
+    ) -> RayNode:
         """One more node on this host at its own loopback address (127.0.0.2, ...), joined to the head. Its own temp
         dir, as on a host of its own: with the head's, the head's log monitor would also forward this node's
-        worker logs, and the job's log would show every line of them twice."""
+        worker logs, and the job's log would show every line of them twice. `visible_devices`: the host's GPUs this
+        node has (its CUDA_VISIBLE_DEVICES, e.g. "1"), as local_ray's."""
         temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
         log = temp_dir / "node.log"
         cmd = [
@@ -84,13 +87,17 @@ class LocalRay:
             ip,
             "--num-cpus",
             str(num_cpus),
+            "--num-gpus",
+            str(num_gpus),
             "--resources",
             json.dumps(resources or {}),
             "--temp-dir",
             str(temp_dir),
         ]
         with log.open("w") as handle:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=_node_env(self.env, visible_devices), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
         node = RayNode(ip, "", proc, temp_dir)
         self.nodes.append(node)  # stopped with the cluster from here on
         deadline = time.monotonic() + timeout
@@ -170,6 +177,13 @@ def cluster_env(token: str) -> dict:
     return env
 
 
+def _node_env(env: dict, visible_devices: str | None) -> dict:
+    """A node started with CUDA_VISIBLE_DEVICES owns those GPUs of the host only: Ray counts its GPU slots in that
+    list and hands a worker of slot i the host's GPU visible_devices[i] (Worker.original_visible_accelerator_ids),
+    as a host of that many GPUs would."""
+    return env if visible_devices is None else {**env, "CUDA_VISIBLE_DEVICES": visible_devices}
+
+
 def _wait_for_dashboard(url: str, head: subprocess.Popen, deadline: float, log: Path) -> None:
     while time.monotonic() < deadline:
         if head.poll() is not None:
@@ -224,8 +238,14 @@ def _own_ports() -> list[str]:
 
 @contextlib.contextmanager
 def local_ray(
-    num_cpus: int, num_gpus: int = 0, startup_timeout: float = 180.0, resources: dict[str, float] | None = None
+    num_cpus: int,
+    num_gpus: int = 0,
+    startup_timeout: float = 180.0,
+    resources: dict[str, float] | None = None,
+    visible_devices: str | None = None,
 ) -> Iterator[LocalRay]:
+    """A head of `num_cpus` and `num_gpus`; `visible_devices`: the host's GPUs the head has (its
+    CUDA_VISIBLE_DEVICES, e.g. "0"), else all of them."""
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     env = cluster_env(secrets.token_hex(16))
     if num_gpus:  # conftest's CPU defaults would reach the workers through the raylet: DeepSpeed's CPU accelerator
@@ -259,7 +279,9 @@ def local_ray(
         *_own_ports(),
     ]
     with log.open("w") as handle:
-        head = subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        head = subprocess.Popen(
+            cmd, env=_node_env(env, visible_devices), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
     nodes: list[RayNode] = []  # LocalRay.add_node's, stopped before the head
     try:
         url = f"http://127.0.0.1:{dashboard_port}"
