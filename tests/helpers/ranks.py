@@ -202,7 +202,9 @@ def assert_same_job(run: Path, reference: Path, device: str) -> list[dict]:
     assert scores[0] == pytest.approx(scores[1], rel=tol.score, abs=0)
     plan, want_plan = (json.loads((out / "plan.json").read_text()) for out in (run, reference))
     # the share of the probe's score the plan keeps follows the scores' tolerance; everything else is exact
-    assert plan.pop("score_captured") == pytest.approx(want_plan.pop("score_captured"), rel=tol.score, abs=0, nan_ok=True)
+    assert plan.pop("score_captured") == pytest.approx(
+        want_plan.pop("score_captured"), rel=tol.score, abs=0, nan_ok=True
+    )
     assert plan == want_plan
     rows, want_rows = read_jsonl(run / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in want_rows]

@@ -96,7 +96,11 @@ class LocalRay:
         ]
         with log.open("w") as handle:
             proc = subprocess.Popen(
-                cmd, env=_node_env(self.env, visible_devices), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                env=_node_env(self.env, visible_devices),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         node = RayNode(ip, "", proc, temp_dir)
         self.nodes.append(node)  # stopped with the cluster from here on
@@ -148,7 +152,7 @@ class LocalRay:
     def stop(self, submission_id: str) -> None:
         """`ray job stop --no-wait`: SIGTERM to the job's driver (Ray SIGKILLs it RAY_JOB_STOP_WAIT_TIME_S later)."""
         subprocess.run(
-            [os.path.join(VENV_BIN, "ray"), "job", "stop", "--no-wait", "--address", self.dashboard_url, submission_id],
+            [RAY, "job", "stop", "--no-wait", "--address", self.dashboard_url, submission_id],
             cwd=ROOT,
             env=self.env,
             check=True,
