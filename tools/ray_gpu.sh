@@ -14,7 +14,8 @@
 #   deepspeed  the same YAML under the DeepSpeed launcher (2 GPUs), the same summary: the comparison for `job`
 #   test       pytest -m gpu on tests/distributed/test_ray.py, test_ray_nodes.py and test_multinode.py: 2 GPU
 #              workers with a worker killed, Ray two nodes of one GPU each with a node lost, DeepSpeed two nodes of
-#              one GPU each, each against an uninterrupted single-node run on the same GPUs; log in $OUT/pytest.log
+#              one GPU each, each against an uninterrupted single-node run on the same GPUs; log in $OUT/pytest.log;
+#              more arguments go to pytest (`test -k multinode` runs one file's)
 # A step's own output ends with one line `summary: {...}` (job, deepspeed) or pytest's result line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -133,7 +134,7 @@ case $step in
   test)
     unpack
     "$py" -m pytest -q -rs --durations=10 -m gpu -p no:cacheprovider tests/distributed/test_ray.py \
-      tests/distributed/test_ray_nodes.py tests/distributed/test_multinode.py 2>&1 | tee "$out/pytest.log"
+      tests/distributed/test_ray_nodes.py tests/distributed/test_multinode.py "${@:2}" 2>&1 | tee "$out/pytest.log"
     ;;
   *)
     echo "usage: tools/ray_gpu.sh setup|job|deepspeed|test" >&2
