@@ -3,7 +3,8 @@
 One job: the probe sharded over 2 workers equals one process, every worker trains the plan of plan.json,
 each built only its half of the base model; a worker killed mid-training, the run resumes from its last
 checkpoint with the loss curve intact, and the adapter in the run's storage reloads with plain PEFT.
-Bad input: a cluster too small for the config, an address nobody answers.
+Bad input: a cluster too small for the config, an address nobody answers. On 2 GPUs (marker `gpu`): each worker
+on its own GPU, and a worker killed after a checkpoint ends as an uninterrupted GPU run within bf16's tolerance.
 """
 
 import json

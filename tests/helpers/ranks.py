@@ -1,5 +1,5 @@
-"""Start real DeepSpeed ranks (CPU, gloo, loopback) for the distributed tests, through the package's own command
-and environment builders (aletheia_ds/launchers/deepspeed.py)."""
+"""Start real DeepSpeed ranks (CPU, gloo, loopback; or GPUs, NCCL) for the distributed tests, through the package's
+own command and environment builders (aletheia_ds/launchers/deepspeed.py), and compare two runs of one job."""
 
 from __future__ import annotations
 
