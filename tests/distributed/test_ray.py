@@ -18,7 +18,15 @@ import time
 import pytest
 import torch
 from helpers.ranks import ROOT, TOLERANCE, assert_same_job, read_jsonl, save_tiny_llama, single_process_probe
-from helpers.ray_cluster import GPU_WORKERS, kill_past_checkpoint, local_ray, ray_config, read_notes, write_config
+from helpers.ray_cluster import (
+    GPU_WORKERS,
+    kill_past_checkpoint,
+    local_ray,
+    ray_config,
+    read_notes,
+    wait_for_restart,
+    write_config,
+)
 
 from aletheia_ds.adapters.attach import adapter_modules
 from aletheia_ds.evaluate import evaluate_adapter
@@ -312,7 +320,10 @@ def test_gpu_workers_take_one_gpu_each_and_a_killed_one_resumes_to_the_uninterru
         )
         try:
             before, killed_pid = kill_a_worker_mid_training(job, storage / "killed", job_log)
-            pause.unlink()  # the restarted group runs through
+            # rank 0 waits until Ray ends it, never in a collective with the killed rank (NCCL on one host may wait
+            # there for its timeout rather than fail); the restarted group then runs through
+            wait_for_restart(job, storage / "killed", job_log)
+            pause.unlink()
             job.wait(timeout=400)
         finally:
             if job.poll() is None:

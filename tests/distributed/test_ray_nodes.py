@@ -10,7 +10,15 @@ import re
 
 import pytest
 from helpers.ranks import TOLERANCE, assert_same_job, device_env, devices, run_train, save_tiny_llama, tiny_run_config
-from helpers.ray_cluster import GPU_WORKERS, kill_past_checkpoint, local_ray, ray_config, read_notes, write_config
+from helpers.ray_cluster import (
+    GPU_WORKERS,
+    kill_past_checkpoint,
+    local_ray,
+    ray_config,
+    read_notes,
+    wait_for_restart,
+    write_config,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -51,9 +59,12 @@ def test_two_node_job_survives_a_lost_node_and_equals_one_node(tmp_path, device)
         job = cluster.start(args, job_log, script="tests/workers/ray_pause_between_steps.py")
         try:
             before = kill_past_checkpoint(job, run, job_log, lambda notes: second.kill())
-            pause.unlink()  # the restarted group runs through
             # as an autoscaler (or the operator) would
             replacement = cluster.add_node("127.0.0.3", num_cpus=1, **node_gpu(1))
+            # the head's worker waits until Ray ends it, never in a collective with the lost one (NCCL on one host
+            # may wait there for its timeout rather than fail); the restarted group then runs through
+            wait_for_restart(job, run, job_log)
+            pause.unlink()
             job.wait(timeout=540)
         finally:
             if job.poll() is None:

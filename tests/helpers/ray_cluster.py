@@ -347,3 +347,16 @@ def kill_past_checkpoint(
                 return {"notes": notes, "rows": rows, "checkpoint_step": step}
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint within {timeout} s:\n{job_log.read_text()[-4000:]}")
+
+
+def wait_for_restart(job: subprocess.Popen, run: Path, job_log: Path, timeout: float = 400.0) -> list[dict]:
+    """Wait until every worker of the group Ray restarted after a failure has written its note (resumed from a
+    checkpoint); returns the notes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert job.poll() is None, f"the job ended before its restart:\n{job_log.read_text()[-4000:]}"
+        notes = read_notes(run)  # each written atomically: the first group's until replaced
+        if all(n["resumed"] for n in notes):
+            return notes
+        time.sleep(0.2)
+    raise AssertionError(f"no restarted worker group within {timeout} s:\n{job_log.read_text()[-4000:]}")
