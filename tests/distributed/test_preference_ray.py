@@ -106,7 +106,7 @@ def test_preference_job_on_ray_equals_the_deepspeed_launcher(cluster, model_dir,
         if "Reported metrics: {'stage': 'train'" in line
     ]
     by_step = {r["step"]: r for r in reported}  # each worker reports; their rows are the same
-    assert sorted(by_step) == [1, 2, 3, 4]
+    assert sorted(by_step) == [1, 2, 3, 4], "\n".join(line for line in log.splitlines() if "stage" in line)[-6000:]
     for row in rows:
         assert {k: by_step[row["step"]][k] for k in REWARDS} == {k: row[k] for k in REWARDS}
     from ray.train import Result

@@ -307,16 +307,19 @@ def test_production_cost_gives_the_base_the_step_time_shares_of_the_production_s
 def test_rank_scaling_arms_give_the_scales_their_docs_state(tiny_frozen):
     """cut, cut_standard and cut_rslora: the same layers and ranks, and the LoRA scale PEFT applies in each adapter
     (LoraLayer.scaling, as attached by the study) is the one docs/QUALITY.md gives for that arm."""
+    import dataclasses
     import math
 
-    from helpers.reports import fake_report
+    from peft.tuners.lora import LoraLayer
 
     from aletheia_ds.adapters.attach import attach
     from aletheia_ds.config import LoraSection
     from aletheia_ds.cost import CostModel
+    from aletheia_ds.probe.run import run_probe
 
-    tiny = tiny_frozen("llama", num_hidden_layers=6)
-    report = fake_report(tiny.layout, [1.0, 2.0, 3.0, 6.0, 5.0, 4.0])
+    tiny = tiny_frozen("llama", batches=(2, 2, 12), num_hidden_layers=6)
+    model = tiny.model
+    report = run_probe(model, tiny.layout, tiny.batches, lambda b: model(**b, use_cache=False).loss, sketch_dim=8)
     settings = Settings(min_r=4, max_r=16, budget=0.9)
     built, notes = {}, []
     plans = {
@@ -333,10 +336,15 @@ def test_rank_scaling_arms_give_the_scales_their_docs_state(tiny_frozen):
         "cut_standard": lambda r: 2.0,
         "cut_rslora": lambda r: 2 * min_r / math.sqrt(r),
     }
+    # the docs' reason `cut` needs no PEFT-rsLoRA twin: use_rslora at one alpha 2 sqrt(min_r) is cut's scale
+    plans["rslora_twin"] = dataclasses.replace(
+        plans["cut_standard"],
+        modules=[dataclasses.replace(m, alpha=2 * math.sqrt(min_r)) for m in plans["cut_standard"].modules],
+    )
+    expected["rslora_twin"] = expected["cut"]
     for name, scale in expected.items():
-        from peft.tuners.lora import LoraLayer
-
-        model = attach(copy.deepcopy(tiny.model), plans[name], LoraSection(**arms.ARMS[name].lora))
+        lora = {"use_rslora": True} if name == "rslora_twin" else arms.ARMS[name].lora
+        model = attach(copy.deepcopy(tiny.model), plans[name], LoraSection(**lora))
         layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
         assert len(layers) == len(plans[name].modules)
         for layer in layers.values():
