@@ -100,15 +100,15 @@ def test_preference_job_on_ray_equals_the_deepspeed_launcher(cluster, model_dir,
 
     # the rewards went through ray.train.report: every step's report, and the last checkpoint's metrics in Ray
     # Train's own record of the run
-    reported = [
-        ast.literal_eval(line.split("Reported metrics: ", 1)[1])  # a dict's repr, as Ray Train logs it
-        for line in log.splitlines()
-        if "Reported metrics: {'stage': 'train'" in line
-    ]
-    by_step = {r["step"]: r for r in reported}  # each worker reports; their rows are the same
-    assert sorted(by_step) == [1, 2, 3, 4], "\n".join(line for line in log.splitlines() if "stage" in line)[-6000:]
-    for row in rows:
-        assert {k: by_step[row["step"]][k] for k in REWARDS} == {k: row[k] for k in REWARDS}
+    reported = {}  # (rank, step): the metrics of each worker's ray.train.report, as Ray Train logs them
+    for line in log.splitlines():
+        found = re.search(r"TrainingReport\(checkpoint=.*?, metrics=(\{.*\}), validation=\w+\) from rank (\d+)", line)
+        if found and "'stage': 'train'" in found.group(1):
+            metrics = ast.literal_eval(found.group(1))  # a dict's repr
+            reported[int(found.group(2)), metrics["step"]] = metrics
+    assert sorted(reported) == [(rank, step) for rank in (0, 1) for step in (1, 2, 3, 4)], log[-6000:]
+    for (rank, step), metrics in reported.items():
+        assert {k: metrics[k] for k in REWARDS} == {k: rows[step - 1][k] for k in REWARDS}, (rank, step)
     from ray.train import Result
 
     result = Result.from_path(str(run))
