@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .adapters.attach import INITIAL_FACTORS
 from .adapters.export import export_adapter
 from .config import ConfigError
 from .dist import print0
@@ -24,6 +25,7 @@ from .io import (
     load_safetensors,
     manifest_problem,
     replace_dir,
+    save_safetensors_atomic,
     tree_manifest,
     write_json_atomic,
     write_text_atomic,
@@ -39,6 +41,7 @@ from .plan import Plan
 #       ds/                       DeepSpeed's engine checkpoint: LoRA weights, optimizer and scheduler state
 #                                 (every rank writes its own ZeRO shards; frozen base weights excluded)
 #       adapter/                  the PEFT adapter at this step (safetensors), also used to verify a load
+#       initial_lora_factors.safetensors  lora.init=pissa/olora only: the starting factors B0, A0 (see restore)
 #       rng/rank-00000.safetensors  python / numpy / torch RNG states of each rank
 #       metrics.jsonl             the metrics rows up to this step
 #       probe.json                the probe that made the plan (when the run probed)
@@ -52,6 +55,7 @@ from .plan import Plan
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest"
+INITIAL_FACTORS_FILE = "initial_lora_factors.safetensors"
 
 # knobs that may change between a run and its resumption: they do not change the math of training
 # (train.compile does: fused kernels round differently)
@@ -392,6 +396,9 @@ def save_checkpoint(
     ctx.barrier()
     ctx.save_engine_state(engine, tmp)
     export_adapter(ctx, peft_model, tmp / "adapter")
+    initial = getattr(peft_model, INITIAL_FACTORS, None)
+    if initial is not None and ctx.is_main:
+        save_safetensors_atomic(tmp / INITIAL_FACTORS_FILE, initial)
     save_rng(tmp / "rng" / f"rank-{ctx.rank:05d}.safetensors")
     ctx.barrier()  # every rank's files are in tmp
     if ctx.is_main:
@@ -434,6 +441,7 @@ def restore_checkpoint(ctx, engine, peft_model: nn.Module, checkpoint: Checkpoin
     The check exports the loaded weights the way a checkpoint does (the one exporter, so PEFT's and the
     per-expert files are covered alike) and compares them with the checkpoint's adapter/.
     """
+    _check_initial_factors(ctx, peft_model, checkpoint)
     ctx.load_engine_state(engine, checkpoint.path)
     scratch = Path(output_dir) / ".resume-check-adapter"
     export_adapter(ctx, peft_model, scratch)
@@ -455,6 +463,33 @@ def restore_checkpoint(ctx, engine, peft_model: nn.Module, checkpoint: Checkpoin
         _restore_metrics(checkpoint, Path(output_dir) / "metrics.jsonl")
         if not (Path(output_dir) / "probe.json").is_file() and (checkpoint.path / "probe.json").is_file():
             shutil.copyfile(checkpoint.path / "probe.json", Path(output_dir) / "probe.json")
+
+
+def _check_initial_factors(ctx, peft_model: nn.Module, checkpoint: Checkpoint) -> None:
+    """lora.init=pissa/olora: the run trains on the rewritten base W - s B0 A0, which no checkpoint holds (it is as
+    large as the model). The resumed run rebuilds it by attaching again, from the same base (the fingerprint check)
+    with the same seed; that is exact only when B0, A0 come out bit for bit as they did, which a different device,
+    BLAS or PEFT version need not give. Refused then: the same trained factors on another base are another model."""
+    initial = getattr(peft_model, INITIAL_FACTORS, None)
+    saved_path = checkpoint.path / INITIAL_FACTORS_FILE
+    if initial is None or not saved_path.is_file():  # a plain init, or a checkpoint from before this file
+        return
+    problem = None
+    if ctx.is_main:
+        saved = load_safetensors(saved_path)
+        differ = sorted(k for k in set(saved) | set(initial) if k not in saved or k not in initial)
+        differ += sorted(k for k in set(saved) & set(initial) if not torch.equal(saved[k], initial[k]))
+        if differ:
+            init = checkpoint.state["config"]["lora"]["init"]
+            problem = (
+                f"train.resume: {checkpoint.path}: lora.init={init} rewrote the base weights to W - s B0 A0 from "
+                f"starting factors that this run recomputes differently ({len(differ)} tensors, first: {differ[0]}), "
+                "so the base it trained on cannot be rebuilt exactly; resume on the device type and library versions "
+                "that wrote the checkpoint, or start a new train.output_dir"
+            )
+    problem = ctx.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _restore_metrics(checkpoint: Checkpoint, metrics_path: Path) -> None:

@@ -384,6 +384,9 @@ def main() -> None:
         args.steps, args.warmup, args.calibration_steps = 2, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    too_big = [name for name in args.shapes if device.type == "cpu" and not name.startswith("tiny")]
+    if too_big:  # a 7B shape in fp32 is ~30 GB of host memory and minutes per step: refused before it is built
+        parser.error(f"--shapes {' '.join(too_big)}: needs a CUDA device (none visible); on CPU run --smoke")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731

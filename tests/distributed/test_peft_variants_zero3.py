@@ -129,3 +129,67 @@ def test_variant_on_two_gpus_zero3_bf16(tmp_path, lora):
 def plan_lora_config(out) -> dict:
     """The LoraConfig fields the run recorded in plan.json."""
     return json.loads((out / "plan.json").read_text())["lora_config"]
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", pytest.param("olora", marks=pytest.mark.slow)])
+def test_base_rewriting_init_resumed_midway_equals_the_uninterrupted_run(tmp_path, init):
+    """PiSSA/OLoRA rewrite the base weights (W - s B0 A0) when the adapters are attached. A checkpoint holds the
+    trained factors only: a resumed run rebuilds the rewritten base by attaching again, from the base on disk
+    (which the checkpoint's model fingerprint pins) with the same seed, so it must go on exactly as the run that
+    never stopped (in which the rewritten base lived on in memory)."""
+    from safetensors.torch import load_file
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    whole = tmp_path / "whole"
+    # lora.dropout > 0: a resumed run that did not restore the RNG state would draw other masks
+    cfg = tiny_run_config(
+        model_dir,
+        whole,
+        lora={"init": init, "dropout": 0.1},
+        train={"max_steps": 4, "save_every": 2, "keep_last": 2},
+    )
+    run_train(cfg, tmp_path, nprocs=2, timeout=900)
+    # the uninterrupted run's checkpoint of step 2, continued by a new job into another output_dir: the new
+    # processes know only what the checkpoint and the base on disk hold
+    resumed = tmp_path / "resumed"
+    checkpoint = whole / "checkpoints" / "step-00000002"
+    proc = run_train(
+        {**cfg, "train": {**cfg["train"], "output_dir": str(resumed)}},
+        tmp_path,
+        nprocs=2,
+        timeout=900,
+        extra=["--resume", str(checkpoint)],
+    )
+    assert f"resume: {checkpoint}, step 2 of 4" in proc.stdout and "probe:" not in proc.stdout
+
+    rows, want = read_jsonl(resumed / "metrics.jsonl"), read_jsonl(whole / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [(r["loss"], r["lr"]) for r in rows] == [(r["loss"], r["lr"]) for r in want]  # bitwise
+    got, expected = (json.loads((d / "eval.json").read_text()) for d in (resumed, whole))
+    assert got["eval_loss_before"] == expected["eval_loss_before"]
+    assert got["eval_loss_after"] == expected["eval_loss_after"]
+    tensors, ref_tensors = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (resumed, whole))
+    assert tensors.keys() == ref_tensors.keys() and all(torch.equal(tensors[k], ref_tensors[k]) for k in tensors)
+    # the converted export ([A; A0], [B, -B0]) on the original base gives the resumed run's own logits
+    result = evaluate_tiny_run(model_dir, resumed, cfg)
+    assert result["logits_match"], result
+    assert result["adapter_loss"] == pytest.approx(got["eval_loss_after"], rel=1e-5)
+
+    if init == "olora":  # the refusal below is the same code path for both inits
+        return
+    # starting factors that come out otherwise on resume (another device's SVD, another PEFT) would rebuild another
+    # base under the checkpoint's trained factors: refused in one line, before training
+    other = tmp_path / "other"
+    proc = run_train(
+        {**cfg, "train": {**cfg["train"], "output_dir": str(other)}},
+        tmp_path,
+        nprocs=2,
+        timeout=900,
+        extra=["--resume", str(checkpoint)],
+        script="tests/workers/other_initial_factors.py",
+        check=False,
+    )
+    errors = sorted({line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if line.startswith("error:")})
+    assert proc.returncode == 2 and len(errors) == 1, (proc.stdout + proc.stderr)[-3000:]
+    assert errors[0].startswith(f"error: train.resume: {checkpoint}: lora.init={init} rewrote the base weights")
+    assert "cannot be rebuilt exactly" in errors[0] and not (other / "metrics.jsonl").exists()

@@ -2,6 +2,7 @@
 plans, plan transfer and projection, the estimate, and the whole study end to end on CPU (--smoke)."""
 
 import ast
+import copy
 import gzip
 import json
 import operator
@@ -301,3 +302,51 @@ def test_production_cost_gives_the_base_the_step_time_shares_of_the_production_s
             [(layer, 16, *shape) for layer in range(cut * 10, 80) for shape in big_cost.module_shapes.values()]
         )
         assert small / cost.uniform_seconds() == pytest.approx(large / big_cost.uniform_seconds(), rel=1e-6)
+
+
+def test_rank_scaling_arms_give_the_scales_their_docs_state(tiny_frozen):
+    """cut, cut_standard and cut_rslora: the same layers and ranks, and the LoRA scale PEFT applies in each adapter
+    (LoraLayer.scaling, as attached by the study) is the one docs/QUALITY.md gives for that arm."""
+    import dataclasses
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    from aletheia_ds.adapters.attach import attach
+    from aletheia_ds.config import LoraSection
+    from aletheia_ds.cost import CostModel
+    from aletheia_ds.probe.run import run_probe
+
+    tiny = tiny_frozen("llama", batches=(2, 2, 12), num_hidden_layers=6)
+    model = tiny.model
+    report = run_probe(model, tiny.layout, tiny.batches, lambda b: model(**b, use_cache=False).loss, sketch_dim=8)
+    settings = Settings(min_r=4, max_r=16, budget=0.9)
+    built, notes = {}, []
+    plans = {
+        name: arms.ARMS[name].build(report, CostModel.analytic(report), settings, built, notes)
+        for name in arms.ARMS
+        if name.startswith("cut")
+    }
+    shape = lambda plan: [(m.layer, m.key, m.r) for m in plan.modules]  # noqa: E731
+    assert shape(plans["cut_rslora"]) == shape(plans["cut_standard"]) == shape(plans["cut"])
+    assert len({m.r for m in plans["cut"].modules}) > 1, plans["cut"].modules  # ranks of one plan differ
+    min_r = settings.min_r
+    expected = {
+        "cut": lambda r: 2 * math.sqrt(min_r / r),
+        "cut_standard": lambda r: 2.0,
+        "cut_rslora": lambda r: 2 * min_r / math.sqrt(r),
+    }
+    # the docs' reason `cut` needs no PEFT-rsLoRA twin: use_rslora at one alpha 2 sqrt(min_r) is cut's scale
+    plans["rslora_twin"] = dataclasses.replace(
+        plans["cut_standard"],
+        modules=[dataclasses.replace(m, alpha=2 * math.sqrt(min_r)) for m in plans["cut_standard"].modules],
+    )
+    expected["rslora_twin"] = expected["cut"]
+    for name, scale in expected.items():
+        lora = {"use_rslora": True} if name == "rslora_twin" else arms.ARMS[name].lora
+        model = attach(copy.deepcopy(tiny.model), plans[name], LoraSection(**lora))
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+        assert len(layers) == len(plans[name].modules)
+        for layer in layers.values():
+            r = layer.r["default"]
+            assert layer.scaling["default"] == pytest.approx(scale(r), rel=1e-9), (name, r)

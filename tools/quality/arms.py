@@ -17,7 +17,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -45,6 +45,7 @@ class Unavailable(Exception):
 class Arm:
     label: str
     build: Callable[[ProbeReport, CostModel, Settings, dict, list], Plan]
+    lora: dict = field(default_factory=dict)  # LoraSection fields of this arm's adapters besides init_seed
 
 
 def _section(s: Settings, **fields) -> PlanSection:
@@ -76,14 +77,30 @@ def _budget(report, cost, s, built, notes) -> Plan:
     return _within_budget(report, cost, s, notes, lambda budget: _paired_ranks(s, rule="budget", budget=budget))
 
 
-def _cut(score: str):
+def _cut(score: str, rank_scaling: str = "rslora"):
     def build(report, cost, s, built, notes) -> Plan:
         def section(budget: float) -> PlanSection:
-            return _section(s, rule="cut", budget=budget, score=score, min_r=s.min_r, max_r=s.max_r, guard=s.guard)
+            return _section(
+                s,
+                rule="cut",
+                budget=budget,
+                score=score,
+                min_r=s.min_r,
+                max_r=s.max_r,
+                guard=s.guard,
+                rank_scaling=rank_scaling,
+            )
 
         return _within_budget(report, cost, s, notes, section)
 
     return build
+
+
+def _rslora(report, cost, s, built, notes) -> Plan:
+    """The cut plan (alpha = 2r) with one alpha for every rank, as PEFT's rsLoRA (use_rslora: scale alpha/sqrt(r))
+    is meant to be used: the cut plan's scale at min_r times sqrt(min_r), falling as 1/sqrt(r) like `cut`'s."""
+    plan = _cut("signal", "standard")(report, cost, s, built, notes)
+    return dataclasses.replace(plan, modules=[dataclasses.replace(m, alpha=2.0 * s.min_r) for m in plan.modules])
 
 
 def _matched(report, cost, s, built, notes) -> Plan:
@@ -142,6 +159,15 @@ ARMS: dict[str, Arm] = {
     "cut_raw": Arm("cut rule, score raw", _cut("raw")),
     "cut_lowrank": Arm("cut rule, score lowrank", _cut("lowrank")),
     "cut_relative": Arm("cut rule, score relative", _cut("relative")),
+    # the cut plan's layers and ranks under other scalings; `cut` itself has alpha = 2 sqrt(min_r r), i.e. scale
+    # 2 sqrt(min_r / r), rank-stable as rsLoRA asks (PEFT's use_rslora at one alpha 2 sqrt(min_r) is that same
+    # scale: it would train the same adapters, so it is no arm of its own)
+    "cut_standard": Arm("cut rule, alpha = 2r (scale 2 at every rank)", _cut("signal", "standard")),
+    "cut_rslora": Arm(
+        "cut rule, PEFT rsLoRA: use_rslora, alpha = 2 min_r at every rank (scale 2 min_r / sqrt(r))",
+        _rslora,
+        lora={"use_rslora": True},
+    ),
     "matched": Arm("uniform, every layer, at the reference plan's mean ranks (rank-matched)", _matched),
     "pilot": Arm("pilot: uniform r16 for a fraction of the steps, then the layers above pilot_plan's cut", _pilot),
     "random": Arm("random layers: the reference plan's layer count, modules and ranks", _random),
@@ -157,6 +183,8 @@ BUILD_ORDER = [
     "cut_raw",
     "cut_lowrank",
     "cut_relative",
+    "cut_standard",
+    "cut_rslora",
     "matched",
     "pilot",
     "random",
@@ -329,7 +357,8 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
     device, pad = ctx.device, ctx.tokenizer.pad_token_id
     plan = plan_for(ctx, arm, seed, s)
     base = copy.deepcopy(ctx.base)
-    run = PreparedModel.apply(base, plan, describe(base), ExecutionOptions(lora=LoraSection(init_seed=seed)))
+    lora = LoraSection(init_seed=seed, **ARMS[arm].lora)
+    run = PreparedModel.apply(base, plan, describe(base), ExecutionOptions(lora=lora))
     model = run.peft_model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=device.type == "cuda")
@@ -390,6 +419,7 @@ def train_run(ctx: RunContext, arm: str, seed: int, lr: float, s: Settings) -> d
         "lr": lr,
         "steps": steps,
         "plan": plan_summary(plan),
+        "lora": ARMS[arm].lora,
         **extra,
         "trainable_params": trainable,
         "train_seconds_shared_device": train_seconds,
