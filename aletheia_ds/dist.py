@@ -38,6 +38,26 @@ def write_json0(path: str | Path, blob: Any) -> None:
         write_json_atomic(path, blob)
 
 
+# per-module state that ZeRO-3's hook registration keeps in module.__dict__ (DeepSpeed
+# runtime/zero/parameter_offload.py, _register_deepspeed_module: `if "pre_bwd_fn" not in module.__dict__`)
+_ZERO3_BACKWARD_HOOK_STATE = ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt")
+
+
+def _forget_backward_hooks(model: nn.Module) -> None:
+    """Drop the backward-hook functions a destroyed ZeRO-3 engine left on `model`'s modules.
+
+    DeepSpeed builds each module's pre-/post-backward autograd functions once and reuses them when a later
+    engine hooks the same module; engine.destroy() removes the hooks but keeps those functions, which stay
+    bound to the destroyed engine's parameter coordinator. The training engine would then fetch and release
+    the frozen weights in backward through the probe's coordinator while its own sees no backward at all, so
+    its checkpoint-recompute bookkeeping (frozen weights a recompute gathers are held until the module in
+    backward finishes) finds no module in backward, releases them, and torch.utils.checkpoint refuses the
+    recomputed (empty) weights."""
+    for module in model.modules():
+        for name in _ZERO3_BACKWARD_HOOK_STATE:
+            module.__dict__.pop(name, None)
+
+
 def peak_host_rss_gib() -> float:
     """This process's peak resident host memory so far, in GiB."""
     import resource
@@ -237,6 +257,7 @@ class DistContext:
             if engine is not None:
                 engine.empty_partition_cache()  # weights still gathered after the last backward
                 engine.destroy()
+                _forget_backward_hooks(model)
 
     # ------------------------------------------------------------ ZeRO-3 leaf modules (mixture of experts)
     def set_z3_leaf_modules(self, model: nn.Module, classes: list[type]) -> None:

@@ -43,9 +43,7 @@ from .execution import base_model, patched_forward
 LOGITS_PER_SHARD = 1 << 27  # tokens x vocabulary entries of one loss tile (512 MiB of float32 logits)
 
 
-def check_sequence_parallel(
-    cfg: RunConfig, world_size: int, layout: Layout, model_config: Any, zero3: bool = False
-) -> None:
+def check_sequence_parallel(cfg: RunConfig, world_size: int, layout: Layout, model_config: Any) -> None:
     """What sequence parallelism cannot run is refused in one line before anything is attached."""
     sp = cfg.train.sequence_parallel_size
     if sp == 1:
@@ -91,13 +89,6 @@ def check_sequence_parallel(
         )
     if cfg.train.prefix_cache:
         raise ConfigError("train.prefix_cache: not supported under sequence parallelism; set one of them off")
-    if cfg.train.gradient_checkpointing and zero3:
-        # seen on 2 CPU ranks: the training step's recompute meets ZeRO-3's released (empty) weights and
-        # torch.utils.checkpoint refuses the mismatch (the probe's checkpointed pass works)
-        raise ConfigError(
-            "train.gradient_checkpointing: not yet supported under sequence parallelism with ZeRO-3; set it false "
-            "or use ds_configs/zero2.json"
-        )
     if cfg.train.compile:
         raise ConfigError("train.compile: not supported under sequence parallelism; set train.compile=false")
 
@@ -305,7 +296,7 @@ def tile_mlps(model: nn.Module, layout: Layout) -> int:
 
 def sp_setup(ctx, cfg: RunConfig, model: nn.Module, layout: Layout, pad_id: int) -> Optional[SequenceParallel]:
     """Checks, then registers the Ulysses group when train.sequence_parallel_size > 1 (None otherwise)."""
-    check_sequence_parallel(cfg, ctx.world_size, layout, model.config, ctx.zero3)
+    check_sequence_parallel(cfg, ctx.world_size, layout, model.config)
     if cfg.train.sequence_parallel_size == 1:
         return None
     return SequenceParallel.register(

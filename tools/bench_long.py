@@ -3,17 +3,18 @@
 Long context under Ulysses sequence parallelism (train.sequence_parallel_size): the real job
 (`deepspeed launch/train.py`, ZeRO-3, random weights of the named shape built under zero.Init) once per arm and
 sequence length, each example one row of exactly --seq-len tokens (no packing: under sequence parallelism only
-flash attention keeps packed examples apart), micro-batch 1, DeepSpeed's tiled loss over the vocabulary and
-(unless --no-tiled-mlp) its tiled MLP; gradient checkpointing off (not yet with sequence parallelism under ZeRO-3).
+flash attention keeps packed examples apart), micro-batch 1, DeepSpeed's tiled loss over the vocabulary,
+(unless --no-tiled-mlp) its tiled MLP, and (unless --no-checkpointing) gradient checkpointing of the adapted layers.
 Arms: uniform, budget and budget_no_prefix
 (the budget plan with train.frozen_prefix=false: what the frozen prefix saves at this length). Per run:
 median tokens/s per GPU after --warmup, MFU (aletheia_ds.cost.lora_step_flops_per_token at that length, attention
 included), peak GPU memory of probe and training; a length that does not fit is recorded as its failure (out of
-memory) in the table, so calls with growing --seq-lens find the longest that fits. Runs land in --out/ARM_LEN/;
+memory) in the table, so a call with growing --seq-lens finds the longest that fits (after an arm's first
+failure its longer lengths are not tried: they would fail too). Runs land in --out/ARM_LEN/;
 calls into the same --out add rows to long.json / long.md (one call per arm and length keeps each call short).
 
   --layers N       fewer layers of the same widths (e.g. 40 on one GPU with --sp 1)
-  --cpu            smoke run on CPU ranks over gloo, float32 (tests/distributed/test_bench_long.py)
+  --cpu            smoke run on CPU ranks over gloo, float32, with --shape tiny (tests/distributed/test_bench_long.py)
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def job_config(args, out: Path, seq_len: int) -> dict:
             "lr": 1e-4,
             "warmup_steps": 0,
             "lr_scheduler": "constant",
-            "gradient_checkpointing": False,  # not yet under sequence parallelism with ZeRO-3 (refused)
+            # without it every layer's activations at 8k-32k tokens per rank stay until backward
+            "gradient_checkpointing": args.checkpointing,
             "sequence_parallel_size": args.sp,
             "tiled_mlp": args.tiled_mlp,
             "seed": 0,
@@ -81,7 +83,8 @@ def markdown(meta: dict, rows: list[dict], failed: list[dict]) -> str:
         f"`{meta['command']}`",
         "",
         "One example of the given length per sequence group per micro-batch; tiled loss; tiled MLP "
-        f"{'on' if meta['tiled_mlp'] else 'off'}; no gradient checkpointing; MFU against "
+        f"{'on' if meta['tiled_mlp'] else 'off'}; gradient checkpointing {'on' if meta['checkpointing'] else 'off'}; "
+        "MFU against "
         f"{meta['peak_tflops']:.0f} TFLOP/s per GPU.",
         "",
         "| arm | tokens | layers (lowest) | s/step | tokens/s/GPU | MFU | peak GiB train (probe) | probe s |",
@@ -117,13 +120,14 @@ def main() -> None:
     parser.add_argument("--probe-batches", type=int, default=1)
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--no-tiled-mlp", dest="tiled_mlp", action="store_false")
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--ds-config", default=str(ROOT / "ds_configs/zero3_70b.json"))
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS)
     parser.add_argument("--timeout", type=float, default=460, help="seconds per run")
     parser.add_argument("--cpu", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    args.gpu_ids, args.micro_batch, args.checkpointing = None, 1, False  # what bench_scale's helpers read
+    args.gpu_ids, args.micro_batch = None, 1  # what bench_scale's helpers read
     import yaml
 
     out = Path(args.out)
@@ -137,6 +141,7 @@ def main() -> None:
     done = {(a, n) for a in args.arms for n in args.seq_lens}
     rows = [r for r in earlier.get("rows", []) if (r["arm"], r["seq_len"]) not in done]
     failed = [f for f in earlier.get("failed", []) if (f["arm"], f["seq_len"]) not in done]
+    failed_at: dict[str, int] = {}  # arm -> the shortest length that failed in this call
     for seq_len in args.seq_lens:
         groups = args.gpus // args.sp
         write_long_rows(
@@ -146,6 +151,9 @@ def main() -> None:
         config_path = out / f"run_{seq_len}.yaml"
         config_path.write_text(yaml.safe_dump(job_config(args, out, seq_len)))
         for arm in args.arms:
+            if seq_len > failed_at.get(arm, seq_len):
+                print(f"{arm} {seq_len}: not tried ({arm} failed at {failed_at[arm]} tokens)", flush=True)
+                continue
             run_dir = out / f"{arm}_{seq_len}"
             run_dir.mkdir(exist_ok=True)
             overrides = [f"train.output_dir={run_dir}", *arm_overrides(LONG_ARMS[arm])]
@@ -158,6 +166,7 @@ def main() -> None:
             except (SystemExit, subprocess.TimeoutExpired) as err:
                 print(err, flush=True)
                 failed.append({"arm": arm, "seq_len": seq_len, "error": failure_reason(run_dir, err)})
+                failed_at[arm] = min(seq_len, failed_at.get(arm, seq_len))
                 continue
             row = {**summarize(arm, run_dir, config, args, None, ds), "seq_len": seq_len}
             row["wall_seconds"] = time.perf_counter() - started
@@ -174,6 +183,7 @@ def main() -> None:
         "device": device_name(args.cpu),
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "tiled_mlp": args.tiled_mlp,
+        "checkpointing": args.checkpointing,
         "peak_tflops": args.peak_tflops,
         "model_config": config,
     }

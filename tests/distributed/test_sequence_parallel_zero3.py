@@ -1,8 +1,9 @@
 """Ulysses sequence parallelism (train.sequence_parallel_size) against the same job without it: 2 CPU ranks over
 gloo, ZeRO-3, the same examples in the same order. With sequence parallelism each batch is split over both ranks
-(tiled loss over the vocabulary, tiled MLP, frozen prefix below the cut); without it each
-rank runs its own batch whole. The reference is the plain job: probe scores, losses and held-out losses must
-agree to float32 round-off, and so must the gradient norms DeepSpeed applies and the trained adapters."""
+(tiled loss over the vocabulary, tiled MLP, frozen prefix below the cut), with and without gradient checkpointing;
+without it each rank runs its own batch whole. The reference is the plain job with checkpointing (which recomputes
+exactly): probe scores, losses and held-out losses must agree to float32 round-off, and so must the gradient norms
+DeepSpeed applies and the trained adapters."""
 
 import json
 
@@ -17,7 +18,7 @@ RTOL = 1e-5
 
 
 def _run(tmp_path, model_dir, sp: int, **train):
-    out = tmp_path / f"sp{sp}"
+    out = tmp_path / f"sp{sp}{'_checkpointed' if train.get('gradient_checkpointing') else ''}"
     config = tiny_run_config(
         model_dir,
         out,
@@ -31,11 +32,16 @@ def _run(tmp_path, model_dir, sp: int, **train):
 
 
 def test_sequence_parallel_matches_the_plain_job(tmp_path):
-    from safetensors.torch import load_file
-
     model_dir = save_tiny_llama(tmp_path / "model", layers=4)
-    plain = _run(tmp_path, model_dir, 1)
-    split = _run(tmp_path, model_dir, 2, tiled_mlp=True)
+    plain = _run(tmp_path, model_dir, 1, gradient_checkpointing=True)
+    # checkpointed: each layer's recompute runs inside ZeRO-3's backward, TiledMLP's own recompute inside it
+    for checkpointing in (False, True):
+        split = _run(tmp_path, model_dir, 2, tiled_mlp=True, gradient_checkpointing=checkpointing)
+        _assert_same_job(plain, split)
+
+
+def _assert_same_job(plain, split):
+    from safetensors.torch import load_file
 
     probes = [json.loads((run / "probe.json").read_text()) for run in (plain, split)]
     for reference, got in zip(*(p["layers"] for p in probes)):

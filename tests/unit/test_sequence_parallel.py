@@ -19,11 +19,6 @@ def _check(tiny_frozen, *overrides, world=2, family="llama", attn="sdpa", **mode
 def test_supported_combination_passes(tiny_frozen):
     _check(tiny_frozen)
     _check(tiny_frozen, "train.gradient_checkpointing=true", "train.tiled_mlp=true", "train.frozen_prefix=true")
-    with pytest.raises(ConfigError, match="train.gradient_checkpointing: not yet supported"):
-        tiny = tiny_frozen("llama")
-        tiny.model.config._attn_implementation = "sdpa"
-        cfg = load_config(["train.sequence_parallel_size=2", "train.gradient_checkpointing=true"])
-        check_sequence_parallel(cfg, 2, tiny.layout, tiny.model.config, zero3=True)
 
 
 @pytest.mark.parametrize(
