@@ -103,7 +103,8 @@ def tiny_run_config(model_dir: Path, out: Path, **sections) -> dict:
     return config
 
 
-def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, family: str = "llama", **overrides) -> Path:
+def tiny_causal_lm(seed: int = 0, layers: int = 4, family: str = "llama", **overrides):
+    """The tests' tiny float32 model of `family` (seeded random weights): 512 tokens, width 32, 4 heads / 2 KV."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -127,8 +128,11 @@ def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, family: str = "l
             **overrides,
         },
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(str(path))
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def save_tiny_llama(path: Path, seed: int = 0, layers: int = 4, family: str = "llama", **overrides) -> Path:
+    tiny_causal_lm(seed, layers, family, **overrides).save_pretrained(str(path))
     return path
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from helpers.ranks import tiny_causal_lm
+
 TOKENIZER = Path(__file__).resolve().parents[2] / "examples/tiny/tokenizer"
 PREFERENCES = Path(__file__).resolve().parents[2] / "examples/tiny/prefs_train.jsonl"
 
@@ -33,24 +35,7 @@ def preference_batch(tok, first: int, pairs: int, seq_len: int = 48) -> dict:
 
 
 def tiny_lm(vocab_size: int, layers: int = 4, seed: int = 0):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = tiny_causal_lm(seed, layers, vocab_size=vocab_size)
     model.requires_grad_(False)
     return model.eval()
 
