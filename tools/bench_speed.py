@@ -1,4 +1,5 @@
 """python tools/bench_speed.py --out OUT_DIR [--shapes qwen2.5-1.5b qwen2.5-7b] [--budget 0.6] [--dpo] [--smoke]
+       [--layers N] [--rows ROW ...] [--modes no_checkpointing checkpointing]
 
 Side by side, one run, same shape/data/seed, random weights of the real shape, bf16, one GPU:
   uniform          PEFT LoRA r16 on every target module of every layer (bf16 adapters, as DeepSpeed's bf16 engine)
@@ -18,10 +19,12 @@ Side by side, one run, same shape/data/seed, random weights of the real shape, b
                    dpo_budget (the budgeted plan made from a probe of the DPO loss, frozen prefix shared by
                    the reference and policy passes) and dpo_budget_unshared (the same plan, the reference
                    running its own prefix: what sharing saves); speedups against dpo_uniform
-each without and with gradient checkpointing (the peer: with). Per row: median step time over >= 10 steps after warm-up,
-tokens/s, peak memory, predicted vs measured step time, net speedup over uniform including the probe over
-1000 steps. Also: probe seconds vs a chunked full-weight-gradient probe (8 layers unfrozen at a time,
-.grad norms) on the same batches. Writes bench_speed.json, bench_speed.md and bench_speed.png.
+each without and with gradient checkpointing (the peer: with; --modes picks; --rows runs only the rows named).
+--layers N builds N decoder layers of each shape's widths: with it a large shape also runs on CPU (float32).
+Per row: median step time over >= 10 steps after warm-up, tokens/s, peak memory, predicted vs measured step
+time, net speedup over uniform including the probe over 1000 steps. Also: probe seconds vs a chunked
+full-weight-gradient probe (8 layers unfrozen at a time, .grad norms) on the same batches. Writes
+bench_speed.json, bench_speed.md and bench_speed.png.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def predicted_seconds(cost: CostModel, plan: Plan, frozen_prefix: bool, checkpoi
 def run_shape(name: str, args, device, dtype, log) -> dict:
     shape = SHAPES[name]
     t0 = time.perf_counter()
-    model = random_model(model_config(name), dtype=dtype, device=device)
+    model = random_model(model_config(name, args.layers), dtype=dtype, device=device)
     layout = describe(model)
     log(f"[{name}] built in {time.perf_counter() - t0:.1f} s on {device_name()}")
     vocab = shape["vocab_size"]
@@ -122,6 +125,7 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
     result = {
         "shape": name,
         "config": shape,
+        "layers": model.config.num_hidden_layers,
         "batch": [args.batch_size, args.seq_len],
         "probe": {
             "seconds": report.seconds,
@@ -135,6 +139,8 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
     }
     for checkpointing in (False, True):
         mode = "checkpointing" if checkpointing else "no_checkpointing"
+        if mode not in args.modes:
+            continue
         if time.perf_counter() > args.deadline:
             log(f"[{name}/{mode}] skipped (--time-budget-s reached)")
             continue
@@ -176,6 +182,8 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
             rows.append(("budget_compiled", "budget", True, dtype, True, False))
         if plans["budget"].lowest_adapted_layer > 0:
             rows.append(("budget_cached", "budget", True, dtype, False, True))
+        if args.rows:
+            rows = [row for row in rows if row[0] in args.rows]
         measured = {}
         for row, plan_name, frozen_prefix, adapter_dtype, compiled, cached, *preference in rows:
             objective, shared = preference or (None, False)
@@ -227,14 +235,13 @@ def run_shape(name: str, args, device, dtype, log) -> dict:
                 f"{measured[row]['predicted_step_s'] * 1000:.1f}), {timing.tokens_per_s:,.0f} tok/s, "
                 f"{timing.peak_memory_gib:.1f} GiB, layers {plan.layers[0]}..{plan.layers[-1]} ({len(plan.layers)})"
             )
-        if "uniform" not in measured:
-            continue
-        uniform = measured["uniform"]["median_step_s"]
+        uniform = measured["uniform"]["median_step_s"] if "uniform" in measured else None
         for row in measured.values():
-            row["speedup_vs_uniform"] = uniform / row["median_step_s"]
+            if uniform is not None:
+                row["speedup_vs_uniform"] = uniform / row["median_step_s"]
+                row["net_speedup_1000_steps"] = 1000 * uniform / (1000 * row["median_step_s"] + report.seconds)
             if row["objective"] != "sft" and "dpo_uniform" in measured:
                 row["speedup_vs_dpo_uniform"] = measured["dpo_uniform"]["median_step_s"] / row["median_step_s"]
-            row["net_speedup_1000_steps"] = 1000 * uniform / (1000 * row["median_step_s"] + report.seconds)
             row["prediction_error"] = row["predicted_step_s"] / row["median_step_s"] - 1
         result["modes"][mode] = {"rows": measured, "calibration_seconds": calibration_s, "cost_model": cost.to_json()}
     del model
@@ -281,6 +288,17 @@ def run_peer(name: str, args, out: Path, log) -> dict:
     return summary
 
 
+def _ratio(value) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _shape_name(res: dict) -> str:
+    """The shape, with its layer count when --layers ran fewer than the shape has."""
+    full = res["config"].get("num_hidden_layers")
+    layers = res.get("layers", full)
+    return res["shape"] if layers == full else f"{res['shape']} ({layers} layers)"
+
+
 def markdown(results: list[dict]) -> str:
     lines = [
         "| shape | checkpointing | row | layers (lowest) | ms/step | pred. ms | tokens/s | peak GiB | speedup "
@@ -291,10 +309,10 @@ def markdown(results: list[dict]) -> str:
         for mode, body in res["modes"].items():
             for row, r in body["rows"].items():
                 lines.append(
-                    f"| {res['shape']} | {'on' if mode == 'checkpointing' else 'off'} | {row} | "
+                    f"| {_shape_name(res)} | {'on' if mode == 'checkpointing' else 'off'} | {row} | "
                     f"{len(r['layers'])} ({r['lowest_adapted_layer']}) | {r['median_step_s'] * 1000:.1f} | "
                     f"{r['predicted_step_s'] * 1000:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_memory_gib']:.1f} | "
-                    f"{r['speedup_vs_uniform']:.2f}x | {r['net_speedup_1000_steps']:.2f}x |"
+                    f"{_ratio(r.get('speedup_vs_uniform'))} | {_ratio(r.get('net_speedup_1000_steps'))} |"
                     # DPO rows: against DPO on uniform LoRA, the step they replace
                     + (f" {r['speedup_vs_dpo_uniform']:.2f}x vs dpo_uniform |" if "speedup_vs_dpo_uniform" in r else "")
                 )
@@ -318,7 +336,7 @@ def markdown(results: list[dict]) -> str:
     ]
     for res in results:
         p = res["probe"]
-        if "no_checkpointing" not in res["modes"]:
+        if "uniform" not in res["modes"].get("no_checkpointing", {}).get("rows", {}):
             continue
         uniform = res["modes"]["no_checkpointing"]["rows"]["uniform"]["median_step_s"]
         lines.append(
@@ -374,6 +392,17 @@ def main() -> None:
     parser.add_argument("--moe-shape", help="also run tools/bench_moe.py on this MoE shape (e.g. qwen3-30b-a3b)")
     parser.add_argument("--moe-layers", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU, few steps")
+    parser.add_argument(
+        "--layers", type=int, help="fewer decoder layers of each shape's widths (a CPU measurement of a large shape)"
+    )
+    parser.add_argument("--rows", nargs="+", help="only these rows (e.g. dpo_uniform dpo_budget dpo_budget_unshared)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["no_checkpointing", "checkpointing"],
+        default=["no_checkpointing", "checkpointing"],
+        help="without and/or with gradient checkpointing",
+    )
     parser.add_argument("--time-budget-s", type=float, default=1e9, help="skip remaining rows after this many seconds")
     args = parser.parse_args()
     args.deadline = time.perf_counter() + args.time_budget_s
@@ -384,9 +413,12 @@ def main() -> None:
         args.steps, args.warmup, args.calibration_steps = 2, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    too_big = [name for name in args.shapes if device.type == "cpu" and not name.startswith("tiny")]
+    too_big = [name for name in args.shapes if device.type == "cpu" and not name.startswith("tiny") and not args.layers]
     if too_big:  # a 7B shape in fp32 is ~30 GB of host memory and minutes per step: refused before it is built
-        parser.error(f"--shapes {' '.join(too_big)}: needs a CUDA device (none visible); on CPU run --smoke")
+        parser.error(
+            f"--shapes {' '.join(too_big)}: needs a CUDA device (none visible); on CPU run --smoke, or a few layers "
+            "of its widths with --layers N"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731

@@ -55,3 +55,41 @@ def test_bench_speed_smoke(tmp_path):
     assert (tmp_path / "bench_speed.png").stat().st_size > 0 and "| MoE shape |" in (
         tmp_path / "bench_speed.md"
     ).read_text()
+
+
+def test_bench_speed_rows_modes_and_layers_pick_what_runs(tmp_path):
+    """--rows / --modes run only the rows and modes named (the DPO rows alone still get their speedups against
+    dpo_uniform); --layers builds fewer layers of the shape's widths."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools/bench_speed.py"),
+            "--smoke",
+            "--budget",
+            "0.9",
+            "--dpo",
+            "--layers",
+            "4",
+            "--rows",
+            "dpo_uniform",
+            "dpo_budget",
+            "--modes",
+            "checkpointing",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=rank_env(cpu=True),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "bench_speed.json").read_text())["results"]
+    assert result["layers"] == 4 and result["config"]["num_hidden_layers"] != 4
+    assert list(result["modes"]) == ["checkpointing"]
+    rows = result["modes"]["checkpointing"]["rows"]
+    assert list(rows) == ["dpo_uniform", "dpo_budget"]
+    assert rows["dpo_uniform"]["speedup_vs_dpo_uniform"] == 1.0 and "speedup_vs_uniform" not in rows["dpo_budget"]
+    assert max(rows["dpo_budget"]["layers"]) < 4
+    assert "| tiny (4 layers) | on | dpo_budget |" in (tmp_path / "bench_speed.md").read_text()
