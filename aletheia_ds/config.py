@@ -431,6 +431,12 @@ class TrainSection(Section):
     cpo_alpha: FiniteNonNegative = Field(
         0.0, description="simpo: weight of the chosen rows' NLL (TRL's cpo_alpha; its default 1.0 is CPO-SimPO)"
     )
+    router_aux_loss_coef: Optional[FiniteNonNegative] = Field(
+        None,
+        description="mixture-of-experts models: weight of the router load-balancing loss added to the training "
+        "loss (TRL's router_aux_loss_coef); unset: the architecture's own coefficient, as TRL and LLaMA-Factory "
+        "train; 0 turns it off. Training steps only: the probe and the held-out loss leave it out",
+    )
     stop_grace_s: FiniteNonNegative = Field(
         120.0,
         description="seconds the scheduler allows between SIGTERM and the kill (SLURM KillWait, Kubernetes "

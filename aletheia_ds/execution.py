@@ -395,7 +395,11 @@ class PreparedModel:
             self.shared_prefix = SharedPrefix(self.peft_model, self.layers_path, lowest_adapted_layer).apply()
 
     def objective_loss(
-        self, forward: Callable[[dict], object], batch: dict, objective: Objective
+        self,
+        forward: Callable[[dict], object],
+        batch: dict,
+        objective: Objective,
+        router_aux_loss_coef: float = 0.0,
     ) -> tuple[torch.Tensor, Optional[PreferenceOutput]]:
         """The loss of `objective` on a collated batch; `forward(inputs)` runs the (engine-wrapped) model.
 
@@ -403,9 +407,14 @@ class PreparedModel:
         reference pass comes first, under no_grad with the adapters disabled (PEFT's disable_adapter: the base
         model, never a second copy), its logits reduced to log-probs before the policy pass so that the two
         passes' logits are never alive together; with a shared prefix the policy pass starts at the cut.
+        `router_aux_loss_coef` > 0 (mixture-of-experts models, training steps): plus that weight of the policy
+        pass's router load-balancing loss over every layer's routers, as TRL adds it (objectives.
+        router_aux_loss_coef; the model's own router_aux_loss_coef must hold the same weight for SFT).
         """
+        aux = {"output_router_logits": True} if router_aux_loss_coef else {}
         if not objective.preference:
-            return forward(batch).loss, None
+            # the model adds its router_aux_loss_coef x its load-balancing loss to the token loss itself
+            return forward({**batch, **aux}).loss, None
         labels = batch["labels"]
         inputs = {key: value for key, value in batch.items() if key != "labels"}  # no token loss over the vocab
         reference = None
@@ -414,8 +423,10 @@ class PreparedModel:
             with torch.no_grad(), self.peft_model.disable_adapter(), shared.capture() if shared else _nothing():
                 reference = sequence_logps(forward(inputs).logits, labels)
         with shared.replay() if shared and reference is not None else _nothing():
-            logits = forward(inputs).logits
-        out = objective.loss(logits, labels, reference)
+            policy = forward({**inputs, **aux})
+        out = objective.loss(policy.logits, labels, reference)
+        if aux:
+            return out.loss + router_aux_loss_coef * policy.aux_loss, out
         return out.loss, out
 
     def set_recompute(self, no_recompute_layers: int) -> list[int]:

@@ -166,3 +166,22 @@ class Objective:
                 loss = loss - self.cpo_alpha * policy.total[:pairs].sum() / policy.tokens[:pairs].sum().clamp(min=1)
             return PreferenceOutput(loss, chosen_rewards, rejected_rewards)
         raise ValueError(f"objective {self.name!r} is not a preference objective")
+
+
+def router_aux_loss_coef(model_config, requested: Optional[float]) -> float:
+    """The weight of a mixture-of-experts model's router load-balancing loss in the training loss (0: none).
+
+    As TRL's trainers decide it: a model whose config has `output_router_logits` returns that loss when asked;
+    `requested` None takes the architecture's own `router_aux_loss_coef`. Asking for a weight on a model without
+    one is a configuration error (raised as ValueError; the caller names the field)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if not hasattr(text, "output_router_logits"):
+        if requested:
+            raise ValueError(
+                f"{getattr(text, 'model_type', 'this model')} is not a mixture-of-experts model with a router "
+                "load-balancing loss; leave train.router_aux_loss_coef unset"
+            )
+        return 0.0
+    if requested is not None:
+        return float(requested)
+    return float(getattr(text, "router_aux_loss_coef", 0.0) or 0.0)

@@ -68,7 +68,7 @@ from .kernels import resolve_liger
 from .metrics import check_backends, open_metrics
 from .model import check_sequence_lengths, check_vocabulary, fingerprint_digest, load_model, model_type
 from .model import fingerprint as model_fingerprint
-from .objectives import Objective, reward_metrics
+from .objectives import Objective, reward_metrics, router_aux_loss_coef
 from .plan import Plan, make_plan, pilot_plan
 from .probe.report import ProbeReport
 from .probe.run import run_probe
@@ -277,6 +277,7 @@ class Run:
     observer: RunObserver = field(default_factory=RunObserver)
     liger: bool = False  # train.liger as resolved for this model and device
     sp: Optional[SequenceParallel] = None  # train.sequence_parallel_size > 1
+    router_aux_loss_coef: float = 0.0  # mixture-of-experts load-balancing loss weight (training steps)
 
     # ---------------------------------------------------------------- setup
     @classmethod
@@ -344,6 +345,18 @@ class Run:
             f"data: {len(train_examples)} train / {len(eval_examples)} held-out examples; "
             f"world size {ctx.world_size}, ZeRO stage {ctx.zero_stage}"
         )
+        try:
+            router_aux = router_aux_loss_coef(model.config, cfg.train.router_aux_loss_coef)
+        except ValueError as err:
+            raise ConfigError(f"train.router_aux_loss_coef: {err}") from None
+        if router_aux:
+            # SFT: the model adds its own weight x the load-balancing loss when asked for router logits
+            base_model(model).router_aux_loss_coef = router_aux
+            print0(
+                f"router load-balancing loss: weight {router_aux:g} in training steps "
+                f"({'train.router_aux_loss_coef' if cfg.train.router_aux_loss_coef is not None else 'the architecture'}"
+                "'s; train.router_aux_loss_coef=0 turns it off)"
+            )
         sp = sp_setup(ctx, cfg, model, layout, tokenizer.pad_token_id)
         observer = observer or RunObserver()
         observer.started(ctx, model)
@@ -359,6 +372,7 @@ class Run:
             observer=observer,
             liger=liger,
             sp=sp,
+            router_aux_loss_coef=router_aux,
         )
         held, total = held_parameter_elements(model)
         run.results.seconds["build"] = build_seconds
@@ -532,8 +546,9 @@ class Run:
         return self._fingerprints
 
     # ---------------------------------------------------------------- train
-    def _forward_loss(self, batch: dict, indices: Optional[list[int]] = None):
-        """(loss, PreferenceOutput or None) of a collated micro-batch under train.objective."""
+    def _forward_loss(self, batch: dict, indices: Optional[list[int]] = None, training: bool = False):
+        """(loss, PreferenceOutput or None) of a collated micro-batch under train.objective; a training step's
+        loss includes the router load-balancing loss of mixture-of-experts models (Run.router_aux_loss_coef)."""
         if self.sp is not None:  # `batch` is this rank's slice: its share of the batch's mean token loss
             return self.sp.loss(self.engine, self.engine.module, batch), None
         if self.prefix_cache is not None:
@@ -542,7 +557,8 @@ class Run:
         forward = lambda inputs: self.engine(  # noqa: E731
             **data_mod.model_inputs(inputs, self.attn_implementation), use_cache=False
         )
-        return self.execution.objective_loss(forward, batch, self.objective)
+        aux = self.router_aux_loss_coef if training else 0.0
+        return self.execution.objective_loss(forward, batch, self.objective, aux)
 
     def evaluate(self) -> float:
         batches = data_mod.fixed_batches(
@@ -588,12 +604,23 @@ class Run:
         if prefix_cache and plan.lowest_adapted_layer == 0:
             print0("prefix cache: off, the plan adapts layer 0 (there is no frozen prefix)")
             prefix_cache = False
+        elif prefix_cache and self.router_aux_loss_coef:
+            raise ConfigError(
+                "train.prefix_cache: replaying the frozen prefix's output skips its layers' routers, which the "
+                "router load-balancing loss needs; set train.router_aux_loss_coef=0 or train.prefix_cache=false"
+            )
         elif prefix_cache and self.ctx.zero3:
             raise ConfigError(
                 "train.prefix_cache: not supported under ZeRO-3 (ranks would skip different "
                 "layers while gathering parameters collectively); use ZeRO stage 0-2"
             )
         print0(f"liger kernels: {'on' if self.liger else 'off'} (train.liger={str(train.liger).lower()})")
+        shared_prefix = self.objective.uses_reference
+        if shared_prefix and self.router_aux_loss_coef and plan.lowest_adapted_layer > 0:
+            # the load-balancing loss is one function of every layer's router logits: the policy pass must run
+            # the prefix's routers too
+            print0("shared prefix: off, the router load-balancing loss needs the policy pass's prefix routers")
+            shared_prefix = False
         no_recompute = train.no_recompute_layers if isinstance(train.no_recompute_layers, int) else 0
         if train.gradient_checkpointing and no_recompute:
             print0(f"recompute: the top {no_recompute} adapted layers keep their activations")
@@ -604,7 +631,7 @@ class Run:
             checkpointing=train.gradient_checkpointing,
             frozen_prefix=train.frozen_prefix,
             prefix_cache=prefix_cache,
-            shared_prefix=self.objective.uses_reference,
+            shared_prefix=shared_prefix,
             compile_layers=train.compile,
             no_recompute_layers=no_recompute,
             liger=self.liger,
@@ -726,7 +753,7 @@ class Run:
         if self.sp is not None:  # every rank of a sequence group runs its slice of each of the group's batches
             micro_batches = [(shard, None) for shard in self.sp.shards(batch for batch, _ in micro_batches)]
         for batch, indices in micro_batches:
-            loss, preference = self._forward_loss(batch, indices)
+            loss, preference = self._forward_loss(batch, indices, training=True)
             if preference is not None:
                 rewards = rewards.to(loss.device) + preference.sums()
             # a non-finite loss can still give finite gradients; NaN gradients make DeepSpeed's all-reduced

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers.families import tiny_model
 from helpers.trl_reference import (
     PREFERENCES as PREFS,
 )
@@ -26,7 +27,7 @@ from aletheia_ds.arch import describe
 from aletheia_ds.config import ConfigError, load_config
 from aletheia_ds.data import IGNORE, PreferencePair, Tokenize, collate, load_examples
 from aletheia_ds.execution import ExecutionOptions, prepared
-from aletheia_ds.objectives import Objective, reward_metrics, sequence_logps
+from aletheia_ds.objectives import Objective, reward_metrics, router_aux_loss_coef, sequence_logps
 from aletheia_ds.probe.run import run_probe
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)  # torch.allclose
@@ -38,13 +39,14 @@ def tok():
     return tokenizer()
 
 
-def ours(model, layout, plan, batch, objective, shared_prefix=True):
+def ours(model, layout, plan, batch, objective, shared_prefix=True, router_aux=0.0):
     """aletheia_ds's loss, reward means and LoRA gradients, through the training path's objective_loss."""
     options = ExecutionOptions(shared_prefix=shared_prefix)
     with prepared(model, plan, layout, options) as run:
         set_adapter_weights(run.peft_model)
         run.peft_model.train()
-        loss, out = run.objective_loss(lambda inputs: run.peft_model(**inputs, use_cache=False), batch, objective)
+        forward = lambda inputs: run.peft_model(**inputs, use_cache=False)  # noqa: E731
+        loss, out = run.objective_loss(forward, batch, objective, router_aux)
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in run.peft_model.named_parameters() if p.grad is not None}
         return {"loss": float(loss.detach()), **reward_metrics(out.sums()), "grads": grads}
@@ -86,6 +88,53 @@ def test_simpo_equals_trl(tok, tmp_path, cpo_alpha):
     mine = ours(copy.deepcopy(base), layout, plan, batch, objective)
     theirs = trl_simpo(trl_model(base, plan), tok, batch, 2.0, 0.4, cpo_alpha, tmp_path)
     assert_same(mine, theirs)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("lowest", [0, 2])
+def test_moe_dpo_with_the_router_load_balancing_loss_equals_trl(tok, tmp_path, family, lowest):
+    """Mixture-of-experts models: TRL adds the architecture's router_aux_loss_coef x the policy's load-balancing
+    loss (over every layer's routers); so does the training step, with the prefix's routers run again."""
+    base = tiny_model(family, vocab_size=len(tok))
+    coef = router_aux_loss_coef(base.config, None)
+    assert coef > 0
+    layout, plan = cut_plan(base, lowest)
+    batch = preference_batch(tok, 0, 3)
+    mine = ours(copy.deepcopy(base), layout, plan, batch, Objective("dpo", beta=0.3), False, router_aux=coef)
+    theirs = trl_dpo(trl_model(base, plan), tok, batch, beta=0.3, out_dir=tmp_path)
+    assert_same(mine, theirs)
+    # the term is there: without it the loss is TRL's less coef x the load-balancing loss
+    plain = ours(copy.deepcopy(base), layout, plan, batch, Objective("dpo", beta=0.3), False)
+    assert plain["loss"] < mine["loss"] - 1e-4
+
+
+@pytest.mark.parametrize("lowest", [0, 2])
+def test_moe_sft_step_adds_the_models_own_load_balancing_loss(tok, lowest):
+    """SFT: the step's loss is transformers' own loss with router logits asked for (token loss + the model's
+    router_aux_loss_coef x its load-balancing loss over every layer, as TRL's SFTTrainer trains), also with the
+    frozen prefix's routers run under no_grad."""
+    base = tiny_model("qwen3_moe", vocab_size=len(tok))
+    base.router_aux_loss_coef = 0.05  # what Run.setup sets from train.router_aux_loss_coef
+    layout, plan = cut_plan(base, lowest)
+    ids = torch.randint(3, len(tok), (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    reference = base(**batch, output_router_logits=True)  # adapters start at B = 0: the same function
+    assert reference.aux_loss > 0
+    with prepared(copy.deepcopy(base), plan, layout, ExecutionOptions()) as run:
+        run.peft_model.train()
+        loss, _ = run.objective_loss(lambda inputs: run.peft_model(**inputs), batch, Objective("sft"), 0.05)
+        plain, _ = run.objective_loss(lambda inputs: run.peft_model(**inputs), batch, Objective("sft"))
+    assert float(loss) == pytest.approx(float(reference.loss), rel=1e-6)
+    assert float(loss) == pytest.approx(float(plain) + 0.05 * float(reference.aux_loss), rel=1e-6)
+
+
+def test_router_aux_loss_coef_is_the_architectures_unless_set():
+    moe, dense = tiny_model("mixtral").config, tiny_model("llama").config
+    assert router_aux_loss_coef(moe, None) == moe.router_aux_loss_coef == 0.001
+    assert router_aux_loss_coef(moe, 0.0) == 0.0 and router_aux_loss_coef(moe, 0.02) == 0.02
+    assert router_aux_loss_coef(dense, None) == 0.0 == router_aux_loss_coef(dense, 0.0)
+    with pytest.raises(ValueError, match="not a mixture-of-experts model"):
+        router_aux_loss_coef(dense, 0.01)
 
 
 def test_shared_prefix_runs_the_prefix_once(tok):
