@@ -14,27 +14,17 @@ from aletheia_ds.launchers.deepspeed import rank_env
 pytestmark = pytest.mark.distributed
 
 
+def tiny_bench_cmd(out) -> list[str]:
+    """tools/bench_scale.py on the tiny shape, 2 CPU ZeRO-3 ranks, 3 steps after 1 of warm-up."""
+    args = "--shape tiny --gpus 2 --cpu --steps 3 --warmup 1 --micro-batch 2 --seq-len 64"
+    return [sys.executable, "tools/bench_scale.py", *args.split(), "--out", str(out)]
+
+
 @pytest.mark.timeout(1200)  # four job arms in two calls
 def test_arms_side_by_side_on_two_zero3_ranks(tmp_path):
     out = tmp_path / "scale"
     cmd = [
-        sys.executable,
-        "tools/bench_scale.py",
-        "--shape",
-        "tiny",
-        "--gpus",
-        "2",
-        "--cpu",
-        "--out",
-        str(out),
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--micro-batch",
-        "2",
-        "--seq-len",
-        "64",
+        *tiny_bench_cmd(out),
         "--arms",
         "uniform",
         "budget",
@@ -117,23 +107,7 @@ def test_peer_arms_run_trainer_peft_zero3_in_the_same_table(tmp_path):
     nothing else: every layer's seven linears at r16, trained, a finite loss, in scale.json and scale.md."""
     out = tmp_path / "scale"
     cmd = [
-        sys.executable,
-        "tools/bench_scale.py",
-        "--shape",
-        "tiny",
-        "--gpus",
-        "2",
-        "--cpu",
-        "--out",
-        str(out),
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--micro-batch",
-        "2",
-        "--seq-len",
-        "64",
+        *tiny_bench_cmd(out),
         "--arms",
         "peer_tuned",
         "peer_stock",

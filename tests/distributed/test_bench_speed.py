@@ -12,29 +12,17 @@ from aletheia_ds.launchers.deepspeed import rank_env
 pytestmark = pytest.mark.distributed
 
 
-def test_bench_speed_smoke(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools/bench_speed.py"),
-            "--smoke",
-            # a tiny CPU model's timed calibration is noisy (a busy machine rated the cheapest plan at 0.78 of
-            # uniform); a budget it always meets keeps the smoke about the rows, not about the machine
-            "--budget",
-            "0.9",
-            "--dpo",
-            "--moe-shape",
-            "smoke",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=rank_env(cpu=True),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run_smoke(out, *args: str, timeout: int) -> None:
+    """tools/bench_speed.py --smoke (tiny shape, CPU) at budget 0.9 with `args`, its files in `out`."""
+    cmd = [sys.executable, str(ROOT / "tools/bench_speed.py"), "--smoke", "--budget", "0.9", *args, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=rank_env(cpu=True), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bench_speed_smoke(tmp_path):
+    # --budget 0.9: a tiny CPU model's timed calibration is noisy (a busy machine rated the cheapest plan at 0.78
+    # of uniform); a budget it always meets keeps the smoke about the rows, not about the machine
+    run_smoke(tmp_path, "--dpo", "--moe-shape", "smoke", timeout=600)
     blob = json.loads((tmp_path / "bench_speed.json").read_text())
     (result,) = blob["results"]
     assert result["probe"]["seconds"] > 0 and result["probe"]["chunked_reference_seconds"] > 0
@@ -60,31 +48,7 @@ def test_bench_speed_smoke(tmp_path):
 def test_bench_speed_rows_modes_and_layers_pick_what_runs(tmp_path):
     """--rows / --modes run only the rows and modes named (the DPO rows alone still get their speedups against
     dpo_uniform); --layers builds fewer layers of the shape's widths."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tools/bench_speed.py"),
-            "--smoke",
-            "--budget",
-            "0.9",
-            "--dpo",
-            "--layers",
-            "4",
-            "--rows",
-            "dpo_uniform",
-            "dpo_budget",
-            "--modes",
-            "checkpointing",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=rank_env(cpu=True),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_smoke(tmp_path, *"--dpo --layers 4 --rows dpo_uniform dpo_budget --modes checkpointing".split(), timeout=300)
     (result,) = json.loads((tmp_path / "bench_speed.json").read_text())["results"]
     assert result["layers"] == 4 and result["config"]["num_hidden_layers"] != 4
     assert list(result["modes"]) == ["checkpointing"]
