@@ -464,13 +464,14 @@ def zero3_load_shard_by_shard() -> Iterator[None]:
     the whole load ends, so its resident memory grows to the checkpoint's size (file-backed pages: ru_maxrss
     counts them; aletheia_ds.host_memory tells them from anonymous memory). Here the first step reads only
     names and shapes, and the same transformers copy runs once per shard group (model.shard_groups), each
-    group's tensors read just before and dropped, mapping and all, right after. transformers has no hook
+    group's tensors read just before and dropped, mapping and all, right after; a tied head the checkpoint
+    stores only as the embedding is tied before the copy, not after (model.tie_before_copy). transformers has no hook
     between the two steps, hence the two module names replaced for the length of the build. Checkpoints
     other than safetensors load as transformers does.
     """
     import transformers.modeling_utils as loading
 
-    from .model import shard_groups
+    from .model import shard_groups, tie_before_copy
 
     read, copy_in = loading.load_state_dict, loading._load_state_dict_into_zero3_model
     names_by_file: dict[str, list[str]] = {}
@@ -491,6 +492,7 @@ def zero3_load_shard_by_shard() -> Iterator[None]:
         weight_map = {name: file for file, names in names_by_file.items() for name in names}
         where = "cpu" if torch.distributed.get_rank() == 0 else "meta"
         errors, missing = [], None
+        tie_before_copy(model, weight_map)
         for group in shard_groups(model, weight_map):
             part = {}
             for file in group:

@@ -172,6 +172,35 @@ def shard_groups(model: nn.Module, weight_map: dict[str, str]) -> list[list[str]
     return sorted(groups.values())
 
 
+def tie_before_copy(model: nn.Module, weight_map: dict[str, str]) -> list[str]:
+    """Tie now, before any weight is copied in, each tied parameter the checkpoint stores only as its source
+    (a tied head, stored once as the embedding); returns the names tied.
+
+    transformers builds the model with ties undone and ties them after the copy (modeling_utils
+    `_finalize_model_loading`, the same rule: target absent from the checkpoint, source present). Under ZeRO-3
+    the untied head is a partition of its own until then: 1/world_size of an embedding more on every rank for
+    the whole load. A target stored in the checkpoint (under any of its on-disk names) is left to transformers.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    def on_disk(name: str) -> list[str]:
+        param = model.get_parameter(name)
+        shape = getattr(param, "ds_shape", param.shape)
+        return list(revert_weight_conversion(model, {name: torch.empty(shape, device="meta")}))
+
+    tied = []
+    for target, source in dict(getattr(model, "all_tied_weights_keys", None) or {}).items():
+        source_keys = on_disk(source)
+        if any(key in weight_map for key in on_disk(target)) or not source_keys:
+            continue
+        if not all(key in weight_map for key in source_keys):
+            continue
+        parent, _, leaf = target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, model.get_parameter(source))
+        tied.append(target)
+    return tied
+
+
 def load_model(
     section: ModelSection, dtype: torch.dtype, device: torch.device, init_context, seed: int = 0, zero3: bool = False
 ) -> nn.Module:

@@ -8,6 +8,7 @@ random_init), and what loading it cost, from the job's own eval.json:
   ... split per rank                (host_anon_gib_by_rank / host_file_gib_by_rank: sampled during the load;
                                      anonymous pages are what a rank holds, file pages the mapped shards)
   base weights held per rank        (base_parameters.held_by_rank: elements of the frozen base on that rank)
+  peak GPU memory per rank          (peak_memory_gib.build: torch's max_memory_allocated after the load)
 and, for scale, the seconds to read the checkpoint's bytes once (`--read-once`: sequential reads of every
 shard). `--cold` evicts the shards from the page cache before the read and again before the job, so both
 numbers are cold reads (no root needed: posix_fadvise DONTNEED on each file). Goal (issue 18): no rank
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,6 +73,7 @@ def main() -> None:
     config = run_config(args, model_dir, out / "data")
     config["model"]["random_init"] = False
     config["train"]["output_dir"] = str(out / "run")
+    shutil.rmtree(out / "run", ignore_errors=True)  # a re-run of the same command measures afresh
     (out / "run.yaml").write_text(yaml.safe_dump(config))
     if args.cold:
         evict_from_page_cache(model_dir)
@@ -102,6 +105,7 @@ def main() -> None:
         "peak_host_rss_gib_by_rank": results["peak_host_rss_gib_by_rank"],
         "host_anon_gib_by_rank": results.get("host_anon_gib_by_rank", []),
         "host_file_gib_by_rank": results.get("host_file_gib_by_rank", []),
+        "peak_gpu_memory_gib_by_rank": (results.get("peak_memory_gib") or {}).get("build"),  # None on CPU
         "base_parameters_total": results["base_parameters"]["total"],
         "base_parameters_held_by_rank": held,
         "held_fraction_by_rank": [h / results["base_parameters"]["total"] for h in held],
@@ -127,6 +131,16 @@ def main() -> None:
         anon = summary["host_anon_gib_by_rank"][rank] if summary["host_anon_gib_by_rank"] else None
         mapped = summary["host_file_gib_by_rank"][rank] if summary["host_file_gib_by_rank"] else None
         lines.append(f"| {rank} | {rss:.2f} | {before_peak(anon)} | {before_peak(mapped)} | {share:.1%} |")
+    gpu = summary["peak_gpu_memory_gib_by_rank"]
+    if gpu:
+        model_gib = summary["checkpoint_bytes"] / gib
+        lines += [
+            "",
+            "peak GPU memory allocated by the load, per rank (GiB): "
+            + ", ".join(f"{g:.2f}" for g in gpu)
+            + f" (the model / ranks: {model_gib / args.gpus:.2f}; largest shard: "
+            f"{summary['largest_shard_bytes'] / gib:.2f})",
+        ]
     lines += [
         "",
         f"load: {summary['load_seconds']:.1f} s"
