@@ -115,3 +115,31 @@ def test_zero3_two_ranks_load_the_sharded_checkpoint_like_one_process(tmp_path):
     two = json.loads((out / "run/eval.json").read_text())
     one = json.loads((tmp_path / "one/eval.json").read_text())
     assert abs(two["eval_loss_before"] - one["eval_loss_before"]) < 1e-5
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_tied_head_holds_no_partition_of_its_own_during_the_load(tmp_path):
+    """tools/trace_load.py on 2 CPU ranks, a checkpoint whose tied embedding is most of it: when the copy starts a
+    rank holds its half of the model, not also half of an untied head (transformers ties only after the copy, and
+    the dropped head's partition lingers in a reference cycle until a collection: model.tie_before_copy does both)."""
+    from aletheia_ds.launchers.deepspeed import local_command
+
+    shape = dict(SHAPES["tiny"], hidden_size=256, vocab_size=131072, tie_word_embeddings=True)
+    written = write_checkpoint(shape, tmp_path / "model", shard_bytes=16 * 2**20, dtype="float32")
+    ds_args = ["--model", str(tmp_path / "model"), "--dtype", "float32", "--out", str(tmp_path / "trace.json")]
+    proc = subprocess.run(
+        local_command(str(ROOT / "tools/trace_load.py"), ds_args, 2),
+        cwd=ROOT,
+        env={**rank_env(cpu=True), "MALLOC_MMAP_THRESHOLD_": "65536"},  # freed tensors go back to the system
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    half_model = written["total_bytes"] / 2 / 2**30
+    half_head = 131072 * 256 * 4 / 2 / 2**30  # 64 MiB: what an untied head's partition would add
+    for rank in json.loads((tmp_path / "trace.json").read_text())["ranks"]:
+        held = rank["held_at_copy_start"] - rank["before"]
+        assert half_model - 0.01 < held < half_model + half_head / 2, (rank, half_model, half_head)
+        assert rank["held_after"] - rank["before"] < half_model + half_head / 2, (rank, half_model, half_head)
