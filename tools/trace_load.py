@@ -19,6 +19,9 @@ import os
 from pathlib import Path
 
 import _common  # noqa: F401  (it puts this checkout on sys.path)
+import torch
+
+from aletheia_ds.host_memory import HostMemoryPeaks, host_memory_gib
 
 GIB = 2**30
 
@@ -27,27 +30,19 @@ class Meter:
     """GPU: allocated memory and its peak; CPU: anonymous host memory, its peak sampled in a background thread."""
 
     def __init__(self, cuda: bool):
-        from aletheia_ds.host_memory import HostMemoryPeaks, host_memory_gib
-
-        self.cuda, self._host, self._peaks_type = cuda, host_memory_gib, HostMemoryPeaks
-        self._peaks = None
+        self.cuda = cuda
+        self._peaks: HostMemoryPeaks | None = None
 
     def held(self) -> float:
-        import torch
-
-        return torch.cuda.memory_allocated() / GIB if self.cuda else self._host()["anon"]
+        return torch.cuda.memory_allocated() / GIB if self.cuda else host_memory_gib()["anon"]
 
     def start_peak(self) -> None:
-        import torch
-
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
         else:
-            self._peaks = self._peaks_type(interval_s=0.002).__enter__()
+            self._peaks = HostMemoryPeaks(interval_s=0.002).__enter__()  # stopped by peak()
 
     def peak(self) -> float:
-        import torch
-
         if self.cuda:
             return torch.cuda.max_memory_allocated() / GIB
         self._peaks.__exit__(None, None, None)
@@ -63,7 +58,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import deepspeed
-    import torch
     import torch.distributed as dist
     import transformers.modeling_utils as loading
     from transformers import AutoModelForCausalLM

@@ -14,7 +14,7 @@ from helpers.ranks import ROOT, run_train
 from write_sharded_checkpoint import write_checkpoint
 
 from aletheia_ds.config import ConfigError, ModelSection
-from aletheia_ds.launchers.deepspeed import rank_env
+from aletheia_ds.launchers.deepspeed import local_command, rank_env
 from aletheia_ds.model import load_model
 
 
@@ -123,8 +123,6 @@ def test_a_tied_head_holds_no_partition_of_its_own_during_the_load(tmp_path):
     """tools/trace_load.py on 2 CPU ranks, a checkpoint whose tied embedding is most of it: when the copy starts a
     rank holds its half of the model, not also half of an untied head (transformers ties only after the copy, and
     the dropped head's partition lingers in a reference cycle until a collection: model.tie_before_copy does both)."""
-    from aletheia_ds.launchers.deepspeed import local_command
-
     shape = dict(SHAPES["tiny"], hidden_size=256, vocab_size=131072, tie_word_embeddings=True)
     written = write_checkpoint(shape, tmp_path / "model", shard_bytes=16 * 2**20, dtype="float32")
     ds_args = ["--model", str(tmp_path / "model"), "--dtype", "float32", "--out", str(tmp_path / "trace.json")]
